@@ -1,0 +1,1 @@
+"""Custom components of the DicycleGAN MONAI bundle, referenced by ``_target_`` from ``configs/*.json``."""
