@@ -47,9 +47,10 @@ def deform_conv2d_torch(
 
     Tap ``k = i * kw + j`` of output location ``(oy, ox)`` samples the input at
     ``(oy * stride_h - pad_h + i * dil_h + offset[:, 2k], ox * stride_w - pad_w + j * dil_w + offset[:, 2k + 1])``
-    by bilinear interpolation, with zeros outside the image. The samples of all taps are gathered by one
-    ``F.grid_sample`` call (``align_corners=True`` makes normalised coordinates map exactly onto pixel centres)
-    and contracted with the weights by one matrix product.
+    by bilinear interpolation, with zeros outside the image. One ``F.grid_sample`` call (``align_corners=True``
+    maps normalised coordinates exactly onto pixel centres) gathers every tap into a (H_out * kh, W_out * kw) map
+    whose (kh, kw) tiles are the sampled receptive fields; a convolution with stride (kh, kw) then contracts each
+    tile with the weights, on the same fast kernel as the plain convolution.
 
     Args:
         x: input of shape (N, C, H, W).
@@ -63,12 +64,11 @@ def deform_conv2d_torch(
     Returns:
         Tensor of shape (N, C_out, H_out, W_out).
     """
-    n, c, h, w = x.shape
-    out_channels, _, kh, kw = weight.shape
-    taps = kh * kw
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[-2:]
     h_out, w_out = offset.shape[-2:]
-    if offset.shape[1] != 2 * taps:
-        raise ValueError(f"offset must have 2 * kh * kw = {2 * taps} channels, got {offset.shape[1]}.")
+    if offset.shape[1] != 2 * kh * kw:
+        raise ValueError(f"offset must have 2 * kh * kw = {2 * kh * kw} channels, got {offset.shape[1]}.")
 
     # Normalising by (size - 1) needs size >= 2; an extra zero row/column is exactly "outside the image".
     if h == 1 or w == 1:
@@ -76,22 +76,39 @@ def deform_conv2d_torch(
         h, w = x.shape[-2:]
 
     device, dtype = x.device, offset.dtype
-    tap_y = (torch.arange(kh, device=device, dtype=dtype) * dilation[0]).repeat_interleave(kw)
-    tap_x = (torch.arange(kw, device=device, dtype=dtype) * dilation[1]).repeat(kh)
+    offset = offset.view(n, kh, kw, 2, h_out, w_out)
+    tap_y = torch.arange(kh, device=device, dtype=dtype) * dilation[0]
+    tap_x = torch.arange(kw, device=device, dtype=dtype) * dilation[1]
     out_y = torch.arange(h_out, device=device, dtype=dtype) * stride[0] - padding[0]
     out_x = torch.arange(w_out, device=device, dtype=dtype) * stride[1] - padding[1]
-    offset = offset.view(n, taps, 2, h_out, w_out)
-    sample_y = tap_y.view(1, taps, 1, 1) + out_y.view(1, 1, h_out, 1) + offset[:, :, 0]
-    sample_x = tap_x.view(1, taps, 1, 1) + out_x.view(1, 1, 1, w_out) + offset[:, :, 1]
+    sample_y = tap_y.view(1, kh, 1, 1, 1) + out_y.view(1, 1, 1, h_out, 1) + offset[:, :, :, 0]
+    sample_x = tap_x.view(1, 1, kw, 1, 1) + out_x.view(1, 1, 1, 1, w_out) + offset[:, :, :, 1]
     grid = torch.stack((sample_x * (2.0 / (w - 1)) - 1.0, sample_y * (2.0 / (h - 1)) - 1.0), dim=-1)
-    grid = grid.view(n, taps * h_out, w_out, 2).to(x.dtype)
+    # (n, kh, kw, h_out, w_out, 2) -> (n, h_out, kh, w_out, kw, 2): tile (oy, ox) holds the taps of output (oy, ox)
+    grid = grid.permute(0, 3, 1, 4, 2, 5).reshape(n, h_out * kh, w_out * kw, 2).to(x.dtype)
+    tiles = _grid_sample_all_threads(x, grid)
+    return F.conv2d(tiles, weight, bias, stride=(kh, kw))
 
-    columns = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    columns = columns.view(n, c * taps, h_out * w_out)  # (channel, tap) order matches weight.view(C_out, -1)
-    out = torch.matmul(weight.view(out_channels, c * taps), columns)
-    if bias is not None:
-        out = out + bias.view(1, out_channels, 1)
-    return out.view(n, out_channels, h_out, w_out)
+
+def _grid_sample_all_threads(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``F.grid_sample`` (bilinear, zeros, ``align_corners=True``) that keeps every CPU thread busy.
+
+    PyTorch's CPU kernel runs one batch item per thread, so a batch of one slice uses one core. Splitting the rows
+    of the grid into extra batch items (the input is only expanded, not copied) gives each thread a share.
+    """
+    n, rows, cols, _ = grid.shape
+    parts = torch.get_num_threads() // n if x.device.type == "cpu" else 1
+    if parts < 2 or rows < 2 * parts:
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    chunk = -(-rows // parts)
+    # rows added to fill the last chunk sample far outside the image (zeros) and are cropped below
+    grid = F.pad(grid, (0, 0, 0, 0, 0, chunk * parts - rows), value=-4.0)
+    x_parts = x.unsqueeze(1).expand(n, parts, *x.shape[1:]).reshape(n * parts, *x.shape[1:])
+    tiles = F.grid_sample(
+        x_parts, grid.reshape(n * parts, chunk, cols, 2), mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    tiles = tiles.view(n, parts, x.shape[1], chunk, cols).transpose(1, 2).reshape(n, x.shape[1], parts * chunk, cols)
+    return tiles[:, :, :rows]
 
 
 class OffsetConv2d(nn.Module):

@@ -138,6 +138,27 @@ def test_single_row_and_single_column_inputs():
         torch.testing.assert_close(ours, reference, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sampling_split_across_threads_is_exact(threads):
+    """A single slice is split into one chunk of sample rows per CPU thread (3 threads: uneven last chunk)."""
+    layer = _layer((3, 3), (1, 1), (1, 1), (1, 1))
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(1, 3, 7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    offset = (torch.rand(1, 18, 7, 5, dtype=torch.float64, generator=gen) * 4 - 2).requires_grad_()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = deform_conv2d_torch(x, offset, layer.weight, layer.bias, (1, 1), (1, 1), (1, 1))
+        grads_ours = torch.autograd.grad(ours.square().sum(), (x, offset))
+    finally:
+        torch.set_num_threads(previous)
+    reference = brute_force_deform_conv2d(x, offset, layer.weight, layer.bias, (1, 1), (1, 1), (1, 1))
+    grads_ref = torch.autograd.grad(reference.square().sum(), (x, offset))
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-10)
+    for got, want in zip(grads_ours, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
 def test_torchvision_backend_matches_torch_backend():
     pytest.importorskip("torchvision", reason="the fused backend is optional; the torch path is tested above")
     layer = _layer((3, 3), (2, 2), (1, 1), (1, 1))
