@@ -400,6 +400,18 @@ class DicycleGenerator(nn.Module):
         """
         return self._run(x, x.shape[0] if deform and self.deformable else 0)
 
+    def forward_mixed(self, x: torch.Tensor, num_deformed: int) -> torch.Tensor:
+        """Deformed pass for the first ``num_deformed`` batch items, undeformed pass for the rest, in one batch.
+
+        Args:
+            x: source-domain slices of shape (N, C_in, H, W).
+            num_deformed: how many leading items take the deformed pass (0..N).
+
+        Returns:
+            Synthesized slices of shape (N, C_out, H, W).
+        """
+        return self._run(x, num_deformed if self.deformable else 0)
+
     def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Deformed and undeformed outputs in one batched pass (instance norm keeps batch items independent).
 

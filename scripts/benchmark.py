@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bundle.networks import DicycleGenerator, OffsetConv2d  # noqa: E402
+from bundle.networks import DicycleGenerator, OffsetConv2d
 
 
 def _median_seconds(steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
@@ -133,11 +133,11 @@ def generator(repeats: int = 5, size: int = 128, ngf: int = 64, n_blocks: int = 
     return result
 
 
-def all(repeats: int = 5) -> None:  # noqa: A001 - fire exposes it as the default command
+def run_all(repeats: int = 5) -> None:
     """Run every benchmark."""
     offset_conv(repeats=2 * repeats)
     generator(repeats=repeats)
 
 
 if __name__ == "__main__":
-    fire.Fire({"all": all, "offset_conv": offset_conv, "generator": generator}, name="benchmark")
+    fire.Fire({"all": run_all, "offset_conv": offset_conv, "generator": generator}, name="benchmark")

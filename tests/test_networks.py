@@ -27,7 +27,7 @@ def _bilinear_zero_padded(image: torch.Tensor, y: torch.Tensor, x: torch.Tensor)
     value = image.new_zeros(image.shape[0])
     if y <= -1 or y >= height or x <= -1 or x >= width:
         return value
-    y0, x0 = int(math.floor(y.item())), int(math.floor(x.item()))
+    y0, x0 = math.floor(y.item()), math.floor(x.item())
     ly, lx = y - y0, x - x0
     for yy, wy in ((y0, 1 - ly), (y0 + 1, ly)):
         for xx, wx in ((x0, 1 - lx), (x0 + 1, lx)):
@@ -274,3 +274,12 @@ def test_discriminator_is_a_70x70_patchgan():
     assert sum(isinstance(m, nn.InstanceNorm2d) for m in discriminator.modules()) == 3
     logits = discriminator(torch.randn(2, 1, 128, 128))[-1]
     assert logits.shape == (2, 1, 14, 14)  # CycleGAN's 30x30 map at 256 px is 14x14 at 128 px
+
+
+def test_forward_mixed_deforms_only_the_leading_items():
+    generator = _tiny_generator()
+    _randomise_offsets(generator)
+    x = torch.randn(3, 1, 20, 20, generator=torch.Generator().manual_seed(14))
+    mixed = generator.forward_mixed(x, 2)
+    torch.testing.assert_close(mixed[:2], generator(x[:2], deform=True), rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed[2:], generator(x[2:], deform=False), rtol=0, atol=1e-5)
