@@ -401,7 +401,7 @@ class DicycleGenerator(nn.Module):
         return self._run(x, x.shape[0] if deform and self.deformable else 0)
 
     def forward_mixed(self, x: torch.Tensor, num_deformed: int) -> torch.Tensor:
-        """Deformed pass for the first ``num_deformed`` batch items, undeformed pass for the rest, in one batch.
+        """Deformed pass for the first ``num_deformed`` batch items, undeformed pass for the rest.
 
         Args:
             x: source-domain slices of shape (N, C_in, H, W).
@@ -410,10 +410,15 @@ class DicycleGenerator(nn.Module):
         Returns:
             Synthesized slices of shape (N, C_out, H, W).
         """
-        return self._run(x, num_deformed if self.deformable else 0)
+        num_deformed = num_deformed if self.deformable else 0
+        if x.device.type == "cpu" and 0 < num_deformed < x.shape[0]:
+            # oneDNN's convolution backward at batch 2N costs more than twice batch N (scripts/benchmark.py
+            # generator): on CPU the two passes run as separate batches, on accelerators as one
+            return torch.cat((self._run(x[:num_deformed], num_deformed), self._run(x[num_deformed:], 0)), dim=0)
+        return self._run(x, num_deformed)
 
     def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Deformed and undeformed outputs in one batched pass (instance norm keeps batch items independent).
+        """Deformed and undeformed outputs, as one batch on accelerators (instance norm keeps items independent).
 
         Args:
             x: source-domain slices of shape (N, C_in, H, W).
@@ -425,7 +430,7 @@ class DicycleGenerator(nn.Module):
             out = self._run(x, 0)
             return out, out
         n = x.shape[0]
-        out = self._run(torch.cat((x, x), dim=0), n)
+        out = self.forward_mixed(torch.cat((x, x), dim=0), n)
         return out[:n], out[n:]
 
 

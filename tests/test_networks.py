@@ -283,3 +283,22 @@ def test_forward_mixed_deforms_only_the_leading_items():
     mixed = generator.forward_mixed(x, 2)
     torch.testing.assert_close(mixed[:2], generator(x[:2], deform=True), rtol=0, atol=1e-5)
     torch.testing.assert_close(mixed[2:], generator(x[2:], deform=False), rtol=0, atol=1e-5)
+
+
+def test_offset_conv_forward_mixed_matches_separate_calls():
+    layer = _layer((3, 3), (2, 2), (1, 1), (1, 1))
+    with torch.no_grad():
+        layer.offset_conv.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(15))
+    x = torch.randn(3, 3, 9, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(16))
+    mixed = layer.forward_mixed(x, 1)
+    torch.testing.assert_close(mixed[:1], layer(x[:1], deform=True), rtol=0, atol=1e-12)
+    torch.testing.assert_close(mixed[1:], layer(x[1:], deform=False), rtol=0, atol=1e-12)
+
+
+def test_one_batch_path_used_on_accelerators_equals_separate_passes():
+    generator = _tiny_generator()
+    _randomise_offsets(generator)
+    x = torch.randn(2, 1, 20, 20, generator=torch.Generator().manual_seed(17))
+    one_batch = generator._run(torch.cat((x, x)), 2)  # the path forward_both takes off the CPU
+    torch.testing.assert_close(one_batch[:2], generator(x, deform=True), rtol=0, atol=1e-5)
+    torch.testing.assert_close(one_batch[2:], generator(x, deform=False), rtol=0, atol=1e-5)
