@@ -1,0 +1,244 @@
+"""Ignite handlers of DicycleGAN training: the paper's schedule, atomic checkpoints, resume, TensorBoard images."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointLoader
+from torch import nn
+from torch.optim import Optimizer
+
+__all__ = ["AtomicCheckpointer", "PaperSchedule", "ResumeCheckpointLoader", "TensorBoardImageGrid"]
+
+
+def _unwrap(obj: Any) -> Any:
+    """The module inside DataParallel / DistributedDataParallel wrappers, else the object itself."""
+    return obj.module if isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else obj
+
+
+class PaperSchedule:
+    """Learning-rate schedule and early stop of Wang et al. (2018), on top of CycleGAN's linear decay.
+
+    The learning rate is constant for ``n_epochs`` epochs and then decays linearly over ``n_epochs_decay`` epochs
+    (CycleGAN's rule: epoch ``k`` of the decay, counted from 1, runs at ``1 - k / (n_epochs_decay + 1)`` of the base
+    rate). Early stop: when the epoch's mean total generator loss has not improved for ``patience`` epochs of the
+    constant stage, decay starts at once; ``patience_decay`` epochs without improvement during the decay stop
+    training. Training also stops when the decay is complete. The state (decay start, best loss, stale epochs) is
+    part of the resume checkpoint via :meth:`state_dict`.
+
+    The epoch's mean loss is published as ``engine.state.metrics["epoch_g_loss"]`` for the stats handlers.
+
+    Args:
+        optimizers: optimizers whose learning rate is scheduled (both generators' and both discriminators').
+        n_epochs: epochs at the base learning rate (paper: 100).
+        n_epochs_decay: epochs of linear decay (paper: 100).
+        patience: stale epochs that end the constant stage early (paper: 10; 0 disables).
+        patience_decay: stale epochs that stop training during the decay (paper: 20; 0 disables).
+        loss_key: key of the generator's total loss in ``engine.state.output["losses"]``.
+    """
+
+    def __init__(
+        self,
+        optimizers: Sequence[Optimizer],
+        n_epochs: int = 100,
+        n_epochs_decay: int = 100,
+        patience: int = 10,
+        patience_decay: int = 20,
+        loss_key: str = "total",
+    ) -> None:
+        if n_epochs < 0 or n_epochs_decay < 0:
+            raise ValueError(f"n_epochs and n_epochs_decay must be >= 0, got {n_epochs} and {n_epochs_decay}.")
+        self.optimizers = list(optimizers)
+        self.base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.optimizers]
+        self.n_epochs_decay = n_epochs_decay
+        self.patience = patience
+        self.patience_decay = patience_decay
+        self.loss_key = loss_key
+        self.n_epochs = n_epochs
+        self.decay_start = n_epochs  # epochs completed before the decay begins
+        self.best_loss = float("inf")
+        self.stale_epochs = 0
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        """Register with ``engine``."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def lr_factor(self, epoch: int) -> float:
+        """Fraction of the base learning rate for (1-based) ``epoch``."""
+        return max(0.0, 1.0 - max(0, epoch - self.decay_start) / (self.n_epochs_decay + 1))
+
+    def epoch_started(self, engine: Engine) -> None:
+        factor = self.lr_factor(engine.state.epoch)
+        for optimizer, base_lrs in zip(self.optimizers, self.base_lrs, strict=True):
+            for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base_lr * factor
+        self._loss_sum, self._loss_count = None, 0
+
+    def iteration_completed(self, engine: Engine) -> None:
+        loss = engine.state.output["losses"][self.loss_key].detach()  # summed on the device: no sync per step
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._loss_count += 1
+
+    def epoch_completed(self, engine: Engine) -> None:
+        if self._loss_count == 0:
+            return
+        epoch, epoch_loss = engine.state.epoch, float(self._loss_sum) / self._loss_count
+        engine.state.metrics["epoch_g_loss"] = epoch_loss
+        if epoch_loss < self.best_loss:
+            self.best_loss, self.stale_epochs = epoch_loss, 0
+        else:
+            self.stale_epochs += 1
+        in_decay = epoch > self.decay_start
+        if not in_decay and self.patience and self.stale_epochs >= self.patience:
+            self.logger.info(f"epoch {epoch}: no improvement for {self.stale_epochs} epochs, starting the decay")
+            self.decay_start, self.stale_epochs = epoch, 0
+        elif in_decay and self.patience_decay and self.stale_epochs >= self.patience_decay:
+            self.logger.info(f"epoch {epoch}: no improvement for {self.stale_epochs} epochs of decay, stopping")
+            engine.terminate()
+        if epoch >= self.decay_start + self.n_epochs_decay:
+            engine.terminate()
+
+    def state_dict(self) -> dict[str, float | int]:
+        # -1: the decay starts after n_epochs as configured, so a resumed run may change n_epochs
+        early_start = self.decay_start if self.decay_start < self.n_epochs else -1
+        return {"early_decay_start": early_start, "best_loss": self.best_loss, "stale_epochs": self.stale_epochs}
+
+    def load_state_dict(self, state_dict: Mapping[str, float | int]) -> None:
+        early_start = int(state_dict["early_decay_start"])
+        self.decay_start = early_start if early_start >= 0 else self.n_epochs
+        self.best_loss = float(state_dict["best_loss"])
+        self.stale_epochs = int(state_dict["stale_epochs"])
+
+
+class AtomicCheckpointer:
+    """Writes the exported models and the resume checkpoint, each atomically (temporary file, then rename).
+
+    - ``models`` (e.g. ``{"model.pt": g_ab, "model_g_ba.pt": g_ba}``): each file is the bare ``state_dict`` of one
+      network, what ``python -m monai.bundle ckpt_export network_def`` and the model zoo expect;
+    - ``checkpoint`` (e.g. ``{"g_ab": ..., "g_optimizer": ..., "pool_a": ..., "schedule": ..., "trainer": ...}``)
+      goes to ``checkpoint_filename``: everything needed to resume.
+
+    Files are replaced with ``os.replace``, so an interruption leaves the previous complete file in place. Only the
+    distributed rank 0 writes.
+
+    Args:
+        save_dir: output folder (created if missing).
+        models: file name -> network for the bare state dicts.
+        checkpoint: key -> object with ``state_dict()`` for the resume checkpoint.
+        checkpoint_filename: file name of the resume checkpoint.
+        save_interval: write every this many epochs (and when training completes).
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        models: Mapping[str, nn.Module],
+        checkpoint: Mapping[str, Any],
+        checkpoint_filename: str = "checkpoint.pt",
+        save_interval: int = 1,
+    ) -> None:
+        self.save_dir = Path(save_dir)
+        self.models = dict(models)
+        self.checkpoint = dict(checkpoint)
+        self.checkpoint_filename = checkpoint_filename
+        self.save_interval = save_interval
+        self._saver: DiskSaver | None = None
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        """Register with ``engine``."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _write(self, state: Any, filename: str) -> None:
+        if self._saver is None:
+            self._saver = DiskSaver(self.save_dir, atomic=True, create_dir=True, require_empty=False)
+        self._saver(state, filename)
+        path = self.save_dir / filename
+        if path.exists():  # the temporary file is private (0600); give the result the usual permissions
+            umask = os.umask(0)
+            os.umask(umask)
+            path.chmod(0o666 & ~umask)
+
+    def __call__(self, engine: Engine) -> None:
+        for filename, network in self.models.items():
+            self._write(_unwrap(network).state_dict(), filename)
+        self._write({key: _unwrap(obj).state_dict() for key, obj in self.checkpoint.items()}, self.checkpoint_filename)
+        self.logger.info(f"epoch {engine.state.epoch}: saved {', '.join(self.models)} and {self.checkpoint_filename}")
+
+
+class ResumeCheckpointLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` (``weights_only=True``) that names the file and the problem when it cannot read
+    the checkpoint, instead of a bare unpickling traceback.
+
+    Args:
+        load_path: the resume checkpoint.
+        load_dict: key -> object with ``load_state_dict`` (networks, optimizers, pools, schedule, ``trainer``).
+        kwargs: further arguments of ``monai.handlers.CheckpointLoader``.
+    """
+
+    def __init__(self, load_path: str | os.PathLike, load_dict: dict, **kwargs: Any) -> None:
+        super().__init__(load_path=str(load_path), load_dict=load_dict, **kwargs)
+
+    def __call__(self, engine: Engine) -> None:
+        path = Path(self.load_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume: checkpoint {path} does not exist.")
+        try:
+            super().__call__(engine)
+        except Exception as error:  # torch.load / load_state_dict raise many types for a bad file
+            raise RuntimeError(
+                f"cannot resume from {path}: it is not a readable DicycleGAN checkpoint "
+                f"({type(error).__name__}: {error}). Nothing was changed; remove the file or start without resume."
+            ) from error
+
+
+def _to_unit_range(image: torch.Tensor) -> torch.Tensor:
+    low, high = image.min(), image.max()
+    return (image - low) / (high - low).clamp_min(1e-8)
+
+
+class TensorBoardImageGrid:
+    """Writes, every ``interval`` epochs, one TensorBoard image per direction: the first item's source, undeformed
+    output G(x), deformed output G_T(x) and cycle, side by side, each scaled to [0, 1].
+
+    Args:
+        summary_writer: a ``torch.utils.tensorboard.SummaryWriter`` (shared with MONAI's TensorBoardStatsHandler).
+        interval: epochs between images.
+        tag_prefix: prefix of the image tags.
+    """
+
+    ROWS = {
+        "A_to_B": ("real_a", "aligned_b", "fake_b", "cycle_a"),
+        "B_to_A": ("real_b", "aligned_a", "fake_a", "cycle_b"),
+    }
+
+    def __init__(self, summary_writer: Any, interval: int = 1, tag_prefix: str = "train") -> None:
+        self.writer = summary_writer
+        self.interval = interval
+        self.tag_prefix = tag_prefix
+
+    def attach(self, engine: Engine) -> None:
+        """Register with ``engine``."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Engine) -> None:
+        images = engine.state.output["images"]
+        for direction, keys in self.ROWS.items():
+            tiles = [_to_unit_range(images[key][0, :1].float().cpu()) for key in keys if key in images]
+            if tiles:
+                grid = torch.cat(tiles, dim=-1)  # (1, H, k * W)
+                self.writer.add_image(f"{self.tag_prefix}/{direction}", grid, engine.state.epoch, dataformats="CHW")
+        self.writer.flush()

@@ -1,0 +1,253 @@
+"""The DicycleGAN training engine: one Ignite iteration updates both generators, then both discriminators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from monai.engines import Trainer
+from monai.engines.workflow import Workflow
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from bundle.losses import DicycleGANLoss, discriminator_loss
+
+__all__ = ["DicycleGANTrainer", "ImagePool", "prepare_unpaired_batch"]
+
+
+class ImagePool:
+    """History of generated images shown to a discriminator (Shrivastava et al. 2017; CycleGAN's ``ImagePool``).
+
+    Until the pool holds ``pool_size`` images every query returns its input and stores it. After that, each image
+    is, with probability 1/2, swapped for a random stored one (which is returned) or returned as it is. The pool's
+    random choices use their own seeded generator, and :meth:`state_dict` stores both the images and that generator,
+    so a resumed run draws exactly what an uninterrupted one would.
+
+    Args:
+        pool_size: number of stored images; 0 disables the pool.
+        seed: seed of the pool's random generator.
+    """
+
+    def __init__(self, pool_size: int = 50, seed: int = 0) -> None:
+        if pool_size < 0:
+            raise ValueError(f"pool_size must be >= 0, got {pool_size}.")
+        self.pool_size = pool_size
+        self.images: list[torch.Tensor] = []
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            images: generated images of shape (N, C, H, W).
+
+        Returns:
+            N images for the discriminator, each either the new one or an older one from the pool.
+        """
+        if self.pool_size == 0:
+            return images.detach()
+        chosen = []
+        for image in images.detach().split(1):
+            if len(self.images) < self.pool_size:
+                self.images.append(image.clone())
+                chosen.append(image)
+            elif torch.rand((), generator=self.generator) < 0.5:
+                index = int(torch.randint(len(self.images), (), generator=self.generator))
+                chosen.append(self.images[index])
+                self.images[index] = image.clone()
+            else:
+                chosen.append(image)
+        return torch.cat(chosen)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stored images and the random generator's state."""
+        return {
+            "images": torch.cat(self.images) if self.images else torch.empty(0),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        images = state_dict["images"]
+        self.images = list(images.split(1)) if images.numel() else []
+        self.generator.set_state(state_dict["generator"])
+
+
+def prepare_unpaired_batch(
+    batchdata: dict[str, torch.Tensor], device: str | torch.device, non_blocking: bool = False, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move an unpaired batch ``{"A": slices of domain A, "B": slices of domain B}`` to ``device``.
+
+    Args:
+        batchdata: the data loader's batch.
+        device: target device.
+        non_blocking: asynchronous host-to-device copy.
+        kwargs: further arguments of ``Tensor.to``.
+
+    Returns:
+        ``(real_a, real_b)``.
+    """
+    if not isinstance(batchdata, dict) or "A" not in batchdata or "B" not in batchdata:
+        keys = sorted(batchdata) if isinstance(batchdata, dict) else type(batchdata).__name__
+        raise ValueError(f"an unpaired training batch must be a dict with keys 'A' and 'B', got {keys}.")
+    return (
+        torch.as_tensor(batchdata["A"]).to(device, non_blocking=non_blocking, **kwargs),
+        torch.as_tensor(batchdata["B"]).to(device, non_blocking=non_blocking, **kwargs),
+    )
+
+
+def _set_requires_grad(networks: Sequence[nn.Module], requires_grad: bool) -> None:
+    for network in networks:
+        for parameter in network.parameters():
+            parameter.requires_grad_(requires_grad)
+
+
+class DicycleGANTrainer(Trainer):
+    """Trains DicycleGAN (Wang et al. 2018) or, with non-deformable generators and the alignment and deformed-cycle
+    weights at 0, CycleGAN (Zhu et al. 2017), as an Ignite engine that MONAI handlers attach to.
+
+    Each iteration takes an unpaired batch ``{"A": x_A, "B": x_B}`` and
+
+    1. updates G_AB and G_BA on the objective of eq. (4) (``loss_function``), discriminators frozen;
+    2. updates D_A and D_B on LSGAN losses of real images against deformed fakes drawn from an image pool each.
+
+    ``engine.state.output`` is ``{"losses": {name: scalar tensor}, "images": {name: (N, C, H, W) tensor}}``:
+    the generator terms (``gan_ab, gan_ba, align, cyc, dicyc, nmi_a, nmi_b, total``) plus ``d_a`` and ``d_b``, and
+    the images ``real_a, fake_b, aligned_b, cycle_a`` and the same for B. A non-finite loss stops training with
+    :class:`FloatingPointError` before any weight is updated, so the weights and the last checkpoint stay intact.
+
+    Args:
+        device: device of the networks and the data.
+        max_epochs: number of epochs.
+        train_data_loader: loader of unpaired batches ``{"A": ..., "B": ...}``.
+        g_ab: generator A -> B.
+        g_ba: generator B -> A.
+        d_a: discriminator of domain A.
+        d_b: discriminator of domain B.
+        g_optimizer: optimizer of both generators' parameters.
+        d_optimizer: optimizer of both discriminators' parameters.
+        loss_function: the generator objective; :class:`~bundle.losses.DicycleGANLoss` with the paper's weights
+            by default.
+        pool_size: size of each discriminator's image pool (paper and CycleGAN: 50).
+        seed: seed of the image pools.
+        epoch_length: iterations per epoch (default: the loader's length).
+        non_blocking: asynchronous host-to-device copies.
+        amp: bfloat16 autocast of the forward passes (no loss scaling needed).
+        prepare_batch: turns a batch into ``(real_a, real_b)`` on the device.
+        iteration_update: replaces :meth:`_iteration` if given.
+        train_handlers: MONAI / Ignite handlers to attach.
+        to_kwargs: further arguments of ``Tensor.to`` for the batch.
+
+    Example::
+
+        trainer = DicycleGANTrainer("cpu", 200, loader, g_ab, g_ba, d_a, d_b, g_opt, d_opt)
+        trainer.run()
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        g_ab: nn.Module,
+        g_ba: nn.Module,
+        d_a: nn.Module,
+        d_b: nn.Module,
+        g_optimizer: Optimizer,
+        d_optimizer: Optimizer,
+        loss_function: Callable | None = None,
+        pool_size: int = 50,
+        seed: int = 0,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        amp: bool = False,
+        prepare_batch: Callable = prepare_unpaired_batch,
+        iteration_update: Callable | None = None,
+        train_handlers: Sequence | None = None,
+        to_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            iteration_update=iteration_update,
+            handlers=train_handlers,
+            amp=amp,
+            decollate=False,
+            to_kwargs=to_kwargs,
+        )
+        self.g_ab, self.g_ba, self.d_a, self.d_b = g_ab, g_ba, d_a, d_b
+        self.g_optimizer = g_optimizer
+        self.d_optimizer = d_optimizer
+        self.loss_function = DicycleGANLoss() if loss_function is None else loss_function
+        self.pool_a = ImagePool(pool_size, seed=seed)
+        self.pool_b = ImagePool(pool_size, seed=seed + 1)
+
+    def run(self) -> None:  # type: ignore[override]
+        """Run training; calling it again continues from the current state (bfloat16 AMP needs no GradScaler)."""
+        self.scaler = None
+        Workflow.run(self)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=torch.device(self.state.device).type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def _check_finite(self, loss: torch.Tensor, what: str, terms: dict[str, torch.Tensor]) -> None:
+        # one scalar synchronisation per step buys the guarantee that no update is made with a NaN/Inf loss
+        if not bool(torch.isfinite(loss)):
+            values = ", ".join(f"{name}={float(value):.4g}" for name, value in terms.items())
+            raise FloatingPointError(
+                f"non-finite {what} loss at epoch {self.state.epoch}, iteration {self.state.iteration} ({values}); "
+                "training stopped before this update, so the weights and the last saved checkpoint are intact. "
+                "Check the input intensities, lower the learning rate or disable AMP."
+            )
+
+    def _iteration(self, engine: DicycleGANTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, dict]:
+        """One DicycleGAN step: generators on eq. (4), then discriminators on pooled deformed fakes.
+
+        Args:
+            engine: this trainer.
+            batchdata: unpaired batch ``{"A": x_A, "B": x_B}``.
+
+        Returns:
+            ``{"losses": {...}, "images": {...}}``, see the class docstring.
+        """
+        real_a, real_b = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        discriminators = (engine.d_a, engine.d_b)
+
+        _set_requires_grad(discriminators, False)  # the generator step needs no discriminator gradients
+        engine.g_optimizer.zero_grad(set_to_none=True)
+        with engine._autocast():
+            generated = engine.loss_function(real_a, real_b, engine.g_ab, engine.g_ba, engine.d_a, engine.d_b)
+        engine._check_finite(generated.total, "generator", generated.terms)
+        generated.total.backward()
+        engine.g_optimizer.step()
+
+        _set_requires_grad(discriminators, True)
+        engine.d_optimizer.zero_grad(set_to_none=True)
+        fake_b = engine.pool_b.query(generated.fake_b)
+        fake_a = engine.pool_a.query(generated.fake_a)
+        with engine._autocast():
+            loss_d_b = discriminator_loss(engine.d_b, real_b, fake_b)
+            loss_d_a = discriminator_loss(engine.d_a, real_a, fake_a)
+        d_total = loss_d_a + loss_d_b
+        engine._check_finite(d_total, "discriminator", {"d_a": loss_d_a, "d_b": loss_d_b})
+        d_total.backward()
+        engine.d_optimizer.step()
+
+        losses = dict(generated.terms)
+        losses["d_a"], losses["d_b"] = loss_d_a.detach(), loss_d_b.detach()
+        images = {
+            "real_a": real_a,
+            "aligned_b": generated.aligned_b,
+            "fake_b": generated.fake_b,
+            "cycle_a": generated.cycle_a,
+            "real_b": real_b,
+            "aligned_a": generated.aligned_a,
+            "fake_a": generated.fake_a,
+            "cycle_b": generated.cycle_b,
+        }
+        return {"losses": losses, "images": {k: v for k, v in images.items() if v is not None}}
