@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from ignite.engine import Engine, Events
@@ -220,7 +220,7 @@ class TensorBoardImageGrid:
         tag_prefix: prefix of the image tags.
     """
 
-    ROWS = {
+    ROWS: ClassVar[dict[str, tuple[str, ...]]] = {
         "A_to_B": ("real_a", "aligned_b", "fake_b", "cycle_a"),
         "B_to_A": ("real_b", "aligned_a", "fake_a", "cycle_b"),
     }
