@@ -127,8 +127,9 @@ class AtomicCheckpointer:
 
     - ``models`` (e.g. ``{"model.pt": g_ab, "model_g_ba.pt": g_ba}``): each file is the bare ``state_dict`` of one
       network, what ``python -m monai.bundle ckpt_export network_def`` and the model zoo expect;
-    - ``checkpoint`` (e.g. ``{"g_ab": ..., "g_optimizer": ..., "pool_a": ..., "schedule": ..., "trainer": ...}``)
-      goes to ``checkpoint_filename``: everything needed to resume.
+    - ``checkpoint`` (e.g. ``{"g_ab": ..., "g_optimizer": ..., "pool_a": ..., "schedule": ...}``) plus the state
+      of the engine the handler is attached to (key ``engine_key``) goes to ``checkpoint_filename``: everything
+      needed to resume. Taking the engine at run time keeps configs free of a trainer -> handler -> trainer cycle.
 
     Files are replaced with ``os.replace``, so an interruption leaves the previous complete file in place. Only the
     distributed rank 0 writes.
@@ -139,6 +140,7 @@ class AtomicCheckpointer:
         checkpoint: key -> object with ``state_dict()`` for the resume checkpoint.
         checkpoint_filename: file name of the resume checkpoint.
         save_interval: write every this many epochs (and when training completes).
+        engine_key: key of the engine's own state in the resume checkpoint.
     """
 
     def __init__(
@@ -148,10 +150,12 @@ class AtomicCheckpointer:
         checkpoint: Mapping[str, Any],
         checkpoint_filename: str = "checkpoint.pt",
         save_interval: int = 1,
+        engine_key: str = "trainer",
     ) -> None:
         self.save_dir = Path(save_dir)
         self.models = dict(models)
         self.checkpoint = dict(checkpoint)
+        self.engine_key = engine_key
         self.checkpoint_filename = checkpoint_filename
         self.save_interval = save_interval
         self._saver: DiskSaver | None = None
@@ -175,7 +179,9 @@ class AtomicCheckpointer:
     def __call__(self, engine: Engine) -> None:
         for filename, network in self.models.items():
             self._write(_unwrap(network).state_dict(), filename)
-        self._write({key: _unwrap(obj).state_dict() for key, obj in self.checkpoint.items()}, self.checkpoint_filename)
+        state = {key: _unwrap(obj).state_dict() for key, obj in self.checkpoint.items()}
+        state[self.engine_key] = engine.state_dict()
+        self._write(state, self.checkpoint_filename)
         self.logger.info(f"epoch {engine.state.epoch}: saved {', '.join(self.models)} and {self.checkpoint_filename}")
 
 
@@ -183,16 +189,23 @@ class ResumeCheckpointLoader(CheckpointLoader):
     """MONAI's ``CheckpointLoader`` (``weights_only=True``) that names the file and the problem when it cannot read
     the checkpoint, instead of a bare unpickling traceback.
 
+    The engine it is attached to is restored too, from key ``engine_key`` (see :class:`AtomicCheckpointer`).
+
     Args:
         load_path: the resume checkpoint.
-        load_dict: key -> object with ``load_state_dict`` (networks, optimizers, pools, schedule, ``trainer``).
+        load_dict: key -> object with ``load_state_dict`` (networks, optimizers, pools, schedule).
+        engine_key: key of the engine's state in the checkpoint.
         kwargs: further arguments of ``monai.handlers.CheckpointLoader``.
     """
 
-    def __init__(self, load_path: str | os.PathLike, load_dict: dict, **kwargs: Any) -> None:
-        super().__init__(load_path=str(load_path), load_dict=load_dict, **kwargs)
+    def __init__(
+        self, load_path: str | os.PathLike, load_dict: dict, engine_key: str = "trainer", **kwargs: Any
+    ) -> None:
+        super().__init__(load_path=str(load_path), load_dict=dict(load_dict), **kwargs)
+        self.engine_key = engine_key
 
     def __call__(self, engine: Engine) -> None:
+        self.load_dict[self.engine_key] = engine
         path = Path(self.load_path)
         if not path.is_file():
             raise FileNotFoundError(f"cannot resume: checkpoint {path} does not exist.")

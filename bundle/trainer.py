@@ -112,7 +112,7 @@ class DicycleGANTrainer(Trainer):
     1. updates G_AB and G_BA on the objective of eq. (4) (``loss_function``), discriminators frozen;
     2. updates D_A and D_B on LSGAN losses of real images against deformed fakes drawn from an image pool each.
 
-    ``engine.state.output`` is ``{"losses": {name: scalar tensor}, "images": {name: (N, C, H, W) tensor}}``:
+    ``engine.state.output`` is ``{"loss": total, "losses": {name: scalar}, "images": {name: (N, C, H, W)}}``:
     the generator terms (``gan_ab, gan_ba, align, cyc, dicyc, nmi_a, nmi_b, total``) plus ``d_a`` and ``d_b``, and
     the images ``real_a, fake_b, aligned_b, cycle_a`` and the same for B. A non-finite loss stops training with
     :class:`FloatingPointError` before any weight is updated, so the weights and the last checkpoint stay intact.
@@ -129,8 +129,8 @@ class DicycleGANTrainer(Trainer):
         d_optimizer: optimizer of both discriminators' parameters.
         loss_function: the generator objective; :class:`~bundle.losses.DicycleGANLoss` with the paper's weights
             by default.
-        pool_size: size of each discriminator's image pool (paper and CycleGAN: 50).
-        seed: seed of the image pools.
+        pool_a: image pool of D_A's fakes (default: ``ImagePool(50, seed=0)``, the paper's and CycleGAN's size).
+        pool_b: image pool of D_B's fakes (default: ``ImagePool(50, seed=1)``).
         epoch_length: iterations per epoch (default: the loader's length).
         non_blocking: asynchronous host-to-device copies.
         amp: bfloat16 autocast of the forward passes (no loss scaling needed).
@@ -157,8 +157,8 @@ class DicycleGANTrainer(Trainer):
         g_optimizer: Optimizer,
         d_optimizer: Optimizer,
         loss_function: Callable | None = None,
-        pool_size: int = 50,
-        seed: int = 0,
+        pool_a: ImagePool | None = None,
+        pool_b: ImagePool | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         amp: bool = False,
@@ -184,8 +184,8 @@ class DicycleGANTrainer(Trainer):
         self.g_optimizer = g_optimizer
         self.d_optimizer = d_optimizer
         self.loss_function = DicycleGANLoss() if loss_function is None else loss_function
-        self.pool_a = ImagePool(pool_size, seed=seed)
-        self.pool_b = ImagePool(pool_size, seed=seed + 1)
+        self.pool_a = ImagePool(50, seed=0) if pool_a is None else pool_a
+        self.pool_b = ImagePool(50, seed=1) if pool_b is None else pool_b
 
     def run(self) -> None:  # type: ignore[override]
         """Run training; calling it again continues from the current state (bfloat16 AMP needs no GradScaler)."""
@@ -213,7 +213,7 @@ class DicycleGANTrainer(Trainer):
             batchdata: unpaired batch ``{"A": x_A, "B": x_B}``.
 
         Returns:
-            ``{"losses": {...}, "images": {...}}``, see the class docstring.
+            ``{"loss": ..., "losses": {...}, "images": {...}}``, see the class docstring.
         """
         real_a, real_b = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         discriminators = (engine.d_a, engine.d_b)
@@ -250,4 +250,9 @@ class DicycleGANTrainer(Trainer):
             "fake_a": generated.fake_a,
             "cycle_b": generated.cycle_b,
         }
-        return {"losses": losses, "images": {k: v for k, v in images.items() if v is not None}}
+        # "loss" (the generator objective) is what MONAI's default tracking handlers read
+        return {
+            "loss": losses["total"],
+            "losses": losses,
+            "images": {k: v for k, v in images.items() if v is not None},
+        }

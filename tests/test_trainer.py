@@ -48,9 +48,8 @@ def build(tmp_path, deformable: bool = True, max_epochs: int = 2, dataset: Datas
     d_opt = torch.optim.Adam(itertools.chain(d_a.parameters(), d_b.parameters()), lr=2e-4, betas=(0.5, 0.999))
     loss = DicycleGANLoss() if deformable else DicycleGANLoss(lambda_align=0.0, lambda_dicyc=0.0)
     loader = DataLoader(dataset or SyntheticUnpairedSlices(), batch_size=2, shuffle=False)
-    trainer = DicycleGANTrainer(
-        "cpu", max_epochs, loader, g_ab, g_ba, d_a, d_b, g_opt, d_opt, loss_function=loss, pool_size=3, seed=7
-    )
+    pools = {"pool_a": ImagePool(3, seed=7), "pool_b": ImagePool(3, seed=8)}
+    trainer = DicycleGANTrainer("cpu", max_epochs, loader, g_ab, g_ba, d_a, d_b, g_opt, d_opt, loss, **pools)
     schedule = PaperSchedule([g_opt, d_opt], n_epochs=1, n_epochs_decay=3)  # epoch 2 runs at 3/4 of the rate
     state = {
         "g_ab": g_ab,
@@ -59,10 +58,8 @@ def build(tmp_path, deformable: bool = True, max_epochs: int = 2, dataset: Datas
         "d_b": d_b,
         "g_optimizer": g_opt,
         "d_optimizer": d_opt,
-        "pool_a": trainer.pool_a,
-        "pool_b": trainer.pool_b,
+        **pools,
         "schedule": schedule,
-        "trainer": trainer,
     }
     if resume:
         ResumeCheckpointLoader(tmp_path / "checkpoint.pt", state).attach(trainer)
@@ -139,7 +136,7 @@ def test_checkpoint_files_hold_bare_generators_and_everything_to_resume(tmp_path
     other = DicycleGenerator(ngf=4, n_blocks=1, backend="torch")
     other.load_state_dict(torch.load(tmp_path / "model_g_ba.pt", weights_only=True))
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert set(checkpoint) == set(state)
+    assert set(checkpoint) == set(state) | {"trainer"}
     assert checkpoint["trainer"]["iteration"] == 2  # one epoch of two batches
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "model.pt", "model_g_ba.pt"]
 
