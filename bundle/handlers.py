@@ -15,12 +15,42 @@ from monai.handlers import CheckpointLoader
 from torch import nn
 from torch.optim import Optimizer
 
-__all__ = ["AtomicCheckpointer", "PaperSchedule", "ResumeCheckpointLoader", "TensorBoardImageGrid"]
+__all__ = [
+    "AtomicCheckpointer",
+    "BestModelSaver",
+    "PaperSchedule",
+    "ResumeCheckpointLoader",
+    "TensorBoardImageGrid",
+    "atomic_save",
+]
 
 
 def _unwrap(obj: Any) -> Any:
     """The module inside DataParallel / DistributedDataParallel wrappers, else the object itself."""
     return obj.module if isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else obj
+
+
+def atomic_save(state: Any, save_dir: str | os.PathLike, filename: str) -> Path:
+    """``torch.save`` through Ignite's atomic ``DiskSaver`` (temporary file, then rename).
+
+    An interruption leaves the previous complete file in place. The result gets the usual permissions (the
+    temporary file is private).
+
+    Args:
+        state: what to save.
+        save_dir: folder (created if missing).
+        filename: file name inside ``save_dir``.
+
+    Returns:
+        The path written.
+    """
+    DiskSaver(save_dir, atomic=True, create_dir=True, require_empty=False)(state, filename)
+    path = Path(save_dir) / filename
+    if path.exists():
+        umask = os.umask(0)
+        os.umask(umask)
+        path.chmod(0o666 & ~umask)
+    return path
 
 
 class PaperSchedule:
@@ -158,7 +188,6 @@ class AtomicCheckpointer:
         self.engine_key = engine_key
         self.checkpoint_filename = checkpoint_filename
         self.save_interval = save_interval
-        self._saver: DiskSaver | None = None
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
@@ -166,23 +195,62 @@ class AtomicCheckpointer:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self)
         engine.add_event_handler(Events.COMPLETED, self)
 
-    def _write(self, state: Any, filename: str) -> None:
-        if self._saver is None:
-            self._saver = DiskSaver(self.save_dir, atomic=True, create_dir=True, require_empty=False)
-        self._saver(state, filename)
-        path = self.save_dir / filename
-        if path.exists():  # the temporary file is private (0600); give the result the usual permissions
-            umask = os.umask(0)
-            os.umask(umask)
-            path.chmod(0o666 & ~umask)
-
     def __call__(self, engine: Engine) -> None:
         for filename, network in self.models.items():
-            self._write(_unwrap(network).state_dict(), filename)
+            atomic_save(_unwrap(network).state_dict(), self.save_dir, filename)
         state = {key: _unwrap(obj).state_dict() for key, obj in self.checkpoint.items()}
         state[self.engine_key] = engine.state_dict()
-        self._write(state, self.checkpoint_filename)
+        atomic_save(state, self.save_dir, self.checkpoint_filename)
         self.logger.info(f"epoch {engine.state.epoch}: saved {', '.join(self.models)} and {self.checkpoint_filename}")
+
+
+class BestModelSaver:
+    """Keeps the best model by a validation metric: when an evaluator finishes with a better ``metric_name`` than
+    ever before, writes each model's bare state dict atomically (:func:`atomic_save`).
+
+    Its best score is part of the resume checkpoint (:meth:`state_dict`), so a resumed run does not overwrite a
+    better model with a worse one.
+
+    Args:
+        save_dir: output folder.
+        models: file name -> network, e.g. ``{"model_best.pt": g_ab}``.
+        metric_name: key in the evaluator's ``state.metrics``.
+        greater_is_better: direction of improvement.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        models: Mapping[str, nn.Module],
+        metric_name: str,
+        greater_is_better: bool = True,
+    ) -> None:
+        self.save_dir = Path(save_dir)
+        self.models = dict(models)
+        self.metric_name = metric_name
+        self.sign = 1.0 if greater_is_better else -1.0
+        self.best = -float("inf")
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        """Register with the evaluator."""
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        score = self.sign * float(engine.state.metrics[self.metric_name])
+        if score > self.best:
+            self.best = score
+            for filename, network in self.models.items():
+                atomic_save(_unwrap(network).state_dict(), self.save_dir, filename)
+            self.logger.info(
+                f"best {self.metric_name} so far ({self.sign * score:.4f}): saved {', '.join(self.models)}"
+            )
+
+    def state_dict(self) -> dict[str, float]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: Mapping[str, float]) -> None:
+        self.best = float(state_dict["best"])
 
 
 class ResumeCheckpointLoader(CheckpointLoader):

@@ -1,0 +1,153 @@
+"""Volume metrics of the paper (Wang et al. 2018, Experiments) on normalised intensities, optionally in a mask.
+
+- PSNR ``10 log10(max_B^2 / MSE)`` with ``max_B`` the ground truth's own maximum (z-scored volumes have no fixed
+  peak, so MONAI's fixed-``max_val`` PSNR does not apply);
+- windowed SSIM (MONAI's Gaussian-window SSIM) with the ground truth's intensity range as the data range;
+- the paper's global SSIM, its formula over the whole volume (means, variances and covariance of all voxels).
+
+Each is a MONAI ``CumulativeIterationMetric`` (per-volume values buffered, aggregated by ``aggregate``) so that
+``monai.handlers.IgniteMetricHandler`` can attach it to an evaluator.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.metrics import CumulativeIterationMetric
+from monai.metrics.regression import compute_ssim_and_cs
+from monai.utils import MetricReduction
+
+__all__ = ["GlobalSSIMMetric", "VolumePSNRMetric", "VolumeSSIMMetric", "global_ssim", "volume_psnr", "windowed_ssim"]
+
+
+def _per_item(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).float()
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+    rows = _per_item(values)
+    if mask is None:
+        return list(rows)
+    keep = _per_item(torch.broadcast_to(mask, values.shape)) > 0
+    return [row[k] for row, k in zip(rows, keep, strict=True)]
+
+
+def volume_psnr(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PSNR of the paper, ``10 log10(max(target)^2 / MSE)``, per batch item.
+
+    Args:
+        prediction: synthesized volumes (N, C, *spatial).
+        target: ground truth of the same shape.
+        mask: optional mask broadcastable to ``target``; only voxels where it is non-zero count.
+
+    Returns:
+        Tensor (N,) in dB.
+    """
+    values = []
+    for p, t in zip(_masked(prediction, mask), _masked(target, mask), strict=True):
+        mse = torch.mean((p - t) ** 2).clamp_min(1e-12)
+        values.append(10.0 * torch.log10(t.max() ** 2 / mse))
+    return torch.stack(values)
+
+
+def global_ssim(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, k1: float = 0.01, k2: float = 0.03
+) -> torch.Tensor:
+    """The paper's SSIM, ``(2 mu_p mu_t + c1)(2 s_pt + c2) / ((mu_p^2 + mu_t^2 + c1)(s_p^2 + s_t^2 + c2))`` over all
+    voxels of a volume (no window), with ``c = (k L)^2`` and ``L`` the target's intensity range.
+
+    Args:
+        prediction: synthesized volumes (N, C, *spatial).
+        target: ground truth of the same shape.
+        mask: optional mask; only voxels where it is non-zero count.
+        k1: SSIM constant for the means.
+        k2: SSIM constant for the (co)variances.
+
+    Returns:
+        Tensor (N,).
+    """
+    values = []
+    for p, t in zip(_masked(prediction, mask), _masked(target, mask), strict=True):
+        data_range = (t.max() - t.min()).clamp_min(1e-12)
+        c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+        mu_p, mu_t = p.mean(), t.mean()
+        var_p, var_t = p.var(unbiased=False), t.var(unbiased=False)
+        cov = ((p - mu_p) * (t - mu_t)).mean()
+        values.append(((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2)))
+    return torch.stack(values)
+
+
+def windowed_ssim(prediction: torch.Tensor, target: torch.Tensor, kernel_size: int = 7) -> torch.Tensor:
+    """MONAI's windowed (Gaussian, sigma 1.5) SSIM per batch item, with each target's range as its data range.
+
+    Args:
+        prediction: synthesized volumes (N, C, *spatial) with 2 or 3 spatial dimensions.
+        target: ground truth of the same shape.
+        kernel_size: window size.
+
+    Returns:
+        Tensor (N,): the mean SSIM map of each item.
+    """
+    spatial_dims = target.ndim - 2
+    values = []
+    for p, t in zip(prediction.float().split(1), target.float().split(1), strict=True):
+        ssim_map, _ = compute_ssim_and_cs(
+            y_pred=p,
+            y=t,
+            spatial_dims=spatial_dims,
+            kernel_size=[kernel_size] * spatial_dims,
+            kernel_sigma=[1.5] * spatial_dims,
+            data_range=float((t.max() - t.min()).clamp_min(1e-12)),
+            kernel_type="gaussian",
+            k1=0.01,
+            k2=0.03,
+        )
+        values.append(ssim_map.mean())
+    return torch.stack(values)
+
+
+class _VolumeMetric(CumulativeIterationMetric):
+    """Buffers one value per volume; ``aggregate`` reduces them (mean by default)."""
+
+    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN) -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def _value(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if y is None:
+            raise ValueError(f"{type(self).__name__} needs the ground truth y.")
+        if y_pred.shape != y.shape:
+            raise ValueError(f"prediction shape {tuple(y_pred.shape)} differs from ground truth {tuple(y.shape)}.")
+        return self._value(y_pred, y).reshape(-1, 1)
+
+    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("the metric has no values yet.")
+        reduction = self.reduction if reduction is None else reduction
+        if reduction in (MetricReduction.NONE, "none"):
+            return data
+        return data.mean() if reduction in (MetricReduction.MEAN, "mean") else data.sum()
+
+
+class VolumePSNRMetric(_VolumeMetric):
+    """:func:`volume_psnr` for MONAI evaluators (``IgniteMetricHandler(metric_fn=VolumePSNRMetric())``)."""
+
+    def _value(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return volume_psnr(y_pred, y)
+
+
+class VolumeSSIMMetric(_VolumeMetric):
+    """:func:`windowed_ssim` for MONAI evaluators."""
+
+    def _value(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return windowed_ssim(y_pred, y)
+
+
+class GlobalSSIMMetric(_VolumeMetric):
+    """:func:`global_ssim` (the paper's formula) for MONAI evaluators."""
+
+    def _value(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return global_ssim(y_pred, y)
