@@ -31,6 +31,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
     Spacingd,
 )
+from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset, DistributedSampler
 
 __all__ = [
@@ -282,8 +283,8 @@ class UnpairedSliceDataset(Dataset):
 
     def __getitem__(self, sample_id: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng((self.seed, int(sample_id)))
-        sample = {domain: self._draw(rng, domain) for domain in ("A", "B")}
-        return {domain: torch.as_tensor(image, dtype=torch.float32) for domain, image in sample.items()}
+        # plain tensors: metadata of augmented slices has no use in training and must not reach checkpoints
+        return {domain: convert_to_tensor(self._draw(rng, domain), torch.float32, track_meta=False) for domain in "AB"}
 
 
 class EpochSampler(DistributedSampler):

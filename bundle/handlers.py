@@ -188,6 +188,7 @@ class AtomicCheckpointer:
         self.engine_key = engine_key
         self.checkpoint_filename = checkpoint_filename
         self.save_interval = save_interval
+        self._saved_iteration = -1
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
@@ -196,6 +197,9 @@ class AtomicCheckpointer:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        if engine.state.iteration == self._saved_iteration:  # COMPLETED right after a scheduled save
+            return
+        self._saved_iteration = engine.state.iteration
         for filename, network in self.models.items():
             atomic_save(_unwrap(network).state_dict(), self.save_dir, filename)
         state = {key: _unwrap(obj).state_dict() for key, obj in self.checkpoint.items()}

@@ -48,7 +48,8 @@ class ImagePool:
         if self.pool_size == 0:
             return images.detach()
         chosen = []
-        for image in images.detach().split(1):
+        images = images.detach().as_subclass(torch.Tensor)  # stored images go into checkpoints: no metadata
+        for image in images.split(1):
             if len(self.images) < self.pool_size:
                 self.images.append(image.clone())
                 chosen.append(image)

@@ -148,3 +148,10 @@ def test_epoch_sampler_gives_each_epoch_its_own_ids_and_splits_them_across_ranks
         rank_sampler.set_epoch(1)
     assert sorted(list(ranks[0]) + list(ranks[1])) == list(range(6, 12))
     assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_samples_are_plain_tensors_without_metadata(tmp_path):
+    paths = [{"image": _save(tmp_path / "mr.nii.gz", _head())}]
+    volumes = cached_volumes(paths, volume_preprocessing("image", "MR", slice_keys="image"), progress=False)
+    sample = UnpairedSliceDataset(volumes, volumes, slice_augmentation(), slice_augmentation())[0]
+    assert type(sample["A"]) is torch.Tensor and type(sample["B"]) is torch.Tensor

@@ -232,3 +232,14 @@ def test_tensorboard_image_grid_writes_one_image_per_direction(tmp_path):
     assert sorted(events.Tags()["images"]) == ["train/A_to_B", "train/B_to_A"]
     image = events.Images("train/A_to_B")[0]
     assert (image.width, image.height) == (4 * SIZE, SIZE)
+
+
+def test_image_pool_stores_plain_tensors_that_load_with_weights_only(tmp_path):
+    from monai.data import MetaTensor
+
+    pool = ImagePool(pool_size=2)
+    pool.query(MetaTensor(torch.randn(2, 1, 4, 4), meta={"filename_or_obj": "x.nii.gz"}))
+    torch.save(pool.state_dict(), tmp_path / "pool.pt")
+    restored = ImagePool(pool_size=2)
+    restored.load_state_dict(torch.load(tmp_path / "pool.pt", weights_only=True))
+    assert len(restored.images) == 2
