@@ -218,7 +218,7 @@ def _read_array(path: Path) -> np.ndarray:
             image = sitk.ReadImage(str(path))
         if image.GetNumberOfComponentsPerPixel() > 1:
             raise ValueError(f"has {image.GetNumberOfComponentsPerPixel()} components per voxel, not a scalar volume")
-        return np.asarray(sitk.GetArrayViewFromImage(image)).T  # ITK arrays are (z, y, x)
+        return sitk.GetArrayFromImage(image).T  # a copy: a view would outlive the image; ITK arrays are (z, y, x)
     return np.asanyarray(nib.load(path).dataobj)
 
 
