@@ -187,3 +187,40 @@ def test_exactly_one_input_source_is_required(tmp_path):
         find_inputs(input_dir=str(tmp_path), input_file=str(tmp_path / "x.nii.gz"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_inputs(input_dir=str(tmp_path / "missing"))
+
+
+def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
+    """One file per axial slice with the tags a DICOM reader needs to rebuild the volume's geometry."""
+    folder.mkdir(parents=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    series = "1.2.826.0.1.3680043.2.1125.1.42"
+    for z in range(image.GetDepth()):
+        slice_ = image[:, :, z]
+        for tag, value in {
+            "0008|0060": "MR",
+            "0020|000d": series + ".1",
+            "0020|000e": series + ".2",
+            "0008|0018": f"{series}.3.{z}",
+            "0020|0013": str(z + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, z))),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in (*direction[0::3], *direction[1::3])),
+            "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+        }.items():
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.Execute(slice_)
+
+
+def test_dicom_series_folder_is_synthesized_in_its_geometry(tmp_path):
+    _models(tmp_path / "models")
+    image = sitk.GetImageFromArray((_head() * 10).astype(np.int16).transpose(2, 1, 0))
+    image.SetSpacing((1.8, 1.6, 2.5))
+    image.SetOrigin((-30.0, -20.0, 10.0))
+    _write_dicom_series(image, tmp_path / "in" / "series1")
+    infer(tmp_path, input_dir=str(tmp_path / "in"))
+    written = sitk.ReadImage(str(tmp_path / "out" / "series1_T2.nii.gz"))
+    assert written.GetSize() == image.GetSize()
+    np.testing.assert_allclose(written.GetSpacing(), image.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(written.GetOrigin(), image.GetOrigin(), atol=1e-3)
