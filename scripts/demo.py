@@ -32,18 +32,13 @@ sys.path.insert(0, str(ROOT))
 from bundle.data import volume_preprocessing  # noqa: E402
 from bundle.datalist import load_datalist, synthesis_pair  # noqa: E402
 from bundle.inference import synthesize_volume  # noqa: E402
+from bundle.metrics import volume_psnr  # noqa: E402
 from bundle.networks import DicycleGenerator  # noqa: E402
 
 
 def _run(command: list[str]) -> None:
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
-
-
-def psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR of the paper: ``10 log10(max(target)^2 / MSE)`` over the whole volume."""
-    mse = float(torch.mean((prediction.float() - target.float()) ** 2))
-    return 10.0 * float(np.log10(float(target.max()) ** 2 / mse))
 
 
 def evaluate(dataset_dir: str, config: dict, model_path: str) -> list[dict]:
@@ -57,10 +52,9 @@ def evaluate(dataset_dir: str, config: dict, model_path: str) -> list[dict]:
         source = preprocessing({"image": pair["source"]})["image"].as_tensor()
         target = preprocessing({"image": pair["ground_truth"]})["image"].as_tensor()
         synthesized = synthesize_volume(generator, source)
-        rows.append(
-            {"subject": entry.get("subject", Path(pair["source"]).name), "synthesis": psnr(synthesized, target)}
-        )
-        rows[-1]["baseline"] = psnr(source, target)
+        subject = entry.get("subject", Path(pair["source"]).name)
+        synthesis, baseline = volume_psnr(torch.stack([synthesized, source]), torch.stack([target, target])).tolist()
+        rows.append({"subject": subject, "synthesis": synthesis, "baseline": baseline})
     return rows
 
 
