@@ -309,6 +309,7 @@ def validate_datalist(
         FileNotFoundError: if the datalist is missing, or if every unusable volume is missing.
         ValueError: if the datalist is malformed or a volume is unusable; every bad file is listed with its
             path and problem (missing, unreadable, not 3-D, NaN/Inf, empty).
+        KeyError: if one of ``keys`` is not a list of the datalist.
     """
     content = read_datalist(dataset_dir, datalist)
     keys = [k for k in (*TRAINING_KEYS, *PAIRED_KEYS) if k in content] if keys is None else list(keys)

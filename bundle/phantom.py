@@ -16,15 +16,16 @@ Contrast (physics, not hand-painted): each tissue's spin-echo signal is
 fraction-weighted sum of Hounsfield units (linear in attenuation). Sources:
 
     * MR tissue parameters at 1.5 T (PD relative to water, T1/T2 in ms): the BrainWeb simulator's table
-      (Collins et al. 1998; Kwan et al. 1999; http://www.bic.mni.mcgill.ca/brainweb/tissue_mr_parameters.txt):
+      (Collins et al. 1998; Kwan et al. 1999; http://mouldy.bic.mni.mcgill.ca/brainweb/tissue_mr_parameters.txt):
       CSF 1.00/2569/329, GM 0.86/833/83, WM 0.77/500/70, fat 1.00/350/70, muscle and skin 1.00/900/47,
       skull (cortical bone) 0 (no signal at these echo times).
     * Sequences: IXI's dual-echo turbo spin echo on the Philips 1.5 T at Guy's Hospital, TR 8178 ms with
       TE 8 ms (PD) and TE 100 ms (T2) (IXI scanner parameters, brain-development.org); IXI's T1 is a 3-D
       gradient echo, so the T1 contrast here is a conventional spin-echo T1, TR 500 ms / TE 10 ms.
-    * CT numbers: typical values of standard texts (Bushberg et al., The Essential Physics of Medical Imaging,
-      3rd ed. 2012; Kalender, Computed Tomography, 3rd ed. 2011): WM 28, GM 40, CSF 8, muscle 50, skin 40,
-      fat -100, cortical bone 1400 (tables), diploe 700, air -1000 HU.
+    * CT numbers: typical values inside the ranges tabulated by standard texts (Bushberg et al., The Essential
+      Physics of Medical Imaging, 3rd ed. 2012; Kalender, Computed Tomography, 3rd ed. 2011): WM 28 (20-30),
+      GM 40 (35-45), CSF 8 (0-15), muscle 50, skin 40, fat -100, cortical bone 1400 (skull tables),
+      diploe 700 (cancellous bone), air -1000 HU.
 
 These give the orderings of the literature: T2 CSF > GM > WM, T1 WM > GM > CSF, PD CSF > GM > WM,
 CT bone > GM > WM > CSF > fat > air; fat is bright on T1, bone dark on every MR contrast.
@@ -36,6 +37,10 @@ by all MR contrasts of the session) and Rician noise at a given SNR for MR, Gaus
 scanner-bed structures differ in shape and position between MR (flat positioning pad under the occiput) and CT
 (curved head holder on a foam gap), the domain-specific difference of the paper's Fig. 1; their material values
 are nominal (visible, plausible), not measurements, and they are never part of the head mask.
+
+Dataset (:func:`write_phantom_dataset`, CLI ``scripts/make_demo_data.py``): NIfTI volumes per subject
+(``phantomNNN/phantomNNN_<kind>.nii.gz``, int16 MR and CT like IXI, uint8 masks) and three datalists (PD <-> T2,
+PD <-> distorted T2 with the paper's ground truths, T1 <-> CT with differing beds); see :mod:`bundle.datalist`.
 
 Limitations: no face, orbits, sinuses or skull base (the head is a shell around the brain); no diploic marrow
 signal in MR; fat's J-coupling brightening in turbo spin echo T2 is not modelled.
@@ -634,8 +639,8 @@ def _write_subject(index: int, subject: str, paired: bool) -> tuple[str, float]:
     save_nifti(volumes["head_mask"], affine, phantom_file(out, subject, "headmask"), np.uint8)
     # the deformed-T2 experiment: every T2 is distorted; pairs also need PD and the mask distorted alike
     to_distort = ["T2", "PD"] if paired else ["T2"]
-    stack = np.stack([np.rint(volumes[kind]) for kind in to_distort])  # what is on disk, as IXI would be
-    distorted = distortion(stack, affine=affine)
+    stack = np.stack([volumes[kind] for kind in to_distort])
+    distorted = distortion(np.rint(stack, out=stack), affine=affine)  # what is on disk, as IXI would be
     for kind, image in zip(to_distort, distorted, strict=True):
         save_nifti(image, affine, phantom_file(out, subject, f"{kind}_distorted"), _STORED_DTYPES[kind])
     if paired:

@@ -296,7 +296,11 @@ class DomainDistortion(Transform):
         """
         axes_mm, frame_axis, mm_to_voxels = self._frame(shape, affine)
         u = self.field.on_grid(axes_mm, axis_order=frame_axis)
-        return np.stack([u[frame_axis[d]] * np.float32(mm_to_voxels[d]) for d in range(3)])
+        if frame_axis != [0, 1, 2]:
+            u = u[frame_axis]  # component of each voxel axis
+        for d in range(3):
+            u[d] *= np.float32(mm_to_voxels[d])
+        return u
 
     def jacobian_determinant(self, shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
         """Analytic Jacobian determinant of ``x -> x + u(x)`` at every voxel centre.
