@@ -45,13 +45,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from monai.inferers import Inferer
 from monai.metrics import MAEMetric, MSEMetric
-from monai.metrics.regression import compute_ssim_and_cs
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 from torch import nn
 
 from bundle.datalist import load_datalist, synthesis_pair
 from bundle.inference import UndeformedGenerator
-from bundle.metrics import GlobalSSIMMetric, VolumePSNRMetric, VolumeSSIMMetric
+from bundle.metrics import GlobalSSIMMetric, VolumePSNRMetric, VolumeSSIMMetric, windowed_ssim
 
 __all__ = [
     "CSV_COLUMNS",
@@ -67,7 +66,6 @@ __all__ = [
     "read_csv",
     "summary_markdown",
     "volume_metrics",
-    "windowed_ssim_in_mask",
     "write_csv",
     "write_results",
 ]
@@ -240,49 +238,6 @@ def check_same_grid(
 # ----------------------------------------------------------------------------------------------------- metrics
 
 
-def windowed_ssim_in_mask(
-    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kernel_size: int = SSIM_KERNEL_SIZE
-) -> torch.Tensor:
-    """:func:`bundle.metrics.windowed_ssim` averaged over the voxels of a mask.
-
-    The SSIM map (MONAI's Gaussian window, sigma 1.5, valid positions only) is averaged where the mask is non-zero,
-    with the target's intensity range inside the mask as the data range. With a mask of ones it equals
-    :func:`bundle.metrics.windowed_ssim`.
-
-    Args:
-        prediction: synthesized volumes (N, C, *spatial).
-        target: ground truth of the same shape.
-        mask: mask broadcastable to ``target``.
-        kernel_size: window size.
-
-    Returns:
-        Tensor (N,); NaN for an item whose mask has no voxel at least ``kernel_size // 2`` from the border.
-    """
-    spatial_dims = target.ndim - 2
-    margin = kernel_size // 2
-    inner = (slice(None), slice(None), *[slice(margin, n - margin) for n in target.shape[2:]])
-    keep = torch.broadcast_to(torch.as_tensor(mask) > 0, target.shape)
-    values = []
-    for p, t, k in zip(prediction.float().split(1), target.float().split(1), keep.split(1), strict=True):
-        inside = t[k]
-        if inside.numel() == 0:
-            raise ValueError("the mask has no voxel: nothing to compare.")
-        ssim_map, _ = compute_ssim_and_cs(
-            y_pred=p,
-            y=t,
-            spatial_dims=spatial_dims,
-            kernel_size=[kernel_size] * spatial_dims,
-            kernel_sigma=[1.5] * spatial_dims,
-            data_range=float((inside.max() - inside.min()).clamp_min(1e-12)),
-            kernel_type="gaussian",
-            k1=0.01,
-            k2=0.03,
-        )
-        selected = ssim_map[torch.broadcast_to(k[inner], ssim_map.shape)]
-        values.append(selected.mean() if selected.numel() else torch.tensor(float("nan")))
-    return torch.stack(values)
-
-
 def volume_metrics(
     prediction: torch.Tensor,
     target: torch.Tensor,
@@ -294,7 +249,7 @@ def volume_metrics(
 
     Both volumes are on the network's intensity scale (z-scored MR, CT window in [-1, 1]). The voxel-wise metrics
     (MSE, PSNR, global SSIM, MAE) are computed by the metric classes on the voxels inside the mask; the windowed
-    SSIM over the whole volume, or averaged over the mask (:func:`windowed_ssim_in_mask`).
+    SSIM over the whole volume, or averaged over the mask (:func:`bundle.metrics.windowed_ssim`).
 
     Args:
         prediction: synthesized volume, channel first (C, X, Y, Z).
@@ -328,7 +283,7 @@ def volume_metrics(
     elif mask is None:
         windowed = VolumeSSIMMetric()(p, t)
     else:
-        windowed = windowed_ssim_in_mask(p, t, keep)
+        windowed = windowed_ssim(p, t, mask=keep)
     values = {
         "MSE": MSEMetric()(p_in, t_in),
         "PSNR": VolumePSNRMetric()(p_in, t_in),

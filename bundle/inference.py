@@ -116,6 +116,8 @@ def write_intensity_reference(
     """
     reference: dict[str, dict[str, Any]] = {}
     for domain, (kind, volumes) in domains.items():
+        if len(volumes) == 0:
+            raise ValueError(f"the training list of domain {domain} is empty: nothing to train on.")
         if kind == "CT":
             reference[domain] = {"kind": "CT", "hu_window": [float(v) for v in hu_window]}
             continue

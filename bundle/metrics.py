@@ -76,32 +76,50 @@ def global_ssim(
     return torch.stack(values)
 
 
-def windowed_ssim(prediction: torch.Tensor, target: torch.Tensor, kernel_size: int = 7) -> torch.Tensor:
-    """MONAI's windowed (Gaussian, sigma 1.5) SSIM per batch item, with each target's range as its data range.
+def windowed_ssim(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, kernel_size: int = 7
+) -> torch.Tensor:
+    """MONAI's windowed (Gaussian, sigma 1.5) SSIM per batch item, averaged over the whole map or over a mask.
+
+    The data range is the target's intensity range (inside the mask, when given). The SSIM map covers the valid
+    window positions only, so a mask counts its voxels at least ``kernel_size // 2`` from the border.
 
     Args:
         prediction: synthesized volumes (N, C, *spatial) with 2 or 3 spatial dimensions.
         target: ground truth of the same shape.
+        mask: optional mask broadcastable to ``target``.
         kernel_size: window size.
 
     Returns:
-        Tensor (N,): the mean SSIM map of each item.
+        Tensor (N,); NaN for an item whose mask has no voxel far enough from the border.
+
+    Raises:
+        ValueError: if a mask has no voxel at all.
     """
     spatial_dims = target.ndim - 2
+    margin = kernel_size // 2
+    inner = (slice(None), slice(None), *[slice(margin, n - margin) for n in target.shape[2:]])
+    keep = torch.broadcast_to(
+        torch.as_tensor(mask) > 0 if mask is not None else torch.ones((), dtype=torch.bool), target.shape
+    )
     values = []
-    for p, t in zip(prediction.float().split(1), target.float().split(1), strict=True):
+    for p, t, k in zip(prediction.float().split(1), target.float().split(1), keep.split(1), strict=True):
+        inside = t[k]
+        if inside.numel() == 0:
+            raise ValueError("the mask has no voxel: nothing to compare.")
         ssim_map, _ = compute_ssim_and_cs(
             y_pred=p,
             y=t,
             spatial_dims=spatial_dims,
             kernel_size=[kernel_size] * spatial_dims,
             kernel_sigma=[1.5] * spatial_dims,
-            data_range=float((t.max() - t.min()).clamp_min(1e-12)),
+            data_range=float((inside.max() - inside.min()).clamp_min(1e-12)),
             kernel_type="gaussian",
             k1=0.01,
             k2=0.03,
         )
-        values.append(ssim_map.mean())
+        selected = ssim_map if mask is None else ssim_map[torch.broadcast_to(k[inner], ssim_map.shape)]
+        values.append(selected.mean() if selected.numel() else torch.tensor(float("nan")))
     return torch.stack(values)
 
 

@@ -34,7 +34,6 @@ from bundle.evaluation import (
     read_csv,
     summary_markdown,
     volume_metrics,
-    windowed_ssim_in_mask,
     write_results,
 )
 from bundle.metrics import windowed_ssim
@@ -297,7 +296,7 @@ def test_windowed_ssim_in_a_full_mask_is_the_windowed_ssim() -> None:
     target = torch.rand((2, 1, 16, 14, 12), generator=generator)
     prediction = target + 0.2 * torch.rand((2, 1, 16, 14, 12), generator=generator)
     full = torch.ones_like(target, dtype=torch.bool)
-    torch.testing.assert_close(windowed_ssim_in_mask(prediction, target, full), windowed_ssim(prediction, target))
+    torch.testing.assert_close(windowed_ssim(prediction, target, mask=full), windowed_ssim(prediction, target))
 
 
 class _Identity(nn.Module):

@@ -88,7 +88,12 @@ def test_training_writes_models_checkpoint_logs_and_the_best_validated_model(tmp
 
     train(tmp_path, make_dataset(tmp_path / "data"))
     models = tmp_path / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["checkpoint.pt", "model.pt", "model_best.pt", "model_g_ba.pt"]
+    expected = ["checkpoint.pt", "intensity_reference.json", "model.pt", "model_best.pt", "model_g_ba.pt"]
+    assert sorted(p.name for p in models.iterdir()) == expected
+    reference = json.loads((models / "intensity_reference.json").read_text())
+    for domain in "AB":  # medians over the two training volumes of each domain, in the volumes' own units
+        assert reference[domain]["kind"] == "MR" and reference[domain]["volumes"] == 2
+        assert 100 < reference[domain]["mean"] < 300 and reference[domain]["std"] > 10
     network = _network()
     network.load_state_dict(torch.load(models / "model.pt", weights_only=True))  # what ckpt_export loads
     checkpoint = torch.load(models / "checkpoint.pt", weights_only=True)
