@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
@@ -63,7 +64,8 @@ class PaperSchedule:
     training. Training also stops when the decay is complete. The state (decay start, best loss, stale epochs) is
     part of the resume checkpoint via :meth:`state_dict`.
 
-    The epoch's mean loss is published as ``engine.state.metrics["epoch_g_loss"]`` for the stats handlers.
+    The epoch's mean loss is published as ``engine.state.metrics["epoch_g_loss"]`` for the stats handlers. Under
+    ``torch.distributed`` it is the mean over the samples of all ranks, so every rank decays and stops together.
 
     Args:
         optimizers: optimizers whose learning rate is scheduled (both generators' and both discriminators').
@@ -71,7 +73,7 @@ class PaperSchedule:
         n_epochs_decay: epochs of linear decay (paper: 100).
         patience: stale epochs that end the constant stage early (paper: 10; 0 disables).
         patience_decay: stale epochs that stop training during the decay (paper: 20; 0 disables).
-        loss_key: key of the generator's total loss in ``engine.state.output["losses"]``.
+        loss_key: key of the generator's total loss in ``engine.state.output[0]["losses"]``.
     """
 
     def __init__(
@@ -117,14 +119,14 @@ class PaperSchedule:
         self._loss_sum, self._loss_count = None, 0
 
     def iteration_completed(self, engine: Engine) -> None:
-        loss = engine.state.output["losses"][self.loss_key].detach()  # summed on the device: no sync per step
+        loss = engine.state.output[0]["losses"][self.loss_key].detach()  # summed on the device: no sync per step
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._loss_count += 1
 
     def epoch_completed(self, engine: Engine) -> None:
         if self._loss_count == 0:
             return
-        epoch, epoch_loss = engine.state.epoch, float(self._loss_sum) / self._loss_count
+        epoch, epoch_loss = engine.state.epoch, self._epoch_loss()
         engine.state.metrics["epoch_g_loss"] = epoch_loss
         if epoch_loss < self.best_loss:
             self.best_loss, self.stale_epochs = epoch_loss, 0
@@ -139,6 +141,12 @@ class PaperSchedule:
             engine.terminate()
         if epoch >= self.decay_start + self.n_epochs_decay:
             engine.terminate()
+
+    def _epoch_loss(self) -> float:
+        """Mean loss of the epoch over the samples of every distributed rank, so all ranks take the same decisions."""
+        total = torch.stack([self._loss_sum.float(), self._loss_sum.new_tensor(self._loss_count, dtype=torch.float)])
+        total = idist.all_reduce(total)  # the identity without torch.distributed
+        return float(total[0]) / float(total[1])
 
     def state_dict(self) -> dict[str, float | int]:
         # -1: the decay starts after n_epochs as configured, so a resumed run may change n_epochs
@@ -320,7 +328,7 @@ class TensorBoardImageGrid:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
 
     def __call__(self, engine: Engine) -> None:
-        images = engine.state.output["images"]
+        images = engine.state.output[0]["images"]
         for direction, keys in self.ROWS.items():
             tiles = [_to_unit_range(images[key][0, :1].float().cpu()) for key in keys if key in images]
             if tiles:

@@ -113,10 +113,13 @@ class DicycleGANTrainer(Trainer):
     1. updates G_AB and G_BA on the objective of eq. (4) (``loss_function``), discriminators frozen;
     2. updates D_A and D_B on LSGAN losses of real images against deformed fakes drawn from an image pool each.
 
-    ``engine.state.output`` is ``{"loss": total, "losses": {name: scalar}, "images": {name: (N, C, H, W)}}``:
-    the generator terms (``gan_ab, gan_ba, align, cyc, dicyc, nmi_a, nmi_b, total``) plus ``d_a`` and ``d_b``, and
-    the images ``real_a, fake_b, aligned_b, cycle_a`` and the same for B. A non-finite loss stops training with
-    :class:`FloatingPointError` before any weight is updated, so the weights and the last checkpoint stay intact.
+    ``engine.state.output`` is ``[{"loss": total, "losses": {name: scalar}, "images": {name: (N, C, H, W)}}]``, a
+    list of one dict for the whole batch: MONAI's layout of a step's output (a list of dicts, as after decollation),
+    so MONAI handlers read it with ``from_engine(keys, first=True)``, e.g. ``train_loss`` of ``--tracking mlflow``.
+    ``losses`` holds the generator terms (``gan_ab, gan_ba, align, cyc, dicyc, nmi_a, nmi_b, total``) plus ``d_a``
+    and ``d_b``, ``images`` the images ``real_a, fake_b, aligned_b, cycle_a`` and the same for B. A non-finite loss
+    stops training with :class:`FloatingPointError` before any weight is updated, so the weights and the last
+    checkpoint stay intact.
 
     Args:
         device: device of the networks and the data.
@@ -206,7 +209,7 @@ class DicycleGANTrainer(Trainer):
                 "Check the input intensities, lower the learning rate or disable AMP."
             )
 
-    def _iteration(self, engine: DicycleGANTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, dict]:
+    def _iteration(self, engine: DicycleGANTrainer, batchdata: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         """One DicycleGAN step: generators on eq. (4), then discriminators on pooled deformed fakes.
 
         Args:
@@ -214,7 +217,7 @@ class DicycleGANTrainer(Trainer):
             batchdata: unpaired batch ``{"A": x_A, "B": x_B}``.
 
         Returns:
-            ``{"loss": ..., "losses": {...}, "images": {...}}``, see the class docstring.
+            ``[{"loss": ..., "losses": {...}, "images": {...}}]``, see the class docstring.
         """
         real_a, real_b = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         discriminators = (engine.d_a, engine.d_b)
@@ -251,9 +254,12 @@ class DicycleGANTrainer(Trainer):
             "fake_a": generated.fake_a,
             "cycle_b": generated.cycle_b,
         }
-        # "loss" (the generator objective) is what MONAI's default tracking handlers read
-        return {
-            "loss": losses["total"],
-            "losses": losses,
-            "images": {k: v for k, v in images.items() if v is not None},
-        }
+        # "loss" (the generator objective) is what MONAI's default tracking handlers read, as
+        # from_engine(["loss"], first=True)(output), which needs a list of dicts (a bare dict gives a 1-tuple)
+        return [
+            {
+                "loss": losses["total"],
+                "losses": losses,
+                "images": {k: v for k, v in images.items() if v is not None},
+            }
+        ]

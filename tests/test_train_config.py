@@ -168,3 +168,13 @@ def test_abdominal_preset_synthesizes_range_scaled_ct(tmp_path):
     parser.read_config(list(abdomen))
     assert parser.get_parsed_content("pixdim") == [1.56, 1.56, 5.0]
     assert parser.get_parsed_content("spatial_size") == [192, 192]
+
+
+def test_training_without_a_validation_list(tmp_path):
+    dataset = make_dataset(tmp_path / "data")
+    datalist = json.loads((dataset / "datalist.json").read_text())
+    del datalist["validation"]
+    (dataset / "datalist.json").write_text(json.dumps(datalist))
+    train(tmp_path, dataset)
+    assert (tmp_path / "models" / "model.pt").exists()
+    assert not (tmp_path / "models" / "model_best.pt").exists()

@@ -115,10 +115,10 @@ def test_one_epoch_updates_every_network_and_reports_every_term(tmp_path, deform
     for network in ("g_ab", "g_ba", "d_a", "d_b"):
         changed = [k for k in before if k.startswith(network) and not torch.equal(before[k], after[k])]
         assert changed, f"{network} was not updated"
-    losses = trainer.state.output["losses"]
+    losses = trainer.state.output[0]["losses"]
     assert set(losses) == {"gan_ab", "gan_ba", "align", "cyc", "dicyc", "nmi_a", "nmi_b", "total", "d_a", "d_b"}
     assert all(math.isfinite(float(v)) for v in losses.values())
-    images = trainer.state.output["images"]
+    images = trainer.state.output[0]["images"]
     assert images["fake_b"].shape == images["real_a"].shape == (2, 1, SIZE, SIZE)
     if deformable:  # the discriminator sees the deformed output, which differs from the aligned one
         assert not torch.allclose(images["fake_b"], images["aligned_b"])
@@ -187,7 +187,7 @@ def test_missing_resume_checkpoint_is_named(tmp_path):
 
 def _constant_loss_engine(losses_per_epoch: list[float], epoch_length: int = 2) -> Engine:
     def step(engine, _):
-        return {"losses": {"total": torch.tensor(losses_per_epoch[engine.state.epoch - 1])}}
+        return [{"losses": {"total": torch.tensor(losses_per_epoch[engine.state.epoch - 1])}}]
 
     engine = Engine(step)
     engine.state.epoch_length = epoch_length

@@ -1,0 +1,250 @@
+"""``configs/multi_gpu_train.json`` under ``torchrun``: two CPU processes on the gloo backend, tiny networks and data.
+
+One distributed run (module fixture) is inspected from several angles through a probe config that each rank appends
+to ``finalize``: it saves the rank's final weights, the sample ids its sampler gave, its iteration count, the
+handlers attached to its trainer and its validation metrics. A single-process run with the global batch (2) is the
+reference that data-parallel training must reproduce. Two further tests need no training: the override keeps every
+``initialize``/``finalize`` step of train.json, and the paper schedule's early-stop decisions agree across ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from ignite.engine import Engine
+
+from bundle.handlers import PaperSchedule
+from bundle.networks import DicycleGenerator, patch_discriminator
+from tests.bundle_fixtures import BUNDLE_ROOT, TINY_OVERRIDES, bundle_command, bundle_env, write_tiny_dataset
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
+
+WORLD_SIZE = 2
+NETWORKS = ("g_ab", "g_ba", "d_a", "d_b")
+RANK0_ONLY = {"ProgressBar", "StatsHandler", "TensorBoardStatsHandler", "TensorBoardImageGrid", "AtomicCheckpointer"}
+TIMEOUT_S = 300  # a collective that one rank never joins hangs for gloo's 30 min; fail long before that
+
+# each rank saves what it did; RANK comes from torchrun (the process group is gone when this runs)
+PROBE_EXPRESSION = (
+    "$torch.save({"
+    "'sample_ids': list(@train#sampler), "
+    "'iterations': @train#trainer.state.iteration, "
+    "'handlers': [type(h).__name__ for h in @train#trainer#train_handlers], "
+    "'val_batches': len(@validate#dataloader), "
+    "'val_metrics': dict(@validate#evaluator.state.metrics), "
+    "'networks': {name: net.state_dict() for name, net in zip(%s, [@g_ab, @g_ba, @d_a, @d_b])}"
+    "}, os.path.join(%r, f\"rank{os.environ.get('RANK', 'single')}.pt\"))"
+)
+
+
+def _probe_config(path: Path, out_dir: Path) -> Path:
+    path.write_text(json.dumps({"+finalize": [PROBE_EXPRESSION % (list(NETWORKS), str(out_dir))]}))
+    return path
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    """Run ``python *args`` in its own session; returns stdout + stderr. On timeout the whole session (torchrun and
+    its workers) is killed, so no rank is left waiting in a collective."""
+    with subprocess.Popen(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=bundle_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        encoding="utf-8",
+        errors="replace",  # progress bars
+        start_new_session=True,
+    ) as process:
+        try:
+            output, _ = process.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+            pytest.fail(f"no result after {TIMEOUT_S} s (a rank waiting in a collective?)\n{output[-6000:]}")
+    assert process.returncode == 0, f"exit code {process.returncode}\n{output[-6000:]}"
+    return output
+
+
+def _overrides(tmp: Path, name: str, **extra: str) -> dict[str, str]:
+    # pool_size 0: the image pool is per rank, so only without it is 2 ranks x batch 1 the same as 1 x batch 2
+    return {
+        **TINY_OVERRIDES,
+        "bundle_root": str(BUNDLE_ROOT),
+        "dataset_dir": str(tmp / "data"),
+        "ckpt_dir": str(tmp / name / "models"),
+        "output_dir": str(tmp / name / "runs"),
+        "pool_size": "0",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One 2-rank torchrun of train.json + multi_gpu_train.json, and the same training in one process, batch 2."""
+    tmp = tmp_path_factory.mktemp("multi_gpu")
+    write_tiny_dataset(tmp / "data")
+    train, multi_gpu = str(BUNDLE_ROOT / "configs/train.json"), str(BUNDLE_ROOT / "configs/multi_gpu_train.json")
+
+    ddp_cwd = tmp / "ddp_cwd"  # the working directory: anything written outside the configured folders shows up here
+    ddp_cwd.mkdir()
+    probe = _probe_config(tmp / "probe_ddp.json", tmp / "ddp_probe")
+    (tmp / "ddp_probe").mkdir()
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
+    _run(
+        [*torchrun, *bundle_command([train, multi_gpu, str(probe)], _overrides(tmp, "ddp", val_interval="1"))],
+        cwd=ddp_cwd,
+    )
+
+    probe_single = _probe_config(tmp / "probe_single.json", tmp / "single_probe")
+    (tmp / "single_probe").mkdir()
+    _run(bundle_command([train, str(probe_single)], _overrides(tmp, "single", batch_size="2")), cwd=tmp)
+
+    def load(path: Path) -> dict[str, Any]:
+        return torch.load(path, weights_only=True)
+
+    return {
+        "tmp": tmp,
+        "ddp_cwd": ddp_cwd,
+        "ranks": [load(tmp / "ddp_probe" / f"rank{rank}.pt") for rank in range(WORLD_SIZE)],
+        "single": load(tmp / "single_probe" / "ranksingle.pt"),
+    }
+
+
+def _build(name: str) -> torch.nn.Module:
+    return DicycleGenerator(ngf=4, n_blocks=1) if name.startswith("g") else patch_discriminator(channels=4)
+
+
+def test_rank0_writes_the_models_and_the_resume_checkpoint(runs):
+    models = runs["tmp"] / "ddp" / "models"
+    assert {"model.pt", "model_g_ba.pt", "checkpoint.pt", "model_best.pt"} <= {p.name for p in models.iterdir()}
+    assert not [p for p in models.iterdir() if p.name.startswith("tmp")], "a temporary checkpoint file was left"
+    final = runs["ranks"][0]["networks"]
+    for filename, name in (("model.pt", "g_ab"), ("model_g_ba.pt", "g_ba")):
+        generator = DicycleGenerator(ngf=4, n_blocks=1)
+        generator.load_state_dict(torch.load(models / filename, weights_only=True))  # strict: the bare state dict
+        assert all(torch.equal(value, final[name][key]) for key, value in generator.state_dict().items())
+    checkpoint = torch.load(models / "checkpoint.pt", weights_only=True)
+    assert checkpoint["trainer"]["iteration"] == len(runs["ranks"][0]["sample_ids"])  # the iterations of one rank
+
+
+def test_every_rank_ends_with_the_same_weights(runs):
+    rank0, rank1 = (probe["networks"] for probe in runs["ranks"])
+    for name in NETWORKS:
+        different = [key for key in rank0[name] if not torch.equal(rank0[name][key], rank1[name][key])]
+        assert not different, f"{name}: ranks diverged in {different} (gradients not synchronised)"
+
+
+def test_data_parallel_training_equals_one_process_with_the_global_batch(runs):
+    """2 ranks x batch 1 with averaged gradients is the same optimisation as 1 process x batch 2.
+
+    Compared by the networks' outputs: conv biases in front of InstanceNorm have a true gradient of 0, so their
+    values after Adam follow rounding noise, which differs between the two runs but changes no output.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 32, 32)
+    for name in NETWORKS:
+        ddp, single, initial = _build(name), _build(name), _build(name)
+        ddp.load_state_dict(runs["ranks"][0]["networks"][name])
+        single.load_state_dict(runs["single"]["networks"][name])
+        passes = (
+            [lambda g: g(x, deform=False), lambda g: g(x, deform=True)]
+            if name.startswith("g")
+            else [lambda d: d(x)[-1]]
+        )
+        with torch.no_grad():
+            for forward in passes:
+                out_ddp, out_single = forward(ddp), forward(single)
+                torch.testing.assert_close(out_ddp, out_single, atol=1e-5, rtol=1e-4, msg=f"{name} differs")
+                assert (out_ddp - forward(initial)).abs().max() > 1e-2, f"{name} did not train"
+
+
+def test_each_rank_trains_on_its_own_shard_of_the_epoch(runs):
+    shards = [set(probe["sample_ids"]) for probe in runs["ranks"]]
+    samples = int(TINY_OVERRIDES["samples_per_epoch"])
+    assert [len(shard) for shard in shards] == [samples // WORLD_SIZE] * WORLD_SIZE
+    assert not shards[0] & shards[1]
+    union = shards[0] | shards[1]
+    assert union == set(range(min(union), min(union) + samples))  # together: exactly one epoch's sample ids
+    assert [probe["iterations"] for probe in runs["ranks"]] == [samples // WORLD_SIZE] * WORLD_SIZE
+
+
+def test_only_rank0_logs_saves_and_shows_progress(runs):
+    rank0, rank1 = (set(probe["handlers"]) for probe in runs["ranks"])
+    assert rank0 >= RANK0_ONLY
+    assert not rank1 & RANK0_ONLY
+    assert rank0 - RANK0_ONLY == rank1  # the schedule and validation run everywhere
+    assert {"PaperSchedule", "ValidationHandler"} <= rank1
+    events = list((runs["tmp"] / "ddp" / "runs").glob("events.out.tfevents.*"))
+    assert len(events) == 1, f"one TensorBoard event file expected, got {events}"
+    assert not list(runs["ddp_cwd"].iterdir()), "a rank wrote into the working directory"
+
+
+def test_validation_is_sharded_and_its_metrics_agree_across_ranks(runs):
+    rank0, rank1 = runs["ranks"]
+    assert rank0["val_batches"] == rank1["val_batches"] == 1  # 2 validation volumes, one per rank
+    assert rank0["val_metrics"] and rank0["val_metrics"] == rank1["val_metrics"]
+
+
+def test_multi_gpu_initialize_and_finalize_keep_every_step_of_train_json():
+    """The override replaces ``initialize`` and ``finalize`` (the process group must exist first): every step of
+    train.json must still be there, in the same order."""
+    train = json.loads((BUNDLE_ROOT / "configs/train.json").read_text())
+    multi_gpu = json.loads((BUNDLE_ROOT / "configs/multi_gpu_train.json").read_text())
+    for section in ("initialize", "finalize"):
+        steps = iter(multi_gpu[section])
+        missing = [step for step in train[section] if step not in steps]  # `in` consumes: an ordered subsequence
+        assert not missing, f"multi_gpu_train.json {section} lacks (or reorders) {missing}"
+    assert multi_gpu["initialize"].index("$dist.is_initialized() or dist.init_process_group(backend=@backend)") < (
+        multi_gpu["initialize"].index(train["initialize"][0])
+    )
+
+
+# epoch losses of each rank's shard: rank 0 stalls at epoch 2, rank 1 improves; their mean improves, then stalls
+SHARD_LOSSES = ([1.0, 3.0, 3.0, 3.0, 3.0, 3.0], [3.0, 0.5, 0.5, 0.5, 0.5, 0.5])
+
+
+def _schedule_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """Run the paper schedule with patience 1 on this rank's losses; save where its decay started and its lr."""
+    timeout = datetime.timedelta(seconds=60)  # a rank left alone in a collective fails instead of hanging
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE, timeout=timeout
+    )
+    try:
+        idist.sync()
+        losses = SHARD_LOSSES[rank]
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        engine = Engine(lambda engine, _: [{"losses": {"total": torch.tensor(losses[engine.state.epoch - 1])}}])
+        schedule = PaperSchedule([optimizer], n_epochs=4, n_epochs_decay=2, patience=1, patience_decay=0)
+        schedule.attach(engine)
+        engine.run(range(2), max_epochs=len(losses))
+        result = {
+            "decay_start": schedule.decay_start,
+            "epochs": engine.state.epoch,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        torch.save(result, Path(out_dir) / f"schedule{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_schedule_decides_on_the_loss_of_all_ranks(tmp_path):
+    """Early stop under DDP: every rank must start the decay (and stop) at the same epoch, decided on the mean loss
+    of all ranks; on its own shard's loss rank 0 would start the decay at epoch 2 and stop one epoch early."""
+    mp.spawn(_schedule_on_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    results = [torch.load(tmp_path / f"schedule{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    assert results[0] == results[1]
+    assert results[0]["decay_start"] == 3  # mean losses 2.0, 1.75, 1.75: no improvement at epoch 3
