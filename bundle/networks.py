@@ -48,9 +48,9 @@ def deform_conv2d_torch(
     Tap ``k = i * kw + j`` of output location ``(oy, ox)`` samples the input at
     ``(oy * stride_h - pad_h + i * dil_h + offset[:, 2k], ox * stride_w - pad_w + j * dil_w + offset[:, 2k + 1])``
     by bilinear interpolation, with zeros outside the image. One ``F.grid_sample`` call (``align_corners=True``
-    maps normalised coordinates exactly onto pixel centres) gathers every tap into a (H_out * kh, W_out * kw) map
-    whose (kh, kw) tiles are the sampled receptive fields; a convolution with stride (kh, kw) then contracts each
-    tile with the weights, on the same fast kernel as the plain convolution.
+    maps normalised coordinates exactly onto pixel centres) gathers every tap into a (kh * kw * H_out, W_out) map per
+    channel, tap-major: that is the column matrix of an im2col convolution, (C * kh * kw, H_out * W_out), without a
+    copy, and one matrix product with the (C_out, C * kh * kw) weights contracts it.
 
     Args:
         x: input of shape (N, C, H, W).
@@ -64,51 +64,85 @@ def deform_conv2d_torch(
     Returns:
         Tensor of shape (N, C_out, H_out, W_out).
     """
-    n, _, h, w = x.shape
-    kh, kw = weight.shape[-2:]
+    n, channels, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
     h_out, w_out = offset.shape[-2:]
-    if offset.shape[1] != 2 * kh * kw:
-        raise ValueError(f"offset must have 2 * kh * kw = {2 * kh * kw} channels, got {offset.shape[1]}.")
+    taps = kh * kw
+    if offset.shape[1] != 2 * taps:
+        raise ValueError(f"offset must have 2 * kh * kw = {2 * taps} channels, got {offset.shape[1]}.")
 
     # Normalising by (size - 1) needs size >= 2; an extra zero row/column is exactly "outside the image".
     if h == 1 or w == 1:
         x = F.pad(x, (0, int(w == 1), 0, int(h == 1)))
         h, w = x.shape[-2:]
 
-    device, dtype = x.device, offset.dtype
-    offset = offset.view(n, kh, kw, 2, h_out, w_out)
-    tap_y = torch.arange(kh, device=device, dtype=dtype) * dilation[0]
-    tap_x = torch.arange(kw, device=device, dtype=dtype) * dilation[1]
+    # normalised sampling position = offset * scale + base, base = the undeformed tap position (a constant);
+    # positions in at least float32 (a bfloat16 position would be off by up to half a pixel at 128 pixels)
+    device, dtype = x.device, torch.promote_types(offset.dtype, torch.float32)
+    scale_y, scale_x = 2.0 / (h - 1), 2.0 / (w - 1)
+    tap_y = torch.arange(kh, device=device, dtype=dtype).repeat_interleave(kw) * dilation[0]
+    tap_x = torch.arange(kw, device=device, dtype=dtype).repeat(kh) * dilation[1]
     out_y = torch.arange(h_out, device=device, dtype=dtype) * stride[0] - padding[0]
     out_x = torch.arange(w_out, device=device, dtype=dtype) * stride[1] - padding[1]
-    sample_y = tap_y.view(1, kh, 1, 1, 1) + out_y.view(1, 1, 1, h_out, 1) + offset[:, :, :, 0]
-    sample_x = tap_x.view(1, 1, kw, 1, 1) + out_x.view(1, 1, 1, 1, w_out) + offset[:, :, :, 1]
-    grid = torch.stack((sample_x * (2.0 / (w - 1)) - 1.0, sample_y * (2.0 / (h - 1)) - 1.0), dim=-1)
-    # (n, kh, kw, h_out, w_out, 2) -> (n, h_out, kh, w_out, kw, 2): tile (oy, ox) holds the taps of output (oy, ox)
-    grid = grid.permute(0, 3, 1, 4, 2, 5).reshape(n, h_out * kh, w_out * kw, 2).to(x.dtype)
-    tiles = _grid_sample_all_threads(x, grid)
-    return F.conv2d(tiles, weight, bias, stride=(kh, kw))
+    base_y = (tap_y.view(taps, 1, 1) + out_y.view(1, h_out, 1)) * scale_y - 1.0
+    base_x = (tap_x.view(taps, 1, 1) + out_x.view(1, 1, w_out)) * scale_x - 1.0
+    # unbind rather than indexing: its gradient is one stack, not zero-filled copies
+    offset_y, offset_x = offset.to(dtype).view(n, taps, 2, h_out, w_out).unbind(2)
+    sample_x = torch.add(base_x, offset_x, alpha=scale_x)
+    sample_y = torch.add(base_y, offset_y, alpha=scale_y)
+    # grid (n, taps, h_out, w_out, 2) of (x, y) pairs, tap-major rows
+    if x.device.type == "cpu":
+        # the complex number x + iy viewed as real is the interleaved (x, y) pair, written in one pass
+        # (torch.stack(..., dim=-1) interleaves several times slower on one CPU thread)
+        grid = torch.view_as_real(torch.complex(sample_x, sample_y))
+    else:
+        grid = torch.stack((sample_x, sample_y), dim=-1)
+    columns = _grid_sample_all_threads(x, grid.view(n, taps * h_out, w_out, 2).to(x.dtype))
+    out = _contract(weight.reshape(c_out, channels * taps), columns.reshape(n, channels * taps, h_out * w_out), bias)
+    return out.view(n, c_out, h_out, w_out)
+
+
+def _contract(weight: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``weight @ columns + bias`` for weights (C_out, K) and im2col columns (N, K, L): contiguous (N, C_out, L).
+
+    Explicit (b)addmm calls: ``torch.matmul`` of a matrix with a batch folds it into a transposed product, whose
+    transposed result the following layers would copy.
+    """
+    if columns.shape[0] == 1:
+        out = torch.mm(weight, columns[0]) if bias is None else torch.addmm(bias.unsqueeze(1), weight, columns[0])
+        return out.unsqueeze(0)
+    weight = weight.expand(columns.shape[0], *weight.shape)
+    return torch.bmm(weight, columns) if bias is None else torch.baddbmm(bias.view(1, -1, 1), weight, columns)
 
 
 def _grid_sample_all_threads(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """``F.grid_sample`` (bilinear, zeros, ``align_corners=True``) that keeps every CPU thread busy.
 
-    PyTorch's CPU kernel runs one batch item per thread, so a batch of one slice uses one core. Splitting the rows
-    of the grid into extra batch items (the input is only expanded, not copied) gives each thread a share.
+    PyTorch's CPU kernel runs one batch item per thread, so a batch of one slice uses one core. Splitting the
+    channels (or, when they do not divide evenly, the rows of the grid) into extra batch items gives each thread a
+    share; the input and the grid are only viewed or expanded, not copied, and a channel split needs no copy of the
+    result either.
     """
     n, rows, cols, _ = grid.shape
+    channels = x.shape[1]
     parts = torch.get_num_threads() // n if x.device.type == "cpu" else 1
+    if parts >= 2 and channels % parts == 0:
+        x_parts = x.reshape(n * parts, channels // parts, *x.shape[2:])
+        grid_parts = grid.unsqueeze(1).expand(n, parts, rows, cols, 2).reshape(n * parts, rows, cols, 2)
+        sampled = F.grid_sample(x_parts, grid_parts, mode="bilinear", padding_mode="zeros", align_corners=True)
+        return sampled.view(n, channels, rows, cols)
     if parts < 2 or rows < 2 * parts:
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     chunk = -(-rows // parts)
-    # rows added to fill the last chunk sample far outside the image (zeros) and are cropped below
-    grid = F.pad(grid, (0, 0, 0, 0, 0, chunk * parts - rows), value=-4.0)
+    if chunk * parts > rows:
+        # rows added to fill the last chunk sample far outside the image (zeros) and are cropped below
+        grid = F.pad(grid, (0, 0, 0, 0, 0, chunk * parts - rows), value=-4.0)
     x_parts = x.unsqueeze(1).expand(n, parts, *x.shape[1:]).reshape(n * parts, *x.shape[1:])
-    tiles = F.grid_sample(
+    sampled = F.grid_sample(
         x_parts, grid.reshape(n * parts, chunk, cols, 2), mode="bilinear", padding_mode="zeros", align_corners=True
     )
-    tiles = tiles.view(n, parts, x.shape[1], chunk, cols).transpose(1, 2).reshape(n, x.shape[1], parts * chunk, cols)
-    return tiles[:, :, :rows]
+    sampled = sampled.view(n, parts, channels, chunk, cols).transpose(1, 2).reshape(n, channels, parts * chunk, cols)
+    return sampled[:, :, :rows]
 
 
 class OffsetConv2d(nn.Module):
@@ -215,13 +249,31 @@ class OffsetConv2d(nn.Module):
             return self._plain(x)
         if num_deformed >= x.shape[0]:
             return self._deformed(x)
-        return torch.cat((self._deformed(x[:num_deformed]), self._plain(x[num_deformed:])), dim=0)
+        # split rather than two slices: its gradient is one concatenation, not two zero-filled copies of x
+        deformed, plain = x.split((num_deformed, x.shape[0] - num_deformed))
+        return torch.cat((self._deformed(deformed), self._plain(plain)), dim=0)
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
+    def _offsets(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.offset_conv
+        if self.in_channels > 1 or x.device.type != "cpu":
+            return conv(x)
+        # One input channel (the generator's input block): oneDNN's convolution backward to a one-channel input
+        # is several times slower than this im2col + matrix product, which computes the same convolution.
+        h_out, w_out = (
+            (size + 2 * pad - dil * (k - 1) - 1) // step + 1
+            for size, pad, dil, k, step in zip(
+                x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride, strict=True
+            )
+        )
+        columns = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, kh * kw, L)
+        offset = _contract(conv.weight.view(conv.out_channels, -1), columns, conv.bias)
+        return offset.view(x.shape[0], conv.out_channels, h_out, w_out)
+
     def _deformed(self, x: torch.Tensor) -> torch.Tensor:
-        offset = self.offset_conv(x)
+        offset = self._offsets(x)
         if self.backend == "torchvision":
             from torchvision.ops import deform_conv2d
 
@@ -410,15 +462,13 @@ class DicycleGenerator(nn.Module):
         Returns:
             Synthesized slices of shape (N, C_out, H, W).
         """
-        num_deformed = num_deformed if self.deformable else 0
-        if x.device.type == "cpu" and 0 < num_deformed < x.shape[0]:
-            # oneDNN's convolution backward at batch 2N costs more than twice batch N (scripts/benchmark.py
-            # generator): on CPU the two passes run as separate batches, on accelerators as one
-            return torch.cat((self._run(x[:num_deformed], num_deformed), self._run(x[num_deformed:], 0)), dim=0)
-        return self._run(x, num_deformed)
+        # one batch on every device: each layer after the offset convolutions reads its weights and dispatches once
+        # for both passes (scripts/benchmark.py generator: on CPU one batch of 2 is as fast as two batches of 1 on
+        # one thread and faster on more)
+        return self._run(x, num_deformed if self.deformable else 0)
 
     def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Deformed and undeformed outputs, as one batch on accelerators (instance norm keeps items independent).
+        """Deformed and undeformed outputs, as one batch (instance norm keeps items independent).
 
         Args:
             x: source-domain slices of shape (N, C_in, H, W).
