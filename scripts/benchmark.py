@@ -471,6 +471,109 @@ def loader(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _ixi_volume(path: Path, dataset_dir: str | None) -> str:
+    """An IXI-sized PD volume (256 x 256 x 130 at 0.94 x 0.94 x 1.2 mm): a phantom subject if one exists."""
+    if dataset_dir:
+        found = sorted(Path(dataset_dir).glob("*/*_PD.nii.gz"))
+        if found:
+            return str(found[0])
+    import nibabel as nib
+    import numpy as np
+
+    shape = (256, 256, 130)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    head = ((x / 0.75) ** 2 + (y / 0.85) ** 2 + (z / 0.9) ** 2 <= 1) * (300 + 100 * np.cos(6 * x) * np.sin(5 * y))
+    noise = np.random.default_rng(0).normal(0, 5, shape)
+    nib.save(nib.Nifti1Image((head + np.abs(noise)).astype(np.float32), np.diag([0.94, 0.94, 1.2, 1.0])), path)
+    return str(path)
+
+
+def inference(dataset_dir: str | None = "demo_data", repeats: int = 2, sw_batch_size: int = 16) -> dict:
+    """End-to-end time of one IXI-sized volume from NIfTI to NIfTI with the paper-size generator, split into
+    load, preprocess, network, invert and save, in fp32 and with bfloat16 autocast; the network's GFLOP/s against a
+    plain fp32 matrix multiply of the same run (target: at most 15 s in all, network above half the matmul rate).
+
+    Args:
+        dataset_dir: phantom data set to take a PD volume from (a synthetic IXI-sized volume if absent).
+        repeats: timed repetitions of the whole pipeline per precision (median reported).
+        sw_batch_size: axial slices per forward pass.
+
+    Returns:
+        Median seconds per stage for each precision, the network's and the matmul's GFLOP/s.
+    """
+    import tempfile
+
+    from monai.inferers import SliceInferer
+    from monai.transforms import Compose, Invertd, SaveImaged
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bundle.data import volume_preprocessing
+    from bundle.export import UndeformedDicycleGenerator
+
+    torch.manual_seed(0)
+    network = UndeformedDicycleGenerator().eval()  # paper size: ngf 64, 9 residual blocks
+    work = Path(tempfile.mkdtemp(prefix="dicyclegan_bench_"))
+    source = _ixi_volume(work / "ixi_like_PD.nii.gz", dataset_dir)
+    preprocessing = volume_preprocessing("image", "MR", pixdim=(1.8, 1.8, 1.8))
+    load = Compose(list(preprocessing.transforms[:2]))
+    rest = Compose(list(preprocessing.transforms[2:]))
+    invert = Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False)
+    save = SaveImaged("pred", output_dir=str(work), output_postfix="T2", separate_folder=False, print_log=False)
+    inferer = SliceInferer(roi_size=(-1, -1), sw_batch_size=sw_batch_size, spatial_dim=2, progress=False)
+    _header(f"Inference of one IXI-sized volume, paper-size generator, NIfTI -> NIfTI ({source})")
+
+    def pipeline(amp: bool) -> dict[str, float]:
+        times, start = {}, time.perf_counter()
+        data = load({"image": source})
+        times["load"] = time.perf_counter() - start
+        start = time.perf_counter()
+        data = rest(data)
+        times["preprocess"] = time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            data["pred"] = inferer(data["image"][None], network)[0].float()
+        times["network"] = time.perf_counter() - start
+        start = time.perf_counter()
+        data = invert(data)
+        times["invert"] = time.perf_counter() - start
+        start = time.perf_counter()
+        save(data)
+        times["save"] = time.perf_counter() - start
+        times["total"] = sum(times.values())
+        times["slices"] = data["image"].shape[-1]
+        times["slice_shape"] = tuple(data["image"].shape[1:3])
+        return times
+
+    runs: dict[str, list[dict]] = {"fp32": [], "bf16": []}
+    pipeline(False)  # warm-up: oneDNN kernel selection, file cache
+    for _ in range(repeats):  # round-robin, so both precisions see the same load
+        for name in runs:
+            runs[name].append(pipeline(name == "bf16"))
+    slices, slice_shape = runs["fp32"][0]["slices"], runs["fp32"][0]["slice_shape"]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        network(torch.zeros(1, 1, *slice_shape))
+    flops = counter.get_total_flops() * slices
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    matmul = _median_seconds({"mm": lambda: a @ b}, repeats=10)["mm"]
+    matmul_gflops = 2 * 2048**3 / matmul / 1e9
+
+    stages = ("load", "preprocess", "network", "invert", "save", "total")
+    print(
+        f"{slices} axial slices of {slice_shape[0]}x{slice_shape[1]} at 1.8 mm, {flops / 1e12:.2f} TFLOP in the network"
+    )
+    print(f"{'precision':>9} | " + " | ".join(f"{s:>10}" for s in stages) + f" | {'net GFLOP/s':>11}")
+    result = {"matmul_gflops": matmul_gflops, "network_tflop": flops / 1e12}
+    for name, measured in runs.items():
+        medians = {s: statistics.median(run[s] for run in measured) for s in stages}
+        rate = flops / medians["network"] / 1e9
+        print(f"{name:>9} | " + " | ".join(f"{medians[s]:9.2f}s" for s in stages) + f" | {rate:11.1f}")
+        result[name] = {**medians, "network_gflops": rate}
+    print(f"fp32 matrix multiply (2048^2) in this run: {matmul_gflops:.1f} GFLOP/s")
+    print(f"targets: total <= 15 s; network >= {matmul_gflops / 2:.1f} GFLOP/s (half the matmul rate)")
+    return result
+
+
 def run_all(
     repeats: int = 5,
     paper_repeats: int = 3,
@@ -494,6 +597,7 @@ def run_all(
     timed = {**iteration("paper", repeats=paper_repeats), **iteration("demo", repeats=2 * repeats)}
     peak = memory("paper")
     rates = loader(dataset_dir, datalist)
+    inference(dataset_dir)
     _header("Targets")
     print(f"{'target':>46} | {'figure':>8} | verdict")
     for name, modes in timed.items():
@@ -532,6 +636,7 @@ if __name__ == "__main__":
         "memory": memory,
         "memory_probe": memory_probe,
         "loader": loader,
+        "inference": inference,
     }
     if len(sys.argv) == 1 or (sys.argv[1].startswith("-") and sys.argv[1] not in ("-h", "--help")):
         sys.argv.insert(1, "all")  # no command: run everything

@@ -76,3 +76,14 @@ def test_command_line_runs_a_command(benchmark, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["benchmark.py"])
     assert benchmark._command(benchmark.generator)(repeats=1, size=8, ngf=2, n_blocks=1) is None
     assert "undeformed G(x)" in capsys.readouterr().out
+
+
+def test_inference_prints_its_stages(benchmark, capsys, monkeypatch, tmp_path):
+    import bundle.export
+
+    small = bundle.export.UndeformedDicycleGenerator
+    monkeypatch.setattr(bundle.export, "UndeformedDicycleGenerator", lambda: small(ngf=4, n_blocks=1))
+    figures = benchmark.inference(dataset_dir=None, repeats=1)
+    assert set(figures["fp32"]) >= {"load", "preprocess", "network", "invert", "save", "total"}
+    assert figures["fp32"]["total"] >= figures["fp32"]["network"] > 0
+    assert "net GFLOP/s" in capsys.readouterr().out
