@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,9 +79,10 @@ def _forward_backward(module: torch.nn.Module, x: torch.Tensor, **kwargs) -> Cal
 
 
 def _header(title: str) -> None:
+    threads = torch.get_num_threads()
     load = " ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(
-        f"\n## {title}  (torch {torch.__version__}, {torch.get_num_threads()} threads, {_device_name()}, "
+        f"\n## {title}  (torch {torch.__version__}, {threads} thread{'s' * (threads != 1)}, {_device_name()}, "
         f"load average {load})"
     )
 
@@ -545,10 +547,13 @@ def inference(dataset_dir: str | None = "demo_data", repeats: int = 2, sw_batch_
         return times
 
     runs: dict[str, list[dict]] = {"fp32": [], "bf16": []}
-    pipeline(False)  # warm-up: oneDNN kernel selection, file cache
-    for _ in range(repeats):  # round-robin, so both precisions see the same load
-        for name in runs:
-            runs[name].append(pipeline(name == "bf16"))
+    try:
+        pipeline(False)  # warm-up: oneDNN kernel selection, file cache
+        for _ in range(repeats):  # round-robin, so both precisions see the same load
+            for name in runs:
+                runs[name].append(pipeline(name == "bf16"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     slices, slice_shape = runs["fp32"][0]["slices"], runs["fp32"][0]["slice_shape"]
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         network(torch.zeros(1, 1, *slice_shape))
