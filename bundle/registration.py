@@ -1,0 +1,181 @@
+"""Residual displacement: how far a synthesized volume is displaced from its ground truth, in millimetres.
+
+MSE, PSNR and SSIM mix intensity errors and misalignment; the claim DicycleGAN makes is about alignment, so it is
+measured directly: a deformable (cubic B-spline) registration with SimpleITK moves the synthesized volume onto its
+ground truth, and the magnitude of the recovered displacement field, averaged over a mask, is the residual
+displacement. A synthesis aligned with its source (and so with a ground truth aligned with the source) scores near
+zero; one that copies a domain-specific deformation scores about that deformation's magnitude.
+
+Both volumes are on one grid (the evaluation's preprocessed grid), so no initial alignment is needed. Mattes mutual
+information is the metric, so a synthesis whose intensities are off by a scale or a shift still registers.
+
+Example::
+
+    result = residual_displacement(synthesized, ground_truth, spacing=(1.8, 1.8, 1.8), mask=brain_mask)
+    result["mean_mm"], result["p95_mm"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+__all__ = ["displacement_magnitude", "residual_displacement", "to_sitk_image"]
+
+MIN_SAMPLES = 10_000
+MIN_LEVEL_SIZE = 16
+
+
+def to_sitk_image(volume: np.ndarray | torch.Tensor, spacing: Sequence[float]) -> sitk.Image:
+    """A float32 SimpleITK image of an (X, Y, Z) array with the given voxel spacing (origin 0, identity direction).
+
+    Args:
+        volume: the array, indexed (X, Y, Z) as MONAI's channel-free volumes are.
+        spacing: voxel size in mm along X, Y, Z.
+
+    Returns:
+        The image (SimpleITK indexes arrays (Z, Y, X), so the array is transposed).
+    """
+    array = np.asarray(torch.as_tensor(volume).detach().cpu().float().numpy(), dtype=np.float32)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetSpacing([float(s) for s in spacing])
+    return image
+
+
+def displacement_magnitude(transform: sitk.Transform, reference: sitk.Image) -> np.ndarray:
+    """The length (mm) of a transform's displacement at every voxel of a reference grid.
+
+    Args:
+        transform: maps points of the reference grid to points of the moving image.
+        reference: the grid.
+
+    Returns:
+        An (X, Y, Z) array of displacement lengths in mm.
+    """
+    field = sitk.TransformToDisplacementField(
+        transform,
+        sitk.sitkVectorFloat64,
+        reference.GetSize(),
+        reference.GetOrigin(),
+        reference.GetSpacing(),
+        reference.GetDirection(),
+    )
+    vectors = sitk.GetArrayFromImage(field)  # (Z, Y, X, 3), in mm
+    return np.linalg.norm(vectors, axis=-1).transpose(2, 1, 0)
+
+
+def residual_displacement(
+    moving: np.ndarray | torch.Tensor,
+    fixed: np.ndarray | torch.Tensor,
+    spacing: Sequence[float],
+    mask: np.ndarray | torch.Tensor | None = None,
+    control_spacing_mm: float = 30.0,
+    iterations: int = 20,
+    num_bins: int = 32,
+    sampling_fraction: float = 0.05,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Register ``moving`` onto ``fixed`` with a cubic B-spline and summarise the displacement inside ``mask``.
+
+    Up to three pyramid levels (shrink 4, 2, 1; smoothing 2, 1, 0 voxels; a level is skipped when it would leave
+    fewer than 16 voxels along an axis), Mattes mutual information on a seeded random sample (at least 10,000
+    voxels) of ``mask`` dilated by 3 voxels (the boundary of the mask carries the shape), L-BFGS-B.
+
+    Args:
+        moving: the synthesized volume (X, Y, Z), or (1, X, Y, Z) channel first.
+        fixed: its ground truth on the same grid.
+        spacing: voxel size in mm along X, Y, Z.
+        mask: where to summarise (and, dilated, where the metric looks); None for the whole volume.
+        control_spacing_mm: B-spline control-point spacing; smooth deformations of this scale and coarser are
+            recovered.
+        iterations: L-BFGS-B iterations per pyramid level.
+        num_bins: histogram bins of Mattes mutual information.
+        sampling_fraction: fraction of the metric's voxels sampled at each iteration.
+        seed: seed of that sampling, so a measurement repeats (to within 1 %: the metric's multi-threaded sums
+            add up in a varying order).
+
+    Returns:
+        ``{"mean_mm", "p95_mm", "max_mm"}``: mean, 95th percentile and largest displacement over the mask's voxels.
+
+    Raises:
+        RuntimeError: if the registration itself fails (e.g. the volumes share no structure).
+        ValueError: if the volumes are not 3-D, differ in shape, contain NaN/Inf or are constant, or the mask is
+            empty or of another shape.
+    """
+    volumes = {}
+    for name, volume in (("moving", moving), ("fixed", fixed)):
+        array = torch.as_tensor(volume).detach().cpu().float()
+        if array.ndim == 4 and array.shape[0] == 1:
+            array = array[0]
+        if array.ndim != 3:
+            raise ValueError(
+                f"residual_displacement needs 3-D volumes; the {name} volume has shape {tuple(array.shape)}"
+            )
+        if not torch.isfinite(array).all():
+            raise ValueError(f"the {name} volume contains NaN or Inf values.")
+        if float(array.max() - array.min()) == 0.0:
+            raise ValueError(f"the {name} volume is constant: there is nothing to register.")
+        volumes[name] = array
+    if volumes["moving"].shape != volumes["fixed"].shape:
+        raise ValueError(
+            f"moving volume {tuple(volumes['moving'].shape)} and fixed volume {tuple(volumes['fixed'].shape)} must be "
+            "on one grid."
+        )
+    if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
+        raise ValueError(f"spacing must be three positive voxel sizes in mm, got {tuple(spacing)}.")
+    shape = tuple(volumes["fixed"].shape)
+    if mask is None:
+        keep = np.ones(shape, dtype=bool)
+    else:
+        keep = np.asarray(torch.as_tensor(mask).detach().cpu().numpy()).astype(bool)
+        if keep.ndim == 4 and keep.shape[0] == 1:
+            keep = keep[0]
+        if keep.shape != shape:
+            raise ValueError(f"mask of shape {keep.shape} does not match the volumes' shape {shape}.")
+        if not keep.any():
+            raise ValueError("the mask has no voxel: nowhere to measure the displacement.")
+
+    fixed_image = to_sitk_image(volumes["fixed"], spacing)
+    moving_image = to_sitk_image(volumes["moving"], spacing)
+    metric_mask = sitk.BinaryDilate(sitk.Cast(to_sitk_image(keep.astype(np.float32), spacing), sitk.sitkUInt8), [3] * 3)
+    metric_voxels = int(sitk.GetArrayViewFromImage(metric_mask).sum())
+    # pyramid levels that keep at least MIN_LEVEL_SIZE voxels along every axis
+    shrink_factors = [f for f in (4, 2) if min(shape) // f >= MIN_LEVEL_SIZE] + [1]
+
+    extent_mm = [size * step for size, step in zip(fixed_image.GetSize(), fixed_image.GetSpacing(), strict=True)]
+    mesh_size = [max(1, round(extent / control_spacing_mm)) for extent in extent_mm]
+    transform = sitk.BSplineTransformInitializer(fixed_image, mesh_size, 3)
+
+    registration = sitk.ImageRegistrationMethod()
+    registration.SetMetricAsMattesMutualInformation(numberOfHistogramBins=num_bins)
+    registration.SetMetricFixedMask(metric_mask)
+    registration.SetMetricSamplingStrategy(registration.RANDOM)
+    # small volumes: sample at least MIN_SAMPLES voxels, or the coarse levels have too few to estimate MI
+    fraction = min(1.0, max(sampling_fraction, MIN_SAMPLES / float(metric_voxels)))
+    registration.SetMetricSamplingPercentage(fraction, seed)
+    registration.SetInterpolator(sitk.sitkLinear)
+    registration.SetOptimizerAsLBFGSB(
+        gradientConvergenceTolerance=1e-5,
+        numberOfIterations=iterations,
+        maximumNumberOfCorrections=5,
+        maximumNumberOfFunctionEvaluations=4 * iterations,
+        costFunctionConvergenceFactor=1e7,
+    )
+    registration.SetShrinkFactorsPerLevel(shrink_factors)
+    registration.SetSmoothingSigmasPerLevel([factor // 2 for factor in shrink_factors])
+    registration.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    registration.SetInitialTransform(transform, inPlace=True)
+    try:
+        registration.Execute(fixed_image, moving_image)
+    except RuntimeError as error:
+        raise RuntimeError(f"the B-spline registration failed: {str(error).strip().splitlines()[-1]}") from error
+
+    magnitude = displacement_magnitude(transform, fixed_image)[keep]
+    return {
+        "mean_mm": float(magnitude.mean()),
+        "p95_mm": float(np.percentile(magnitude, 95)),
+        "max_mm": float(magnitude.max()),
+    }

@@ -1,0 +1,136 @@
+"""scripts/reproduce.py: the study pipeline end to end on the smoke preset (tiny phantom, tiny networks).
+
+The smoke preset checks the plumbing (data, two training runs, evaluation with residual displacement, the
+distortion reference, figures, results.md, re-runs), not the method: its networks train for 8 iterations.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import reproduce  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    output = tmp_path_factory.mktemp("study")
+    result = reproduce.main(
+        output_dir=str(output), preset="smoke", experiments="deformed", publish_dir=str(output / "docs")
+    )
+    return {"output": output, **result}
+
+
+def _csv(path: Path) -> list[dict]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_both_methods_are_trained_with_the_same_data_seed_and_budget(study: dict) -> None:
+    commands = {
+        method: json.loads((study["output"] / "runs" / f"deformed_{method}" / "run.json").read_text())["command"]
+        for method in reproduce.METHODS
+    }
+    assert "configs/cyclegan.json" in commands["Cycle"] and "configs/cyclegan.json" not in commands["Dicycle"]
+
+    # apart from the CycleGAN override file and the run folders, the two commands are identical
+    def normalise(command):
+        return (
+            command.replace(",'configs/cyclegan.json'", "")
+            .replace("deformed_Cycle", "RUN")
+            .replace("deformed_Dicycle", "RUN")
+        )
+
+    assert normalise(commands["Cycle"]) == normalise(commands["Dicycle"])
+    for method in reproduce.METHODS:
+        models = study["output"] / "runs" / f"deformed_{method}" / "models"
+        assert (models / "model.pt").is_file() and (models / "model_g_ba.pt").is_file()
+
+
+def test_every_test_volume_is_measured_in_both_directions_with_its_displacement(study: dict) -> None:
+    n_test = reproduce.PRESETS["smoke"]["data"]["n_test"]
+    for name in ("deformed_Cycle", "deformed_Dicycle", "deformed_reference"):
+        rows = _csv(study["output"] / "metrics" / f"{name}.csv")
+        assert len(rows) == 2 * n_test
+        assert {row["direction"] for row in rows} == {"A2B", "B2A"}
+        for row in rows:
+            assert row["masked"] == "True"
+            assert float(row["displacement_mm"]) >= 0.0 and math.isfinite(float(row["PSNR"]))
+
+
+def test_distortion_reference_measures_the_applied_distortion(study: dict) -> None:
+    # the ground truth moved by the 10 mm (peak) distortion: clearly displaced, by less than its peak
+    for row in _csv(study["output"] / "metrics" / "deformed_reference.csv"):
+        assert 1.0 < float(row["displacement_mm"]) < 10.0
+        assert "distorted" in row["source"] + row["ground_truth"]
+
+
+def test_results_report_the_measured_means_beside_the_paper(study: dict) -> None:
+    text = Path(study["results"]).read_text()
+    assert "## Table 2 analogue" in text and "Distortion only" in text
+    assert "19.52 (1.62)" in text  # the paper's CycleGAN PD -> T2 PSNR of Table 2, in the paper column
+    assert "python scripts/reproduce.py --output_dir" in text and "--preset smoke --experiments deformed" in text
+    cycle = _csv(study["output"] / "metrics" / "deformed_Cycle.csv")
+    mean = statistics.fmean(float(r["displacement_mm"]) for r in cycle if r["direction"] == "A2B")
+    assert f"residual displacement CycleGAN {mean:.2f} mm" in text
+    for figure in ("figures/fig4_deformed.png", "figures/training_curves.png"):
+        assert f"]({figure})" in text
+        assert (study["output"] / figure).read_bytes()[:8] == PNG_SIGNATURE
+        assert (study["output"] / "docs" / figure).is_file()
+    assert (study["output"] / "docs" / "results.md").read_text() == text
+
+
+def test_a_repeated_command_reuses_finished_runs_and_resumes_an_interrupted_one(study: dict) -> None:
+    output = study["output"]
+    cycle_record = output / "runs" / "deformed_Cycle" / "run.json"
+    before = cycle_record.read_text(), (output / "runs" / "deformed_Cycle" / "models" / "model.pt").stat().st_mtime
+    interrupted = output / "runs" / "deformed_Dicycle" / "run.json"
+    interrupted.unlink()  # as if training had stopped after its last checkpoint
+    reproduce.main(output_dir=str(output), preset="smoke", experiments="deformed")
+    assert (
+        cycle_record.read_text(),
+        (output / "runs" / "deformed_Cycle" / "models" / "model.pt").stat().st_mtime,
+    ) == before
+    record = json.loads(interrupted.read_text())
+    assert record["resumed"] is True and "--resume True" in record["command"]
+
+
+def test_unknown_preset_or_experiment_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="preset must be one of"):
+        reproduce.main(output_dir=str(tmp_path), preset="gpu")
+    with pytest.raises(ValueError, match="unknown experiments"):
+        reproduce.main(output_dir=str(tmp_path), experiments="table4")
+
+
+def test_headline_is_computed_from_the_rows() -> None:
+    def row(direction: str, method: str, displacement: float, psnr: float) -> dict:
+        return {
+            "direction": direction,
+            "experiment": "PD to T2",
+            "method": method,
+            "displacement_mm": displacement,
+            "PSNR": psnr,
+            "SSIM": 0.5,
+        }
+
+    rows = [
+        row("A2B", "Cycle", 3.0, 20.0),
+        row("A2B", "Cycle", 5.0, 22.0),
+        row("A2B", "Dicycle", 0.5, 25.0),
+        row("A2B", "Distortion only", 4.0, 18.0),
+    ]
+    (sentence,) = reproduce.headline({"deformed": rows})
+    assert "CycleGAN 4.00 mm, DicycleGAN 0.50 mm (the distortion itself: 4.00 mm)" in sentence
+    assert "PSNR 21.00 vs 25.00 dB" in sentence
