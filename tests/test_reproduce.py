@@ -134,3 +134,15 @@ def test_headline_is_computed_from_the_rows() -> None:
     (sentence,) = reproduce.headline({"deformed": rows})
     assert "CycleGAN 4.00 mm, DicycleGAN 0.50 mm (the distortion itself: 4.00 mm)" in sentence
     assert "PSNR 21.00 vs 25.00 dB" in sentence
+
+
+def test_distortion_effect_is_table_2_minus_table_1() -> None:
+    def row(method: str, displacement: float) -> dict:
+        return {"direction": "A2B", "experiment": "PD to T2", "method": method, "displacement_mm": displacement}
+
+    undeformed = [row("Cycle", 2.0), row("Dicycle", 1.0)]
+    deformed = [row("Cycle", 4.5), row("Cycle", 3.5), row("Dicycle", 1.25), row("Distortion only", 3.0)]
+    (sentence,) = reproduce.distortion_effect({"undeformed": undeformed, "deformed": deformed})
+    assert "CycleGAN 2.00 -> 4.00 mm (+2.00 mm), DicycleGAN 1.00 -> 1.25 mm (+0.25 mm)" in sentence
+    assert "the distortion itself displaces by 3.00 mm" in sentence
+    assert reproduce.distortion_effect({"deformed": deformed}) == []
