@@ -99,6 +99,13 @@ EXPERIMENTS: dict[str, Experiment] = {
     )
 }
 METHODS = ("Cycle", "Dicycle")
+METHOD_COLOURS = {"Cycle": "tab:blue", "Dicycle": "tab:orange"}
+# TensorBoard tags of configs/train.json's logs plotted as training curves, with their titles
+CURVE_PANELS = (
+    ("total", "generator loss (eq. 4)"),
+    ("align", "alignment loss (DicycleGAN)"),
+    ("val_psnr", "validation PSNR, A to B (dB)"),
+)
 REFERENCE_METHOD = "Distortion only"
 
 # data set and training overrides of each budget; training/evaluation defaults (configs/train.json) are the paper's
@@ -122,6 +129,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "n_epochs": 1,
             "n_epochs_decay": 1,
             "val_interval": 1,
+            "log_interval": 2,
         },
         "data": {"subjects": 4, "n_validation": 1, "n_test": 1, "downsample": 4, "distortion_mm": 10.0},
         "description": "smoke test of the pipeline (tests use it; says nothing about the method): width 4, one "
@@ -450,11 +458,7 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def training_curves(path: Path, runs: Mapping[tuple[str, str], Path]) -> Path:
     """Generator loss, its alignment term and validation PSNR against iterations, one panel row per experiment."""
     experiments = list(dict.fromkeys(key for key, _ in runs))
-    panels = (
-        ("train_g_total", "generator loss (eq. 4)"),
-        ("train_align", "alignment loss (DicycleGAN)"),
-        ("val_psnr", "validation PSNR, A to B (dB)"),
-    )
+    panels = CURVE_PANELS
     figure = Figure(figsize=(15, 3.2 * len(experiments)), dpi=90)
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(experiments), len(panels), squeeze=False)
@@ -465,9 +469,10 @@ def training_curves(path: Path, runs: Mapping[tuple[str, str], Path]) -> Path:
             scalars = read_scalars(runs[key, method] / "logs")
             for ax, (tag, label) in zip(row, panels, strict=True):
                 values = scalars.get(tag, [])
-                if values and (tag != "train_align" or method == "Dicycle"):
+                if values and (tag != "align" or method == "Dicycle"):
                     steps, ys = zip(*values, strict=True)
-                    ax.plot(steps, ys, marker="o" if tag == "val_psnr" else None, markersize=3, label=method)
+                    style = {"marker": "o" if tag == "val_psnr" else None, "markersize": 3, "label": method}
+                    ax.plot(steps, ys, color=METHOD_COLOURS[method], **style)
                 ax.set_title(f"{EXPERIMENTS[key].title}: {label}", fontsize=9)
                 ax.set_xlabel("epoch" if tag == "val_psnr" else "iteration", fontsize=8)
         for ax in row:

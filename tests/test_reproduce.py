@@ -107,6 +107,14 @@ def test_a_repeated_command_reuses_finished_runs_and_resumes_an_interrupted_one(
     assert record["resumed"] is True and "--resume True" in record["command"]
 
 
+def test_training_curves_read_the_logged_losses(study: dict) -> None:
+    for method in reproduce.METHODS:
+        scalars = reproduce.read_scalars(study["output"] / "runs" / f"deformed_{method}" / "logs")
+        for tag, _ in reproduce.CURVE_PANELS:
+            if tag != "align" or method == "Dicycle":  # CycleGAN has no alignment term
+                assert scalars.get(tag), f"no {tag!r} in the {method} run's TensorBoard logs"
+
+
 def test_unknown_preset_or_experiment_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="preset must be one of"):
         reproduce.main(output_dir=str(tmp_path), preset="gpu")
