@@ -64,13 +64,16 @@ __all__ = [
     "PairedSynthesisEvaluator",
     "case_figure",
     "check_same_grid",
+    "display_range",
     "load_generator",
     "mask_preprocessing",
+    "mean_sd",
     "paired_cases",
     "parse_directions",
     "read_csv",
     "summary_markdown",
     "volume_metrics",
+    "voxel_size",
     "write_csv",
     "write_results",
 ]
@@ -483,7 +486,7 @@ class PairedSynthesisEvaluator:
         if self.residual_displacement:
             try:
                 displacement = registration.residual_displacement(
-                    prediction[0], torch.as_tensor(target)[0], _voxel_size(source), None if mask is None else mask[0]
+                    prediction[0], torch.as_tensor(target)[0], voxel_size(source), None if mask is None else mask[0]
                 )
             except (RuntimeError, ValueError) as error:  # one failed registration must not end the evaluation
                 logger.warning(f"{case['subject']} {direction}: no residual displacement: {error}")
@@ -539,8 +542,15 @@ class PairedSynthesisEvaluator:
 # ------------------------------------------------------------------------------------------------------ figures
 
 
-def _voxel_size(volume: torch.Tensor) -> tuple[float, float, float]:
-    """Voxel size (mm) of a preprocessed channel-first volume, from its affine (1 mm when it has none)."""
+def voxel_size(volume: torch.Tensor) -> tuple[float, float, float]:
+    """Voxel size (mm) of a preprocessed channel-first volume, from its affine (1 mm when it has none).
+
+    Args:
+        volume: a MetaTensor (or any tensor with an ``affine``).
+
+    Returns:
+        The lengths of the affine's three columns.
+    """
     affine = getattr(volume, "affine", None)
     if affine is None:
         return (1.0, 1.0, 1.0)
@@ -553,7 +563,8 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
 
 
-def _display_range(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
+def display_range(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
+    """Grey-level window of an image for display: its ``low`` and ``high`` percentiles (never an empty window)."""
     lo, hi = np.percentile(image, [low, high])
     return float(lo), float(max(hi, lo + 1e-6))
 
@@ -597,12 +608,12 @@ def case_figure(
         return np.rot90(np.asarray(volume, dtype=np.float32)[..., z])  # rows: anterior at the top
 
     error = np.abs(prediction - ground_truth)
-    target_range = _display_range(ground_truth)
+    target_range = display_range(ground_truth)
     panels = (
-        (f"source ({names[0]})", axial(source), "gray", _display_range(source)),
+        (f"source ({names[0]})", axial(source), "gray", display_range(source)),
         (f"ground truth ({names[1]})", axial(ground_truth), "gray", target_range),
         ("synthesis", axial(prediction), "gray", target_range),
-        ("|synthesis - ground truth|", axial(error), "magma", (0.0, _display_range(error)[1])),
+        ("|synthesis - ground truth|", axial(error), "magma", (0.0, display_range(error)[1])),
     )
     figure = Figure(figsize=(13, 3.8), dpi=100)
     FigureCanvasAgg(figure)
@@ -668,7 +679,7 @@ def read_csv(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[dic
     return rows
 
 
-def _mean_sd(values: Sequence[float], decimals: int) -> str:
+def mean_sd(values: Sequence[float], decimals: int) -> str:
     """``mean (sd)`` with the sample standard deviation; ``mean (-)`` for a single value; ``-`` for none."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -701,7 +712,7 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Synthesis 
     lines = [f"# {title}", "", header, "| --- | --- | " + " | ".join("---:" for _ in metrics) + " | ---: |"]
     for (_, experiment), methods in groups.items():
         for index, (method, group) in enumerate(methods.items()):
-            cells = [_mean_sd([float(r[name]) for r in group], decimals) for name, _, decimals in metrics]
+            cells = [mean_sd([float(r[name]) for r in group], decimals) for name, _, decimals in metrics]
             label = experiment if index == 0 else ""
             lines.append(f"| {label} | {method} | " + " | ".join(cells) + f" | {len(group)} |")
     masked = sum(str(r["masked"]) == "True" for r in rows)

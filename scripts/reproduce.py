@@ -56,10 +56,12 @@ sys.path.insert(0, str(ROOT))
 
 from bundle.datalist import load_datalist, read_datalist  # noqa: E402
 from bundle.evaluation import (  # noqa: E402
-    _voxel_size,
+    display_range,
     mask_preprocessing,
+    mean_sd,
     read_csv,
     volume_metrics,
+    voxel_size,
     write_csv,
 )
 from bundle.registration import residual_displacement  # noqa: E402
@@ -343,7 +345,7 @@ def distortion_reference(
             target_volume = preprocess({"image": entry[truth]})["image"]
             region = masks({"image": entry[mask]})["image"][0] > 0
             metrics = volume_metrics(prediction, target_volume, region[None])
-            displacement = residual_displacement(prediction[0], target_volume[0], _voxel_size(prediction), region)
+            displacement = residual_displacement(prediction[0], target_volume[0], voxel_size(prediction), region)
             metrics["displacement_mm"], metrics["displacement_p95_mm"] = displacement["mean_mm"], displacement["p95_mm"]
             rows.append(
                 {
@@ -365,11 +367,6 @@ def distortion_reference(
 
 
 # --------------------------------------------------------------------------------------------------- figures
-
-
-def _display_range(image: np.ndarray) -> tuple[float, float]:
-    low, high = np.percentile(image, [0.5, 99.5])
-    return float(low), float(max(high, low + 1e-6))
 
 
 def comparison_figure(
@@ -405,11 +402,11 @@ def comparison_figure(
             return np.rot90(np.asarray(volume, dtype=np.float32)[..., z])
 
         names = dicycle.names
-        target_range = _display_range(target)
+        target_range = display_range(target)
         errors = {method: np.abs(prediction - target) for method, prediction in predictions.items()}
-        error_max = max(_display_range(error)[1] for error in errors.values())
+        error_max = max(display_range(error)[1] for error in errors.values())
         panels = [
-            (f"source ({names[source_domain]})", axial(source[0].numpy()), "gray", _display_range(source[0].numpy())),
+            (f"source ({names[source_domain]})", axial(source[0].numpy()), "gray", display_range(source[0].numpy())),
             (f"ground truth ({names[target_domain]})", axial(target), "gray", target_range),
             ("CycleGAN", axial(predictions["Cycle"]), "gray", target_range),
             ("DicycleGAN", axial(predictions["Dicycle"]), "gray", target_range),
@@ -487,14 +484,6 @@ def training_curves(path: Path, runs: Mapping[tuple[str, str], Path]) -> Path:
 # --------------------------------------------------------------------------------------------------- tables
 
 
-def _mean_sd(values: Sequence[float], decimals: int) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "-"
-    sd = f"{statistics.stdev(values):.{decimals}f}" if len(values) > 1 else "-"
-    return f"{statistics.fmean(values):.{decimals}f} ({sd})"
-
-
 def group_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[Mapping[str, Any]]]]:
     """``{experiment label: {method: rows}}``, A -> B first, methods in table order."""
     order = {method: index for index, method in enumerate((*METHODS, REFERENCE_METHOD))}
@@ -519,7 +508,7 @@ def experiment_table(experiment: Experiment, rows: Sequence[Mapping[str, Any]]) 
     ]
     for label, methods in group_rows(rows).items():
         for index, (method, group) in enumerate(methods.items()):
-            cells = [_mean_sd([float(r[name]) for r in group], decimals) for name, decimals in TABLE_METRICS]
+            cells = [mean_sd([float(r[name]) for r in group], decimals) for name, decimals in TABLE_METRICS]
             reference = paper.get((label, method), ("", "", "") if method == REFERENCE_METHOD else ("-", "-", "-"))
             name = f"*{method}*" if method == REFERENCE_METHOD else method
             lines.append(
