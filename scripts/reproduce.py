@@ -373,7 +373,6 @@ def comparison_figure(
     path: Path,
     experiment: Experiment,
     parsers: Mapping[str, ConfigParser],
-    dataset_dir: Path,
 ) -> Path:
     """The paper's Fig. 4 for one experiment: per direction, source, ground truth, CycleGAN, DicycleGAN and their
     absolute errors on the middle axial slice of the mask of the first test subject, the ground truth's mask outline
@@ -741,7 +740,7 @@ def main(
             pixdim = parsers["Dicycle"].get_parsed_content("pixdim")
             rows += distortion_reference(experiment, data_dir, pixdim, output / "metrics" / f"{key}_reference.csv")
         rows_by_experiment[key] = rows
-        figure = comparison_figure(output / "figures" / f"fig4_{key}.png", experiment, parsers, data_dir)
+        figure = comparison_figure(output / "figures" / f"fig4_{key}.png", experiment, parsers)
         figures[key] = figure.relative_to(output).as_posix()
     figures["curves"] = (
         training_curves(output / "figures" / "training_curves.png", run_dirs).relative_to(output).as_posix()
