@@ -12,6 +12,9 @@ MSE, PSNR and SSIM are on the intensity scale of the paper (Wang et al. 2018, Ex
 - ``SSIM_windowed``: :class:`~bundle.metrics.VolumeSSIMMetric`, MONAI's Gaussian-window (7 voxels, sigma 1.5) SSIM;
 - ``MAE_HU`` (CT targets only): MONAI's :class:`~monai.metrics.MAEMetric` on the de-normalised volumes, in HU
   (within the HU window of the preprocessing, which clips the ground truth);
+- ``bone_dice`` (CT targets only): Dice overlap of bone (above :data:`BONE_THRESHOLD_HU`) in the synthesis and in
+  the ground truth, MONAI's :func:`~monai.metrics.compute_dice`: whether the bone is drawn where it is, the
+  hard part of MR -> CT (bone and air are both dark in MR); NaN where the ground truth has no bone in the mask;
 - ``displacement_mm`` / ``displacement_p95_mm`` (optional, ``residual_displacement=True``): mean and 95th percentile
   of the displacement a B-spline registration finds between the synthesis and its ground truth
   (:func:`bundle.registration.residual_displacement`), over the mask: the misalignment itself, in mm.
@@ -47,7 +50,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from monai.inferers import Inferer
-from monai.metrics import MAEMetric, MSEMetric
+from monai.metrics import MAEMetric, MSEMetric, compute_dice
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 from torch import nn
 
@@ -57,6 +60,7 @@ from bundle.inference import UndeformedGenerator
 from bundle.metrics import GlobalSSIMMetric, VolumePSNRMetric, VolumeSSIMMetric, windowed_ssim
 
 __all__ = [
+    "BONE_THRESHOLD_HU",
     "CSV_COLUMNS",
     "DIRECTIONS",
     "METRICS",
@@ -88,11 +92,14 @@ METRICS: tuple[tuple[str, str, int], ...] = (
     ("SSIM", "SSIM", 3),
     ("SSIM_windowed", "SSIM (windowed)", 3),
     ("MAE_HU", "MAE (HU)", 1),
+    ("bone_dice", "Bone Dice", 3),
     ("displacement_mm", "Residual displacement (mm)", 2),
     ("displacement_p95_mm", "Displacement p95 (mm)", 2),
 )
-# columns left out of the summary when no row has a value (MAE: MR targets; displacement: not measured)
-OPTIONAL_METRICS = ("MAE_HU", "displacement_mm", "displacement_p95_mm")
+# columns left out of the summary when no row has a value (MAE, bone Dice: MR targets; displacement: not measured)
+OPTIONAL_METRICS = ("MAE_HU", "bone_dice", "displacement_mm", "displacement_p95_mm")
+# bone in CT: above soft tissue and blood (< 100 HU) and the contrast-enhanced aorta; the usual 200-300 HU cut
+BONE_THRESHOLD_HU = 300.0
 CSV_COLUMNS = (
     "subject",
     "direction",
@@ -267,11 +274,12 @@ def volume_metrics(
         prediction: synthesized volume, channel first (C, X, Y, Z).
         target: ground truth of the same shape.
         mask: optional mask of the same spatial shape; only its non-zero voxels count.
-        target_kind: ``"MR"`` or ``"CT"``; CT adds ``MAE_HU``.
+        target_kind: ``"MR"`` or ``"CT"``; CT adds ``MAE_HU`` and ``bone_dice``.
         hu_window: the HU window the CT intensities were scaled from (``[-1, 1]`` -> window).
 
     Returns:
-        ``{"MSE", "PSNR", "SSIM", "SSIM_windowed", "MAE_HU", "voxels"}``; ``MAE_HU`` is NaN for MR targets,
+        ``{"MSE", "PSNR", "SSIM", "SSIM_windowed", "MAE_HU", "bone_dice", "voxels"}``; ``MAE_HU`` and ``bone_dice``
+        are NaN for MR targets (``bone_dice`` also where the ground truth has no bone inside the mask),
         ``SSIM_windowed`` NaN for a volume thinner than the 7-voxel window, and ``voxels`` is the number of voxels
         compared.
 
@@ -305,9 +313,14 @@ def volume_metrics(
     if target_kind == "CT":
         low, high = (float(v) for v in hu_window)
         scale, shift = (high - low) / 2.0, (high + low) / 2.0
-        values["MAE_HU"] = MAEMetric()(p_in * scale + shift, t_in * scale + shift)
+        p_hu, t_hu = p_in * scale + shift, t_in * scale + shift
+        values["MAE_HU"] = MAEMetric()(p_hu, t_hu)
+        values["bone_dice"] = compute_dice(
+            (p_hu > BONE_THRESHOLD_HU).float(), (t_hu > BONE_THRESHOLD_HU).float(), include_background=True
+        )
     result = {name: float(torch.as_tensor(value).reshape(-1)[0]) for name, value in values.items()}
     result.setdefault("MAE_HU", float("nan"))
+    result.setdefault("bone_dice", float("nan"))
     result["voxels"] = int(keep.sum())
     return result
 
@@ -507,7 +520,7 @@ class PairedSynthesisEvaluator:
         self.progress(
             f"{case['subject']} {experiment} ({self.method}): MSE {metrics['MSE']:.4f}, PSNR {metrics['PSNR']:.2f}, "
             f"SSIM {metrics['SSIM']:.4f}"
-            + (f", MAE {metrics['MAE_HU']:.1f} HU" if target_kind == "CT" else "")
+            + (f", MAE {metrics['MAE_HU']:.1f} HU, bone Dice {metrics['bone_dice']:.3f}" if target_kind == "CT" else "")
             + (f", residual displacement {metrics['displacement_mm']:.2f} mm" if self.residual_displacement else "")
         )
         if self.figure_dir is not None:
@@ -703,7 +716,7 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Synthesis 
         Markdown text.
     """
     present = {name for name in OPTIONAL_METRICS if any(not math.isnan(float(r.get(name, "nan"))) for r in rows)}
-    has_mae, has_displacement = "MAE_HU" in present, "displacement_mm" in present
+    has_mae, has_bone, has_displacement = ("MAE_HU" in present, "bone_dice" in present, "displacement_mm" in present)
     metrics = [m for m in METRICS if m[0] not in OPTIONAL_METRICS or m[0] in present]
     groups: dict[tuple[str, str], dict[str, list[Mapping[str, Any]]]] = {}
     for row in sorted(rows, key=lambda r: (DIRECTIONS.index(r["direction"]), r["experiment"], r["method"])):
@@ -723,6 +736,7 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Synthesis 
         "10 log10(max_B^2 / MSE) with the ground truth's maximum; SSIM: the paper's formula over the volume; "
         "SSIM (windowed): Gaussian 7-voxel window"
         + ("; MAE (HU): on the de-normalised volumes, ground truth clipped to the HU window" if has_mae else "")
+        + (f"; bone Dice: overlap of the voxels above {BONE_THRESHOLD_HU:g} HU" if has_bone else "")
         + (
             "; residual displacement: mean (and 95th percentile) length of the B-spline displacement that registers "
             "the synthesis onto its ground truth, over the mask"

@@ -171,13 +171,17 @@ PAPER_NOTES = {
     "mr_ct": "The paper's Table 3 is T2*-weighted MR <-> CT of 20 abdominal aortic aneurysm patients, metrics inside "
     "the aorta; ours is the phantom's T1 <-> CT, metrics inside the head.",
 }
+# (CSV column, header, decimals); the CT-only columns appear in tables with a CT target
 TABLE_METRICS = (
-    ("MSE", 3),
-    ("PSNR", 2),
-    ("SSIM", 3),
-    ("displacement_mm", 2),
-    ("displacement_p95_mm", 2),
+    ("MSE", "MSE", 3),
+    ("PSNR", "PSNR (dB)", 2),
+    ("SSIM", "SSIM", 3),
+    ("MAE_HU", "MAE (HU)", 1),
+    ("bone_dice", "Bone Dice", 3),
+    ("displacement_mm", "Residual displacement (mm)", 2),
+    ("displacement_p95_mm", "Displacement p95 (mm)", 2),
 )
+CT_ONLY_METRICS = ("MAE_HU", "bone_dice")
 
 
 def log(message: str) -> None:
@@ -493,21 +497,25 @@ def group_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[Ma
 
 
 def mean_of(rows: Sequence[Mapping[str, Any]], metric: str) -> float:
-    values = [float(r[metric]) for r in rows if not math.isnan(float(r[metric]))]
+    values = [float(r.get(metric, "nan")) for r in rows]
+    values = [v for v in values if not math.isnan(v)]
     return statistics.fmean(values) if values else float("nan")
 
 
 def experiment_table(experiment: Experiment, rows: Sequence[Mapping[str, Any]]) -> str:
     """Our results in the paper's layout, with the paper's figures in the last columns."""
     paper = PAPER_TABLES.get(experiment.key, {})
+    has_ct = any(not math.isnan(float(r.get("MAE_HU", "nan"))) for r in rows)
+    metrics = [m for m in TABLE_METRICS if has_ct or m[0] not in CT_ONLY_METRICS]
     lines = [
-        "| Experiment | | MSE | PSNR (dB) | SSIM | Residual displacement (mm) | Displacement p95 (mm) | n "
-        "| Paper: MSE | Paper: PSNR | Paper: SSIM |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| Experiment | | "
+        + " | ".join(header for _, header, _ in metrics)
+        + " | n | Paper: MSE | Paper: PSNR | Paper: SSIM |",
+        "| --- | --- | " + " | ".join("---:" for _ in metrics) + " | ---: | ---: | ---: | ---: |",
     ]
     for label, methods in group_rows(rows).items():
         for index, (method, group) in enumerate(methods.items()):
-            cells = [mean_sd([float(r[name]) for r in group], decimals) for name, decimals in TABLE_METRICS]
+            cells = [mean_sd([float(r.get(name, "nan")) for r in group], decimals) for name, _, decimals in metrics]
             reference = paper.get((label, method), ("", "", "") if method == REFERENCE_METHOD else ("-", "-", "-"))
             name = f"*{method}*" if method == REFERENCE_METHOD else method
             lines.append(
@@ -537,9 +545,14 @@ def headline(rows_by_experiment: Mapping[str, Sequence[Mapping[str, Any]]]) -> l
                 text += f" (the distortion itself: {mean_of(methods[REFERENCE_METHOD], 'displacement_mm'):.2f} mm)"
             text += (
                 f"; PSNR {mean_of(cycle, 'PSNR'):.2f} vs {mean_of(dicycle, 'PSNR'):.2f} dB, "
-                f"SSIM {mean_of(cycle, 'SSIM'):.3f} vs {mean_of(dicycle, 'SSIM'):.3f}."
+                f"SSIM {mean_of(cycle, 'SSIM'):.3f} vs {mean_of(dicycle, 'SSIM'):.3f}"
             )
-            sentences.append(text)
+            if not math.isnan(mean_of(cycle + dicycle, "bone_dice")):
+                text += (
+                    f", MAE {mean_of(cycle, 'MAE_HU'):.0f} vs {mean_of(dicycle, 'MAE_HU'):.0f} HU, "
+                    f"bone Dice {mean_of(cycle, 'bone_dice'):.3f} vs {mean_of(dicycle, 'bone_dice'):.3f}"
+                )
+            sentences.append(text + ".")
     return sentences
 
 

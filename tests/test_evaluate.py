@@ -250,9 +250,39 @@ def test_ct_target_adds_mae_in_hu(tmp_path: Path) -> None:
         target = (hu - 500.0) / 1500.0
         expected = metrics_by_hand(np.full(target.shape, synthesis), target)
         expected["MAE_HU"] = float(np.mean(np.abs(synthesis * 1500.0 + 500.0 - hu)))
+        predicted_bone, true_bone = np.full(hu.shape, synthesis * 1500.0 + 500.0 > 300.0), hu > 300.0
+        overlap = 2 * np.sum(predicted_bone & true_bone)
+        expected["bone_dice"] = float(overlap / (predicted_bone.sum() + true_bone.sum()))
         for name, value in expected.items():
             assert row[name] == pytest.approx(value, rel=1e-4, abs=1e-4), (row["subject"], name)
     assert "MAE (HU)" in (tmp_path / "eval" / "summary.md").read_text()
+    assert "Bone Dice" in (tmp_path / "eval" / "summary.md").read_text()
+
+
+def test_bone_dice_measures_where_the_bone_is_drawn() -> None:
+    """Bone Dice against a count by hand: a skull shell drawn one shell further out (bone where the scalp is, the
+    T1 -> CT failure) overlaps little; NaN without bone in the ground truth or for MR targets."""
+    grid = np.stack(np.meshgrid(*(np.arange(24.0) - 11.5,) * 3, indexing="ij"))
+    radius = np.sqrt((grid**2).sum(0))
+
+    def hu_to_unit(hu: np.ndarray) -> np.ndarray:  # the window [-1000, 2000] scaled to [-1, 1]
+        return (hu - 500.0) / 1500.0
+
+    skull = (radius > 7) & (radius <= 9)
+    target = hu_to_unit(np.where(skull, 1000.0, np.where(radius <= 7, 30.0, -1000.0)))
+    shifted = (radius > 8) & (radius <= 10)  # one voxel further out
+    prediction = hu_to_unit(np.where(shifted, 800.0, np.where(radius <= 8, 30.0, -1000.0)))
+    values = volume_metrics(torch.tensor(prediction)[None], torch.tensor(target)[None], target_kind="CT")
+    expected = 2 * np.sum(skull & shifted) / (np.sum(skull) + np.sum(shifted))
+    assert values["bone_dice"] == pytest.approx(expected, rel=1e-6)
+    assert 0.2 < expected < 0.8
+    exact = volume_metrics(torch.tensor(target)[None], torch.tensor(target)[None], target_kind="CT")
+    assert exact["bone_dice"] == pytest.approx(1.0)
+    inside = torch.tensor(radius <= 6)[None]  # a mask without bone: no Dice
+    assert math.isnan(
+        volume_metrics(torch.tensor(prediction)[None], torch.tensor(target)[None], inside, "CT")["bone_dice"]
+    )
+    assert math.isnan(volume_metrics(torch.tensor(prediction)[None], torch.tensor(target)[None])["bone_dice"])
 
 
 def test_mismatched_ground_truth_names_both_files(tmp_path: Path) -> None:

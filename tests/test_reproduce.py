@@ -154,3 +154,31 @@ def test_distortion_effect_is_table_2_minus_table_1() -> None:
     assert "CycleGAN 2.00 -> 4.00 mm (+2.00 mm), DicycleGAN 1.00 -> 1.25 mm (+0.25 mm)" in sentence
     assert "the distortion itself displaces by 3.00 mm" in sentence
     assert reproduce.distortion_effect({"deformed": deformed}) == []
+
+
+def test_ct_tables_add_mae_and_bone_dice() -> None:
+    def row(direction: str, method: str, mae: float, dice: float) -> dict:
+        experiment = "T1 to CT" if direction == "A2B" else "CT to T1"
+        metrics = {"MSE": 0.1, "PSNR": 10.0, "SSIM": 0.5, "displacement_mm": 1.0, "displacement_p95_mm": 2.0}
+        return {
+            "direction": direction,
+            "experiment": experiment,
+            "method": method,
+            "MAE_HU": mae,
+            "bone_dice": dice,
+            **metrics,
+        }
+
+    nan = float("nan")
+    rows = [row("A2B", "Cycle", 100.0, 0.2), row("A2B", "Cycle", 200.0, 0.4), row("A2B", "Dicycle", 50.0, 0.9)]
+    rows += [row("B2A", "Cycle", nan, nan), row("B2A", "Dicycle", nan, nan)]
+    table = reproduce.experiment_table(reproduce.EXPERIMENTS["mr_ct"], rows).splitlines()
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert header[5:7] == ["MAE (HU)", "Bone Dice"]
+    assert [cell.strip() for cell in table[2].strip("|").split("|")][5:7] == ["150.0 (70.7)", "0.300 (0.141)"]
+    assert [cell.strip() for cell in table[4].strip("|").split("|")][5:7] == ["-", "-"]  # MR target
+    t1_to_ct, ct_to_t1 = reproduce.headline({"mr_ct": rows})
+    assert "MAE 150 vs 50 HU, bone Dice 0.300 vs 0.900" in t1_to_ct
+    assert "bone Dice" not in ct_to_t1
+    mr_only = reproduce.experiment_table(reproduce.EXPERIMENTS["deformed"], rows[3:])
+    assert "Bone Dice" not in mr_only and "MAE" not in mr_only
