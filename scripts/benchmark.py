@@ -246,6 +246,15 @@ class _Iteration:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def matrix_flop(self) -> int:
+        """FLOP of one iteration's convolutions and matrix products (forward and backward), counted by
+        ``torch.utils.flop_counter``; sampling, normalisation and other element-wise work are not counted."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            self()
+        return counter.get_total_flops()
+
 
 def _names(value: str | Sequence[str]) -> list[str]:
     return [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
@@ -259,7 +268,8 @@ def iteration(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Seconds per training iteration (generator step + discriminator step with image pools) of the DicycleGAN and
-    CycleGAN modes of the same code, timed round-robin.
+    CycleGAN modes of the same code, timed round-robin, and each mode's matrix FLOP per iteration
+    (:meth:`_Iteration.matrix_flop`): their ratio is the floor of the time ratio at equal arithmetic efficiency.
 
     Args:
         preset: ``"paper"`` (configs/train.json: ngf 64, 9 blocks, 128 x 128, batch 1, d_channels 64), ``"demo"``
@@ -281,11 +291,21 @@ def iteration(
         _header(f"Training iteration, {PRESET_LABELS[name]} ({runs['DicycleGAN'].description}), median of {n}")
         slices = 2 * runs["DicycleGAN"].batch_size  # a sample is one domain-A and one domain-B slice
         ratio = timed["DicycleGAN"] / timed["CycleGAN"]
-        print(f"{'mode':>10} | {'s/iteration':>11} | {'slices/s':>8} | {'x CycleGAN':>10} | target")
-        print(f"{'CycleGAN':>10} | {timed['CycleGAN']:11.3f} | {slices / timed['CycleGAN']:8.2f} | {1.0:10.2f} |")
+        flop = {mode: run.matrix_flop() for mode, run in runs.items()}
+        flop_ratio = flop["DicycleGAN"] / flop["CycleGAN"]
+        print(f"{'mode':>10} | {'s/iteration':>11} | {'slices/s':>8} | {'x CycleGAN':>10} | {'GFLOP':>7} | target")
+        print(
+            f"{'CycleGAN':>10} | {timed['CycleGAN']:11.3f} | {slices / timed['CycleGAN']:8.2f} | {1.0:10.2f} | "
+            f"{flop['CycleGAN'] / 1e9:7.2f} |"
+        )
+        verdict = _verdict(ratio <= TARGET_MODE_RATIO)
         print(
             f"{'DicycleGAN':>10} | {timed['DicycleGAN']:11.3f} | {slices / timed['DicycleGAN']:8.2f} | {ratio:10.2f} | "
-            f"<= {TARGET_MODE_RATIO:.1f}x CycleGAN: {_verdict(ratio <= TARGET_MODE_RATIO)}"
+            f"{flop['DicycleGAN'] / 1e9:7.2f} | <= {TARGET_MODE_RATIO:.1f}x CycleGAN: {verdict}"
+        )
+        print(
+            f"GFLOP: convolutions and matrix products of one iteration, forward and backward; their ratio, "
+            f"{flop_ratio:.2f}x, is the time ratio the DicycleGAN mode cannot beat at equal arithmetic efficiency."
         )
         results[name] = timed
     return results

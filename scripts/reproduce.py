@@ -269,6 +269,17 @@ def train(
     return record
 
 
+def budget_epochs(configs: Sequence[str], overrides: Mapping[str, Any], budget: int) -> dict[str, int]:
+    """``n_epochs`` and ``n_epochs_decay`` of configs/train.json under the preset's files and overrides, times
+    ``budget``; empty for a budget of 1, so the preset's own commands (and their finished runs) stay as they are."""
+    if budget == 1:
+        return {}
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / name) for name in ["configs/train.json", *configs]])
+    parser.update(dict(overrides))
+    return {name: int(parser.get(name)) * budget for name in ("n_epochs", "n_epochs_decay")}
+
+
 def evaluation_parser(
     experiment: Experiment,
     method: str,
@@ -592,8 +603,9 @@ def results_markdown(
     records: Mapping[tuple[str, str], Mapping[str, Any]],
     figures: Mapping[str, str],
     timings: Mapping[str, float],
+    budget_overrides: Mapping[str, Any] | None = None,
 ) -> str:
-    """The text of ``results.md``."""
+    """The text of ``results.md``; ``budget_overrides``: the epochs of a ``--budget`` run, stated with the budget."""
     lines = [
         "# DicycleGAN against CycleGAN on the brain phantom",
         "",
@@ -607,7 +619,14 @@ def results_markdown(
         command,
         "```",
         "",
-        f"Budget (`--preset {preset}`): {PRESETS[preset]['description']}. Data: "
+        f"Budget (`--preset {preset}`): {PRESETS[preset]['description']}"
+        + (
+            f"; here stretched by `--budget`: {budget_overrides['n_epochs']} constant + "
+            f"{budget_overrides['n_epochs_decay']} decaying epochs"
+            if budget_overrides
+            else ""
+        )
+        + ". Data: "
         + ", ".join(f"{name} {value}" for name, value in data_settings.items())
         + f" (`scripts/make_demo_data.py`). Machine: {platform.machine()}, {os.cpu_count()} CPU cores"
         + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
@@ -693,6 +712,7 @@ def main(
     dataset_dir: str | None = None,
     seed: int = 0,
     publish_dir: str | None = None,
+    budget: int = 1,
 ) -> dict[str, Any]:
     """Build the phantom, train CycleGAN and DicycleGAN on each experiment, evaluate, and write ``results.md``.
 
@@ -704,15 +724,19 @@ def main(
         dataset_dir: an existing phantom folder to use instead of building ``OUTPUT_DIR/data``.
         seed: seed of the data set and of every training run.
         publish_dir: also copy ``results.md`` and its figures there (``docs`` updates ``docs/results.md``).
+        budget: train ``budget`` times the preset's epochs (both the constant and the decay stage), the same
+            schedule stretched: does a result change with longer training?
 
     Returns:
         ``{"results": path of results.md, "rows": {experiment: per-volume rows}}``.
 
     Raises:
-        ValueError: for an unknown preset or experiment.
+        ValueError: for an unknown preset or experiment, or a budget below 1.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a whole number of times the preset's epochs (>= 1), got {budget!r}.")
     keys = [k.strip() for k in experiments.split(",")] if isinstance(experiments, str) else list(experiments)
     unknown = [key for key in keys if key not in EXPERIMENTS]
     if unknown or not keys:
@@ -721,7 +745,7 @@ def main(
     output.mkdir(parents=True, exist_ok=True)
     settings = PRESETS[preset]
     configs = settings["configs"]
-    overrides = settings.get("overrides", {})
+    overrides = {**settings.get("overrides", {}), **budget_epochs(configs, settings.get("overrides", {}), budget)}
     data_dir = Path(dataset_dir).resolve() if dataset_dir else output / "data"
     timings = {"data": 0.0 if dataset_dir else build_data(data_dir, settings["data"], seed)}
 
@@ -766,9 +790,22 @@ def main(
     command = f"python scripts/reproduce.py --output_dir {output_dir} --preset {preset}"
     if keys != list(EXPERIMENTS):
         command += f" --experiments {','.join(keys)}"
+    if dataset_dir:
+        command += f" --dataset_dir {dataset_dir}"
     if seed:
         command += f" --seed {seed}"
-    text = results_markdown(command, preset, settings["data"], rows_by_experiment, records, figures, timings)
+    if budget != 1:
+        command += f" --budget {budget}"
+    text = results_markdown(
+        command,
+        preset,
+        settings["data"],
+        rows_by_experiment,
+        records,
+        figures,
+        timings,
+        overrides if budget != 1 else {},
+    )
     results = output / "results.md"
     results.write_text(text)
     log(f"wrote {results}")

@@ -42,6 +42,16 @@ def test_iteration_times_both_modes_of_both_presets(benchmark, capsys):
     out = capsys.readouterr().out
     assert "Training iteration, paper size (ngf 4, 1 blocks, 32x32, batch 1, d_channels 4)" in out
     assert "x CycleGAN" in out and "<= 2.0x CycleGAN" in out
+    assert "GFLOP" in out and "is the time ratio the DicycleGAN mode cannot beat" in out
+
+
+def test_matrix_flop_of_the_dicyclegan_mode_exceeds_twice_the_generators(benchmark):
+    """The deformed passes double every generator convolution and add the offset convolutions on top."""
+    dicycle = benchmark._Iteration("demo", "DicycleGAN", TINY)
+    cyclegan = benchmark._Iteration("demo", "CycleGAN", TINY)
+    flop_dicycle, flop_cyclegan = dicycle.matrix_flop(), cyclegan.matrix_flop()
+    assert flop_dicycle > flop_cyclegan > 0
+    assert dicycle.matrix_flop() == flop_dicycle  # a count, not a timing: the same every iteration
 
 
 def test_iteration_is_the_configs_training_step(benchmark):

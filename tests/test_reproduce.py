@@ -182,3 +182,14 @@ def test_ct_tables_add_mae_and_bone_dice() -> None:
     assert "bone Dice" not in ct_to_t1
     mr_only = reproduce.experiment_table(reproduce.EXPERIMENTS["deformed"], rows[3:])
     assert "Bone Dice" not in mr_only and "MAE" not in mr_only
+
+
+def test_budget_stretches_the_presets_epochs_and_leaves_budget_1_alone(tmp_path: Path) -> None:
+    cpu = reproduce.PRESETS["cpu"]
+    assert reproduce.budget_epochs(cpu["configs"], {}, 1) == {}  # the preset's own commands and runs stay valid
+    assert reproduce.budget_epochs(cpu["configs"], {}, 3) == {"n_epochs": 15, "n_epochs_decay": 15}
+    smoke = reproduce.PRESETS["smoke"]
+    assert reproduce.budget_epochs(smoke["configs"], smoke["overrides"], 2) == {"n_epochs": 2, "n_epochs_decay": 2}
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="budget must be a whole number"):
+            reproduce.main(output_dir=str(tmp_path), budget=bad)
