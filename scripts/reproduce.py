@@ -660,7 +660,10 @@ def results_markdown(
         "",
         "MSE, PSNR and SSIM as in the paper: on z-scored MR (CT: HU window [-1000, 2000] scaled to [-1, 1]), PSNR "
         "with the ground truth's maximum, SSIM by the paper's global formula, all inside the mask; mean (sample sd) "
-        "over the n test volumes. The paper's columns are its own figures (IXI at 1.8 mm and the private abdominal "
+        "over the n test volumes. For CT targets also the MAE in HU and the bone Dice: the overlap of the voxels "
+        "above 300 HU in the synthesis and in the ground truth, i.e. whether the bone is drawn where it is (bone and "
+        "air are both dark in MR, so this is the hard part of MR -> CT). The paper's columns are its own figures "
+        "(IXI at 1.8 mm and the private abdominal "
         "data, full-size networks), beside ours for reference, not for a like-for-like comparison: our phantom, "
         "width and budget differ.",
         "",
