@@ -25,6 +25,7 @@ __all__ = [
     "ResnetBlock",
     "deform_conv2d_torch",
     "patch_discriminator",
+    "sampling_grid",
 ]
 
 _BACKENDS = ("auto", "torch", "torchvision")
@@ -64,21 +65,49 @@ def deform_conv2d_torch(
     Returns:
         Tensor of shape (N, C_out, H_out, W_out).
     """
-    n, channels, h, w = x.shape
+    n, channels = x.shape[:2]
     c_out, _, kh, kw = weight.shape
     h_out, w_out = offset.shape[-2:]
-    taps = kh * kw
-    if offset.shape[1] != 2 * taps:
-        raise ValueError(f"offset must have 2 * kh * kw = {2 * taps} channels, got {offset.shape[1]}.")
-
+    if offset.shape[1] != 2 * kh * kw:
+        raise ValueError(f"offset must have 2 * kh * kw = {2 * kh * kw} channels, got {offset.shape[1]}.")
     # Normalising by (size - 1) needs size >= 2; an extra zero row/column is exactly "outside the image".
-    if h == 1 or w == 1:
-        x = F.pad(x, (0, int(w == 1), 0, int(h == 1)))
-        h, w = x.shape[-2:]
+    if x.shape[-2] == 1 or x.shape[-1] == 1:
+        x = F.pad(x, (0, int(x.shape[-1] == 1), 0, int(x.shape[-2] == 1)))
+    grid = sampling_grid(offset, x.shape[-2:], (kh, kw), stride, padding, dilation)
+    columns = _grid_sample_all_threads(x, grid.to(x.dtype))
+    out = _contract(weight.reshape(c_out, channels * kh * kw), columns.reshape(n, channels * kh * kw, h_out * w_out), bias)
+    return out.view(n, c_out, h_out, w_out)
 
-    # normalised sampling position = offset * scale + base, base = the undeformed tap position (a constant);
-    # positions in at least float32 (a bfloat16 position would be off by up to half a pixel at 128 pixels)
-    device, dtype = x.device, torch.promote_types(offset.dtype, torch.float32)
+
+def sampling_grid(
+    offset: torch.Tensor,
+    input_size: Sequence[int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """``F.grid_sample`` grid (``align_corners=True``) of a deformable convolution's taps, tap-major rows.
+
+    Args:
+        offset: offsets of shape (N, 2 * kh * kw, H_out, W_out), interleaved (dy, dx) per tap, taps row-major.
+        input_size: (H, W) of the sampled input, both at least 2.
+        kernel_size: (kh, kw).
+        stride: stride (h, w).
+        padding: implicit zero padding (h, w).
+        dilation: spacing between taps (h, w).
+
+    Returns:
+        Tensor of shape (N, kh * kw * H_out, W_out, 2): normalised (x, y) of tap ``k`` of output ``(oy, ox)`` at row
+        ``k * H_out + oy``, column ``ox``; in at least float32 (a bfloat16 position would be off by up to half a
+        pixel at 128 pixels).
+    """
+    n, _, h_out, w_out = offset.shape
+    h, w = input_size
+    kh, kw = kernel_size
+    taps = kh * kw
+    # normalised sampling position = offset * scale + base, base = the undeformed tap position (a constant)
+    device, dtype = offset.device, torch.promote_types(offset.dtype, torch.float32)
     scale_y, scale_x = 2.0 / (h - 1), 2.0 / (w - 1)
     tap_y = torch.arange(kh, device=device, dtype=dtype).repeat_interleave(kw) * dilation[0]
     tap_x = torch.arange(kw, device=device, dtype=dtype).repeat(kh) * dilation[1]
@@ -90,16 +119,13 @@ def deform_conv2d_torch(
     offset_y, offset_x = offset.to(dtype).view(n, taps, 2, h_out, w_out).unbind(2)
     sample_x = torch.add(base_x, offset_x, alpha=scale_x)
     sample_y = torch.add(base_y, offset_y, alpha=scale_y)
-    # grid (n, taps, h_out, w_out, 2) of (x, y) pairs, tap-major rows
-    if x.device.type == "cpu":
+    if offset.device.type == "cpu":
         # the complex number x + iy viewed as real is the interleaved (x, y) pair, written in one pass
         # (torch.stack(..., dim=-1) interleaves several times slower on one CPU thread)
         grid = torch.view_as_real(torch.complex(sample_x, sample_y))
     else:
         grid = torch.stack((sample_x, sample_y), dim=-1)
-    columns = _grid_sample_all_threads(x, grid.view(n, taps * h_out, w_out, 2).to(x.dtype))
-    out = _contract(weight.reshape(c_out, channels * taps), columns.reshape(n, channels * taps, h_out * w_out), bias)
-    return out.view(n, c_out, h_out, w_out)
+    return grid.view(n, taps * h_out, w_out, 2)
 
 
 def _contract(weight: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -109,7 +135,9 @@ def _contract(weight: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | 
     transposed result the following layers would copy.
     """
     if columns.shape[0] == 1:
-        out = torch.mm(weight, columns[0]) if bias is None else torch.addmm(bias.unsqueeze(1), weight, columns[0])
+        # a view, not columns[0]: the gradient of an index is a zero-filled copy of the whole column matrix
+        matrix = columns.view(columns.shape[1:])
+        out = torch.mm(weight, matrix) if bias is None else torch.addmm(bias.unsqueeze(1), weight, matrix)
         return out.unsqueeze(0)
     weight = weight.expand(columns.shape[0], *weight.shape)
     return torch.bmm(weight, columns) if bias is None else torch.baddbmm(bias.view(1, -1, 1), weight, columns)

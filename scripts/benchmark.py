@@ -96,17 +96,24 @@ def _verdict(met: bool) -> str:
 
 
 def offset_conv(repeats: int = 10, backend: str = "torch") -> list[dict]:
-    """Forward + backward time of OffsetConv2d (deformed, random offsets) against ``F.conv2d`` of the same size.
+    """Forward + backward time of OffsetConv2d (deformed, random offsets) against ``F.conv2d`` of the same size, and
+    of the pure-PyTorch path's three kernels alone (the offset convolution, ``F.grid_sample`` of the taps and the
+    matrix products of the contraction): their sum is what the layer costs without any glue.
 
     Args:
         repeats: timed repetitions (median reported).
         backend: OffsetConv2d backend.
 
     Returns:
-        One row per size with both times and their ratio (target: ratio <= 3).
+        One row per size with the times (ms) and the ratios to the plain convolution (target: ratio <= 3).
     """
+    from bundle.networks import _contract, _grid_sample_all_threads, sampling_grid
+
     _header(f"OffsetConv2d ({backend}) vs plain conv, 3x3, batch 1, forward + backward")
-    print(f"{'input':>16} | {'plain conv ms':>13} | {'OffsetConv2d ms':>15} | {'ratio':>5}")
+    print(
+        f"{'input':>16} | {'plain conv ms':>13} | {'OffsetConv2d ms':>15} | {'ratio':>5} | {'offset conv':>11} | "
+        f"{'sampling':>8} | {'contraction':>11} | {'kernels ratio':>13}"
+    )
     rows = []
     for channels, size in ((64, 128), (256, 32)):
         torch.manual_seed(0)
@@ -114,17 +121,61 @@ def offset_conv(repeats: int = 10, backend: str = "torch") -> list[dict]:
         with torch.no_grad():
             layer.offset_conv.weight.normal_(0, 0.01)
         x = torch.randn(1, channels, size, size, requires_grad=True)
+        with torch.no_grad():
+            grid = sampling_grid(layer.offset_conv(x), (size, size), (3, 3), padding=(1, 1))
+        sampled = x.detach().clone().requires_grad_(True)
+        grid.requires_grad_(True)
+        columns = torch.randn(1, channels * 9, size * size, requires_grad=True)
+        weight = layer.weight.detach().reshape(channels, -1).requires_grad_(True)
+        # the components are driven by a fixed output gradient: no loss over their (9x larger) outputs is timed
+        grad_columns = torch.randn(1, channels, 9 * size, size)
+        grad_out = torch.randn(1, channels, size * size)
 
         def plain(layer: OffsetConv2d = layer, x: torch.Tensor = x) -> None:
             layer.zero_grad(set_to_none=True)
             F.conv2d(x, layer.weight, layer.bias, padding=1).square().mean().backward()
 
-        timed = _median_seconds({"plain": plain, "deformed": _forward_backward(layer, x, deform=True)}, repeats)
-        t_plain, t_deform = timed["plain"], timed["deformed"]
-        row = {"input": f"{channels}x{size}x{size}", "plain_ms": 1e3 * t_plain, "offset_ms": 1e3 * t_deform}
-        row["ratio"] = t_deform / t_plain
+        def sampling(
+            sampled: torch.Tensor = sampled, grid: torch.Tensor = grid, grad: torch.Tensor = grad_columns
+        ) -> None:
+            sampled.grad = grid.grad = None
+            _grid_sample_all_threads(sampled, grid).backward(grad)
+
+        def contraction(
+            weight: torch.Tensor = weight, columns: torch.Tensor = columns, grad: torch.Tensor = grad_out
+        ) -> None:
+            weight.grad = columns.grad = None
+            _contract(weight, columns, None).backward(grad)
+
+        steps = {
+            "plain": plain,
+            "deformed": _forward_backward(layer, x, deform=True),
+            "offset_conv": _forward_backward(layer.offset_conv, x),
+            "sampling": sampling,
+            "contraction": contraction,
+        }
+        ms = {name: 1e3 * seconds for name, seconds in _median_seconds(steps, repeats).items()}
+        kernels = ms["offset_conv"] + ms["sampling"] + ms["contraction"]
+        row = {
+            "input": f"{channels}x{size}x{size}",
+            "plain_ms": ms["plain"],
+            "offset_ms": ms["deformed"],
+            "ratio": ms["deformed"] / ms["plain"],
+            "offset_conv_ms": ms["offset_conv"],
+            "sampling_ms": ms["sampling"],
+            "contraction_ms": ms["contraction"],
+            "kernels_ratio": kernels / ms["plain"],
+        }
         rows.append(row)
-        print(f"{row['input']:>16} | {row['plain_ms']:13.1f} | {row['offset_ms']:15.1f} | {row['ratio']:5.2f}")
+        print(
+            f"{row['input']:>16} | {row['plain_ms']:13.1f} | {row['offset_ms']:15.1f} | {row['ratio']:5.2f} | "
+            f"{row['offset_conv_ms']:11.1f} | {row['sampling_ms']:8.1f} | {row['contraction_ms']:11.1f} | "
+            f"{row['kernels_ratio']:13.2f}"
+        )
+    print(
+        "kernels ratio: the three kernels of the pure-PyTorch path alone (offset conv, grid_sample of the taps, the "
+        "contraction's matrix products; forward + backward each) over the plain conv: the ratio without any glue."
+    )
     return rows
 
 

@@ -27,6 +27,10 @@ def test_offset_conv_prints_its_table(benchmark, capsys):
     rows = benchmark.offset_conv(repeats=1)
     assert [row["input"] for row in rows] == ["64x128x128", "256x32x32"]
     assert "OffsetConv2d ms" in capsys.readouterr().out
+    for row in rows:
+        kernels = row["offset_conv_ms"] + row["sampling_ms"] + row["contraction_ms"]
+        assert row["kernels_ratio"] == pytest.approx(kernels / row["plain_ms"])
+        assert row["ratio"] == pytest.approx(row["offset_ms"] / row["plain_ms"])
 
 
 def test_generator_prints_its_table(benchmark, capsys):

@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bundle.networks import DicycleGenerator, OffsetConv2d, deform_conv2d_torch, patch_discriminator
+from bundle.networks import (
+    DicycleGenerator,
+    OffsetConv2d,
+    deform_conv2d_torch,
+    patch_discriminator,
+    sampling_grid,
+)
 
 # (kernel_size, stride, padding, dilation)
 CONV_CASES = [
@@ -302,3 +308,20 @@ def test_one_batch_path_used_on_accelerators_equals_separate_passes():
     one_batch = generator._run(torch.cat((x, x)), 2)  # the path forward_both takes off the CPU
     torch.testing.assert_close(one_batch[:2], generator(x, deform=True), rtol=0, atol=1e-5)
     torch.testing.assert_close(one_batch[2:], generator(x, deform=False), rtol=0, atol=1e-5)
+
+
+def test_sampling_grid_of_zero_offsets_is_the_tap_positions() -> None:
+    """Undeformed taps: tap (i, j) of output (oy, ox) at (oy * stride - pad + i * dil, ox * stride - pad + j * dil),
+    pixel coordinates recovered from grid_sample's normalised ones (align_corners=True)."""
+    h, w, stride, padding, dilation = 9, 7, (2, 1), (1, 2), (2, 1)
+    h_out, w_out = (h + 2 * 1 - 2 * 2 - 1) // 2 + 1, (w + 2 * 2 - 1 * 2 - 1) // 1 + 1
+    grid = sampling_grid(torch.zeros(2, 18, h_out, w_out), (h, w), (3, 3), stride, padding, dilation)
+    assert grid.shape == (2, 9 * h_out, w_out, 2)
+    pixel_x, pixel_y = (grid[..., 0] + 1) * (w - 1) / 2, (grid[..., 1] + 1) * (h - 1) / 2
+    for i in range(3):
+        for j in range(3):
+            rows = slice((i * 3 + j) * h_out, (i * 3 + j + 1) * h_out)
+            expected_y = torch.arange(h_out) * stride[0] - padding[0] + i * dilation[0]
+            expected_x = torch.arange(w_out) * stride[1] - padding[1] + j * dilation[1]
+            torch.testing.assert_close(pixel_y[:, rows], expected_y.view(1, -1, 1).expand(2, h_out, w_out).float())
+            torch.testing.assert_close(pixel_x[:, rows], expected_x.view(1, 1, -1).expand(2, h_out, w_out).float())
