@@ -12,9 +12,9 @@ MSE, PSNR and SSIM are on the intensity scale of the paper (Wang et al. 2018, Ex
 - ``SSIM_windowed``: :class:`~bundle.metrics.VolumeSSIMMetric`, MONAI's Gaussian-window (7 voxels, sigma 1.5) SSIM;
 - ``MAE_HU`` (CT targets only): MONAI's :class:`~monai.metrics.MAEMetric` on the de-normalised volumes, in HU
   (within the HU window of the preprocessing, which clips the ground truth);
-- ``bone_dice`` (CT targets only): Dice overlap of bone (above :data:`BONE_THRESHOLD_HU`) in the synthesis and in
-  the ground truth, MONAI's :func:`~monai.metrics.compute_dice`: whether the bone is drawn where it is, the
-  hard part of MR -> CT (bone and air are both dark in MR); NaN where the ground truth has no bone in the mask;
+- ``bone_dice`` (CT targets only): :func:`~bundle.metrics.bone_dice`, the Dice overlap of bone (above
+  :data:`~bundle.metrics.BONE_THRESHOLD_HU`) in the synthesis and in the ground truth: whether the bone is drawn
+  where it is, the hard part of MR -> CT (bone and air are both dark in MR); NaN without bone in the mask;
 - ``displacement_mm`` / ``displacement_p95_mm`` (optional, ``residual_displacement=True``): mean and 95th percentile
   of the displacement a B-spline registration finds between the synthesis and its ground truth
   (:func:`bundle.registration.residual_displacement`), over the mask: the misalignment itself, in mm.
@@ -50,14 +50,21 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from monai.inferers import Inferer
-from monai.metrics import MAEMetric, MSEMetric, compute_dice
+from monai.metrics import MAEMetric, MSEMetric
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 from torch import nn
 
 from bundle import registration
 from bundle.datalist import load_datalist, synthesis_pair
 from bundle.inference import UndeformedGenerator
-from bundle.metrics import GlobalSSIMMetric, VolumePSNRMetric, VolumeSSIMMetric, windowed_ssim
+from bundle.metrics import (
+    BONE_THRESHOLD_HU,
+    GlobalSSIMMetric,
+    VolumePSNRMetric,
+    VolumeSSIMMetric,
+    bone_dice,
+    windowed_ssim,
+)
 
 __all__ = [
     "BONE_THRESHOLD_HU",
@@ -98,8 +105,6 @@ METRICS: tuple[tuple[str, str, int], ...] = (
 )
 # columns left out of the summary when no row has a value (MAE, bone Dice: MR targets; displacement: not measured)
 OPTIONAL_METRICS = ("MAE_HU", "bone_dice", "displacement_mm", "displacement_p95_mm")
-# bone in CT: above soft tissue and blood (< 100 HU) and the contrast-enhanced aorta; the usual 200-300 HU cut
-BONE_THRESHOLD_HU = 300.0
 CSV_COLUMNS = (
     "subject",
     "direction",
@@ -313,11 +318,8 @@ def volume_metrics(
     if target_kind == "CT":
         low, high = (float(v) for v in hu_window)
         scale, shift = (high - low) / 2.0, (high + low) / 2.0
-        p_hu, t_hu = p_in * scale + shift, t_in * scale + shift
-        values["MAE_HU"] = MAEMetric()(p_hu, t_hu)
-        values["bone_dice"] = compute_dice(
-            (p_hu > BONE_THRESHOLD_HU).float(), (t_hu > BONE_THRESHOLD_HU).float(), include_background=True
-        )
+        values["MAE_HU"] = MAEMetric()(p_in * scale + shift, t_in * scale + shift)
+        values["bone_dice"] = bone_dice(p_in, t_in, hu_window)
     result = {name: float(torch.as_tensor(value).reshape(-1)[0]) for name, value in values.items()}
     result.setdefault("MAE_HU", float("nan"))
     result.setdefault("bone_dice", float("nan"))

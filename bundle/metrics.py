@@ -3,7 +3,8 @@
 - PSNR ``10 log10(max_B^2 / MSE)`` with ``max_B`` the ground truth's own maximum (z-scored volumes have no fixed
   peak, so MONAI's fixed-``max_val`` PSNR does not apply);
 - windowed SSIM (MONAI's Gaussian-window SSIM) with the ground truth's intensity range as the data range;
-- the paper's global SSIM, its formula over the whole volume (means, variances and covariance of all voxels).
+- the paper's global SSIM, its formula over the whole volume (means, variances and covariance of all voxels);
+- bone Dice (CT targets): the overlap of the voxels above :data:`BONE_THRESHOLD_HU` in synthesis and ground truth.
 
 Each is a MONAI ``CumulativeIterationMetric`` (per-volume values buffered, aggregated by ``aggregate``) so that
 ``monai.handlers.IgniteMetricHandler`` can attach it to an evaluator.
@@ -11,12 +12,27 @@ Each is a MONAI ``CumulativeIterationMetric`` (per-volume values buffered, aggre
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from monai.metrics import CumulativeIterationMetric
+from monai.metrics import CumulativeIterationMetric, compute_dice
 from monai.metrics.regression import compute_ssim_and_cs
 from monai.utils import MetricReduction
 
-__all__ = ["GlobalSSIMMetric", "VolumePSNRMetric", "VolumeSSIMMetric", "global_ssim", "volume_psnr", "windowed_ssim"]
+__all__ = [
+    "BONE_THRESHOLD_HU",
+    "BoneDiceMetric",
+    "GlobalSSIMMetric",
+    "VolumePSNRMetric",
+    "VolumeSSIMMetric",
+    "bone_dice",
+    "global_ssim",
+    "volume_psnr",
+    "windowed_ssim",
+]
+
+# bone in CT: above soft tissue and blood (< 100 HU) and the contrast-enhanced aorta; the usual 200-300 HU cut
+BONE_THRESHOLD_HU = 300.0
 
 
 def _per_item(x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +139,32 @@ def windowed_ssim(
     return torch.stack(values)
 
 
+def bone_dice(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    hu_window: Sequence[float] = (-1000.0, 2000.0),
+    threshold_hu: float = BONE_THRESHOLD_HU,
+) -> torch.Tensor:
+    """Dice overlap of bone (above ``threshold_hu``) in synthesized and true CT, per batch item.
+
+    Bone and air are both dark in MR, so whether an MR -> CT synthesis draws the bone where it is shows here and
+    hardly in MSE or PSNR.
+
+    Args:
+        prediction: synthesized CT (N, C, *spatial) on the network's scale (the HU window mapped to [-1, 1]).
+        target: true CT of the same shape and scale.
+        hu_window: the HU window that [-1, 1] stands for.
+        threshold_hu: bone threshold in HU.
+
+    Returns:
+        Tensor (N,); NaN where the ground truth has no bone.
+    """
+    low, high = (float(v) for v in hu_window)
+    threshold = (threshold_hu - (high + low) / 2.0) / ((high - low) / 2.0)  # on the [-1, 1] scale
+    flat_p, flat_t = _per_item(prediction)[:, None], _per_item(target)[:, None]
+    return compute_dice((flat_p > threshold).float(), (flat_t > threshold).float(), include_background=True)[:, 0]
+
+
 class _VolumeMetric(CumulativeIterationMetric):
     """Buffers one value per volume; ``aggregate`` reduces them (mean by default)."""
 
@@ -169,3 +211,27 @@ class GlobalSSIMMetric(_VolumeMetric):
 
     def _value(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return global_ssim(y_pred, y)
+
+
+class BoneDiceMetric(_VolumeMetric):
+    """:func:`bone_dice` for MONAI evaluators; volumes without bone are left out of the mean.
+
+    Args:
+        hu_window: the HU window that the network's [-1, 1] stands for.
+        threshold_hu: bone threshold in HU.
+    """
+
+    def __init__(self, hu_window: Sequence[float] = (-1000.0, 2000.0), threshold_hu: float = BONE_THRESHOLD_HU) -> None:
+        super().__init__()
+        self.hu_window = tuple(hu_window)
+        self.threshold_hu = threshold_hu
+
+    def _value(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return bone_dice(y_pred, y, self.hu_window, self.threshold_hu)
+
+    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
+        data = super().aggregate(MetricReduction.NONE)
+        reduction = self.reduction if reduction is None else reduction
+        if reduction in (MetricReduction.NONE, "none"):
+            return data
+        return data.nanmean() if reduction in (MetricReduction.MEAN, "mean") else data.nansum()

@@ -75,7 +75,9 @@ def deform_conv2d_torch(
         x = F.pad(x, (0, int(x.shape[-1] == 1), 0, int(x.shape[-2] == 1)))
     grid = sampling_grid(offset, x.shape[-2:], (kh, kw), stride, padding, dilation)
     columns = _grid_sample_all_threads(x, grid.to(x.dtype))
-    out = _contract(weight.reshape(c_out, channels * kh * kw), columns.reshape(n, channels * kh * kw, h_out * w_out), bias)
+    out = _contract(
+        weight.reshape(c_out, channels * kh * kw), columns.reshape(n, channels * kh * kw, h_out * w_out), bias
+    )
     return out.view(n, c_out, h_out, w_out)
 
 

@@ -36,7 +36,7 @@ from bundle.evaluation import (
     volume_metrics,
     write_results,
 )
-from bundle.metrics import windowed_ssim
+from bundle.metrics import BoneDiceMetric, windowed_ssim
 from bundle.networks import DicycleGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,6 +278,14 @@ def test_bone_dice_measures_where_the_bone_is_drawn() -> None:
     assert 0.2 < expected < 0.8
     exact = volume_metrics(torch.tensor(target)[None], torch.tensor(target)[None], target_kind="CT")
     assert exact["bone_dice"] == pytest.approx(1.0)
+    metric = BoneDiceMetric()  # as validation uses it: volumes without bone are left out of the mean
+    metric(
+        torch.tensor(np.stack([prediction, prediction]))[:, None],
+        torch.tensor(np.stack([target, target * 0 - 1]))[:, None],
+    )
+    metric(torch.tensor(target)[None, None], torch.tensor(target)[None, None])
+    assert metric.aggregate("none").flatten()[1].isnan()
+    assert float(metric.aggregate()) == pytest.approx((expected + 1.0) / 2, rel=1e-6)
     inside = torch.tensor(radius <= 6)[None]  # a mask without bone: no Dice
     assert math.isnan(
         volume_metrics(torch.tensor(prediction)[None], torch.tensor(target)[None], inside, "CT")["bone_dice"]

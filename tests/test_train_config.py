@@ -105,6 +105,7 @@ def test_training_writes_models_checkpoint_logs_and_the_best_validated_model(tmp
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"gan_ab", "align", "dicyc", "d_b", "epoch_g_loss", "val_psnr", "val_ssim", "val_mse"} <= scalars
+    assert "val_bone_dice" not in scalars  # an MR target has no bone to overlap
     assert {"train/A_to_B", "train/B_to_A"} <= set(events.Tags()["images"])
 
 
@@ -164,6 +165,12 @@ def test_abdominal_preset_synthesizes_range_scaled_ct(tmp_path):
     train(tmp_path, make_dataset(tmp_path / "data", domains=("T1", "CT")), config_files=abdomen, pixdim=[4, 4, 5])
     network = _network(abdomen)
     assert isinstance(network.model[-1], torch.nn.Tanh)  # G MR -> CT ends in tanh, G CT -> MR is linear
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs"))
+    events.Reload()
+    (bone_dice,) = events.Scalars("val_bone_dice")  # a CT target: validation reports where the bone is drawn
+    assert 0.0 <= bone_dice.value <= 1.0
     parser = ConfigParser()
     parser.read_config(list(abdomen))
     assert parser.get_parsed_content("pixdim") == [1.56, 1.56, 5.0]
