@@ -9,7 +9,8 @@ aligned with ``x``.
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -26,13 +27,36 @@ __all__ = [
     "deform_conv2d_torch",
     "patch_discriminator",
     "sampling_grid",
+    "torchvision_deform_conv2d_problem",
 ]
 
 _BACKENDS = ("auto", "torch", "torchvision")
 
+logger = logging.getLogger(__name__)
 
-def _torchvision_available() -> bool:
-    return importlib.util.find_spec("torchvision") is not None
+
+@functools.cache
+def torchvision_deform_conv2d_problem(device_type: str) -> str | None:
+    """Why ``torchvision.ops.deform_conv2d`` cannot run on ``device_type`` tensors here, or None when it runs.
+
+    Being importable is not enough: PyPI's torchvision is built for CUDA torch, and beside a CPU torch it imports but
+    its operators are missing (``operator torchvision::nms does not exist``). So one tiny deformable convolution is
+    run on the device, once per device type and process.
+
+    Args:
+        device_type: ``"cuda"``, ``"cpu"``, ...
+
+    Returns:
+        None if the kernel ran, else a one-line reason.
+    """
+    try:
+        from torchvision.ops import deform_conv2d
+
+        x = torch.ones(1, 1, 3, 3, device=device_type)
+        deform_conv2d(x, torch.zeros(1, 18, 1, 1, device=device_type), torch.ones(1, 1, 3, 3, device=device_type))
+    except Exception as error:  # an import error, a missing operator, a kernel built for another device ...
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+    return None
 
 
 def deform_conv2d_torch(
@@ -193,8 +217,9 @@ class OffsetConv2d(nn.Module):
         padding: implicit zero padding.
         dilation: spacing between kernel taps.
         bias: whether the main convolution has a bias.
-        backend: ``"torch"`` (pure PyTorch, ``F.grid_sample``), ``"torchvision"`` (its fused kernel) or ``"auto"``
-            (torchvision when importable, else torch).
+        backend: ``"torch"`` (pure PyTorch, ``F.grid_sample``), ``"torchvision"`` (its fused kernel; an error if
+            it does not run) or ``"auto"``: torchvision's kernel for CUDA tensors where it runs, the pure-PyTorch
+            path everywhere else (on CPU it is several times faster than torchvision's CPU kernel).
 
     Example::
 
@@ -217,10 +242,6 @@ class OffsetConv2d(nn.Module):
         super().__init__()
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}.")
-        if backend == "torchvision" and not _torchvision_available():
-            raise ImportError("OffsetConv2d(backend='torchvision') needs torchvision; install it or use 'torch'.")
-        if backend == "auto":
-            backend = "torchvision" if _torchvision_available() else "torch"
         self.backend = backend
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -302,9 +323,25 @@ class OffsetConv2d(nn.Module):
         offset = _contract(conv.weight.view(conv.out_channels, -1), columns, conv.bias)
         return offset.view(x.shape[0], conv.out_channels, h_out, w_out)
 
+    def _uses_torchvision(self, x: torch.Tensor) -> bool:
+        if self.backend == "torch" or (self.backend == "auto" and x.device.type != "cuda"):
+            return False
+        problem = torchvision_deform_conv2d_problem(x.device.type)
+        if problem is None:
+            return True
+        if self.backend == "torchvision":
+            raise RuntimeError(
+                f"OffsetConv2d(backend='torchvision'): torchvision's deform_conv2d does not run on {x.device.type} "
+                f"here ({problem}); use backend='auto' or 'torch'."
+            )
+        if not getattr(self, "_fallback_logged", False):
+            logger.warning("torchvision's deform_conv2d does not run here (%s); using the pure-PyTorch path.", problem)
+            self._fallback_logged = True
+        return False
+
     def _deformed(self, x: torch.Tensor) -> torch.Tensor:
         offset = self._offsets(x)
-        if self.backend == "torchvision":
+        if self._uses_torchvision(x):
             from torchvision.ops import deform_conv2d
 
             return deform_conv2d(
