@@ -1,0 +1,633 @@
+"""One prepared check of the bundle's GPU paths, written as a Markdown report with the device's name.
+
+Usage (from the repository root)::
+
+    python scripts/gpu_check.py --output docs/gpu_check.md             # on a CUDA machine: paper size, ~5 min
+    python scripts/gpu_check.py --size tiny --output /tmp/gpu_check.md  # anywhere; CI runs this on CPU
+
+Sections, each on the device the machine has (CUDA when available, else CPU):
+
+1. ``OffsetConv2d``: the pure-PyTorch path against torchvision's fused ``deform_conv2d`` (forward and backward equal
+   to 1e-4 of the output's scale), both timed against the plain convolution at 64x128x128 and 256x32x32;
+2. training iterations of CycleGAN and DicycleGAN, fp32 and AMP (bfloat16 autocast), through the real
+   ``DicycleGANTrainer._iteration`` (median time, iterations/s, peak GPU memory, ratios, all losses finite);
+3. a 2-epoch training through ``python -m monai.bundle run`` with ``--amp true``, interrupted after its first
+   checkpoint, resumed to the end, then resumed again (a finished run must touch nothing);
+4. inference of an IXI-sized volume (256 x 256 x 130) through ``configs/inference.json``: seconds per volume;
+5. DistributedDataParallel through ``configs/multi_gpu_train.json`` under ``torchrun`` (nccl on GPUs, gloo on CPUs),
+   world size 1.
+
+``--size tiny`` shrinks every network, image and epoch so the whole check runs in about a minute on 2 CPU cores;
+``tests/test_gpu_check.py`` runs it that way, so the script cannot rot between GPU sessions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import fire
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchmark import _Iteration, _median_seconds  # noqa: E402
+
+from bundle.networks import OffsetConv2d, torchvision_deform_conv2d_problem  # noqa: E402
+
+# GPU targets of the issue that asked for this check, on the card used
+TARGET_MODE_RATIO = 2.0  # DicycleGAN / CycleGAN iteration time
+TARGET_AMP_SPEEDUP = 1.5  # fp32 / AMP iteration time, DicycleGAN
+TARGET_INFERENCE_S = 2.0  # one IXI-sized volume
+TARGET_TRAIN_MEMORY_GB = 4.0  # peak GPU memory of a training iteration, batch 1
+EQUALITY_TOLERANCE = 1e-4  # OffsetConv2d backends, relative to the reference's largest magnitude
+
+# every size-dependent setting of the check
+SIZES: dict[str, dict[str, Any]] = {
+    "paper": {
+        "offset_inputs": ((64, 128), (256, 32)),
+        "iteration_preset": "paper",
+        "iteration_overrides": {},
+        "iteration_repeats": 10,
+        "phantom": {"subjects": 5, "n_validation": 1, "n_test": 1},
+        "training_overrides": {"samples_per_epoch": "200", "num_workers": "4", "cache_workers": "4"},
+        "inference_copies": 3,
+    },
+    "tiny": {
+        "offset_inputs": ((4, 16), (8, 8)),
+        "iteration_preset": "demo",
+        "iteration_overrides": {"ngf": 4, "n_blocks": 1, "d_channels": 4, "spatial_size": [32, 32]},
+        "iteration_repeats": 2,
+        "phantom": {"subjects": 4, "n_validation": 1, "n_test": 1, "downsample": 4},
+        "training_overrides": {
+            "ngf": "4",
+            "n_blocks": "1",
+            "d_channels": "4",
+            "spatial_size": "[32,32]",
+            "pixdim": "[2,2,2]",
+            "samples_per_epoch": "4",
+            "num_workers": "0",
+            "cache_workers": "1",
+        },
+        "inference_copies": 2,
+    },
+}
+
+
+def _device() -> torch.device:
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def _synchronized(step: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """``step`` followed by a device synchronisation, so wall time measures the kernels and not their launch."""
+
+    def run() -> None:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return run
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(value: Any) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. OffsetConv2d backends
+
+
+def _max_relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+
+
+def offset_conv(device: torch.device, inputs: tuple[tuple[int, int], ...], repeats: int = 20) -> dict[str, Any]:
+    """Pure-PyTorch against torchvision's kernel (values and gradients), and both timed against ``F.conv2d``.
+
+    Args:
+        device: device of the layers.
+        inputs: (channels, size) of each square input, batch 1, 3x3 kernel, padding 1.
+        repeats: timed forward + backward passes per contender (median reported).
+
+    Returns:
+        ``{"torchvision": problem or None, "rows": [...], "lines": Markdown}``.
+    """
+    problem = torchvision_deform_conv2d_problem(device.type)
+    rows, equal = [], True
+    for channels, size in inputs:
+        torch.manual_seed(0)
+        reference = OffsetConv2d(channels, channels, 3, padding=1, backend="torch").to(device)
+        with torch.no_grad():  # offsets of about a pixel, so the taps land between pixels and outside the image
+            reference.offset_conv.weight.normal_(0, 0.5 / math.sqrt(9 * channels))
+        x = torch.randn(1, channels, size, size, device=device, requires_grad=True)
+        contenders = {"torch": reference}
+        if problem is None:
+            fused = OffsetConv2d(channels, channels, 3, padding=1, backend="torchvision").to(device)
+            fused.load_state_dict(reference.state_dict())
+            contenders["torchvision"] = fused
+
+        outputs = {}
+        for name, layer in contenders.items():
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            out = layer(x, deform=True)
+            out.square().mean().backward()
+            grads = [x.grad, layer.weight.grad, layer.offset_conv.weight.grad]
+            outputs[name] = [out.detach(), *(g.detach().clone() for g in grads)]
+        if "torchvision" in outputs:
+            differences = [
+                _max_relative_difference(got, want)
+                for got, want in zip(outputs["torch"], outputs["torchvision"], strict=True)
+            ]
+            difference = max(differences)
+            equal &= difference <= EQUALITY_TOLERANCE
+        else:
+            difference = float("nan")
+
+        def plain(layer: OffsetConv2d = reference, x: torch.Tensor = x) -> None:
+            layer.zero_grad(set_to_none=True)
+            F.conv2d(x, layer.weight, layer.bias, padding=1).square().mean().backward()
+
+        def deformed(layer: OffsetConv2d, x: torch.Tensor = x) -> Callable[[], None]:
+            def deformed_step() -> None:
+                layer.zero_grad(set_to_none=True)
+                layer(x, deform=True).square().mean().backward()
+
+            return deformed_step
+
+        steps = {"plain": plain, **{name: deformed(layer) for name, layer in contenders.items()}}
+        steps = {name: _synchronized(step, device) for name, step in steps.items()}
+        ms = {name: 1e3 * seconds for name, seconds in _median_seconds(steps, repeats).items()}
+        rows.append(
+            {
+                "input": f"{channels}x{size}x{size}",
+                "max_relative_difference": difference,
+                "plain_ms": ms["plain"],
+                "torch_ms": ms["torch"],
+                "torchvision_ms": ms.get("torchvision", float("nan")),
+            }
+        )
+    lines = [
+        "## 1. OffsetConv2d: pure PyTorch against torchvision's deform_conv2d",
+        "",
+        f"torchvision's kernel on {device.type}: "
+        + ("runs" if problem is None else f"does not run ({problem}); only the pure-PyTorch path is timed"),
+        "",
+        *_table(
+            [
+                "input (C x H x W)",
+                "max rel. difference (out, grad x, grad w, grad offsets)",
+                "plain conv ms",
+                "torch path ms",
+                "x plain",
+                "torchvision ms",
+                "x plain",
+            ],
+            [
+                [
+                    r["input"],
+                    r["max_relative_difference"],
+                    r["plain_ms"],
+                    r["torch_ms"],
+                    r["torch_ms"] / r["plain_ms"],
+                    r["torchvision_ms"],
+                    r["torchvision_ms"] / r["plain_ms"],
+                ]
+                for r in rows
+            ],
+        ),
+        "",
+        f"Forward + backward, batch 1, 3x3, median of {repeats}. Equality target: max |difference| <= "
+        f"{EQUALITY_TOLERANCE:g} of the reference's largest magnitude: "
+        + (_verdict(equal) if problem is None else "not checked (torchvision does not run)"),
+    ]
+    return {"torchvision": problem, "ok": equal, "rows": rows, "lines": lines}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. training iterations
+
+
+def iterations(device: torch.device, preset: str, overrides: Mapping[str, Any], repeats: int) -> dict[str, Any]:
+    """Training iterations of both modes in fp32 and AMP, built from the bundle's configs.
+
+    Args:
+        device: training device.
+        preset: ``scripts/benchmark.py`` size preset (``"paper"`` or ``"demo"``).
+        overrides: further config values.
+        repeats: timed iterations per run (median, round-robin over the four runs).
+
+    Returns:
+        ``{"seconds": {run: s}, "peak_gb": {run: GB}, "finite": bool, "lines": Markdown}``.
+    """
+    runs = {
+        f"{mode} {'AMP' if amp else 'fp32'}": _Iteration(preset, mode, {**overrides, "device": str(device), "amp": amp})
+        for mode in ("CycleGAN", "DicycleGAN")
+        for amp in (False, True)
+    }
+    peak_gb: dict[str, float] = {}
+    finite = True
+    for name, run in runs.items():  # one at a time: its own peak memory, and every loss of a real step checked
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        output = run.trainer._iteration(run.trainer, run.batch)[0]
+        finite &= all(bool(torch.isfinite(value)) for value in output["losses"].values())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peak_gb[name] = torch.cuda.max_memory_allocated(device) / 1e9
+    seconds = _median_seconds(dict(runs), repeats, warmup=2)
+    description = runs["DicycleGAN fp32"].description
+    mode_ratio = {amp: seconds[f"DicycleGAN {amp}"] / seconds[f"CycleGAN {amp}"] for amp in ("fp32", "AMP")}
+    amp_speedup = seconds["DicycleGAN fp32"] / seconds["DicycleGAN AMP"]
+    rows = [
+        [name, s, 1.0 / s, s / seconds[name.replace("DicycleGAN", "CycleGAN")], peak_gb.get(name, "n/a (CPU)")]
+        for name, s in seconds.items()
+    ]
+    peak = max(peak_gb.values()) if peak_gb else float("nan")
+    lines = [
+        f"## 2. Training iterations ({description})",
+        "",
+        *_table(["run", "s/iteration", "iterations/s", "x CycleGAN (same precision)", "peak GPU memory GB"], rows),
+        "",
+        f"Median of {repeats}, round-robin, after 2 warm-up iterations each; AMP is bfloat16 autocast. "
+        f"All losses of a step of every run finite: {finite}.",
+        "",
+        f"- DicycleGAN / CycleGAN: fp32 {mode_ratio['fp32']:.2f}x, AMP {mode_ratio['AMP']:.2f}x "
+        f"(target <= {TARGET_MODE_RATIO}x: {_verdict(max(mode_ratio.values()) <= TARGET_MODE_RATIO)})",
+        f"- AMP speed-up of DicycleGAN: {amp_speedup:.2f}x (target >= {TARGET_AMP_SPEEDUP}x: "
+        f"{_verdict(amp_speedup >= TARGET_AMP_SPEEDUP)})",
+        f"- peak GPU memory: {peak:.2f} GB (target < {TARGET_TRAIN_MEMORY_GB} GB: "
+        + (_verdict(peak < TARGET_TRAIN_MEMORY_GB) if peak_gb else "not measured on CPU")
+        + ")",
+    ]
+    return {
+        "seconds": seconds,
+        "peak_gb": peak_gb,
+        "ok": finite,
+        "mode_ratio": mode_ratio,
+        "amp_speedup": amp_speedup,
+        "lines": lines,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. training through monai.bundle, interrupted and resumed
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _bundle_args(config_files: list[str], overrides: Mapping[str, str]) -> list[str]:
+    files = "[" + ",".join(f"'{ROOT / 'configs' / f}'" for f in config_files) + "]"
+    args = ["-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", str(ROOT)]
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def _run(args: list[str], log: Path, timeout: float = 600) -> tuple[int, float]:
+    start = time.perf_counter()
+    with log.open("w") as out:
+        completed = subprocess.run(args, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+    return completed.returncode, time.perf_counter() - start
+
+
+def _tail(log: Path, lines: int = 6) -> str:
+    """The root error of a failed run (MONAI's config resolver re-raises it as "Failed to evaluate") and the log's end."""
+    text = log.read_text(errors="replace").splitlines() if log.is_file() else ["(no log)"]
+    errors = [line for line in text if line[:1].isalpha() and ("Error:" in line or "Exception:" in line)]
+    return "\n".join([*errors[:1], "...", *text[-lines:]] if errors else text[-lines:])
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.pt"))}
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    """The epoch of a resume checkpoint, 0 when there is none."""
+    if not path.is_file():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True)["trainer"]["epoch"])
+
+
+def bundle_training(dataset_dir: Path, work: Path, overrides: Mapping[str, str]) -> dict[str, Any]:
+    """A 2-epoch training with ``--amp true`` through ``monai.bundle``: killed once its first checkpoint exists,
+    resumed with ``--resume true`` to the end, then resumed once more (a finished run must change no file).
+
+    Args:
+        dataset_dir: folder with ``datalist.json``.
+        work: scratch folder (``models/`` and ``logs/`` go under it).
+        overrides: size settings.
+
+    Returns:
+        Return codes, epochs, times and the Markdown lines.
+    """
+    models, logs = work / "models", work / "logs"
+    settings = {
+        "dataset_dir": str(dataset_dir),
+        "ckpt_dir": str(models),
+        "output_dir": str(work / "runs"),
+        "n_epochs": "1",
+        "n_epochs_decay": "1",
+        "val_interval": "1",
+        "amp": "true",
+        **overrides,
+    }
+    args = [sys.executable, *_bundle_args(["train.json"], settings)]
+    checkpoint = models / "checkpoint.pt"
+
+    # first run: SIGKILL as soon as the first checkpoint is complete (it is written by an atomic rename)
+    start = time.perf_counter()
+    with (logs / "train_interrupted.log").open("w") as out:
+        process = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        while process.poll() is None and not checkpoint.exists():
+            time.sleep(0.2)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        first_rc = process.wait()
+    first_s = time.perf_counter() - start
+    first_epoch = _checkpoint_epoch(checkpoint)
+
+    resumed_rc, resumed_s = _run([*args, "--resume", "true"], logs / "train_resumed.log")
+    resumed_epoch = _checkpoint_epoch(checkpoint)
+    before = _digests(models)
+    again_rc, again_s = _run([*args, "--resume", "true"], logs / "train_resumed_again.log")
+    unchanged = before == _digests(models) and bool(before)
+    ok = resumed_rc == 0 and again_rc == 0 and resumed_epoch == 2 and unchanged
+    lines = [
+        "## 3. Training through `monai.bundle` with `--amp true`, interrupted and resumed",
+        "",
+        *_table(
+            ["run", "return code", "wall s", "checkpoint epoch after"],
+            [
+                ["2-epoch training, SIGKILL after its first checkpoint", first_rc, first_s, first_epoch],
+                ["`--resume true`", resumed_rc, resumed_s, resumed_epoch],
+                ["`--resume true` on the finished run", again_rc, again_s, _checkpoint_epoch(checkpoint)],
+            ],
+        ),
+        "",
+        f"Files in the model folder unchanged by the last resume: {unchanged}. Verdict: {_verdict(ok)}",
+    ]
+    if not ok:
+        for name in ("train_interrupted", "train_resumed", "train_resumed_again"):
+            lines += ["", f"Last lines of {name}.log:", "", "```", _tail(logs / f"{name}.log"), "```"]
+    return {"ok": ok, "lines": lines}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. inference
+
+
+def inference(models: Path, source: Path, work: Path, copies: int, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Seconds per volume of ``configs/inference.json``'s workflow, in process, over ``copies`` copies of one volume.
+
+    Args:
+        models: folder of the trained models (``--ckpt_dir``).
+        source: the volume (IXI-sized at paper size).
+        work: scratch folder.
+        copies: how many copies are synthesized; the first is a warm-up, the median of the others is reported.
+        overrides: further config values (the network settings the models were trained with).
+
+    Returns:
+        ``{"seconds": median s per volume, "lines": Markdown}``.
+    """
+    from ignite.engine import Events
+    from monai.bundle import ConfigParser
+
+    inputs, outputs = work / "inference_in", work / "inference_out"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for i in range(copies):
+        shutil.copy(source, inputs / f"volume{i}_PD.nii.gz")
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    parser.update(
+        {"bundle_root": str(ROOT), "ckpt_dir": str(models), "input_dir": str(inputs), "output_dir": str(outputs)}
+    )
+    parser.update(dict(overrides))
+    for section in ("imports", "initialize"):
+        parser.get_parsed_content(section)
+    evaluator = parser.get_parsed_content("evaluator")
+    stamps = [time.perf_counter()]
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda _: stamps.append(time.perf_counter()))
+    evaluator.run()
+    per_volume = [b - a for a, b in itertools.pairwise(stamps)]
+    written = sorted(p.name for p in outputs.glob("*.nii*"))
+    seconds = statistics.median(per_volume[1:] if len(per_volume) > 1 else per_volume)
+    shape = tuple(int(n) for n in __import__("nibabel").load(source).shape)
+    ok = len(written) == copies
+    lines = [
+        "## 4. Inference through `configs/inference.json`",
+        "",
+        f"{copies} copies of a {shape[0]} x {shape[1]} x {shape[2]} volume; per volume (load, preprocess, "
+        f"slice-wise aligned pass, invert, save): {', '.join(f'{s:.2f} s' for s in per_volume)}; the first is a "
+        f"warm-up. Outputs written: {len(written)} of {copies}.",
+        "",
+        f"- seconds per volume (median after warm-up): {seconds:.2f} s (target < {TARGET_INFERENCE_S} s for an "
+        f"IXI-sized volume: {_verdict(seconds < TARGET_INFERENCE_S and ok)})",
+    ]
+    return {"seconds": seconds, "ok": ok, "lines": lines}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. DistributedDataParallel
+
+
+def ddp(dataset_dir: Path, work: Path, overrides: Mapping[str, str]) -> dict[str, Any]:
+    """One epoch of ``configs/multi_gpu_train.json`` under ``torchrun``, world size 1.
+
+    Args:
+        dataset_dir: folder with ``datalist.json``.
+        work: scratch folder.
+        overrides: size settings.
+
+    Returns:
+        ``{"ok": bool, "lines": Markdown}``.
+    """
+    models = work / "ddp_models"
+    settings = {
+        "dataset_dir": str(dataset_dir),
+        "ckpt_dir": str(models),
+        "output_dir": str(work / "ddp_runs"),
+        "n_epochs": "1",
+        "n_epochs_decay": "0",
+        **overrides,
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        *_bundle_args(["train.json", "multi_gpu_train.json"], settings),
+    ]
+    log = work / "logs" / "ddp.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    rc, seconds = _run(args, log)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    ok = rc == 0 and (models / "model.pt").is_file()
+    lines = [
+        "## 5. DistributedDataParallel (`configs/multi_gpu_train.json`, torchrun, world size 1)",
+        "",
+        f"Backend {backend}: return code {rc}, {seconds:.1f} s, models/model.pt written: "
+        f"{(models / 'model.pt').is_file()}. Verdict: {_verdict(ok)}",
+    ]
+    if not ok:
+        lines += ["", "```", _tail(log), "```"]
+    return {"ok": ok, "lines": lines}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _phantom(work: Path, options: Mapping[str, Any]) -> Path:
+    dataset = work / "phantom"
+    args = [sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "--output_dir", str(dataset)]
+    for key, value in options.items():
+        args += [f"--{key}", str(value)]
+    rc, _ = _run(args, work / "logs" / "phantom.log")
+    if rc != 0:
+        raise RuntimeError(f"building the phantom failed (rc {rc}):\n{_tail(work / 'logs' / 'phantom.log')}")
+    return dataset
+
+
+def _source_volume(dataset_dir: Path) -> Path:
+    datalist = json.loads((dataset_dir / "datalist.json").read_text())
+    entries = datalist.get("test") or datalist.get("validation") or []
+    relative = entries[0]["A"] if entries else datalist["training_A"][0]["image"]
+    return dataset_dir / relative
+
+
+def run_check(
+    output: str = "gpu_check.md",
+    size: str | None = None,
+    dataset_dir: str | None = None,
+    work_dir: str | None = None,
+) -> dict[str, Any]:
+    """Run all five checks and write the report.
+
+    Args:
+        output: Markdown report to write (an existing file is replaced: it is this script's own output).
+        size: ``"paper"`` (default on CUDA) or ``"tiny"`` (default on CPU).
+        dataset_dir: a dataset folder with ``datalist.json`` (default: a phantom built into the work folder).
+        work_dir: scratch folder (default: a temporary folder, removed at the end).
+
+    Returns:
+        The figures of every section and ``"ok"``: every check ran and every correctness check held (speed and
+        memory targets are reported, not enforced).
+    """
+    device = _device()
+    size = size or ("paper" if device.type == "cuda" else "tiny")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}.")
+    preset = SIZES[size]
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="dicyclegan_gpu_check_"))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+
+    def section(key: str, title: str, check: Callable[[], dict[str, Any]]) -> None:
+        # a failing section is reported and the others still run: a GPU session may allow a single run
+        try:
+            results[key] = check()
+        except Exception as error:
+            results[key] = {"ok": False, "lines": [f"## {title}", "", f"FAILED: {type(error).__name__}: {error}"]}
+        print(f"[gpu_check] {title}: done", flush=True)
+
+    try:
+        dataset = Path(dataset_dir) if dataset_dir else _phantom(work, preset["phantom"])
+        print(f"[gpu_check] {device} ({size} size), data in {dataset}", flush=True)
+        training = preset["training_overrides"]
+        section("offset_conv", "1. OffsetConv2d", lambda: offset_conv(device, preset["offset_inputs"]))
+        section(
+            "iterations",
+            "2. Training iterations",
+            lambda: iterations(
+                device, preset["iteration_preset"], preset["iteration_overrides"], preset["iteration_repeats"]
+            ),
+        )
+        section("training", "3. Training through monai.bundle", lambda: bundle_training(dataset, work, training))
+        # the network settings of the trained models (inference must rebuild the same networks)
+        network = {key: json.loads(training[key]) for key in ("ngf", "n_blocks", "pixdim") if key in training}
+        section(
+            "inference",
+            "4. Inference",
+            lambda: inference(work / "models", _source_volume(dataset), work, preset["inference_copies"], network),
+        )
+        section("ddp", "5. DistributedDataParallel", lambda: ddp(dataset, work, training))
+    finally:
+        if not work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.perf_counter() - started
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'n/a'})"
+    cuda = torch.version.cuda or "none"
+    problem = torchvision_deform_conv2d_problem(device.type)
+    results["ok"] = all(results[key]["ok"] for key in ("offset_conv", "iterations", "training", "inference", "ddp"))
+    header = [
+        f"# GPU check: {name}",
+        "",
+        f"`python scripts/gpu_check.py --size {size}` on {datetime.date.today().isoformat()}: {size} size, "
+        f"torch {torch.__version__} (CUDA {cuda}), torchvision "
+        + ("kernel runs" if problem is None else f"kernel not used ({problem})")
+        + f", Python {platform.python_version()}; the whole check took {elapsed:.0f} s. "
+        f"All correctness checks: {_verdict(results['ok'])}.",
+        "",
+    ]
+    sections = [results[key]["lines"] for key in ("offset_conv", "iterations", "training", "inference", "ddp")]
+    text = "\n".join(header + [line for lines in sections for line in [*lines, ""]])
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(text)
+    print(text)
+    return results
+
+
+def main(
+    output: str = "gpu_check.md",
+    size: str | None = None,
+    dataset_dir: str | None = None,
+    work_dir: str | None = None,
+) -> None:
+    """Command line of :func:`run_check`: writes the report and exits non-zero when a correctness check failed.
+
+    Args:
+        output: Markdown report to write.
+        size: ``"paper"`` (default on CUDA) or ``"tiny"`` (default on CPU).
+        dataset_dir: a dataset folder with ``datalist.json`` (default: a phantom built into the work folder).
+        work_dir: scratch folder kept for inspection (default: a temporary folder, removed at the end).
+    """
+    if not run_check(output, size, dataset_dir, work_dir)["ok"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
