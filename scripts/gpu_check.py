@@ -323,7 +323,7 @@ def _run(args: list[str], log: Path, timeout: float = 600) -> tuple[int, float]:
 
 
 def _tail(log: Path, lines: int = 6) -> str:
-    """The root error of a failed run (MONAI's config resolver re-raises it as "Failed to evaluate") and the log's end."""
+    """The root error of a failed run (MONAI re-raises it as "Failed to evaluate ...") and the end of its log."""
     text = log.read_text(errors="replace").splitlines() if log.is_file() else ["(no log)"]
     errors = [line for line in text if line[:1].isalpha() and ("Error:" in line or "Exception:" in line)]
     return "\n".join([*errors[:1], "...", *text[-lines:]] if errors else text[-lines:])
