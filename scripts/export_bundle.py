@@ -219,18 +219,10 @@ def _parsed_network(config_file: Path, meta_file: Path, net_id: str, bundle_root
 
 
 def _check_checkpoint_fits(checkpoint: Path, config_file: Path, meta_file: Path, net_id: str, root: Path) -> None:
-    """The checkpoint loads strictly into ``net_id`` of the config, which must be the exportable undeformed pass."""
-    from bundle.networks import DicycleGenerator
-
+    """The checkpoint loads strictly into ``net_id`` of the config (a ``DicycleGenerator``, whose plain call and
+    TorchScript compilation are the undeformed pass)."""
     state = _load_state_dict(checkpoint)
     network = _parsed_network(config_file, meta_file, net_id, root)
-    if isinstance(network, DicycleGenerator):
-        raise BundleExportError(
-            f"configs/{config_file.name}: {net_id} is a bundle.networks.DicycleGenerator, whose forward(x) is the "
-            "deformed pass and which TorchScript cannot compile. Declare it as "
-            "bundle.export.UndeformedDicycleGenerator (same arguments, same state_dict): the undeformed pass that "
-            "inference uses."
-        )
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -584,7 +576,6 @@ def _check(root: Path, schema: str | None, previous_version: str | None) -> None
         parser.read_config(str(inference))
         parser.read_meta(str(meta_file))
         parser["bundle_root"] = str(root)
-        parser[f"{net_id}#_target_"] = "bundle.networks.DicycleGenerator"  # same arguments, the two-pass network
         reference = parser.get_parsed_content(net_id).cpu().eval()
         if not isinstance(reference, DicycleGenerator):
             raise BundleExportError(f"{inference}: {net_id} does not build a DicycleGenerator from its arguments.")
