@@ -4,7 +4,7 @@ Configs import the package once (``"$import bundle"``) and reach the modules as 
 which needs nilearn, is imported on its own by the scripts that build demo data.
 """
 
-from . import data, datalist, handlers, inference, losses, metrics, networks, trainer, transforms
+from . import data, datalist, handlers, inference, losses, metrics, networks, settings, trainer, transforms
 
 __all__ = [
     "data",
@@ -14,6 +14,7 @@ __all__ = [
     "losses",
     "metrics",
     "networks",
+    "settings",
     "trainer",
     "transforms",
 ]
