@@ -4,17 +4,17 @@ Configs import the package once (``"$import bundle"``) and reach the modules as 
 which needs nilearn, is imported on its own by the scripts that build demo data.
 """
 
-from . import data, datalist, export, handlers, inference, losses, metrics, networks, trainer, transforms
+from . import data, datalist, handlers, inference, losses, metrics, networks, settings, trainer, transforms
 
 __all__ = [
     "data",
     "datalist",
-    "export",
     "handlers",
     "inference",
     "losses",
     "metrics",
     "networks",
+    "settings",
     "trainer",
     "transforms",
 ]

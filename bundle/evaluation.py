@@ -56,7 +56,6 @@ from torch import nn
 
 from bundle import registration
 from bundle.datalist import load_datalist, synthesis_pair
-from bundle.inference import UndeformedGenerator
 from bundle.metrics import (
     BONE_THRESHOLD_HU,
     GlobalSSIMMetric,
@@ -451,7 +450,7 @@ class PairedSynthesisEvaluator:
             generator = self.generators[direction]
             if checkpoint is not None:
                 generator = load_generator(generator, checkpoint, self.device, direction)
-            self._loaded[direction] = UndeformedGenerator(generator.to(self.device).eval())
+            self._loaded[direction] = generator.to(self.device).eval()  # its plain call is the undeformed pass
         return self._loaded[direction]
 
     @torch.no_grad()

@@ -1,7 +1,7 @@
 """Inference: volumes in, synthesized volumes out, in the geometry and the intensity units of the target domain.
 
-- :class:`UndeformedGenerator` exposes the aligned (undeformed) pass of a generator as a plain network;
-- :func:`synthesize_volume` runs it over the axial slices of a preprocessed volume;
+- :func:`synthesize_volume` runs the aligned (undeformed) pass of a generator, its plain ``forward(x)``, over the
+  axial slices of a preprocessed volume;
 - :func:`write_intensity_reference` records, at training time, each domain's intensity scale, and
   :class:`DenormalizeIntensityd` maps synthesized intensities back to the target's units with it (HU for CT, the
   training set's typical foreground mean and standard deviation for MR);
@@ -32,7 +32,6 @@ __all__ = [
     "BFloat16Autocast",
     "DenormalizeIntensityd",
     "InferenceInputs",
-    "UndeformedGenerator",
     "find_inputs",
     "raise_for_failures",
     "synthesize_volume",
@@ -40,30 +39,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class UndeformedGenerator(nn.Module):
-    """The undeformed pass ``G(x | theta)`` of a DicycleGAN generator as a plain ``forward(x)`` network.
-
-    This is the output that stays aligned with its source: the one used for inference, validation and export.
-
-    Args:
-        generator: a :class:`~bundle.networks.DicycleGenerator` (or any network taking ``deform=False``).
-    """
-
-    def __init__(self, generator: nn.Module) -> None:
-        super().__init__()
-        self.generator = generator
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            x: source slices of shape (N, C, H, W).
-
-        Returns:
-            Synthesized slices of shape (N, C_out, H, W).
-        """
-        return self.generator(x, deform=False)
 
 
 class BFloat16Autocast(nn.Module):
@@ -99,7 +74,7 @@ def synthesize_volume(
     """Synthesize a preprocessed volume axial slice by axial slice (last spatial axis, RAS) with the undeformed pass.
 
     Args:
-        generator: a DicycleGAN generator; its undeformed pass is used.
+        generator: a DicycleGAN generator; its plain call (the undeformed pass) is used.
         volume: preprocessed source volume of shape (C, X, Y, Z) or (N, C, X, Y, Z), on the generator's device.
         sw_batch_size: axial slices per forward pass.
         amp: bfloat16 autocast; default on for CUDA.
@@ -111,13 +86,12 @@ def synthesize_volume(
     x = volume if batched else volume.unsqueeze(0)
     device = x.device
     amp = device.type == "cuda" if amp is None else amp
-    network = UndeformedGenerator(generator)
     was_training = generator.training
     generator.eval()
     inferer = SliceInferer(roi_size=(-1, -1), sw_batch_size=sw_batch_size, spatial_dim=2, progress=False)
     try:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            out = inferer(x.float(), network).float()
+            out = inferer(x.float(), generator).float()
     finally:
         generator.train(was_training)
     return out if batched else out[0]

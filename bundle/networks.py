@@ -2,15 +2,16 @@
 
 The generator is the CycleGAN ResNet generator (Zhu et al. 2017) with "offset" convolutions (Dai et al. 2017) in
 front of its input block, both down-sampling blocks and the first residual block (Wang et al. 2018, Fig. 2). One
-module, one set of weights, two passes: ``G(x, deform=True)`` is the deformed output ``G_T(x) = G(x | theta,
-theta_T)`` that the discriminator sees, ``G(x, deform=False)`` is the undeformed output ``G(x | theta)`` that stays
-aligned with ``x``.
+module, one set of weights, two passes: the plain call ``G(x)`` is the undeformed output ``G(x | theta)`` that stays
+aligned with ``x`` (what inference, validation and export run), ``G(x, deform=True)`` is the deformed output
+``G_T(x) = G(x | theta, theta_T)`` that the discriminator sees during training.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -426,12 +427,16 @@ class DicycleGenerator(nn.Module):
             factory such as ``"tanh"`` (for range-scaled CT), or an ``nn.Module``.
         backend: deformable-convolution backend, see :class:`OffsetConv2d`.
 
+    ``torch.jit.script`` compiles the undeformed pass (see :meth:`__prepare_scriptable__`) and ``torch.jit.trace``
+    / ONNX record it, so this module is the bundle's ``network_def`` and ``models/model.pt`` is its bare state_dict.
+
     Example::
 
         g_ab = DicycleGenerator()
-        fake_b = g_ab(x_a)  # deformed output G_T(x), for the discriminator
-        aligned_b = g_ab(x_a, deform=False)  # undeformed output G(x), aligned with x_a
+        aligned_b = g_ab(x_a)  # undeformed output G(x), aligned with x_a: inference, validation, export
+        fake_b = g_ab(x_a, deform=True)  # deformed output G_T(x), for the discriminator
         fake_b, aligned_b = g_ab.forward_both(x_a)  # both in one batched pass
+        served = torch.jit.script(g_ab.eval())  # the undeformed pass, same state_dict keys
     """
 
     def __init__(
@@ -503,16 +508,19 @@ class DicycleGenerator(nn.Module):
             raise ValueError(f"DicycleGenerator expects 2-D slices of shape (N, C, H, W), got shape {tuple(x.shape)}.")
         h, w = x.shape[-2:]
         pad_h, pad_w = -h % 4, -w % 4
-        if pad_h or pad_w:
+        # a trace always pads (by 0 where the size is a multiple of 4 already): no shape-dependent branch, so traced
+        # and ONNX graphs stay valid for other slice sizes
+        if torch.jit.is_tracing() or pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         out = self.model(x, num_deformed)
         return out[..., :h, :w]
 
-    def forward(self, x: torch.Tensor, deform: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, deform: bool = False) -> torch.Tensor:
         """
         Args:
             x: source-domain slices of shape (N, C_in, H, W).
-            deform: True for the deformed output G_T(x), False for the undeformed output G(x).
+            deform: False (default) for the undeformed output G(x), aligned with ``x``; True for the deformed
+                output G_T(x) (training only).
 
         Returns:
             Synthesized slices of shape (N, C_out, H, W).
@@ -549,6 +557,67 @@ class DicycleGenerator(nn.Module):
         n = x.shape[0]
         out = self.forward_mixed(torch.cat((x, x), dim=0), n)
         return out[:n], out[n:]
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles: the undeformed pass, built from plain layers sharing these parameters.
+
+        The deformed pass (bilinear sampling, an optional torchvision kernel) is training-only and not scriptable;
+        the result has this module's ``state_dict`` keys, so ``monai.bundle ckpt_export`` works on ``models/model.pt``.
+        """
+        return _AlignedPass(_plain_layers(self.model))
+
+
+class _PlainOffsetConv2d(nn.Module):
+    """The undeformed pass of an :class:`OffsetConv2d` (``F.conv2d`` with its weights), holding its very parameters
+    (the unused ``offset_conv`` included, so the ``state_dict`` keys are those of the source)."""
+
+    def __init__(self, source: OffsetConv2d) -> None:
+        super().__init__()
+        self.weight, self.bias, self.offset_conv = source.weight, source.bias, source.offset_conv
+        self.stride: tuple[int, int] = tuple(source.stride)
+        self.padding: tuple[int, int] = tuple(source.padding)
+        self.dilation: tuple[int, int] = tuple(source.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+
+class _PlainResnetBlock(nn.Module):
+    """A :class:`ResnetBlock` (identity plus ``block``) of plain layers."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+def _plain_layers(module: nn.Module) -> nn.Module:
+    """The undeformed pass of a generator's layers as plain (scriptable) modules sharing the source's parameters."""
+    if isinstance(module, OffsetConv2d):
+        return _PlainOffsetConv2d(module)
+    if isinstance(module, ResnetBlock):
+        return _PlainResnetBlock(_plain_layers(module.block))
+    if isinstance(module, nn.Sequential):
+        return nn.Sequential(OrderedDict((name, _plain_layers(child)) for name, child in module.named_children()))
+    return module
+
+
+class _AlignedPass(nn.Module):
+    """``DicycleGenerator.forward(x)`` with plain layers: pad to a multiple of 4, run, crop back (sizes read at run
+    time, so a scripted module takes any slice size)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError("DicycleGenerator expects 2-D slices of shape (N, C, H, W).")
+        h, w = x.shape[2], x.shape[3]
+        out = self.model(F.pad(x, [0, (4 - w % 4) % 4, 0, (4 - h % 4) % 4], mode="replicate"))  # last axis first
+        return out[:, :, :h, :w]
 
 
 def patch_discriminator(

@@ -581,10 +581,10 @@ def inference(dataset_dir: str | None = "demo_data", repeats: int = 2, sw_batch_
     from torch.utils.flop_counter import FlopCounterMode
 
     from bundle.data import volume_preprocessing
-    from bundle.export import UndeformedDicycleGenerator
+    from bundle.networks import DicycleGenerator
 
     torch.manual_seed(0)
-    network = UndeformedDicycleGenerator().eval()  # paper size: ngf 64, 9 residual blocks
+    network = DicycleGenerator().eval()  # paper size: ngf 64, 9 residual blocks
     work = Path(tempfile.mkdtemp(prefix="dicyclegan_bench_"))
     source = _ixi_volume(work / "ixi_like_PD.nii.gz", dataset_dir)
     preprocessing = volume_preprocessing("image", "MR", pixdim=(1.8, 1.8, 1.8))

@@ -34,6 +34,7 @@ from bundle.datalist import load_datalist, synthesis_pair  # noqa: E402
 from bundle.inference import synthesize_volume  # noqa: E402
 from bundle.metrics import volume_psnr  # noqa: E402
 from bundle.networks import DicycleGenerator  # noqa: E402
+from bundle.settings import resolve_settings  # noqa: E402
 
 
 def _run(command: list[str]) -> None:
@@ -41,16 +42,32 @@ def _run(command: list[str]) -> None:
     subprocess.run(command, cwd=ROOT, check=True)
 
 
-def evaluate(dataset_dir: str, config: dict, model_path: str) -> list[dict]:
-    """PSNR of synthesis and of the baseline (the z-scored source) for every test subject."""
-    generator = DicycleGenerator(ngf=config["ngf"], n_blocks=config["n_blocks"], backend="torch")
-    generator.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-    preprocessing = volume_preprocessing("image", "MR", pixdim=config["pixdim"])
+def evaluate(dataset_dir: str, ckpt_dir: str) -> list[dict]:
+    """PSNR of synthesis and of the baseline (the normalised source) for every test subject.
+
+    The generator and both domains' preprocessing are rebuilt from ``ckpt_dir/settings.json`` (any preset: CycleGAN
+    without offsets, a CT target, ...).
+    """
+    settings = resolve_settings(ckpt_dir)
+    generator = DicycleGenerator(
+        in_channels=settings["in_channels"],
+        out_channels=settings["out_channels"],
+        ngf=settings["ngf"],
+        n_blocks=settings["n_blocks"],
+        deformable=settings["deformable"],
+        out_activation=settings["out_activation"]["B"],
+        backend="torch",
+    )
+    generator.load_state_dict(torch.load(Path(ckpt_dir) / "model.pt", map_location="cpu", weights_only=True))
+    source_preprocessing, target_preprocessing = (
+        volume_preprocessing("image", settings[kind], pixdim=settings["pixdim"], hu_window=settings["hu_window"])
+        for kind in ("domain_a", "domain_b")
+    )
     rows = []
     for entry in load_datalist(dataset_dir, "datalist.json", "test"):
         pair = synthesis_pair(entry, "A2B")
-        source = preprocessing({"image": pair["source"]})["image"].as_tensor()
-        target = preprocessing({"image": pair["ground_truth"]})["image"].as_tensor()
+        source = source_preprocessing({"image": pair["source"]})["image"].as_tensor()
+        target = target_preprocessing({"image": pair["ground_truth"]})["image"].as_tensor()
         synthesized = synthesize_volume(generator, source)
         subject = entry.get("subject", Path(pair["source"]).name)
         synthesis, baseline = volume_psnr(torch.stack([synthesized, source]), torch.stack([target, target])).tolist()
@@ -90,13 +107,14 @@ def main(
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / "train.json"), str(ROOT / preset)])
     parser["bundle_root"] = str(ROOT)
-    config = {key: parser.get_parsed_content(key) for key in ("ngf", "n_blocks", "pixdim", "ckpt_dir")}
-    rows = evaluate(str(ROOT / dataset_dir), config, str(Path(config["ckpt_dir"]) / "model.pt"))
-    print("\nPD -> T2 on held-out phantom subjects (PSNR in dB, z-scored volumes):")
-    print(f"{'subject':>12} | {'synthesis':>9} | {'baseline: PD itself':>19} | {'gain':>5}")
+    ckpt_dir = parser.get_parsed_content("ckpt_dir")
+    rows = evaluate(str(ROOT / dataset_dir), ckpt_dir)
+    names = resolve_settings(ckpt_dir)
+    print(f"\n{names['name_a']} -> {names['name_b']} on held-out phantom subjects (PSNR in dB, normalised volumes):")
+    print(f"{'subject':>12} | {'synthesis':>9} | {'baseline: source itself':>23} | {'gain':>5}")
     for row in rows:
         gain = row["synthesis"] - row["baseline"]
-        print(f"{row['subject']:>12} | {row['synthesis']:9.2f} | {row['baseline']:19.2f} | {gain:5.2f}")
+        print(f"{row['subject']:>12} | {row['synthesis']:9.2f} | {row['baseline']:23.2f} | {gain:5.2f}")
     mean_gain = float(np.mean([row["synthesis"] - row["baseline"] for row in rows]))
     print(f"mean gain {mean_gain:.2f} dB; demo finished in {time.perf_counter() - start:.0f} s")
     if mean_gain < min_gain_db:

@@ -4,8 +4,7 @@ Usage (from the repository root)::
 
     # after training: models/model.pt (G A->B), optionally models/model_g_ba.pt and models/intensity_reference.json
     python scripts/export_bundle.py export --changelog "first trained release"      # version: patch bump
-    python scripts/export_bundle.py export --version 0.2.0 --changelog "..." \\
-        --overrides "{'ngf': 16, 'n_blocks': 4}"     # a model trained with a preset (here configs/demo.json)
+    python scripts/export_bundle.py export --version 0.2.0 --changelog "..."  # network settings: models/settings.json
 
     # check an exported bundle folder again (a clean copy of it, in a fresh interpreter)
     python scripts/export_bundle.py verify dist/dicyclegan_cross_domain_synthesis
@@ -18,7 +17,9 @@ releases are laid out):
   ``network_def`` matches the checkpoint;
 - ``models/``: ``model.pt``, ``model.ts`` built in the folder by ``monai.bundle.ckpt_export`` (the zoo's default:
   ``torch.jit.script``), and the same for ``model_g_ba.pt`` (direction B2A) when it exists;
-  ``intensity_reference.json`` (the intensity scales inference uses to write HU / MR units) when it exists;
+  ``intensity_reference.json`` (the intensity scales inference uses to write HU / MR units) and ``settings.json``
+  (the network and geometry settings inference, evaluation and ``ckpt_export`` rebuild the networks from) when they
+  exist;
 - ``bundle/`` (the custom code the configs reference), ``scripts/``, ``docs/`` (the model card), ``LICENSE``;
 - ``large_files.yml``: the model files with their md5 and a URL placeholder (``--base_url`` fills it). The zoo keeps
   large files out of its repository: upload them, put the URLs in, and drop ``models/*.pt|ts`` from the pull request.
@@ -64,7 +65,7 @@ REQUIRED_SOURCES = ("configs/metadata.json", "configs/inference.json", "LICENSE"
 OVERRIDE_CONFIGS = ("inference.json", "evaluate.json")
 # (network id in configs/inference.json, checkpoint, TorchScript file); the first is required
 MODEL_FILES = (("network_def", "model.pt", "model.ts"), ("network_ba_def", "model_g_ba.pt", "model_g_ba.ts"))
-SIDE_FILES = ("intensity_reference.json",)
+SIDE_FILES = ("intensity_reference.json", "settings.json")
 # the zoo's ci/verify_bundle.py: necessary and preferred files; ours adds the model card and the large-file list
 REQUIRED_FILES = (
     "configs/metadata.json",
@@ -219,18 +220,10 @@ def _parsed_network(config_file: Path, meta_file: Path, net_id: str, bundle_root
 
 
 def _check_checkpoint_fits(checkpoint: Path, config_file: Path, meta_file: Path, net_id: str, root: Path) -> None:
-    """The checkpoint loads strictly into ``net_id`` of the config, which must be the exportable undeformed pass."""
-    from bundle.networks import DicycleGenerator
-
+    """The checkpoint loads strictly into ``net_id`` of the config (a ``DicycleGenerator``, whose plain call and
+    TorchScript compilation are the undeformed pass)."""
     state = _load_state_dict(checkpoint)
     network = _parsed_network(config_file, meta_file, net_id, root)
-    if isinstance(network, DicycleGenerator):
-        raise BundleExportError(
-            f"configs/{config_file.name}: {net_id} is a bundle.networks.DicycleGenerator, whose forward(x) is the "
-            "deformed pass and which TorchScript cannot compile. Declare it as "
-            "bundle.export.UndeformedDicycleGenerator (same arguments, same state_dict): the undeformed pass that "
-            "inference uses."
-        )
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -309,6 +302,13 @@ def _assemble(
         raise BundleExportError(f"overrides {sorted(unmatched)} match no id in {files}.")
 
     (out / "models").mkdir()
+    for name in SIDE_FILES:  # first: ckpt_export builds the networks from models/settings.json
+        if (models_dir / name).is_file():
+            shutil.copy2(models_dir / name, out / "models" / name)
+        elif name == "settings.json":
+            print(f"      {_rel(models_dir / name, ROOT)} not found: the networks are built from configs and overrides")
+        else:
+            print(f"      {_rel(models_dir / name, ROOT)} not found: MR outputs will stay z-scored at inference")
     inference = out / "configs" / "inference.json"
     written = []
     for net_id, checkpoint, torchscript in MODEL_FILES:
@@ -328,11 +328,6 @@ def _assemble(
             bundle_root=str(out),
         )
         written += [f"models/{checkpoint}", f"models/{torchscript}"]
-    for name in SIDE_FILES:
-        if (models_dir / name).is_file():
-            shutil.copy2(models_dir / name, out / "models" / name)
-        else:
-            print(f"      {_rel(models_dir / name, ROOT)} not found: MR outputs will stay z-scored at inference")
 
     entries = [
         {
@@ -584,7 +579,6 @@ def _check(root: Path, schema: str | None, previous_version: str | None) -> None
         parser.read_config(str(inference))
         parser.read_meta(str(meta_file))
         parser["bundle_root"] = str(root)
-        parser[f"{net_id}#_target_"] = "bundle.networks.DicycleGenerator"  # same arguments, the two-pass network
         reference = parser.get_parsed_content(net_id).cpu().eval()
         if not isinstance(reference, DicycleGenerator):
             raise BundleExportError(f"{inference}: {net_id} does not build a DicycleGenerator from its arguments.")

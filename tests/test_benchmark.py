@@ -93,10 +93,10 @@ def test_command_line_runs_a_command(benchmark, monkeypatch, capsys):
 
 
 def test_inference_prints_its_stages(benchmark, capsys, monkeypatch, tmp_path):
-    import bundle.export
+    import bundle.networks
 
-    small = bundle.export.UndeformedDicycleGenerator
-    monkeypatch.setattr(bundle.export, "UndeformedDicycleGenerator", lambda: small(ngf=4, n_blocks=1))
+    small = bundle.networks.DicycleGenerator
+    monkeypatch.setattr(bundle.networks, "DicycleGenerator", lambda: small(ngf=4, n_blocks=1))
     figures = benchmark.inference(dataset_dir=None, repeats=1)
     assert set(figures["fp32"]) >= {"load", "preprocess", "network", "invert", "save", "total"}
     assert figures["fp32"]["total"] >= figures["fp32"]["network"] > 0

@@ -14,7 +14,6 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ckpt_export, onnx_export, verify_net_in_out
 
-from bundle.export import UndeformedDicycleGenerator
 from bundle.networks import DicycleGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +63,7 @@ def _assert_undeformed_pass(network, generator: DicycleGenerator) -> None:
     for shape in SHAPES:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            out, aligned, deformed = network(x), generator(x, deform=False), generator(x)
+            out, aligned, deformed = network(x), generator(x, deform=False), generator(x, deform=True)
         assert out.shape == aligned.shape
         assert (out - aligned).abs().max() <= TOLERANCE
         assert (deformed - aligned).abs().max() > 1e-2  # the two passes are distinguishable
@@ -74,26 +73,10 @@ def _assert_undeformed_pass(network, generator: DicycleGenerator) -> None:
 # the exportable network
 
 
-def test_undeformed_generator_loads_the_checkpoint_and_is_the_undeformed_pass():
-    generator = _tiny_generator(0)
-    network = UndeformedDicycleGenerator(**TINY)
-    network.load_state_dict(generator.state_dict(), strict=True)  # same keys as model.pt
-    _assert_undeformed_pass(network.eval(), generator)
-    _assert_undeformed_pass(torch.jit.script(network), generator)
-
-
-def test_from_generator_shares_parameters_and_accepts_deform_false():
-    generator = _tiny_generator(0)
-    network = UndeformedDicycleGenerator.from_generator(generator)
-    assert network.state_dict().keys() == generator.state_dict().keys()
-    assert all(a is b for a, b in zip(network.parameters(), generator.parameters(), strict=True))
-    x = torch.randn(1, 1, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(network(x, deform=False), network(x))
-    with pytest.raises(ValueError, match="no deformed pass"):
-        network(x, deform=True)
-    with pytest.raises(ValueError, match="N, C, H, W"):
-        network(torch.randn(1, 32, 32))
+def test_scripted_generator_loads_the_checkpoint_and_is_the_undeformed_pass(tiny_models):
+    generator = _reference(tiny_models / "model.pt")
+    _assert_undeformed_pass(generator, generator)  # the plain call
+    _assert_undeformed_pass(torch.jit.script(generator), generator)
 
 
 def test_inference_config_declares_the_undeformed_generator(tiny_models):
@@ -102,7 +85,7 @@ def test_inference_config_declares_the_undeformed_generator(tiny_models):
     parser.update(TINY)
     for net_id, checkpoint in (("network_def", "model.pt"), ("network_ba_def", "model_g_ba.pt")):
         network = parser.get_parsed_content(net_id)
-        assert isinstance(network, UndeformedDicycleGenerator), f"{net_id} of configs/inference.json"
+        assert type(network) is DicycleGenerator, f"{net_id} of configs/inference.json"
         network.load_state_dict(torch.load(tiny_models / checkpoint, weights_only=True), strict=True)
 
 
@@ -127,7 +110,7 @@ def test_ckpt_export_torchscript_equals_the_eager_undeformed_pass(tiny_models, t
     extra = {"metadata.json": "", "inference.json": ""}
     scripted = torch.jit.load(str(ts_file), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["version"] == json.loads(METADATA.read_text())["version"]
-    assert json.loads(extra["inference.json"])["network_def"]["_target_"].endswith("UndeformedDicycleGenerator")
+    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "bundle.networks.DicycleGenerator"
     _assert_undeformed_pass(scripted, _reference(tiny_models / "model.pt"))
 
 
@@ -204,7 +187,6 @@ def test_export_writes_the_zoo_layout_with_a_new_version(exported):
         "LICENSE",
         "docs/README.md",
         "bundle/networks.py",
-        "bundle/export.py",
         "configs/train.json",
         "configs/logging.conf",
         "models/model.pt",

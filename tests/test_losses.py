@@ -374,7 +374,7 @@ def test_offset_parameters_learn_only_from_deformed_terms(images):
 def test_discriminator_loss_value_and_no_generator_gradient(images):
     x_a, x_b = images
     g_ab, d_b = make_generator(seed=1), make_discriminator(seed=4)
-    fake_b = g_ab(x_a)
+    fake_b = g_ab(x_a, deform=True)
     loss = discriminator_loss(d_b, x_b, fake_b)
     with torch.no_grad():
         expected = 0.5 * (((d_b(x_b)[-1] - 1) ** 2).mean() + (d_b(fake_b)[-1] ** 2).mean())

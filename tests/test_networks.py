@@ -250,6 +250,31 @@ def test_undeformed_pass_does_not_use_offset_parameters():
     assert all(g.abs().sum() > 0 for g in deformed_grads)
 
 
+def test_plain_call_is_the_undeformed_pass():
+    generator = _tiny_generator()
+    _randomise_offsets(generator)
+    x = torch.randn(1, 1, 20, 28, generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        plain, aligned, deformed = generator(x), generator(x, deform=False), generator(x, deform=True)
+    torch.testing.assert_close(plain, aligned, rtol=0, atol=0)
+    assert (plain - deformed).abs().max() > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # InstanceNorm's own input check, not our code
+@pytest.mark.parametrize("size", [(32, 32), (18, 29)])
+def test_script_and_trace_compute_the_undeformed_pass_with_the_same_state_dict(size):
+    generator = _tiny_generator().eval()
+    _randomise_offsets(generator)
+    scripted = torch.jit.script(generator)
+    traced = torch.jit.trace(generator, torch.randn(1, 1, 32, 32))
+    assert scripted.state_dict().keys() == generator.state_dict().keys()
+    x = torch.randn(2, 1, *size, generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        expected = generator(x, deform=False)
+        torch.testing.assert_close(scripted(x), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(traced(x), expected, rtol=0, atol=1e-6)
+
+
 def test_vanilla_generator_ignores_the_deform_flag():
     generator = _tiny_generator(deformable=False)
     assert generator.offset_parameters() == []

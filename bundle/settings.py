@@ -1,0 +1,172 @@
+"""Settings that travel with the weights, and boolean flags as typed on the command line.
+
+Training writes ``models/settings.json`` beside ``models/model.pt``: everything needed to rebuild and feed its
+networks (domain kinds and names, width, depth, ``deformable``, output activation per domain, voxel size, slice
+size, HU window). Inference, evaluation and ``ckpt_export``/``onnx_export`` read it through :func:`resolve_settings`,
+so a model trained with any preset is served with no network flags, and an explicit setting that contradicts the
+weights fails in one line naming the setting and both values.
+
+Example::
+
+    write_settings("models", {"ngf": 16, "n_blocks": 4, ...})  # at training time
+    settings = resolve_settings("models", ngf=None)  # {"ngf": 16, ...}: read from the weights
+    resolve_settings("models", ngf=32)  # ValueError: ngf: the weights in models were trained with 16, not 32
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "DEFAULTS",
+    "SETTINGS_FILE",
+    "as_bool",
+    "out_activation",
+    "read_settings",
+    "resolve_settings",
+    "write_settings",
+]
+
+SETTINGS_FILE = "settings.json"
+
+# the paper's settings (configs/train.json without a preset): used where no trained model says otherwise
+DEFAULTS: dict[str, Any] = {
+    "domain_a": "MR",
+    "domain_b": "MR",
+    "name_a": "PD",
+    "name_b": "T2",
+    "in_channels": 1,
+    "out_channels": 1,
+    "ngf": 64,
+    "n_blocks": 9,
+    "deformable": True,
+    "pixdim": [1.8, 1.8, 1.8],
+    "spatial_size": [128, 128],
+    "hu_window": [-1000.0, 2000.0],
+}
+
+_TRUE, _FALSE = "true", "false"
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """A boolean setting as given in a config or on the command line (python-fire passes ``true`` as a string).
+
+    Args:
+        value: a bool, or ``"true"``/``"false"`` in any case (surrounding spaces ignored).
+        name: the setting's name, for the error message.
+
+    Returns:
+        The boolean.
+
+    Raises:
+        ValueError: for anything else, in one line naming the flag.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in (_TRUE, _FALSE):
+        return value.strip().lower() == _TRUE
+    raise ValueError(f"--{name}: expected true or false, got {value!r}.")
+
+
+def out_activation(kind: str) -> str | None:
+    """The generator's output activation for a domain kind: linear for z-scored MR, tanh for range-scaled CT."""
+    if kind not in ("MR", "CT"):
+        raise ValueError(f"domain kind must be 'MR' or 'CT', got {kind!r}.")
+    return None if kind == "MR" else "tanh"
+
+
+def write_settings(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``settings.json`` into ``ckpt_dir`` atomically (rank 0 only), with the output activation per domain.
+
+    Args:
+        ckpt_dir: the folder of ``model.pt``.
+        settings: at least the keys of :data:`DEFAULTS`; booleans may be given as ``"true"``/``"false"``.
+
+    Returns:
+        The settings written.
+    """
+    missing = sorted(set(DEFAULTS) - set(settings))
+    if missing:
+        raise ValueError(f"settings for {ckpt_dir}: missing {missing}.")
+    written = {key: _plain(value) for key, value in settings.items()}
+    written["deformable"] = as_bool(written["deformable"], "deformable")
+    written["out_activation"] = {"A": out_activation(written["domain_a"]), "B": out_activation(written["domain_b"])}
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        path = Path(ckpt_dir) / SETTINGS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(written, indent=2))
+        os.replace(temporary, path)
+    return written
+
+
+def read_settings(ckpt_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The settings training wrote into ``ckpt_dir``, or None where there are none (no trained model yet).
+
+    Raises:
+        ValueError: if the file exists but is not a JSON object.
+    """
+    path = Path(ckpt_dir) / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not readable JSON ({error}).") from error
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings.")
+    return settings
+
+
+def resolve_settings(ckpt_dir: str | os.PathLike, **given: Any) -> dict[str, Any]:
+    """The settings to rebuild and feed the trained networks: the weights' own, checked against explicit ones.
+
+    Args:
+        ckpt_dir: the folder of ``model.pt`` and ``settings.json``.
+        given: settings given explicitly (a config override or a command-line flag); None means "from the weights".
+
+    Returns:
+        ``settings.json`` (or :data:`DEFAULTS` where there is none) with the explicit settings applied, plus
+        ``out_activation`` per domain.
+
+    Raises:
+        ValueError: in one line, for an explicit setting that contradicts the weights.
+    """
+    stored = read_settings(ckpt_dir)
+    settings = dict(DEFAULTS if stored is None else {**DEFAULTS, **stored})
+    for key, value in given.items():
+        if value is None:
+            continue
+        value = as_bool(value, key) if isinstance(DEFAULTS.get(key), bool) else _plain(value)
+        if stored is not None and key in stored and not _same(stored[key], value):
+            raise ValueError(
+                f"{key}: the weights in {ckpt_dir} were trained with {stored[key]!r}, not {value!r} "
+                f"(see {Path(ckpt_dir) / SETTINGS_FILE}; leave {key} out to use the weights' value)."
+            )
+        settings[key] = value
+    settings["out_activation"] = {"A": out_activation(settings["domain_a"]), "B": out_activation(settings["domain_b"])}
+    return settings
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: tuples, tensors and numpy arrays become lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
