@@ -1,0 +1,189 @@
+"""Inference never loses data and one bad input never stops the batch (configs/inference.json, bundle/inputs.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import run
+
+from bundle.inputs import SaveSynthesisd, find_inputs, prepare_output_dir
+from bundle.networks import DicycleGenerator
+
+ROOT = Path(__file__).resolve().parents[1]
+INFERENCE = str(ROOT / "configs" / "inference.json")
+TINY = {"ngf": 4, "n_blocks": 1, "pixdim": [2.0, 2.0, 2.0], "sw_batch_size": 8}
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def _head(shape=(24, 28, 12), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    inside = (x / 0.8) ** 2 + (y / 0.8) ** 2 + (z / 0.8) ** 2 <= 1
+    return (np.where(inside, 100 + 50 * x, 0.0) + np.abs(rng.normal(0, 3, shape))).astype(np.float32)
+
+
+def _models(ckpt_dir: Path) -> None:
+    """Tiny G_AB and G_BA and the intensity reference."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for seed, name in enumerate(("model.pt", "model_g_ba.pt")):
+        torch.manual_seed(seed)
+        torch.save(DicycleGenerator(ngf=4, n_blocks=1, backend="torch").state_dict(), ckpt_dir / name)
+    reference = {"A": {"kind": "MR", "mean": 100.0, "std": 20.0}, "B": {"kind": "MR", "mean": 500.0, "std": 50.0}}
+    (ckpt_dir / "intensity_reference.json").write_text(json.dumps(reference))
+
+
+def _save(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(_head(seed=seed), AFFINE), path)
+    return path
+
+
+def _md5s(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def _root_error(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:  # the bundle runner wraps errors of its expressions
+        error = error.__cause__
+    return error
+
+
+def infer(tmp_path: Path, output_dir: Path, **overrides) -> None:
+    run(
+        config_file=INFERENCE,
+        bundle_root=str(ROOT),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(output_dir),
+        **{**TINY, **overrides},
+    )
+
+
+def infer_failing(tmp_path: Path, output_dir: Path, **overrides) -> str:
+    """Run inference that must fail; returns the root error's message."""
+    with pytest.raises(Exception) as caught:
+        infer(tmp_path, output_dir, **overrides)
+    return str(_root_error(caught.value))
+
+
+# ------------------------------------------------------------------------------------ item 1: nothing overwritten
+
+
+def test_output_dir_equal_to_input_dir_is_refused_and_a_real_t2_stays_byte_identical(tmp_path):
+    """The reported case: output_dir == input_dir holding good_PD and a real T2 named good_PD_T2."""
+    _models(tmp_path / "models")
+    folder = tmp_path / "scans"
+    _save(folder / "good_PD.nii.gz")
+    _save(folder / "good_PD_T2.nii.gz", seed=7)  # a real T2, not an output
+    before = _md5s(folder)
+    for _ in range(2):  # a second run neither
+        message = infer_failing(tmp_path, folder, input_dir=str(folder))
+        assert "output_dir" in message and "is input_dir" in message and len(message.splitlines()) == 1
+        assert _md5s(folder) == before  # nothing replaced, nothing added (no _T2_T2)
+
+
+def test_an_existing_file_is_replaced_only_with_overwrite(tmp_path):
+    _models(tmp_path / "models")
+    folder = tmp_path / "scans"
+    source = _save(folder / "good_PD.nii.gz")
+    _save(folder / "good_PD_T2.nii.gz", seed=7)
+    before = _md5s(folder)
+    message = infer_failing(tmp_path, folder, input_file=str(source))
+    assert "1 of 1 inputs could not be synthesized (0 written)" in message
+    assert f"{source}: output {folder / 'good_PD_T2.nii.gz'} exists and is not replaced" in message
+    assert "--overwrite true" in message
+    assert _md5s(folder) == before
+    infer(tmp_path, folder, input_file=str(source), overwrite="true")  # asked for: replaced
+    after = _md5s(folder)
+    assert after["good_PD.nii.gz"] == before["good_PD.nii.gz"]
+    assert after["good_PD_T2.nii.gz"] != before["good_PD_T2.nii.gz"]
+    assert sorted(after) == sorted(before) and not list(folder.glob(".*"))  # no temporary file left
+
+
+def test_an_input_is_never_replaced_even_with_overwrite(tmp_path):
+    """A datalist may list a volume and, beside it, a file named like its output: that input is kept."""
+    _models(tmp_path / "models")
+    folder = tmp_path / "scans"
+    _save(folder / "a.nii.gz")
+    _save(folder / "a_T2.nii.gz", seed=3)
+    entries = [{"A": "a.nii.gz", "B": "a.nii.gz"}, {"A": "a_T2.nii.gz", "B": "a_T2.nii.gz"}]
+    (folder / "list.json").write_text(json.dumps({"domains": {"A": "PD", "B": "T2"}, "test": entries}))
+    before = _md5s(folder)
+    message = infer_failing(
+        tmp_path, folder, input_datalist=str(folder / "list.json"), dataset_dir=str(folder), overwrite=True
+    )
+    assert f"{folder / 'a.nii.gz'}: its output {folder / 'a_T2.nii.gz'} is an input of this run" in message
+    after = _md5s(folder)
+    assert {k: after[k] for k in before} == before
+    assert sorted(set(after) - set(before)) == ["a_T2_T2.nii.gz"]  # the listed a_T2 itself was synthesized
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_scanned_by_a_later_run(tmp_path):
+    _models(tmp_path / "models")
+    folder = tmp_path / "scans"
+    _save(folder / "good_PD.nii.gz")
+    _save(folder / "good_PD_T2.nii.gz", seed=7)
+    out = folder / "synth"
+    infer(tmp_path, out, input_dir=str(folder))
+    assert sorted(p.name for p in out.iterdir()) == ["good_PD_T2.nii.gz", "good_PD_T2_T2.nii.gz"]
+    first = _md5s(folder)
+    infer(tmp_path, out, input_dir=str(folder), overwrite=True)  # again, asked to replace its own outputs
+    assert sorted(p.name for p in out.iterdir()) == ["good_PD_T2.nii.gz", "good_PD_T2_T2.nii.gz"]  # no _T2_T2_T2
+    assert {k: v for k, v in _md5s(folder).items() if not k.startswith("synth")} == {
+        k: v for k, v in first.items() if not k.startswith("synth")
+    }
+
+
+def test_two_inputs_with_one_output_name_do_not_overwrite_each_other(tmp_path):
+    folder = tmp_path / "scans"
+    _save(folder / "a.nii")
+    _save(folder / "a.nii.gz", seed=1)
+    inputs = find_inputs(input_dir=str(folder), output_dir=str(tmp_path / "out"), output_postfix="T2")
+    assert [e["output"] for e in inputs.good] == [str((tmp_path / "out" / "a_T2.nii.gz").resolve())]
+    assert "would also be the output of" in inputs.failures[str(folder / "a.nii.gz")]
+
+
+def test_save_never_replaces_a_file_that_appeared_after_planning(tmp_path):
+    target = tmp_path / "out" / "x_T2.nii.gz"
+    target.parent.mkdir()
+    target.write_bytes(b"someone else's file")
+    image = torch.as_tensor(_head())[None]
+    with pytest.raises(FileExistsError, match=r"x_T2\.nii\.gz appeared during the run; it is not replaced"):
+        SaveSynthesisd("pred")({"pred": image, "output": str(target)})
+    assert target.read_bytes() == b"someone else's file"
+    assert [p.name for p in target.parent.iterdir()] == ["x_T2.nii.gz"]  # the temporary file is gone
+    SaveSynthesisd("pred", overwrite=True)({"pred": image, "output": str(target)})
+    assert nib.load(target).shape[:3] == image.shape[1:]
+
+
+# ------------------------------------------------------------------------ item 6: non-writable output folder
+
+
+def test_an_output_folder_that_cannot_be_created_is_reported_in_one_line_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    # input_dir does not exist either: the output folder is checked first, before any input is looked at
+    message = infer_failing(tmp_path, blocker / "out", input_dir=str(tmp_path / "missing"))
+    assert message.startswith(f"output_dir {blocker / 'out'} cannot be created") and len(message.splitlines()) == 1
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        prepare_output_dir(blocker)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes to read-only folders")
+def test_a_read_only_output_folder_is_reported_in_one_line(tmp_path):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match=f"^output_dir {folder} is not writable: Permission denied.$"):
+            prepare_output_dir(folder)
+    finally:
+        folder.chmod(0o700)
