@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import uuid
+from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,18 +116,16 @@ def _series_entries(folder: Path, name: str) -> tuple[list[dict[str, Any]], list
     series = dicom_series(folder)
     if len(series) == 1:  # a whole folder is read by MONAI's ITKReader as it is
         return [{"image": str(folder), SOURCE_KEY: str(folder), "stem": name}], list(series[0].files)
-    numbers = [s.number for s in series]
-    unique = all(n is not None for n in numbers) and len(set(numbers)) == len(numbers)
+    # outputs named by series number; series sharing a number (or without one) by their rank among them
+    counts = Counter(s.number for s in series)
+    seen: Counter = Counter()
     entries, used = [], []
     for s in series:
-        label = f"series {s.number}" if unique else f"series {s.uid}"
-        description = f" ({s.description})" if s.description else ""
+        seen[s.number] += 1
+        tag = f"s{s.number if s.number is not None else 'x'}" + (f"-{seen[s.number]}" if counts[s.number] > 1 else "")
+        description = f", {s.description}" if s.description else ""
         entries.append(
-            {
-                "image": list(s.files),
-                SOURCE_KEY: f"{folder} [{label}{description}]",
-                "stem": f"{name}_s{s.number}" if unique else f"{name}_{s.uid}",
-            }
+            {"image": list(s.files), SOURCE_KEY: f"{folder} [series {s.uid}{description}]", "stem": f"{name}_{tag}"}
         )
         used += s.files
     return entries, used

@@ -13,7 +13,15 @@ import pytest
 import torch
 from monai.bundle import run
 
-from bundle.inputs import SaveSynthesisd, find_inputs, prepare_output_dir
+from bundle.inputs import (
+    InferenceInputs,
+    SaveSynthesisd,
+    TolerantDataset,
+    TolerantEvaluator,
+    find_inputs,
+    prepare_output_dir,
+    raise_for_failures,
+)
 from bundle.networks import DicycleGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +195,95 @@ def test_a_read_only_output_folder_is_reported_in_one_line(tmp_path):
             prepare_output_dir(folder)
     finally:
         folder.chmod(0o700)
+
+
+# --------------------------------------------------------------- item 2: one bad volume never stops the batch
+
+
+def _nifti_with_header(path: Path, **fields) -> Path:
+    """A good volume whose header fields are then set as given (nibabel would otherwise fix the geometry)."""
+    image = nib.Nifti1Image(_head(), AFFINE)
+    header = image.header.copy()
+    for name, value in fields.items():
+        header[name] = value
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), None, header=header), path)
+    return path
+
+
+def _zero_geometry(path: Path) -> Path:
+    zero = {k: 0 for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")}
+    return _nifti_with_header(path, srow_x=0, srow_y=0, srow_z=0, sform_code=1, qform_code=1, **zero)
+
+
+def _nan_geometry(path: Path) -> Path:
+    return _nifti_with_header(path, srow_x=[np.nan, 0, 0, 0], sform_code=1)
+
+
+def test_singular_or_non_finite_geometry_is_screened_and_the_volume_after_it_is_written(tmp_path):
+    _models(tmp_path / "models")
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    _zero_geometry(folder / "a_zero.nii.gz")  # today: Orientationd "Unable to find out axis 0.0" kills the run
+    _nan_geometry(folder / "b_nan.nii.gz")
+    _save(folder / "c_good.nii.gz")
+    message = infer_failing(tmp_path, tmp_path / "out", input_dir=str(folder))
+    assert "2 of 3 inputs could not be synthesized (1 written)" in message
+    assert f"{folder / 'a_zero.nii.gz'}: has a singular voxel-to-world affine" in message
+    assert f"{folder / 'b_nan.nii.gz'}: has a non-finite voxel-to-world affine" in message
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["c_good_T2.nii.gz"]
+
+
+def test_a_failure_while_preprocessing_synthesizing_or_saving_one_volume_is_recorded_and_the_batch_goes_on():
+    from monai.data import DataLoader
+    from monai.inferers import SimpleInferer
+
+    def preprocess(entry):
+        if entry["source"] == "bad_input":
+            raise ValueError("cannot preprocess this one")
+        return {**entry, "image": torch.full((1, 4, 4), float(entry["value"]))}
+
+    class Network(torch.nn.Module):
+        def forward(self, x):
+            if (x == 2).all():
+                raise RuntimeError("out of memory on this one")
+            return x * 10
+
+    saved = []
+
+    def save(data):
+        if data["source"] == "unsavable":
+            raise PermissionError("disk full")
+        saved.append((data["source"], float(data["pred"].mean())))
+        return data
+
+    names = ["first", "bad_input", "bad_network", "unsavable", "last"]
+    entries = [{"source": name, "image": "", "value": i} for i, name in enumerate(names)]
+    inputs = InferenceInputs(good=entries)
+    evaluator = TolerantEvaluator(
+        inputs=inputs,
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(TolerantDataset(entries, preprocess), batch_size=1),
+        network=Network(),
+        inferer=SimpleInferer(),
+        postprocessing=save,
+    )
+    evaluator.run()
+    assert saved == [("first", 0.0), ("last", 40.0)]
+    assert inputs.failures == {
+        "bad_input": "preprocessing failed: ValueError: cannot preprocess this one",
+        "bad_network": "synthesis failed: RuntimeError: out of memory on this one",
+        "unsavable": "inverting or saving failed: PermissionError: disk full",
+    }
+    with pytest.raises(RuntimeError, match=r"3 of 5 inputs could not be synthesized \(2 written\)"):
+        raise_for_failures(inputs)
+
+
+def test_a_saving_failure_in_the_workflow_names_the_volume_and_the_next_one_is_written(tmp_path):
+    _models(tmp_path / "models")
+    folder = tmp_path / "scans"
+    _save(folder / "a.nii.gz")
+    _save(folder / "b.nii.gz", seed=1)
+    (tmp_path / "out" / "a_T2.nii.gz").mkdir(parents=True)  # a folder where a's output goes
+    message = infer_failing(tmp_path, tmp_path / "out", input_dir=str(folder), overwrite=True)
+    assert f"{folder / 'a.nii.gz'}: inverting or saving failed: IsADirectoryError" in message
+    assert (tmp_path / "out" / "b_T2.nii.gz").is_file() and (tmp_path / "out" / "a_T2.nii.gz").is_dir()
