@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom.data as pydicom_data  # test-only dependency (requirements-dev.txt): real scanner DICOM
 import pytest
 import torch
 from monai.bundle import run
@@ -287,3 +289,54 @@ def test_a_saving_failure_in_the_workflow_names_the_volume_and_the_next_one_is_w
     message = infer_failing(tmp_path, tmp_path / "out", input_dir=str(folder), overwrite=True)
     assert f"{folder / 'a.nii.gz'}: inverting or saving failed: IsADirectoryError" in message
     assert (tmp_path / "out" / "b_T2.nii.gz").is_file() and (tmp_path / "out" / "a_T2.nii.gz").is_dir()
+
+
+# ------------------------------------------------------------------------- item 3: DICOM series by content
+
+DICOMDIR_TESTS = Path(pydicom_data.__file__).parent / "test_files" / "dicomdirtests"
+CT5N = DICOMDIR_TESTS / "98892001" / "CT5N"  # one CT series, 5 slices of 16 x 16, files without extension
+MR2 = DICOMDIR_TESTS / "98892003" / "MR2"  # two 3-slice MR series and a 1-slice localizer in one folder
+
+
+def _copy(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def test_a_series_folder_whose_slices_have_no_extension_is_synthesized(tmp_path):
+    _models(tmp_path / "models")
+    _copy(CT5N, tmp_path / "scans" / "CT5N")
+    assert not any("." in p.name for p in (tmp_path / "scans" / "CT5N").iterdir())
+    infer(tmp_path, tmp_path / "out", input_dir=str(tmp_path / "scans"))
+    written = nib.load(tmp_path / "out" / "CT5N_T2.nii.gz")
+    assert written.shape == (16, 16, 5) and np.isfinite(written.get_fdata()).all()
+
+
+def test_every_series_of_a_mixed_folder_is_synthesized_or_named(tmp_path):
+    _models(tmp_path / "models")
+    folder = _copy(MR2, tmp_path / "scans" / "MR2")
+    message = infer_failing(tmp_path, tmp_path / "out", input_dir=str(tmp_path / "scans"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["MR2_s2-1_T2.nii.gz", "MR2_s2-2_T2.nii.gz"]
+    assert "1 of 3 inputs could not be synthesized (2 written)" in message
+    assert f"{folder} [series " in message and "FAST LOCALIZER]: is a single 2-D slice" in message
+    for name in ("MR2_s2-1_T2.nii.gz", "MR2_s2-2_T2.nii.gz"):
+        assert nib.load(tmp_path / "out" / name).shape == (16, 16, 3)
+    first, second = (
+        np.asarray(nib.load(tmp_path / "out" / n).dataobj) for n in ("MR2_s2-1_T2.nii.gz", "MR2_s2-2_T2.nii.gz")
+    )
+    assert not np.allclose(first, second)  # two different series, not one read twice
+
+
+@pytest.mark.parametrize("given", ["input_dir", "input_file"])
+def test_a_series_folder_itself_as_input_just_works(tmp_path, given):
+    _models(tmp_path / "models")
+    folder = _copy(CT5N, tmp_path / "CT5N")
+    infer(tmp_path, tmp_path / "out", **{given: str(folder)})
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["CT5N_T2.nii.gz"]
+    assert nib.load(tmp_path / "out" / "CT5N_T2.nii.gz").shape == (16, 16, 5)
+
+
+def test_a_mixed_series_folder_as_input_file_gives_every_series(tmp_path):
+    inputs = find_inputs(input_file=str(MR2), output_dir=str(tmp_path), output_postfix="T2")
+    assert sorted(Path(e["output"]).name for e in inputs.good) == ["MR2_s2-1_T2.nii.gz", "MR2_s2-2_T2.nii.gz"]
+    assert all(len(e["image"]) == 3 for e in inputs.good) and len(inputs.failures) == 1
