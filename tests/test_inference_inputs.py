@@ -340,3 +340,92 @@ def test_a_mixed_series_folder_as_input_file_gives_every_series(tmp_path):
     inputs = find_inputs(input_file=str(MR2), output_dir=str(tmp_path), output_postfix="T2")
     assert sorted(Path(e["output"]).name for e in inputs.good) == ["MR2_s2-1_T2.nii.gz", "MR2_s2-2_T2.nii.gz"]
     assert all(len(e["image"]) == 3 for e in inputs.good) and len(inputs.failures) == 1
+
+
+# ------------------------------------------------------------------------------------------ acceptance
+
+
+def _write_dicom_series(volume: np.ndarray, spacing: float, folder: Path, series: str, number: int) -> None:
+    """One file per axial slice, without extension, with the tags a reader needs to rebuild the geometry."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(volume.astype(np.int16).transpose(2, 1, 0))
+    image.SetSpacing((spacing,) * 3)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetImageIO("GDCMImageIO")  # the files have no extension to choose it by
+    for z in range(image.GetDepth()):
+        slice_ = image[:, :, z]
+        for tag, value in {
+            "0008|0060": "MR",
+            "0020|000d": f"{series}.1",
+            "0020|000e": f"{series}.2",
+            "0020|0011": str(number),
+            "0008|0018": f"{series}.3.{z}",
+            "0020|0013": str(z + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, z))),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0018|0050": f"{spacing:.6f}",
+        }.items():
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"IM{number}{z:04d}"))
+        writer.Execute(slice_)
+
+
+def test_a_mixed_folder_writes_every_good_output_names_every_bad_input_and_changes_no_file(tmp_path):
+    """The issue's acceptance test, through the command line."""
+    import subprocess
+    import sys
+
+    _models(tmp_path / "models")
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    _save(scans / "good1_PD.nii.gz")
+    _save(scans / "good1_PD_T2.nii.gz", seed=7)  # a real T2 named like an output of good1_PD
+    _save(scans / "good2.nii.gz", seed=1)
+    _save(out / "taken_T2.nii.gz", seed=2)  # an earlier output: not replaced
+    _save(scans / "taken.nii.gz", seed=3)
+    _zero_geometry(scans / "zero_geometry.nii.gz")
+    _nan_geometry(scans / "nan_geometry.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((8, 8), np.float32), AFFINE), scans / "flat.nii.gz")
+    (scans / "broken.nii.gz").write_bytes(b"\x1f\x8b not gzip")
+    (scans / "notes.txt").write_text("not an image")
+    _copy(CT5N, scans / "CT5N")
+    _copy(MR2, scans / "MR2")
+    _write_dicom_series(_head((16, 16, 8)) * 10, 2.4, scans / "small_fov", "1.2.826.0.1.3680043.2.1125.7", 3)
+    before = {**{f"scans/{k}": v for k, v in _md5s(scans).items()}, **{f"out/{k}": v for k, v in _md5s(out).items()}}
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE, "--bundle_root", str(ROOT)]
+    command += ["--ckpt_dir", str(tmp_path / "models"), "--input_dir", str(scans), "--output_dir", str(out)]
+    command += [arg for k, v in TINY.items() for arg in (f"--{k}", json.dumps(v).replace(" ", ""))]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "could not be synthesized" in result.stderr, result.stderr[-3000:]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(
+        [
+            "taken_T2.nii.gz",
+            "good1_PD_T2.nii.gz",
+            "good1_PD_T2_T2.nii.gz",
+            "good2_T2.nii.gz",
+            "CT5N_T2.nii.gz",
+            "MR2_s2-1_T2.nii.gz",
+            "MR2_s2-2_T2.nii.gz",
+            "small_fov_T2.nii.gz",
+        ]
+    )
+    assert nib.load(out / "small_fov_T2.nii.gz").shape == (16, 16, 8)
+    summary = result.stderr[result.stderr.index("inputs could not be synthesized") :]
+    for source, reason in [
+        (scans / "taken.nii.gz", "exists and is not replaced"),
+        (scans / "zero_geometry.nii.gz", "singular voxel-to-world affine"),
+        (scans / "nan_geometry.nii.gz", "non-finite voxel-to-world affine"),
+        (scans / "flat.nii.gz", "is 2-D"),
+        (scans / "broken.nii.gz", "unreadable"),
+        (scans / "notes.txt", "not an image volume"),
+        (f"{scans / 'MR2'} [series", "is a single 2-D slice"),
+    ]:
+        line = next(line for line in summary.splitlines() if line.strip().startswith(str(source)))
+        assert reason in line, line
+    assert "7 of 14 inputs could not be synthesized (7 written)" in result.stderr
+    after = {**{f"scans/{k}": v for k, v in _md5s(scans).items()}, **{f"out/{k}": v for k, v in _md5s(out).items()}}
+    assert {k: after[k] for k in before} == before
