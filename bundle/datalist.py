@@ -47,9 +47,11 @@ __all__ = [
     "PAIRED_KEYS",
     "PATH_KEYS",
     "TRAINING_KEYS",
+    "DicomSeries",
     "IXIInventory",
     "IXIName",
     "check_volume",
+    "dicom_series",
     "find_ixi_volumes",
     "find_volumes",
     "load_datalist",
@@ -204,12 +206,15 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(int(n)) for n in shape)
 
 
-def _read_array(path: Path) -> np.ndarray:
-    """Voxel array of a NIfTI/Analyze file (nibabel), an ITK file or a DICOM series folder (SimpleITK)."""
-    if path.is_dir() or not path.name.lower().endswith(_NIFTI_SUFFIXES):
+def _read_array(path: Path | Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel array and voxel-to-world affine (RAS) of a NIfTI/Analyze file (nibabel), an ITK file, a DICOM series
+    folder or the slice files of one DICOM series (SimpleITK)."""
+    if not isinstance(path, Path) or path.is_dir() or not path.name.lower().endswith(_NIFTI_SUFFIXES):
         import SimpleITK as sitk
 
-        if path.is_dir():
+        if not isinstance(path, Path):
+            image = sitk.ReadImage([str(p) for p in path])
+        elif path.is_dir():
             names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
             if not names:
                 raise ValueError("folder without a DICOM series")
@@ -218,27 +223,48 @@ def _read_array(path: Path) -> np.ndarray:
             image = sitk.ReadImage(str(path))
         if image.GetNumberOfComponentsPerPixel() > 1:
             raise ValueError(f"has {image.GetNumberOfComponentsPerPixel()} components per voxel, not a scalar volume")
-        return sitk.GetArrayFromImage(image).T  # a copy: a view would outlive the image; ITK arrays are (z, y, x)
-    return np.asanyarray(nib.load(path).dataobj)
+        affine = np.eye(4)
+        dim = image.GetDimension()
+        affine[:dim, :dim] = np.asarray(image.GetDirection()).reshape(dim, dim) * np.asarray(image.GetSpacing())
+        affine[:dim, 3] = image.GetOrigin()
+        return sitk.GetArrayFromImage(image).T, affine  # a copy: ITK arrays are (z, y, x); a view would outlive it
+    image = nib.load(path)
+    return np.asanyarray(image.dataobj), np.asarray(image.affine, dtype=float)
 
 
-def volume_problem(path: str | os.PathLike) -> str | None:
-    """What makes a volume unusable, or None if it is a readable, finite, non-empty 3-D volume.
+def _geometry_problem(affine: np.ndarray) -> str | None:
+    """What makes a voxel-to-world affine unusable (non-finite or singular), or None."""
+    if not np.isfinite(affine).all():
+        return "has a non-finite voxel-to-world affine (NaN or infinite in its header): its geometry is undefined"
+    matrix = affine[:3, :3]
+    norms = np.linalg.norm(matrix, axis=0)
+    if (norms == 0).any() or abs(np.linalg.det(matrix)) <= 1e-6 * float(np.prod(norms)):
+        rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in matrix)
+        return (
+            f"has a singular voxel-to-world affine [{rows}] (e.g. sform and qform all zero): its geometry is undefined"
+        )
+    return None
+
+
+def volume_problem(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str | None:
+    """What makes a volume unusable, or None if it is a readable, finite, non-empty 3-D volume with a usable geometry.
 
     Args:
-        path: a NIfTI/Analyze, NRRD, MetaImage file or a DICOM series folder.
+        path: a NIfTI/Analyze, NRRD, MetaImage file, a DICOM series folder, or the slice files of one DICOM series.
 
     Returns:
         ``"missing"``, ``"empty file (0 bytes)"``, ``"unreadable: ..."``, ``"is 2-D ..."``,
-        ``"is 4-D with N volumes ..."``, ``"contains N NaN ..."``, ``"is empty: every voxel is V"`` or None.
+        ``"is 4-D with N volumes ..."``, ``"contains N NaN ..."``, ``"is empty: every voxel is V"``,
+        ``"has a singular / non-finite voxel-to-world affine ..."`` or None.
     """
-    path = Path(path)
-    if not path.exists():
-        return "missing"
-    if path.is_file() and path.stat().st_size == 0:
+    files = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+    missing = [p for p in files if not p.exists()]
+    if missing:
+        return "missing" if len(files) == 1 else f"missing slice files: {', '.join(str(p) for p in missing[:3])}"
+    if files[0].is_file() and files[0].stat().st_size == 0:
         return "empty file (0 bytes)"
     try:
-        data = _read_array(path)
+        data, affine = _read_array(files[0] if len(files) == 1 else files)
     except Exception as error:  # any reader failure means "not an image we can read"
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return f"unreadable, not an image ({message})"
@@ -260,7 +286,7 @@ def volume_problem(path: str | os.PathLike) -> str | None:
     low, high = data.min(), data.max()
     if low == high:
         return f"is empty: every voxel is {low.item():g}"
-    return None
+    return _geometry_problem(affine)
 
 
 def _raise_for(problems: Mapping[str, str], what: str) -> None:
@@ -625,8 +651,66 @@ def _volume_key(path: Path) -> str:
     return name
 
 
+class DicomSeries(NamedTuple):
+    """One DICOM series of a folder: its series UID (as ITK/GDCM splits series), slice files in reading order,
+    and the series number and description of its first slice (None / "" where absent)."""
+
+    uid: str
+    files: tuple[str, ...]
+    number: int | None
+    description: str
+
+
+_NOT_DICOM_SUFFIXES = (*IMAGE_SUFFIXES, ".img", ".img.gz", ".json", ".txt", ".csv", ".md", ".pt", ".png", ".jpg")
+
+
+def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
+    """The DICOM series among the files directly inside ``folder``, found by content, whatever the extensions.
+
+    Series are split as MONAI's ``ITKReader`` splits them (``itk.GDCMSeriesFileNames`` with series details and the
+    series date), so each one is what ``LoadImage`` reads from a folder holding only it.
+
+    Args:
+        folder: the folder.
+
+    Returns:
+        The series, sorted by series number then UID; empty if there is none.
+    """
+    folder = Path(folder)
+    if not any(p.is_file() and not p.name.lower().endswith(_NOT_DICOM_SUFFIXES) for p in folder.iterdir()):
+        return []  # only known non-DICOM files: spare GDCM the scan (and its warning)
+    import itk
+    import SimpleITK as sitk
+
+    names = itk.GDCMSeriesFileNames.New()
+    names.SetUseSeriesDetails(True)
+    names.AddSeriesRestriction("0008|0021")  # series date, as monai.data.ITKReader
+    names.SetDirectory(str(folder))
+    series = []
+    for uid in names.GetSeriesUIDs():
+        files = tuple(str(f) for f in names.GetFileNames(uid))
+        if not files:
+            continue
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        number, description = None, ""
+        try:
+            reader.ReadImageInformation()
+            if reader.HasMetaDataKey("0020|0011") and reader.GetMetaData("0020|0011").strip().isdigit():
+                number = int(reader.GetMetaData("0020|0011").strip())
+            if reader.HasMetaDataKey("0008|103e"):
+                description = reader.GetMetaData("0008|103e").strip()
+        except RuntimeError:  # unreadable header: the screening will name the problem
+            pass
+        series.append(DicomSeries(str(uid), files, number, description))
+    return sorted(series, key=lambda s: (s.number is None, s.number or 0, s.uid))
+
+
 def find_volumes(folder: str | os.PathLike) -> list[Path]:
     """Volumes directly inside ``folder``: image files (NIfTI, NRRD, MetaImage) and DICOM series sub-folders.
+
+    A sub-folder is a DICOM series folder when it holds DICOM series (found by content, see :func:`dicom_series`),
+    whatever its files' extensions.
 
     Args:
         folder: the folder.
@@ -649,7 +733,7 @@ def find_volumes(folder: str | os.PathLike) -> list[Path]:
             and not path.name.lower().endswith((".img", ".img.gz"))
         ):
             volumes.append(path)
-        elif path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir()):
+        elif path.is_dir() and dicom_series(path):
             volumes.append(path)
     return volumes
 

@@ -6,7 +6,8 @@
   :class:`DenormalizeIntensityd` maps synthesized intensities back to the target's units with it (HU for CT, the
   training set's typical foreground mean and standard deviation for MR);
 - :func:`find_inputs` screens a folder, a file or a datalist, and :func:`raise_for_failures` reports the inputs
-  that could not be processed once the good ones are done.
+  that could not be processed once the good ones are done (both in :mod:`bundle.inputs`, with the per-volume
+  failure recording of the workflow).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from monai.inferers import SliceInferer
 from monai.transforms import MapTransform
 from torch import nn
 
-from bundle.datalist import find_volumes, load_datalist, volume_problem
+from bundle.inputs import InferenceInputs, find_inputs, raise_for_failures
 
 __all__ = [
     "BFloat16Autocast",
@@ -179,91 +179,3 @@ class DenormalizeIntensityd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = d[key] * self.scale + self.shift
         return d
-
-
-@dataclass
-class InferenceInputs:
-    """The inputs of an inference run: ``good`` entries ``{"image": path}`` and ``failures`` (path -> problem)."""
-
-    good: list[dict[str, str]] = field(default_factory=list)
-    failures: dict[str, str] = field(default_factory=dict)
-
-
-def find_inputs(
-    input_dir: str | os.PathLike | None = None,
-    input_file: str | os.PathLike | None = None,
-    datalist: str | os.PathLike | None = None,
-    dataset_dir: str | os.PathLike | None = None,
-    datalist_key: str = "test",
-    datalist_field: str = "A",
-) -> InferenceInputs:
-    """Collect and screen the volumes to synthesize; unusable ones are set aside with their problem.
-
-    Exactly one source: a folder (NIfTI, NRRD, MHA files and DICOM series sub-folders directly inside it), a single
-    file or DICOM folder, or a datalist (``datalist_key`` list, ``datalist_field`` of each entry; ``image`` for
-    training lists).
-
-    Args:
-        input_dir: folder of volumes.
-        input_file: one volume.
-        datalist: datalist JSON, relative to ``dataset_dir``.
-        dataset_dir: folder the datalist's paths are relative to (default: the datalist's folder).
-        datalist_key: which list of the datalist.
-        datalist_field: which path of each entry.
-
-    Returns:
-        :class:`InferenceInputs`.
-
-    Raises:
-        ValueError: if not exactly one source is given, or it holds no volume at all.
-        FileNotFoundError: if the folder or the datalist does not exist.
-    """
-    given = [
-        name for name, value in (("input_dir", input_dir), ("input_file", input_file), ("datalist", datalist)) if value
-    ]
-    if len(given) != 1:
-        raise ValueError(f"give exactly one of input_dir, input_file, datalist (got {given or 'none'}).")
-    if input_dir:
-        paths = [str(p) for p in find_volumes(input_dir)]
-        unknown = sorted(
-            str(p)
-            for p in Path(input_dir).iterdir()
-            if p.is_file() and str(p) not in paths and not p.name.startswith(".")
-        )
-    elif input_file:
-        paths, unknown = [str(input_file)], []
-    else:
-        root = Path(dataset_dir) if dataset_dir else Path(datalist).resolve().parent
-        entries = load_datalist(root, datalist, datalist_key)
-        paths, unknown = [e[datalist_field] if datalist_field in e else e["image"] for e in entries], []
-    if not paths and not unknown:
-        raise ValueError(f"no volume found in {given[0]} {input_dir or input_file or datalist}.")
-    inputs = InferenceInputs(failures={path: "not an image volume (unknown file type)" for path in unknown})
-    for path in paths:
-        problem = volume_problem(path)
-        if problem:
-            inputs.failures[path] = problem
-        else:
-            inputs.good.append({"image": path})
-    for path, problem in inputs.failures.items():
-        logger.warning(f"skipping {path}: {problem}")
-    return inputs
-
-
-def raise_for_failures(inputs: InferenceInputs) -> None:
-    """After the good inputs are done: raise one error listing every input that was skipped, with its problem.
-
-    Args:
-        inputs: what :func:`find_inputs` returned.
-
-    Raises:
-        RuntimeError: if any input failed (so the command exits non-zero).
-    """
-    if inputs.failures:
-        lines = "\n".join(f"  {path}: {problem}" for path, problem in inputs.failures.items())
-        total = len(inputs.failures) + len(inputs.good)
-        message = (
-            f"{len(inputs.failures)} of {total} inputs could not be synthesized ({len(inputs.good)} written):\n{lines}"
-        )
-        logger.error(message)  # printed plainly, above the traceback of the bundle runner
-        raise RuntimeError(message)

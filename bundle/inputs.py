@@ -1,0 +1,440 @@
+"""Inference inputs and outputs: what to synthesize, where it goes, and what could not be done.
+
+- :func:`prepare_output_dir` makes sure the output folder can be written before any work starts;
+- :func:`find_inputs` finds the volumes (image files, DICOM series found by content), screens them and plans an
+  output name for each that never replaces an existing file unless asked;
+- :class:`TolerantDataset`, :class:`TolerantEvaluator` and :class:`SaveSynthesisd` record a failure while
+  preprocessing, synthesizing or saving one volume against that volume and go on with the next;
+- :func:`raise_for_failures` lists every failure once the good volumes are written, so the command exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import uuid
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import Dataset, ITKReader
+from monai.engines import SupervisedEvaluator
+from monai.transforms import Compose, LoadImaged, MapTransform, SaveImage
+
+from bundle.datalist import IMAGE_SUFFIXES, dicom_series, load_datalist, volume_problem
+
+__all__ = [
+    "DicomSeriesReader",
+    "InferenceInputs",
+    "SaveSynthesisd",
+    "TolerantDataset",
+    "TolerantEvaluator",
+    "find_inputs",
+    "prepare_output_dir",
+    "raise_for_failures",
+    "with_dicom_series_reader",
+]
+
+logger = logging.getLogger(__name__)
+
+FAILURE_KEY = "failure"
+SOURCE_KEY = "source"
+OUTPUT_KEY = "output"
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of the innermost error: MONAI wraps transform errors in "applying transform ..." layers."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+@dataclass
+class InferenceInputs:
+    """The inputs of an inference run.
+
+    ``good``: entries ``{"image": path (or the slice files of a DICOM series), "source": what the user gave,
+    "output": the file to write}``; ``failures``: source -> problem, filled by screening and during the run.
+    """
+
+    good: list[dict[str, Any]] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def record(self, source: str, problem: str) -> None:
+        """Set ``source`` aside with its problem (logged at once, listed again by :func:`raise_for_failures`)."""
+        logger.warning(f"skipping {source}: {problem}")
+        self.failures[str(source)] = problem
+
+
+def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Create ``output_dir`` if needed and check that a file can be written in it, before any work.
+
+    Args:
+        output_dir: the output folder.
+
+    Returns:
+        The folder.
+
+    Raises:
+        NotADirectoryError: if it (or a parent) is a file.
+        PermissionError: if it cannot be created or written to.
+    """
+    folder = Path(output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as error:  # the path itself is a file
+        raise NotADirectoryError(f"output_dir {folder} is not a folder: {error.strerror}.") from None
+    except OSError as error:
+        kind = NotADirectoryError if isinstance(error, NotADirectoryError) else PermissionError
+        raise kind(f"output_dir {folder} cannot be created: {error.strerror} ({error.filename}).") from None
+    try:  # a real write: permission bits alone say nothing for root or on read-only mounts
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(f"output_dir {folder} is not writable: {error.strerror}.") from None
+    return folder
+
+
+def _flag(value: bool | str, name: str) -> bool:
+    """A boolean setting given as a bool or, from the command line, as true/false in any case."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
+
+
+def _series_entries(folder: Path, name: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """One entry per DICOM series of ``folder`` (found by content), named after ``name``; and every file used."""
+    series = dicom_series(folder)
+    if len(series) == 1:  # a whole folder is read by MONAI's ITKReader as it is
+        return [{"image": str(folder), SOURCE_KEY: str(folder), "stem": name}], list(series[0].files)
+    # outputs named by series number; series sharing a number (or without one) by their rank among them
+    counts = Counter(s.number for s in series)
+    seen: Counter = Counter()
+    entries, used = [], []
+    for s in series:
+        seen[s.number] += 1
+        tag = f"s{s.number if s.number is not None else 'x'}" + (f"-{seen[s.number]}" if counts[s.number] > 1 else "")
+        description = f", {s.description}" if s.description else ""
+        entries.append(
+            {"image": list(s.files), SOURCE_KEY: f"{folder} [series {s.uid}{description}]", "stem": f"{name}_{tag}"}
+        )
+        used += s.files
+    return entries, used
+
+
+def _output_stem(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def find_inputs(
+    input_dir: str | os.PathLike | None = None,
+    input_file: str | os.PathLike | None = None,
+    datalist: str | os.PathLike | None = None,
+    dataset_dir: str | os.PathLike | None = None,
+    datalist_key: str = "test",
+    datalist_field: str = "A",
+    output_dir: str | os.PathLike | None = None,
+    output_postfix: str = "",
+    output_ext: str = ".nii.gz",
+    overwrite: bool | str = False,
+) -> InferenceInputs:
+    """Collect and screen the volumes to synthesize and plan their outputs; unusable ones are set aside.
+
+    Exactly one source: a folder, a single file or DICOM series folder, or a datalist (``datalist_key`` list,
+    ``datalist_field`` of each entry; ``image`` for training lists). In a folder: NIfTI, NRRD and MetaImage files,
+    the DICOM series among its files and those of its sub-folders, found by content (GDCM series UIDs, as MONAI's
+    ``ITKReader`` splits them), whatever the files' extensions. Every series is an input of its own.
+
+    Outputs: ``<output_dir>/<input name>_<output_postfix><output_ext>`` (a series of a folder holding several:
+    ``<folder>_s<series number>_...``). An output that exists is not replaced unless ``overwrite``; one that is an
+    input of this run never is; ``output_dir`` may not be ``input_dir`` itself (outputs would be taken as inputs by
+    the next run), and a sub-folder of ``input_dir`` used as ``output_dir`` is not scanned.
+
+    Args:
+        input_dir: folder of volumes, or a DICOM series folder.
+        input_file: one volume or one DICOM series folder.
+        datalist: datalist JSON, relative to ``dataset_dir``.
+        dataset_dir: folder the datalist's paths are relative to (default: the datalist's folder).
+        datalist_key: which list of the datalist.
+        datalist_field: which path of each entry.
+        output_dir: where the outputs go; without it no output is planned (screening only).
+        output_postfix: appended to each input's name, e.g. the target contrast ``"T2"``.
+        output_ext: the outputs' extension.
+        overwrite: replace existing outputs (never inputs).
+
+    Returns:
+        :class:`InferenceInputs`.
+
+    Raises:
+        ValueError: if not exactly one source is given, it holds no volume at all, or ``output_dir`` is
+            ``input_dir``.
+        FileNotFoundError: if the folder, the file or the datalist does not exist.
+    """
+    given = [
+        name for name, value in (("input_dir", input_dir), ("input_file", input_file), ("datalist", datalist)) if value
+    ]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of input_dir, input_file, datalist (got {given or 'none'}).")
+    overwrite = _flag(overwrite, "overwrite")
+    out = Path(output_dir).resolve() if output_dir else None
+    entries: list[dict[str, Any]] = []
+    unknown: list[str] = []
+    if input_dir:
+        folder = Path(input_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"input_dir {folder} does not exist or is not a folder.")
+        if out is not None and out == folder.resolve():
+            raise ValueError(
+                f"output_dir {output_dir} is input_dir: the outputs would mix with the inputs and a later run would "
+                "take them as inputs; choose another output_dir (a sub-folder of input_dir is fine)."
+            )
+        # DICOM series among the folder's own files (the folder may itself be a series folder)
+        entries, used = _series_entries(folder, folder.resolve().name)
+        used_set = {os.path.abspath(p) for p in used}
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith(".") or os.path.abspath(path) in used_set:
+                continue
+            if path.is_dir():
+                if out is not None and out == path.resolve():
+                    logger.info(f"not scanning {path}: it is output_dir")
+                    continue
+                found = _series_entries(path, path.name)[0]
+                if not found:
+                    logger.warning(f"ignoring folder {path}: no DICOM series in it")
+                entries += found
+            elif path.name.lower().endswith((".img", ".img.gz")):
+                if not path.with_name(_output_stem(path) + ".hdr").exists():
+                    unknown.append(str(path))  # Analyze/NIfTI image without its header
+            elif path.name.lower().endswith(IMAGE_SUFFIXES):
+                entries.append({"image": str(path), SOURCE_KEY: str(path), "stem": _output_stem(path)})
+            else:
+                unknown.append(str(path))
+    elif input_file:
+        path = Path(input_file)
+        if path.is_dir():
+            entries, _ = _series_entries(path, path.resolve().name)
+            if not entries:
+                unknown.append(str(path))
+        else:
+            entries = [{"image": str(path), SOURCE_KEY: str(path), "stem": _output_stem(path)}]
+    else:
+        root = Path(dataset_dir) if dataset_dir else Path(datalist).resolve().parent
+        for e in load_datalist(root, datalist, datalist_key):
+            path = Path(e[datalist_field] if datalist_field in e else e["image"])
+            entries.append({"image": str(path), SOURCE_KEY: str(path), "stem": _output_stem(path)})
+    if not entries and not unknown:
+        raise ValueError(f"no volume found in {given[0]} {input_dir or input_file or datalist}.")
+    inputs = InferenceInputs()
+    for path in unknown:
+        inputs.record(path, "not an image volume (unknown file type, and not a DICOM series)")
+    inputs_here = {
+        Path(p).resolve() for e in entries for p in ([e["image"]] if isinstance(e["image"], str) else e["image"])
+    }
+    planned: dict[Path, str] = {}
+    for entry in entries:
+        source, stem = entry[SOURCE_KEY], entry.pop("stem")
+        problem = volume_problem(entry["image"])
+        if problem is None and out is not None:
+            target = out / f"{stem}{'_' + output_postfix if output_postfix else ''}{output_ext}"
+            if target.resolve() in inputs_here:
+                problem = f"its output {target} is an input of this run; choose another output_dir"
+            elif target in planned:
+                problem = f"its output {target} would also be the output of {planned[target]}; rename one of them"
+            elif target.exists() and not overwrite:
+                problem = f"output {target} exists and is not replaced; pass --overwrite true to replace it"
+            else:
+                planned[target] = source
+                entry[OUTPUT_KEY] = str(target)
+        if problem:
+            inputs.record(source, problem)
+        else:
+            inputs.good.append(entry)
+    return inputs
+
+
+def raise_for_failures(inputs: InferenceInputs) -> None:
+    """After the good inputs are done: raise one error listing every input that failed, with its problem.
+
+    Args:
+        inputs: what :func:`find_inputs` returned, with the failures recorded during the run.
+
+    Raises:
+        RuntimeError: if any input failed (so the command exits non-zero).
+    """
+    if inputs.failures:
+        lines = "\n".join(f"  {path}: {problem}" for path, problem in inputs.failures.items())
+        total = len({e[SOURCE_KEY] for e in inputs.good} | set(inputs.failures))
+        written = total - len(inputs.failures)
+        message = f"{len(inputs.failures)} of {total} inputs could not be synthesized ({written} written):\n{lines}"
+        logger.error(message)  # printed plainly, above the traceback of the bundle runner
+        raise RuntimeError(message)
+
+
+class DicomSeriesReader(ITKReader):
+    """MONAI ``ITKReader`` that reads a list of DICOM slice files as one series (one volume), not as channels.
+
+    :func:`find_inputs` gives each series of a folder holding several as the list of its files;
+    :func:`with_dicom_series_reader` registers this reader in a preprocessing's ``LoadImaged``.
+    """
+
+    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+        """True for two or more files none of which has an image-file extension (a DICOM series)."""
+        names = [str(f) for f in filename] if isinstance(filename, (list, tuple)) else [str(filename)]
+        return len(names) > 1 and not any(n.lower().endswith(IMAGE_SUFFIXES) for n in names)
+
+    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs: Any) -> Any:
+        """Read the files as one series."""
+        import itk
+
+        return itk.imread([str(f) for f in data], **{**self.kwargs, **kwargs})
+
+
+def with_dicom_series_reader(transform: Compose) -> Compose:
+    """Register :class:`DicomSeriesReader` in every ``LoadImaged`` of ``transform`` (in place).
+
+    Args:
+        transform: a preprocessing, e.g. :func:`bundle.data.volume_preprocessing`.
+
+    Returns:
+        The same transform.
+    """
+    for t in transform.flatten().transforms:
+        if isinstance(t, LoadImaged):
+            t.register(DicomSeriesReader())
+    return transform
+
+
+class TolerantDataset(Dataset):
+    """MONAI ``Dataset`` whose items that fail to load or preprocess become ``{"source": ..., "failure": reason}``.
+
+    :class:`TolerantEvaluator` records such an item against its source and goes on with the next; the
+    failure travels with the item, so this works with DataLoader worker processes too.
+
+    Args:
+        data: entries with a ``"source"`` naming the input (see :func:`find_inputs`).
+        transform: the preprocessing.
+    """
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as error:  # any failure of one volume is that volume's, not the batch's
+            entry = self.data[index]
+            return {SOURCE_KEY: str(entry.get(SOURCE_KEY, entry.get("image"))), FAILURE_KEY: _reason(error)}
+
+
+class _RecordingTransform:
+    """Apply ``transform``; on an error, record it against the item's source and return the item unchanged."""
+
+    def __init__(self, transform: Callable, inputs: InferenceInputs, stage: str) -> None:
+        self.transform, self.inputs, self.stage = transform, inputs, stage
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Any:
+        try:
+            return self.transform(data)
+        except Exception as error:
+            self.inputs.record(str(data.get(SOURCE_KEY, "?")), f"{self.stage} failed: {_reason(error)}")
+            return dict(data)
+
+
+class TolerantEvaluator(SupervisedEvaluator):
+    """``SupervisedEvaluator`` that records a failure of one volume and goes on with the next.
+
+    Preprocessing failures come from :class:`TolerantDataset`; an error of the network pass or of the
+    postprocessing (inversion, saving) is caught here. Each is recorded in ``inputs`` against the item's
+    ``"source"``; :func:`raise_for_failures` lists them all at the end. Volumes go one per batch.
+
+    Args:
+        inputs: the :class:`InferenceInputs` of the run; failures are recorded in it.
+        args: see ``SupervisedEvaluator``.
+        postprocessing: see ``SupervisedEvaluator``; its errors are recorded per volume.
+        kwargs: see ``SupervisedEvaluator``.
+    """
+
+    def __init__(self, *args: Any, inputs: InferenceInputs, postprocessing: Callable | None = None, **kwargs: Any):
+        self.inputs = inputs
+        if postprocessing is not None:
+            postprocessing = _RecordingTransform(postprocessing, inputs, "inverting or saving")
+        super().__init__(*args, postprocessing=postprocessing, **kwargs)
+
+    def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict:
+        sources = batchdata.get(SOURCE_KEY, ["?"])
+        source = str(sources[0] if isinstance(sources, (list, tuple)) else sources)
+        if FAILURE_KEY in batchdata:
+            reasons = batchdata[FAILURE_KEY]
+            self.inputs.record(source, f"preprocessing failed: {reasons[0] if isinstance(reasons, list) else reasons}")
+            return {}  # decollates to no item: nothing to postprocess
+        try:
+            return super()._iteration(engine, batchdata)
+        except Exception as error:
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            self.inputs.record(source, f"synthesis failed: {_reason(error)}")
+            engine.state.output = {}
+            return {}
+
+
+class SaveSynthesisd(MapTransform):
+    """Save ``key`` to the path in ``data["output"]`` (planned by :func:`find_inputs`), never replacing a file
+    unless ``overwrite``.
+
+    The volume is written by MONAI's ``SaveImage`` to a hidden temporary file in the output folder, then linked
+    to its name, which fails if a file appeared there meanwhile; so no existing file is ever truncated.
+
+    Args:
+        keys: the synthesized image's key.
+        output_dtype: data type of the saved volume.
+        overwrite: replace an existing output.
+        output_key: the key of the output path.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dtype: torch.dtype | np.dtype | None = torch.float32,
+        overwrite: bool | str = False,
+        output_key: str = OUTPUT_KEY,
+    ) -> None:
+        super().__init__(keys)
+        self.output_dtype, self.overwrite, self.output_key = output_dtype, _flag(overwrite, "overwrite"), output_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        target = Path(d[self.output_key])
+        for key in self.key_iterator(d):
+            ext = next((s for s in (".nii.gz", ".nii", ".nrrd", ".mha") if target.name.endswith(s)), target.suffix)
+            temporary = target.with_name(f".{target.name[: -len(ext)]}.{uuid.uuid4().hex}.partial")
+            saver = SaveImage(
+                output_ext=ext, output_dtype=self.output_dtype, resample=False, separate_folder=False, print_log=False
+            )
+            written = Path(f"{temporary}{ext}")
+            try:
+                saver(d[key], filename=str(temporary))
+                if self.overwrite:
+                    os.replace(written, target)
+                else:
+                    try:
+                        os.link(written, target)  # fails if the name exists: no race replaces a file
+                    except FileExistsError:
+                        raise FileExistsError(f"{target} appeared during the run; it is not replaced") from None
+                    except OSError:  # a file system without hard links
+                        if target.exists():
+                            raise FileExistsError(f"{target} appeared during the run; it is not replaced") from None
+                        os.replace(written, target)
+            finally:
+                written.unlink(missing_ok=True)
+            logger.info(f"wrote {target}")
+        return d
