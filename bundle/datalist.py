@@ -74,7 +74,12 @@ def _resolve(dataset_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
 
 
 def read_datalist(dataset_dir: str | os.PathLike, datalist: str | os.PathLike = "datalist.json") -> dict[str, Any]:
-    """Read a datalist JSON as stored (paths relative to ``dataset_dir``) and check its structure.
+    """Read a datalist JSON as stored (paths relative to ``dataset_dir``) and check its structure and paths.
+
+    A relative path must stay inside ``dataset_dir`` once ``..`` is resolved, so that a datalist cannot make the
+    bundle read files elsewhere (``../../etc/passwd``); an absolute path is the user's explicit choice and is kept.
+    The check is on the path as written, so symbolic links inside the dataset folder (e.g. to a network share)
+    still work.
 
     Args:
         dataset_dir: the dataset folder.
@@ -85,7 +90,8 @@ def read_datalist(dataset_dir: str | os.PathLike, datalist: str | os.PathLike = 
 
     Raises:
         FileNotFoundError: if the JSON file does not exist.
-        ValueError: if it is not valid JSON or not a datalist (every structural problem listed at once).
+        ValueError: if it is not valid JSON, not a datalist (every structural problem listed at once), or a
+            relative path leaves the dataset folder (every such entry named).
     """
     path = _resolve(dataset_dir, datalist)
     if not path.is_file():
@@ -97,6 +103,21 @@ def read_datalist(dataset_dir: str | os.PathLike, datalist: str | os.PathLike = 
     problems = _structure_problems(content)
     if problems:
         raise ValueError(f"datalist {path} is malformed:\n" + "\n".join(f"  {p}" for p in problems))
+    root = os.path.normpath(os.path.abspath(dataset_dir))
+    outside = [
+        f'"{key}"[{index}]["{name}"]: {entry[name]}'
+        for key in (*TRAINING_KEYS, *PAIRED_KEYS)
+        for index, entry in enumerate(content.get(key, []))
+        for name in PATH_KEYS
+        if name in entry
+        and not Path(entry[name]).is_absolute()
+        and os.path.commonpath([root, os.path.normpath(os.path.join(root, entry[name]))]) != root
+    ]
+    if outside:
+        raise ValueError(
+            f"datalist {path}: {len(outside)} relative path{'s' if len(outside) > 1 else ''} outside the dataset "
+            f"folder {root} (write an absolute path to use a file elsewhere):\n" + "\n".join(f"  {p}" for p in outside)
+        )
     return content
 
 

@@ -266,6 +266,43 @@ def test_synthesis_pair_resolves_the_ground_truth_of_each_direction() -> None:
         dl.synthesis_pair(aligned, "AB")
 
 
+def test_relative_paths_may_not_leave_the_dataset_folder(tmp_path) -> None:
+    dataset = tmp_path / "data"
+    write_nifti(dataset / "sub" / "a.nii.gz", volume(1))
+    outside = write_nifti(tmp_path / "elsewhere" / "b.nii.gz", volume(2))
+    entries = {
+        "training_A": [{"image": "sub/a.nii.gz"}, {"image": "../../../../etc/passwd"}],
+        "training_B": [{"image": str(outside)}],  # absolute: the user's own choice, kept
+        "test": [{"A": "sub/../sub/a.nii.gz", "B": "sub/../../elsewhere/b.nii.gz", "subject": "s1"}],
+    }
+    (dataset / "datalist.json").write_text(json.dumps({"domains": {"A": "PD", "B": "T2"}, **entries}))
+    for read in (dl.read_datalist, dl.load_datalist, dl.validate_datalist):
+        with pytest.raises(ValueError, match="outside the dataset folder") as error:
+            read(dataset, "datalist.json")
+        message = str(error.value)
+        assert "\"training_A\"[1][\"image\"]: ../../../../etc/passwd" in message
+        assert "\"test\"[0][\"B\"]: sub/../../elsewhere/b.nii.gz" in message
+        assert "sub/a.nii.gz\n" not in message and str(outside) not in message  # inside, or absolute: not named
+    del entries["training_A"][1], entries["test"]
+    (dataset / "datalist.json").write_text(json.dumps({"domains": {"A": "PD", "B": "T2"}, **entries}))
+    assert dl.load_datalist(dataset, "datalist.json", "training_B") == [{"image": str(outside)}]
+    assert dl.validate_datalist(dataset, "datalist.json") == 2
+
+
+def test_written_datalists_keep_files_outside_the_dataset_folder_absolute(folder_dataset, tmp_path) -> None:
+    """A builder given a folder outside the dataset folder must write a datalist that loads (not ``../`` paths)."""
+    outside = tmp_path.parent / f"{tmp_path.name}_outside"
+    write_nifti(outside / "mr9.nii.gz", volume(9))
+    content = datasets.make_folder_datalist(folder_dataset, outside, "ct")
+    path = datasets.write_datalist(
+        "datalist.json", folder_dataset, content["domains"], content["training_A"], content["training_B"]
+    )
+    stored = json.loads(path.read_text())
+    assert stored["training_A"] == [{"image": str(outside / "mr9.nii.gz")}]
+    assert all(not Path(e["image"]).is_absolute() for e in stored["training_B"])  # inside: relative, portable
+    assert dl.load_datalist(folder_dataset, path, "training_A") == [{"image": str(outside / "mr9.nii.gz")}]
+
+
 def test_split_subjects() -> None:
     subjects = [f"s{i:02d}" for i in range(10)]
     split = datasets.split_subjects(subjects, n_train=None, n_test=3, n_validation=2, seed=4)

@@ -53,8 +53,12 @@ _IXI_NAME = re.compile(
 
 
 def _relative(dataset_dir: Path, path: str | os.PathLike) -> str:
-    """Path relative to ``dataset_dir`` with forward slashes (portable JSON)."""
-    return Path(os.path.relpath(_resolve(dataset_dir, path), dataset_dir)).as_posix()
+    """Path relative to ``dataset_dir`` with forward slashes (portable JSON); a path outside ``dataset_dir`` stays
+    absolute, as :func:`~bundle.datalist.read_datalist` refuses relative paths that leave the dataset folder."""
+    relative = os.path.relpath(_resolve(dataset_dir, path), dataset_dir)
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        return str(Path(os.path.abspath(_resolve(dataset_dir, path))))
+    return Path(relative).as_posix()
 
 
 def write_datalist(
