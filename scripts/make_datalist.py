@@ -30,10 +30,11 @@ from typing import Any
 
 import fire
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root, when run without PYTHONPATH
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the bundle root, when run without PYTHONPATH
 
-from bundle import datalist as dl
-from scripts.tooling import datasets
+from bundle import datalist as dl  # noqa: E402
+from scripts.tooling import datasets  # noqa: E402
 
 
 def _write_and_check(content: dict[str, Any], dataset_dir: str, output: str, overwrite: bool, validate: bool) -> str:

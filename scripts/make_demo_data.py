@@ -29,6 +29,8 @@ sys.path.insert(0, str(REPO))  # the bundle root, when run without PYTHONPATH
 
 from scripts.tooling.phantom import write_phantom_dataset  # noqa: E402
 
+DEFAULT_OUTPUT_DIR = str(REPO / "demo_data")  # git-ignored
+
 
 class PeakMemory:
     """Peak memory of this process and its worker processes together, sampled every 0.2 s.
@@ -71,7 +73,7 @@ class PeakMemory:
             )
 
 
-def main(output_dir: str = str(REPO / "demo_data"), **options: Any) -> None:
+def main(output_dir: str = DEFAULT_OUTPUT_DIR, **options: Any) -> None:
     """Build the phantom dataset in ``output_dir`` (default ``demo_data/``, git-ignored), then print the elapsed time
     and the peak memory.
 

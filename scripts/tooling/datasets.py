@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 import nibabel as nib
 import numpy as np
-
 from bundle.datalist import (
     _NIFTI_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -65,8 +64,8 @@ def write_datalist(
     path: str | os.PathLike,
     dataset_dir: str | os.PathLike,
     domains: Mapping[str, str],
-    training_A: Iterable[Mapping[str, Any]],
-    training_B: Iterable[Mapping[str, Any]],
+    training_a: Iterable[Mapping[str, Any]],
+    training_b: Iterable[Mapping[str, Any]],
     validation: Iterable[Mapping[str, Any]] = (),
     test: Iterable[Mapping[str, Any]] = (),
     extra: Mapping[str, Any] | None = None,
@@ -78,8 +77,8 @@ def write_datalist(
         path: the JSON file to write, absolute or relative to ``dataset_dir``.
         dataset_dir: the dataset folder.
         domains: ``{"A": name, "B": name}``.
-        training_A: unpaired domain-A entries ``{"image": path}``.
-        training_B: unpaired domain-B entries ``{"image": path}``.
+        training_a: unpaired domain-A entries ``{"image": path}``.
+        training_b: unpaired domain-B entries ``{"image": path}``.
         validation: paired entries ``{"A", "B", ...}``.
         test: paired entries ``{"A", "B", ...}``.
         extra: other top-level keys (provenance).
@@ -97,8 +96,8 @@ def write_datalist(
         raise FileExistsError(f"{path} exists; choose another name or pass overwrite=True (--overwrite).")
     content: dict[str, Any] = {"domains": {"A": domains["A"], "B": domains["B"]}}
     for key, entries in (
-        ("training_A", training_A),
-        ("training_B", training_B),
+        ("training_A", training_a),
+        ("training_B", training_b),
         ("validation", validation),
         ("test", test),
     ):
@@ -116,11 +115,7 @@ def write_datalist(
 
 
 def split_subjects(
-    subjects: Sequence[str],
-    n_train: int | None,
-    n_test: int,
-    n_validation: int = 0,
-    seed: int = 0,
+    subjects: Sequence[str], n_train: int | None, n_test: int, n_validation: int = 0, seed: int = 0
 ) -> dict[str, list[str]]:
     """Seeded random split of subjects into training, validation and test.
 
@@ -443,9 +438,9 @@ def _read_volume(path: Path) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarr
             nib.save(out, target)
 
         return np.asarray(image.get_fdata(dtype=np.float32)), np.asarray(image.affine), write_nifti
-    import SimpleITK as sitk
+    import SimpleITK
 
-    image = sitk.ReadImage(str(path))
+    image = SimpleITK.ReadImage(str(path))
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     affine = np.eye(4)
     affine[:3, :3] = direction * np.asarray(image.GetSpacing())
@@ -453,13 +448,13 @@ def _read_volume(path: Path) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarr
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # ITK's LPS world -> RAS
 
     def write_itk(array: np.ndarray, target: Path) -> None:
-        out = sitk.GetImageFromArray(np.ascontiguousarray(array.T))
+        out = SimpleITK.GetImageFromArray(np.ascontiguousarray(array.T))
         out.CopyInformation(image)
-        sitk.WriteImage(
-            sitk.Cast(out, image.GetPixelID()) if image.GetPixelID() != out.GetPixelID() else out, str(target)
+        SimpleITK.WriteImage(
+            SimpleITK.Cast(out, image.GetPixelID()) if image.GetPixelID() != out.GetPixelID() else out, str(target)
         )
 
-    return sitk.GetArrayFromImage(image).T.astype(np.float32), affine, write_itk
+    return SimpleITK.GetArrayFromImage(image).T.astype(np.float32), affine, write_itk
 
 
 def make_distorted_datalist(

@@ -73,7 +73,6 @@ import nibabel as nib
 import numpy as np
 import scipy.ndimage as ndi
 import torch
-
 from bundle.transforms import INJECTIVITY_FACTOR, BSplineField, DomainDistortion, resample_volume
 from scripts.tooling.datasets import split_subjects, write_datalist
 
