@@ -1,7 +1,7 @@
 """Custom components of the DicycleGAN MONAI bundle, referenced by ``_target_`` from ``configs/*.json``.
 
-Configs import the package once (``"$import bundle"``) and reach the modules as ``bundle.<module>``; the phantom,
-which needs nilearn, is imported on its own by the scripts that build demo data.
+Configs import the package once (``"$import bundle"``) and reach the modules as ``bundle.<module>``. The phantom and
+the dataset builders are experiment tooling in ``scripts/tooling``, which the model zoo export does not ship.
 """
 
 from . import data, datalist, handlers, inference, losses, metrics, networks, settings, trainer, transforms

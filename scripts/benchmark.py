@@ -464,7 +464,7 @@ def _dataset(dataset_dir: str | None, datalist: str) -> tuple[Path, str]:
     path = Path(dataset_dir) if dataset_dir else Path(tempfile.gettempdir()) / "dicyclegan_benchmark_data"
     if (path / datalist).is_file():
         return path, "existing"
-    from bundle.phantom import write_phantom_dataset
+    from scripts.tooling.phantom import write_phantom_dataset
 
     print(f"building a 4-subject phantom dataset (2 training subjects per domain, IXI geometry) in {path} ...")
     write_phantom_dataset(output_dir=path, subjects=4, n_validation=1, n_test=1, progress=None)
@@ -488,7 +488,7 @@ def loader(
     Args:
         dataset_dir: dataset folder holding ``datalist``; default: a folder in the temporary directory where, on the
             first run, a 4-subject phantom dataset of IXI geometry (256 x 256 x 130, 0.94 x 0.94 x 1.2 mm; 2
-            training subjects per domain) is built with ``bundle.phantom.write_phantom_dataset``.
+            training subjects per domain) is built with ``scripts.tooling.phantom.write_phantom_dataset``.
         datalist: datalist file in ``dataset_dir``.
         preset: ``"paper"`` (1.8 mm, 128 x 128, 2 workers), ``"demo"`` (2.4 mm, 96 x 96, 1 worker), or both.
         samples: samples in the timed epoch.

@@ -20,7 +20,8 @@ releases are laid out):
   ``intensity_reference.json`` (the intensity scales inference uses to write HU / MR units) and ``settings.json``
   (the network and geometry settings inference, evaluation and ``ckpt_export`` rebuild the networks from) when they
   exist;
-- ``bundle/`` (the custom code the configs reference), ``scripts/``, ``docs/`` (the model card), ``LICENSE``;
+- ``bundle/`` (the custom code the configs reference), ``docs/`` (the model card, ``data_license.txt``), ``LICENSE``;
+  not ``scripts/``: the phantom, dataset builders, studies and benchmarks are tooling of this repository;
 - ``large_files.yml``: the model files with their md5 and a URL placeholder (``--base_url`` fills it). The zoo keeps
   large files out of its repository: upload them, put the URLs in, and drop ``models/*.pt|ts`` from the pull request.
 
@@ -57,10 +58,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NAME = "dicyclegan_cross_domain_synthesis"
 DEFAULT_SCHEMA_DIR = ROOT / "tests" / "data"  # offline copies of MONAI's metadata schema, named as in its URL
 
-# what is copied from the repository (directories: every file except caches)
-COPIED_DIRS = ("configs", "bundle", "scripts", "docs")
+# what is copied from the repository (directories: every file except caches); scripts/ is repository tooling
+COPIED_DIRS = ("configs", "bundle", "docs")
 COPIED_FILES = ("LICENSE",)
-REQUIRED_SOURCES = ("configs/metadata.json", "configs/inference.json", "LICENSE", "docs/README.md", "bundle")
+REQUIRED_SOURCES = (
+    "configs/metadata.json",
+    "configs/inference.json",
+    "LICENSE",
+    "docs/README.md",
+    "docs/data_license.txt",
+    "bundle",
+)
 # configs whose ids ``--overrides`` sets (the ones that load models/model.pt); an override must match one of them
 OVERRIDE_CONFIGS = ("inference.json", "evaluate.json")
 # (network id in configs/inference.json, checkpoint, TorchScript file); the first is required

@@ -1,4 +1,6 @@
-"""Build, check and derive datalists for real data (IXI or your own folders). The format is in bundle/datalist.py.
+"""Build, check and derive datalists for real data (IXI or your own folders).
+
+The format and its validation are in bundle/datalist.py, the builders in scripts/tooling/datasets.py.
 
 Usage (from the repository root)::
 
@@ -28,15 +30,17 @@ from typing import Any
 
 import fire
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root, when run without PYTHONPATH
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the bundle root, when run without PYTHONPATH
 
-from bundle import datalist as dl
+from bundle import datalist as dl  # noqa: E402
+from scripts.tooling import datasets  # noqa: E402
 
 
 def _write_and_check(content: dict[str, Any], dataset_dir: str, output: str, overwrite: bool, validate: bool) -> str:
     """Write a datalist built by a ``make_*_datalist`` function, then optionally validate every file."""
     extra = {k: v for k, v in content.items() if k not in ("domains", *dl.TRAINING_KEYS, *dl.PAIRED_KEYS)}
-    path = dl.write_datalist(
+    path = datasets.write_datalist(
         output,
         dataset_dir,
         content["domains"],
@@ -89,7 +93,7 @@ def ixi(
     Returns:
         the path of the datalist.
     """
-    content = dl.make_ixi_datalist(
+    content = datasets.make_ixi_datalist(
         dataset_dir, contrast_a, contrast_b, n_train, n_test, n_validation, seed, mask_dir, progress=print
     )
     return _write_and_check(content, dataset_dir, output, overwrite, validate)
@@ -130,7 +134,7 @@ def folders(
     Returns:
         the path of the datalist.
     """
-    content = dl.make_folder_datalist(
+    content = datasets.make_folder_datalist(
         dataset_dir,
         dir_a,
         dir_b,
@@ -171,7 +175,7 @@ def distort(
     Returns:
         the path of the new datalist.
     """
-    path = dl.make_distorted_datalist(
+    path = datasets.make_distorted_datalist(
         dataset_dir, datalist, output, folder, max_displacement_mm, control_spacing_mm, seed, overwrite, print
     )
     print(f"wrote {path}")

@@ -6,11 +6,13 @@ Usage (from the repository root)::
 
 Writes ``DIR/phantomNNN/*.nii.gz`` and three datalists: ``datalist.json`` (PD <-> T2), ``datalist_deformed_t2.json``
 (PD <-> T2 under a fixed domain-specific distortion) and ``datalist_mr_ct.json`` (T1 <-> CT with differing scanner
-beds). Prints the elapsed time and the peak memory. See ``bundle/phantom.py`` for the physics and the sources.
+beds). Prints the elapsed time and the peak memory. See ``scripts/tooling/phantom.py`` for the physics and the
+sources.
 """
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 import os
 import resource
@@ -18,11 +20,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import fire
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the bundle root, when run without PYTHONPATH
+
+from scripts.tooling.phantom import write_phantom_dataset  # noqa: E402
+
+DEFAULT_OUTPUT_DIR = str(REPO / "demo_data")  # git-ignored
 
 
 class PeakMemory:
@@ -66,71 +73,37 @@ class PeakMemory:
             )
 
 
-def main(
-    output_dir: str = str(REPO / "demo_data"),
-    subjects: int = 12,
-    seed: int = 0,
-    n_validation: int = 2,
-    n_test: int = 2,
-    downsample: int = 1,
-    snr: float = 30.0,
-    bias_field: float = 0.2,
-    ct_noise_hu: float = 8.0,
-    anatomy_mm: float = 4.0,
-    scanner_bed: bool = True,
-    distortion_mm: float = 8.0,
-    distortion_spacing_mm: float = 40.0,
-    distortion_seed: int = 0,
-    workers: int | None = None,
-    force: bool = False,
-) -> None:
-    """Build the phantom dataset in ``output_dir`` (default ``demo_data/``, git-ignored).
+def main(output_dir: str = DEFAULT_OUTPUT_DIR, **options: Any) -> None:
+    """Build the phantom dataset in ``output_dir`` (default ``demo_data/``, git-ignored), then print the elapsed time
+    and the peak memory.
 
     Args:
         output_dir: dataset folder to write (default: ``demo_data/`` at the repository root).
-        subjects: number of subjects (at least ``n_validation + n_test + 1``).
-        seed: seed of anatomy, noise, split and shuffles.
-        n_validation: paired validation subjects.
-        n_test: paired test subjects.
-        downsample: integer factor for a coarser grid over IXI's field of view (1 = 256 x 256 x 130).
-        snr: MR signal-to-noise ratio (mean brain signal / noise sd).
-        bias_field: peak-to-peak MR bias field amplitude (0.2 = +-10 %).
-        ct_noise_hu: CT noise sd in HU.
-        anatomy_mm: bound on each component of the anatomical deformation between subjects (mm).
-        scanner_bed: add the MR positioning pad and the CT head holder.
-        distortion_mm: largest displacement of the T2 domain distortion (mm).
-        distortion_spacing_mm: its control-point spacing (mm).
-        distortion_seed: its seed.
-        workers: worker processes (default one per core, at most 2).
-        force: rebuild even if the folder already holds the same dataset.
+        options: the other arguments of :func:`scripts.tooling.phantom.write_phantom_dataset` (listed by ``--help``
+            with their defaults): subjects, seed (anatomy, noise, split, shuffles), validation and test pairs, grid
+            (``downsample``), MR noise and bias field, CT noise, anatomical variability, scanner beds, the T2
+            distortion, worker processes, and ``--force`` to rebuild a folder that holds the same dataset.
     """
     start = time.perf_counter()
-    from bundle.phantom import write_phantom_dataset
-
     with PeakMemory() as memory:
-        result = write_phantom_dataset(
-            output_dir=output_dir,
-            subjects=subjects,
-            seed=seed,
-            n_validation=n_validation,
-            n_test=n_test,
-            downsample=downsample,
-            snr=snr,
-            bias_field=bias_field,
-            ct_noise_hu=ct_noise_hu,
-            anatomy_mm=anatomy_mm,
-            scanner_bed=scanner_bed,
-            distortion_mm=distortion_mm,
-            distortion_spacing_mm=distortion_spacing_mm,
-            distortion_seed=distortion_seed,
-            workers=workers,
-            force=force,
-        )
+        result = write_phantom_dataset(output_dir=output_dir, **options)
     print(
         f"done in {time.perf_counter() - start:.1f} s, peak memory {memory.peak_mb:.0f} MB (all processes); "
         f"datalists in {result['output_dir']}"
     )
 
+
+# fire reads this signature: every option of write_phantom_dataset, typed and with its default, on the command line
+# and in --help (with **options alone, fire would pass --help on as an option)
+main.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.signature(main).parameters["output_dir"]]
+    + [
+        parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for name, parameter in inspect.signature(write_phantom_dataset).parameters.items()
+        if name not in ("output_dir", "progress", "model")
+    ],
+    return_annotation=None,
+)
 
 if __name__ == "__main__":
     fire.Fire(main)

@@ -608,7 +608,7 @@ def results_markdown(
         "# DicycleGAN against CycleGAN on the brain phantom",
         "",
         "The paper's experiments (Wang et al. 2018, Tables 1-3 and Fig. 4) repeated with this bundle on the MNI152 "
-        "phantom (`bundle/phantom.py`): the same code trained as CycleGAN (`configs/cyclegan.json`) and as "
+        "phantom (`scripts/tooling/phantom.py`): the same code trained as CycleGAN (`configs/cyclegan.json`) and as "
         "DicycleGAN, with the same data, seed and budget, evaluated on held-out subjects.",
         "",
         "Produced by:",

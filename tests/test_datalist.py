@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from bundle import datalist as dl
+from scripts.tooling import datasets
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("Guys", "HH", "IOP")
@@ -63,20 +64,20 @@ def ixi_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("IXI012-HH-1211-PD.nii.gz", dl.IXIName("IXI012", "HH", "1211", "PD")),
-        ("IXI002-Guys-0828-T2.nii.gz", dl.IXIName("IXI002", "Guys", "0828", "T2")),
-        ("/data/IXI-T1/IXI035-IOP-0873-T1.nii", dl.IXIName("IXI035", "IOP", "0873", "T1")),
+        ("IXI012-HH-1211-PD.nii.gz", datasets.IXIName("IXI012", "HH", "1211", "PD")),
+        ("IXI002-Guys-0828-T2.nii.gz", datasets.IXIName("IXI002", "Guys", "0828", "T2")),
+        ("/data/IXI-T1/IXI035-IOP-0873-T1.nii", datasets.IXIName("IXI035", "IOP", "0873", "T1")),
         ("IXI12-HH-1211-PD.nii.gz", None),
         ("IXI012-HH-1211-PD.mat", None),
         ("sub-01_T2w.nii.gz", None),
     ],
 )
-def test_parse_ixi_name(name: str, expected: dl.IXIName | None) -> None:
-    assert dl.parse_ixi_name(name) == expected
+def test_parse_ixi_name(name: str, expected: datasets.IXIName | None) -> None:
+    assert datasets.parse_ixi_name(name) == expected
 
 
 def test_ixi_pairs_by_subject_and_reports_missing_contrasts(ixi_dir) -> None:
-    inventory = dl.find_ixi_volumes(ixi_dir, ("PD", "T2"))
+    inventory = datasets.find_ixi_volumes(ixi_dir, ("PD", "T2"))
     assert len(inventory.complete) == 66
     assert inventory.incomplete == {"IXI007": ["T2"], "IXI019": ["T2"], "IXI035": ["T2"], "IXI052": ["PD"]}
     pair = inventory.complete["IXI012"]
@@ -85,9 +86,9 @@ def test_ixi_pairs_by_subject_and_reports_missing_contrasts(ixi_dir) -> None:
 
 def test_ixi_split_is_the_papers_and_training_lists_are_unpaired(ixi_dir) -> None:
     lines: list[str] = []
-    content = dl.make_ixi_datalist(ixi_dir, n_train=38, n_test=28, seed=0, progress=lines.append)
+    content = datasets.make_ixi_datalist(ixi_dir, n_train=38, n_test=28, seed=0, progress=lines.append)
     assert "4 subjects missing a contrast" in "\n".join(lines) and "IXI052 (no PD)" in "\n".join(lines)
-    subject_of = lambda path: dl.parse_ixi_name(path).subject  # noqa: E731
+    subject_of = lambda path: datasets.parse_ixi_name(path).subject  # noqa: E731
     train_a = [subject_of(e["image"]) for e in content["training_A"]]
     train_b = [subject_of(e["image"]) for e in content["training_B"]]
     test = [e["subject"] for e in content["test"]]
@@ -98,13 +99,13 @@ def test_ixi_split_is_the_papers_and_training_lists_are_unpaired(ixi_dir) -> Non
     for entry in content["test"]:
         assert subject_of(entry["A"]) == subject_of(entry["B"]) == entry["subject"]
     # seeded: same seed, same split; another seed, another split
-    assert dl.make_ixi_datalist(ixi_dir, seed=0) == content
-    assert [e["subject"] for e in dl.make_ixi_datalist(ixi_dir, seed=1)["test"]] != test
+    assert datasets.make_ixi_datalist(ixi_dir, seed=0) == content
+    assert [e["subject"] for e in datasets.make_ixi_datalist(ixi_dir, seed=1)["test"]] != test
 
 
 def test_ixi_datalist_is_written_relative_and_loads_absolute(ixi_dir, tmp_path) -> None:
-    content = dl.make_ixi_datalist(ixi_dir, n_train=30, n_test=20, n_validation=6, seed=3)
-    path = dl.write_datalist(
+    content = datasets.make_ixi_datalist(ixi_dir, n_train=30, n_test=20, n_validation=6, seed=3)
+    path = datasets.write_datalist(
         tmp_path / "ixi.json", ixi_dir, content["domains"], content["training_A"], content["training_B"],
         content["validation"], content["test"],
     )  # fmt: skip
@@ -115,28 +116,28 @@ def test_ixi_datalist_is_written_relative_and_loads_absolute(ixi_dir, tmp_path) 
     assert len(loaded) == 6 and all(Path(e["A"]).is_absolute() and Path(e["B"]).is_file() for e in loaded)
     assert dl.validate_datalist(ixi_dir, path) == 2 * 30 + 2 * 26
     with pytest.raises(FileExistsError, match="overwrite"):
-        dl.write_datalist(path, ixi_dir, content["domains"], [], [], content["test"])
+        datasets.write_datalist(path, ixi_dir, content["domains"], [], [], content["test"])
 
 
 def test_ixi_errors_name_the_problem(ixi_dir, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"66 subjects available, fewer than the 40 training \+ 0 validation \+ 28"):
-        dl.make_ixi_datalist(ixi_dir, n_train=40, n_test=28)
+        datasets.make_ixi_datalist(ixi_dir, n_train=40, n_test=28)
     duplicate = tmp_path / "IXI"
     write_nifti(duplicate / "a" / "IXI002-Guys-0800-PD.nii.gz", volume(1))
     write_nifti(duplicate / "b" / "IXI002-Guys-0800-PD.nii.gz", volume(2))
     write_nifti(duplicate / "IXI002-Guys-0800-T2.nii.gz", volume(3))
     with pytest.raises(ValueError, match=r"several IXI files.*IXI002 PD"):
-        dl.make_ixi_datalist(duplicate, n_train=1, n_test=0)
+        datasets.make_ixi_datalist(duplicate, n_train=1, n_test=0)
 
 
 def test_ixi_masks_by_subject(ixi_dir, tmp_path) -> None:
-    subjects = sorted(dl.find_ixi_volumes(ixi_dir).complete)
+    subjects = sorted(datasets.find_ixi_volumes(ixi_dir).complete)
     for subject in subjects[:-1]:
         write_nifti(tmp_path / "masks" / f"{subject}_brainmask.nii.gz", (volume(7) > 500).astype(np.uint8))
     with pytest.raises(ValueError, match=f"{subjects[-1]}: 0 masks"):
-        dl.make_ixi_datalist(ixi_dir, mask_dir=tmp_path / "masks")
+        datasets.make_ixi_datalist(ixi_dir, mask_dir=tmp_path / "masks")
     write_nifti(tmp_path / "masks" / f"{subjects[-1]}_brainmask.nii.gz", (volume(8) > 500).astype(np.uint8))
-    content = dl.make_ixi_datalist(ixi_dir, mask_dir=tmp_path / "masks")
+    content = datasets.make_ixi_datalist(ixi_dir, mask_dir=tmp_path / "masks")
     assert all(Path(e["mask"]).name == f"{e['subject']}_brainmask.nii.gz" for e in content["test"])
 
 
@@ -213,7 +214,7 @@ def test_dicom_series_folders(tmp_path) -> None:
 def test_validation_lists_every_bad_file_at_once(bad_files, tmp_path) -> None:
     good = write_nifti(tmp_path / "good.nii.gz", volume(9))
     paired = [{"A": str(good), "B": str(path), "subject": key} for key, (path, _) in bad_files.items()]
-    datalist = dl.write_datalist(
+    datalist = datasets.write_datalist(
         tmp_path / "bad.json", tmp_path, {"A": "PD", "B": "T2"}, [{"image": "good.nii.gz"}], [], test=paired
     )
     with pytest.raises(ValueError) as error:
@@ -223,7 +224,7 @@ def test_validation_lists_every_bad_file_at_once(bad_files, tmp_path) -> None:
     for path, fragment in bad_files.values():
         assert f"{path}: {fragment}" in message
     assert str(good) not in message
-    only_missing = dl.write_datalist(
+    only_missing = datasets.write_datalist(
         tmp_path / "missing.json", tmp_path, {"A": "PD", "B": "T2"}, [{"image": "a.nii.gz"}], [{"image": "b.nii.gz"}]
     )
     with pytest.raises(FileNotFoundError, match=r"2 unusable files:\n.*a.nii.gz: missing\n.*b.nii.gz: missing"):
@@ -243,7 +244,7 @@ def test_malformed_datalist_lists_every_structural_problem(tmp_path) -> None:
         dl.read_datalist(tmp_path, "broken.json")
     with pytest.raises(FileNotFoundError, match=r"nowhere\.json does not exist"):
         dl.load_datalist(tmp_path, "nowhere.json")
-    dl.write_datalist(
+    datasets.write_datalist(
         tmp_path / "ok.json", tmp_path, {"A": "MR", "B": "CT"}, [{"image": "a.nii"}], [{"image": "b.nii"}]
     )
     with pytest.raises(KeyError, match="no 'validation_set' list"):
@@ -265,15 +266,52 @@ def test_synthesis_pair_resolves_the_ground_truth_of_each_direction() -> None:
         dl.synthesis_pair(aligned, "AB")
 
 
+def test_relative_paths_may_not_leave_the_dataset_folder(tmp_path) -> None:
+    dataset = tmp_path / "data"
+    write_nifti(dataset / "sub" / "a.nii.gz", volume(1))
+    outside = write_nifti(tmp_path / "elsewhere" / "b.nii.gz", volume(2))
+    entries = {
+        "training_A": [{"image": "sub/a.nii.gz"}, {"image": "../../../../etc/passwd"}],
+        "training_B": [{"image": str(outside)}],  # absolute: the user's own choice, kept
+        "test": [{"A": "sub/../sub/a.nii.gz", "B": "sub/../../elsewhere/b.nii.gz", "subject": "s1"}],
+    }
+    (dataset / "datalist.json").write_text(json.dumps({"domains": {"A": "PD", "B": "T2"}, **entries}))
+    for read in (dl.read_datalist, dl.load_datalist, dl.validate_datalist):
+        with pytest.raises(ValueError, match="outside the dataset folder") as error:
+            read(dataset, "datalist.json")
+        message = str(error.value)
+        assert "\"training_A\"[1][\"image\"]: ../../../../etc/passwd" in message
+        assert "\"test\"[0][\"B\"]: sub/../../elsewhere/b.nii.gz" in message
+        assert "sub/a.nii.gz\n" not in message and str(outside) not in message  # inside, or absolute: not named
+    del entries["training_A"][1], entries["test"]
+    (dataset / "datalist.json").write_text(json.dumps({"domains": {"A": "PD", "B": "T2"}, **entries}))
+    assert dl.load_datalist(dataset, "datalist.json", "training_B") == [{"image": str(outside)}]
+    assert dl.validate_datalist(dataset, "datalist.json") == 2
+
+
+def test_written_datalists_keep_files_outside_the_dataset_folder_absolute(folder_dataset, tmp_path) -> None:
+    """A builder given a folder outside the dataset folder must write a datalist that loads (not ``../`` paths)."""
+    outside = tmp_path.parent / f"{tmp_path.name}_outside"
+    write_nifti(outside / "mr9.nii.gz", volume(9))
+    content = datasets.make_folder_datalist(folder_dataset, outside, "ct")
+    path = datasets.write_datalist(
+        "datalist.json", folder_dataset, content["domains"], content["training_A"], content["training_B"]
+    )
+    stored = json.loads(path.read_text())
+    assert stored["training_A"] == [{"image": str(outside / "mr9.nii.gz")}]
+    assert all(not Path(e["image"]).is_absolute() for e in stored["training_B"])  # inside: relative, portable
+    assert dl.load_datalist(folder_dataset, path, "training_A") == [{"image": str(outside / "mr9.nii.gz")}]
+
+
 def test_split_subjects() -> None:
     subjects = [f"s{i:02d}" for i in range(10)]
-    split = dl.split_subjects(subjects, n_train=None, n_test=3, n_validation=2, seed=4)
+    split = datasets.split_subjects(subjects, n_train=None, n_test=3, n_validation=2, seed=4)
     assert [len(split[k]) for k in ("training", "validation", "test", "unused")] == [5, 2, 3, 0]
     assert sorted(itertools.chain(*split.values())) == subjects
-    assert dl.split_subjects(subjects[::-1], None, 3, 2, seed=4) == split  # input order does not matter
-    assert len(dl.split_subjects(subjects, n_train=4, n_test=3)["unused"]) == 3
+    assert datasets.split_subjects(subjects[::-1], None, 3, 2, seed=4) == split  # input order does not matter
+    assert len(datasets.split_subjects(subjects, n_train=4, n_test=3)["unused"]) == 3
     with pytest.raises(ValueError, match="10 subjects available"):
-        dl.split_subjects(subjects, n_train=8, n_test=3)
+        datasets.split_subjects(subjects, n_train=8, n_test=3)
 
 
 @pytest.fixture()
@@ -296,7 +334,7 @@ def folder_dataset(tmp_path) -> Path:
 
 
 def test_folder_datalist(folder_dataset) -> None:
-    content = dl.make_folder_datalist(
+    content = datasets.make_folder_datalist(
         folder_dataset, "mr", "ct", "MR", "CT", "eval/mr", "eval/ct", "eval/body", n_validation=1, seed=0
     )
     assert content["domains"] == {"A": "MR", "B": "CT"}
@@ -307,9 +345,9 @@ def test_folder_datalist(folder_dataset) -> None:
         assert Path(entry["mask"]).parent.name == "body"
     (folder_dataset / "eval" / "ct" / "p02.nii.gz").unlink()
     with pytest.raises(ValueError, match=r"paired folders do not match: p02 \(no B\)"):
-        dl.make_folder_datalist(folder_dataset, "mr", "ct", paired_dir_a="eval/mr", paired_dir_b="eval/ct")
+        datasets.make_folder_datalist(folder_dataset, "mr", "ct", paired_dir_a="eval/mr", paired_dir_b="eval/ct")
     with pytest.raises(FileNotFoundError, match=r"folder .*nothere does not exist"):
-        dl.make_folder_datalist(folder_dataset, "mr", "nothere")
+        datasets.make_folder_datalist(folder_dataset, "mr", "nothere")
 
 
 def _digest(path: Path) -> str:
@@ -317,12 +355,12 @@ def _digest(path: Path) -> str:
 
 
 def test_distorted_datalist_never_touches_its_inputs(folder_dataset) -> None:
-    content = dl.make_folder_datalist(folder_dataset, "mr", "ct", "MR", "CT", "eval/mr", "eval/ct", "eval/body")
-    source = dl.write_datalist("datalist.json", folder_dataset, content["domains"], content["training_A"],
+    content = datasets.make_folder_datalist(folder_dataset, "mr", "ct", "MR", "CT", "eval/mr", "eval/ct", "eval/body")
+    source = datasets.write_datalist("datalist.json", folder_dataset, content["domains"], content["training_A"],
                                content["training_B"], test=content["test"])  # fmt: skip
     before = {p: _digest(p) for p in folder_dataset.rglob("*") if p.is_file()}
     lines: list[str] = []
-    output = dl.make_distorted_datalist(folder_dataset, max_displacement_mm=6.0, seed=1, progress=lines.append)
+    output = datasets.make_distorted_datalist(folder_dataset, max_displacement_mm=6.0, seed=1, progress=lines.append)
     assert all(_digest(p) == digest for p, digest in before.items())  # inputs unchanged
     derived = json.loads(output.read_text())
     assert (
@@ -341,11 +379,11 @@ def test_distorted_datalist_never_touches_its_inputs(folder_dataset) -> None:
     assert distorted_ct.GetSize() == (12, 12, 8) and distorted_ct.GetPixelID() == sitk.sitkInt16
     assert dl.validate_datalist(folder_dataset, output) == 3 + 2 + 3 * 6  # A, B, mask, gt_A2B, gt_B2A, mask_B
     with pytest.raises(FileExistsError, match="exists"):
-        dl.make_distorted_datalist(folder_dataset, max_displacement_mm=6.0, seed=1)
+        datasets.make_distorted_datalist(folder_dataset, max_displacement_mm=6.0, seed=1)
     with pytest.raises(ValueError, match="already distorted"):
-        dl.make_distorted_datalist(folder_dataset, output, "again.json")
+        datasets.make_distorted_datalist(folder_dataset, output, "again.json")
     with pytest.raises(ValueError, match="would replace the input datalist"):
-        dl.make_distorted_datalist(folder_dataset, "datalist.json", "datalist.json")
+        datasets.make_distorted_datalist(folder_dataset, "datalist.json", "datalist.json")
 
 
 def _load_cli():

@@ -186,6 +186,7 @@ def test_export_writes_the_zoo_layout_with_a_new_version(exported):
     for path in (
         "LICENSE",
         "docs/README.md",
+        "docs/data_license.txt",
         "bundle/networks.py",
         "configs/train.json",
         "configs/logging.conf",
@@ -197,6 +198,10 @@ def test_export_writes_the_zoo_layout_with_a_new_version(exported):
     ):
         assert (folder / path).is_file(), path
     assert not list(folder.rglob("__pycache__"))
+    # experiment tooling (phantom, dataset builders, studies, benchmarks) stays in the repository
+    assert not (folder / "scripts").exists() and not (folder / "bundle" / "phantom.py").exists()
+    shipped_code = "\n".join(p.read_text() for p in folder.rglob("*.py"))
+    assert "write_phantom_dataset" not in shipped_code and "make_ixi_datalist" not in shipped_code
 
     large_files = exported["script"]._load_large_files(folder)
     assert [e["path"] for e in large_files] == [

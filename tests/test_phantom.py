@@ -5,6 +5,8 @@ from __future__ import annotations
 import builtins
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,10 +14,10 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from bundle import phantom
 from bundle.datalist import load_datalist, validate_datalist
-from bundle.phantom import MR_SCALE, MR_SEQUENCES, TISSUE_LABELS, TISSUES, spin_echo_signal
 from bundle.transforms import DomainDistortion
+from scripts.tooling import phantom
+from scripts.tooling.phantom import MR_SCALE, MR_SEQUENCES, TISSUE_LABELS, TISSUES, spin_echo_signal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -305,3 +307,13 @@ def test_cli_builds_and_reports_time_and_memory(tmp_path, capsys) -> None:
     assert "[  3/3] phantom003 written" in printed
     assert "done in" in printed and "peak memory" in printed
     assert len(load_datalist(tmp_path, "datalist_mr_ct.json", "training_A")) == 1
+
+
+def test_cli_help_lists_the_phantom_options() -> None:
+    command = [sys.executable, str(REPO / "scripts" / "make_demo_data.py"), "--help"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    printed = result.stdout + result.stderr  # fire writes its help to stderr
+    assert result.returncode == 0 and "Traceback" not in printed, printed
+    for option in ("--output_dir", "--subjects", "--n_test", "--distortion_seed", "--workers", "--force"):
+        assert option in printed
+    assert "--progress" not in printed and "--model" not in printed

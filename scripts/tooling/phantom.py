@@ -41,6 +41,7 @@ are nominal (visible, plausible), not measurements, and they are never part of t
 Dataset (:func:`write_phantom_dataset`, CLI ``scripts/make_demo_data.py``): NIfTI volumes per subject
 (``phantomNNN/phantomNNN_<kind>.nii.gz``, int16 MR and CT like IXI, uint8 masks) and three datalists (PD <-> T2,
 PD <-> distorted T2 with the paper's ground truths, T1 <-> CT with differing beds); see :mod:`bundle.datalist`.
+The phantom is experiment tooling: the model zoo export does not ship it.
 
 Limitations: no face, orbits, sinuses or skull base (the head is a shell around the brain); no diploic marrow
 signal in MR; fat's J-coupling brightening in turbo spin echo T2 is not modelled.
@@ -72,8 +73,8 @@ import nibabel as nib
 import numpy as np
 import scipy.ndimage as ndi
 import torch
-
-from bundle.transforms import INJECTIVITY_FACTOR, BSplineField, resample_volume
+from bundle.transforms import INJECTIVITY_FACTOR, BSplineField, DomainDistortion, resample_volume
+from scripts.tooling.datasets import split_subjects, write_datalist
 
 __all__ = [
     "BED_MATERIALS",
@@ -651,7 +652,6 @@ def _write_subject(index: int, subject: str, paired: bool) -> tuple[str, float]:
 
 def _phantom_datalists(output_dir: Path, split: dict[str, list[str]], config: dict[str, Any]) -> list[Path]:
     """Write the three demo datalists (PD<->T2, PD<->distorted T2, T1<->CT)."""
-    from bundle.datalist import write_datalist
 
     def file(subject: str, kind: str) -> str:
         return str(phantom_file(output_dir, subject, kind))
@@ -678,46 +678,28 @@ def _phantom_datalists(output_dir: Path, split: dict[str, list[str]], config: di
         "control_spacing_mm": config["distortion_spacing_mm"],
         "seed": config["distortion_seed"],
     }
-    written = [
+    provenance = {"source": source, "distortion": distortion}
+    deformed_truths = {"gt_A2B": "T2", "gt_B2A": "PD_distorted", "mask_B": "brainmask_distorted"}
+    # file, kinds of (A, B, mask), further ground truths of the pairs, provenance; the training lists of datalist i
+    # are shuffled with streams 2i and 2i + 1
+    specs = (
+        ("datalist.json", ("PD", "T2", "brainmask"), {}, {"source": source}),
+        ("datalist_deformed_t2.json", ("PD", "T2_distorted", "brainmask"), deformed_truths, provenance),
+        ("datalist_mr_ct.json", ("T1", "CT", "headmask"), {}, {"source": source}),
+    )
+    return [
         write_datalist(
-            output_dir / "datalist.json",
+            output_dir / name,
             output_dir,
-            {"A": "PD", "B": "T2"},
-            shuffled("PD", 0),
-            shuffled("T2", 1),
-            **pairs("PD", "T2", "brainmask"),
-            extra={"source": source},
+            {"A": a, "B": b.removesuffix("_distorted")},
+            shuffled(a, 2 * index),
+            shuffled(b, 2 * index + 1),
+            **pairs(a, b, mask, **truths),
+            extra=extra,
             overwrite=True,
-        ),
-        write_datalist(
-            output_dir / "datalist_deformed_t2.json",
-            output_dir,
-            {"A": "PD", "B": "T2"},
-            shuffled("PD", 2),
-            shuffled("T2_distorted", 3),
-            **pairs(
-                "PD",
-                "T2_distorted",
-                "brainmask",
-                gt_A2B="T2",
-                gt_B2A="PD_distorted",
-                mask_B="brainmask_distorted",
-            ),
-            extra={"source": source, "distortion": distortion},
-            overwrite=True,
-        ),
-        write_datalist(
-            output_dir / "datalist_mr_ct.json",
-            output_dir,
-            {"A": "T1", "B": "CT"},
-            shuffled("T1", 4),
-            shuffled("CT", 5),
-            **pairs("T1", "CT", "headmask"),
-            extra={"source": source},
-            overwrite=True,
-        ),
+        )
+        for index, (name, (a, b, mask), truths, extra) in enumerate(specs)
     ]
-    return written
 
 
 def write_phantom_dataset(
@@ -774,9 +756,6 @@ def write_phantom_dataset(
     Returns:
         ``{"output_dir", "datalists", "subjects", "split", "skipped"}``.
     """
-    from bundle.datalist import split_subjects
-    from bundle.transforms import DomainDistortion
-
     say = progress or (lambda _line: None)
     output_dir = Path(output_dir).resolve()
     if subjects < n_validation + n_test + 1:
@@ -801,7 +780,7 @@ def write_phantom_dataset(
     split = split_subjects(names, None, n_test, n_validation, seed)
     datalist_names = ("datalist.json", "datalist_deformed_t2.json", "datalist_mr_ct.json")
     record = output_dir / "phantom_parameters.json"
-    parameters = {"generator": "bundle.phantom.write_phantom_dataset", "version": _PHANTOM_VERSION, **config}
+    parameters = {"generator": "scripts.tooling.phantom.write_phantom_dataset", "version": _PHANTOM_VERSION, **config}
     del parameters["output_dir"]
     if not force and record.is_file() and json.loads(record.read_text()) == parameters:
         expected = [phantom_file(output_dir, s, k) for s in names for k in ("PD", "T2", "T1", "CT", "T2_distorted")]
