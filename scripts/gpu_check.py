@@ -50,7 +50,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark import _Iteration, _median_seconds  # noqa: E402
-
 from bundle.networks import OffsetConv2d, torchvision_deform_conv2d_problem  # noqa: E402
 
 # GPU targets of the issue that asked for this check, on the card used
@@ -329,15 +328,18 @@ def _tail(log: Path, lines: int = 6) -> str:
     return "\n".join([*errors[:1], "...", *text[-lines:]] if errors else text[-lines:])
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.pt"))}
+def _digests(folder: Path) -> dict[str, tuple[str, int]]:
+    """md5 and modification time of each model file: a rewrite with equal bytes counts as touched too."""
+    files = sorted(folder.glob("*.pt"))
+    return {p.name: (hashlib.md5(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in files}
 
 
 def _checkpoint_epoch(path: Path) -> int:
     """The epoch of a resume checkpoint, 0 when there is none."""
     if not path.is_file():
         return 0
-    return int(torch.load(path, map_location="cpu", weights_only=True)["trainer"]["epoch"])
+    state = torch.load(path, map_location="cpu", weights_only=True)["trainer"]  # Ignite keeps iterations, not epochs
+    return int(state["iteration"]) // int(state["epoch_length"])
 
 
 def bundle_training(dataset_dir: Path, work: Path, overrides: Mapping[str, str]) -> dict[str, Any]:
@@ -528,10 +530,7 @@ def _source_volume(dataset_dir: Path) -> Path:
 
 
 def run_check(
-    output: str = "gpu_check.md",
-    size: str | None = None,
-    dataset_dir: str | None = None,
-    work_dir: str | None = None,
+    output: str = "gpu_check.md", size: str | None = None, dataset_dir: str | None = None, work_dir: str | None = None
 ) -> dict[str, Any]:
     """Run all five checks and write the report.
 
@@ -612,10 +611,7 @@ def run_check(
 
 
 def main(
-    output: str = "gpu_check.md",
-    size: str | None = None,
-    dataset_dir: str | None = None,
-    work_dir: str | None = None,
+    output: str = "gpu_check.md", size: str | None = None, dataset_dir: str | None = None, work_dir: str | None = None
 ) -> None:
     """Command line of :func:`run_check`: writes the report and exits non-zero when a correctness check failed.
 
