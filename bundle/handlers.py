@@ -169,8 +169,9 @@ class AtomicCheckpointer:
       of the engine the handler is attached to (key ``engine_key``) goes to ``checkpoint_filename``: everything
       needed to resume. Taking the engine at run time keeps configs free of a trainer -> handler -> trainer cycle.
 
-    Files are replaced with ``os.replace``, so an interruption leaves the previous complete file in place. Only the
-    distributed rank 0 writes.
+    Files are replaced with ``os.replace``, so an interruption leaves the previous complete file in place. Under
+    ``torch.distributed`` attach it on every rank: collecting the state is collective (the image pools of all ranks,
+    see :class:`bundle.trainer.ImagePool`), and only rank 0 writes and logs.
 
     Args:
         save_dir: output folder (created if missing).
@@ -208,10 +209,12 @@ class AtomicCheckpointer:
         if engine.state.iteration == self._saved_iteration:  # COMPLETED right after a scheduled save
             return
         self._saved_iteration = engine.state.iteration
+        state = {key: _unwrap(obj).state_dict() for key, obj in self.checkpoint.items()}  # every rank: collective
+        state[self.engine_key] = engine.state_dict()
+        if idist.get_rank() != 0:
+            return
         for filename, network in self.models.items():
             atomic_save(_unwrap(network).state_dict(), self.save_dir, filename)
-        state = {key: _unwrap(obj).state_dict() for key, obj in self.checkpoint.items()}
-        state[self.engine_key] = engine.state_dict()
         atomic_save(state, self.save_dir, self.checkpoint_filename)
         self.logger.info(f"epoch {engine.state.epoch}: saved {', '.join(self.models)} and {self.checkpoint_filename}")
 
