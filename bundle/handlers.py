@@ -61,8 +61,13 @@ class PaperSchedule:
     (CycleGAN's rule: epoch ``k`` of the decay, counted from 1, runs at ``1 - k / (n_epochs_decay + 1)`` of the base
     rate). Early stop: when the epoch's mean total generator loss has not improved for ``patience`` epochs of the
     constant stage, decay starts at once; ``patience_decay`` epochs without improvement during the decay stop
-    training. Training also stops when the decay is complete. The state (decay start, best loss, stale epochs) is
-    part of the resume checkpoint via :meth:`state_dict`.
+    training. Training also stops when the decay is complete. The state (decay start, best loss, stale epochs, and
+    whether and why training stopped) is part of the resume checkpoint via :meth:`state_dict`.
+
+    A resumed run that had already finished (stopped by this schedule, or with every epoch of the engine done) logs
+    one line and ends at ``Events.STARTED`` without ``COMPLETED``, so no epoch runs and no checkpoint handler writes:
+    the files of the finished run stay as they are. Attach it after the checkpoint loader, whose ``STARTED`` handler
+    must restore the state first.
 
     The epoch's mean loss is published as ``engine.state.metrics["epoch_g_loss"]`` for the stats handlers. Under
     ``torch.distributed`` it is the mean over the samples of all ranks, so every rank decays and stops together.
@@ -97,12 +102,15 @@ class PaperSchedule:
         self.decay_start = n_epochs  # epochs completed before the decay begins
         self.best_loss = float("inf")
         self.stale_epochs = 0
+        self.stopped = ""  # why training stopped, "" while it runs
+        self.stopped_epoch = 0
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
         """Register with ``engine``."""
+        engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
@@ -110,6 +118,23 @@ class PaperSchedule:
     def lr_factor(self, epoch: int) -> float:
         """Fraction of the base learning rate for (1-based) ``epoch``."""
         return max(0.0, 1.0 - max(0, epoch - self.decay_start) / (self.n_epochs_decay + 1))
+
+    def started(self, engine: Engine) -> None:
+        """End a (resumed) run that has already finished, before it trains or writes anything."""
+        epoch, max_epochs = engine.state.epoch, engine.state.max_epochs
+        if self.stopped:
+            reason = f"stopped after epoch {self.stopped_epoch}: {self.stopped}"
+        elif max_epochs is not None and epoch >= max_epochs > 0:
+            reason = f"all {max_epochs} epochs done"
+        else:
+            return
+        self.logger.info(f"training had already finished ({reason}); nothing to do, no file was changed")
+        engine.terminate(skip_completed=True)  # no COMPLETED: the checkpoint handlers write nothing
+
+    def _stop(self, engine: Engine, epoch: int, reason: str) -> None:
+        self.logger.info(f"epoch {epoch}: {reason}, stopping")
+        self.stopped, self.stopped_epoch = reason, epoch
+        engine.terminate()
 
     def epoch_started(self, engine: Engine) -> None:
         factor = self.lr_factor(engine.state.epoch)
@@ -137,10 +162,9 @@ class PaperSchedule:
             self.logger.info(f"epoch {epoch}: no improvement for {self.stale_epochs} epochs, starting the decay")
             self.decay_start, self.stale_epochs = epoch, 0
         elif in_decay and self.patience_decay and self.stale_epochs >= self.patience_decay:
-            self.logger.info(f"epoch {epoch}: no improvement for {self.stale_epochs} epochs of decay, stopping")
-            engine.terminate()
-        if epoch >= self.decay_start + self.n_epochs_decay:
-            engine.terminate()
+            self._stop(engine, epoch, f"no improvement for {self.stale_epochs} epochs of decay")
+        if not self.stopped and epoch >= self.decay_start + self.n_epochs_decay:
+            self._stop(engine, epoch, "the learning-rate decay is complete")
 
     def _epoch_loss(self) -> float:
         """Mean loss of the epoch over the samples of every distributed rank, so all ranks take the same decisions."""
@@ -148,16 +172,24 @@ class PaperSchedule:
         total = idist.all_reduce(total)  # the identity without torch.distributed
         return float(total[0]) / float(total[1])
 
-    def state_dict(self) -> dict[str, float | int]:
+    def state_dict(self) -> dict[str, float | int | str]:
         # -1: the decay starts after n_epochs as configured, so a resumed run may change n_epochs
         early_start = self.decay_start if self.decay_start < self.n_epochs else -1
-        return {"early_decay_start": early_start, "best_loss": self.best_loss, "stale_epochs": self.stale_epochs}
+        return {
+            "early_decay_start": early_start,
+            "best_loss": self.best_loss,
+            "stale_epochs": self.stale_epochs,
+            "stopped": self.stopped,
+            "stopped_epoch": self.stopped_epoch,
+        }
 
-    def load_state_dict(self, state_dict: Mapping[str, float | int]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, float | int | str]) -> None:
         early_start = int(state_dict["early_decay_start"])
         self.decay_start = early_start if early_start >= 0 else self.n_epochs
         self.best_loss = float(state_dict["best_loss"])
         self.stale_epochs = int(state_dict["stale_epochs"])
+        self.stopped = str(state_dict.get("stopped", ""))  # checkpoints of earlier versions have no stop decision
+        self.stopped_epoch = int(state_dict.get("stopped_epoch", 0))
 
 
 class AtomicCheckpointer:
