@@ -69,11 +69,16 @@ class PaperSchedule:
     the files of the finished run stay as they are. Attach it after the checkpoint loader, whose ``STARTED`` handler
     must restore the state first.
 
+    The learning rate of each optimizer is published when the epoch starts as ``engine.state.metrics["lr_<name>"]``
+    (e.g. ``lr_g`` and ``lr_d``), so the epoch logs of MONAI's stats, TensorBoard and MLflow handlers record it: with
+    two optimizers the trainer has no ``optimizer`` attribute, where ``MLFlowHandler`` looks for one.
     The epoch's mean loss is published as ``engine.state.metrics["epoch_g_loss"]`` for the stats handlers. Under
     ``torch.distributed`` it is the mean over the samples of all ranks, so every rank decays and stops together.
 
     Args:
-        optimizers: optimizers whose learning rate is scheduled (both generators' and both discriminators').
+        optimizers: optimizers whose learning rate is scheduled (both generators' and both discriminators'), as a
+            mapping name -> optimizer (``{"g": g_optimizer, "d": d_optimizer}``: metrics ``lr_g``, ``lr_d``) or a
+            sequence (metrics ``lr_0``, ``lr_1``, ...).
         n_epochs: epochs at the base learning rate (paper: 100).
         n_epochs_decay: epochs of linear decay (paper: 100).
         patience: stale epochs that end the constant stage early (paper: 10; 0 disables).
@@ -83,7 +88,7 @@ class PaperSchedule:
 
     def __init__(
         self,
-        optimizers: Sequence[Optimizer],
+        optimizers: Mapping[str, Optimizer] | Sequence[Optimizer],
         n_epochs: int = 100,
         n_epochs_decay: int = 100,
         patience: int = 10,
@@ -92,7 +97,9 @@ class PaperSchedule:
     ) -> None:
         if n_epochs < 0 or n_epochs_decay < 0:
             raise ValueError(f"n_epochs and n_epochs_decay must be >= 0, got {n_epochs} and {n_epochs_decay}.")
-        self.optimizers = list(optimizers)
+        named = optimizers if isinstance(optimizers, Mapping) else {str(i): opt for i, opt in enumerate(optimizers)}
+        self.lr_names = [f"lr_{name}" for name in named]
+        self.optimizers = list(named.values())
         self.base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.optimizers]
         self.n_epochs_decay = n_epochs_decay
         self.patience = patience
@@ -138,9 +145,10 @@ class PaperSchedule:
 
     def epoch_started(self, engine: Engine) -> None:
         factor = self.lr_factor(engine.state.epoch)
-        for optimizer, base_lrs in zip(self.optimizers, self.base_lrs, strict=True):
+        for optimizer, base_lrs, lr_name in zip(self.optimizers, self.base_lrs, self.lr_names, strict=True):
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base_lr * factor
+            engine.state.metrics[lr_name] = optimizer.param_groups[0]["lr"]
         self._loss_sum, self._loss_count = None, 0
 
     def iteration_completed(self, engine: Engine) -> None:

@@ -244,6 +244,7 @@ def test_schedule_is_constant_then_linear_decay():
     engine.run(range(2), max_epochs=6)
     assert engine.state.epoch == 5  # the decay is complete after 2 + 3 epochs
     assert lrs == pytest.approx([2e-4, 2e-4, 1.5e-4, 1e-4, 0.5e-4])
+    assert engine.state.metrics["lr_0"] == pytest.approx(0.5e-4)  # the last epoch's rate, for the epoch loggers
     assert engine.state.metrics["epoch_g_loss"] == pytest.approx(1.0)
 
 
