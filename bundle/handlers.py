@@ -62,12 +62,13 @@ class PaperSchedule:
     rate). Early stop: when the epoch's mean total generator loss has not improved for ``patience`` epochs of the
     constant stage, decay starts at once; ``patience_decay`` epochs without improvement during the decay stop
     training. Training also stops when the decay is complete. The state (decay start, best loss, stale epochs, and
-    whether and why training stopped) is part of the resume checkpoint via :meth:`state_dict`.
+    an early stop: why and at which epoch) is part of the resume checkpoint via :meth:`state_dict`.
 
-    A resumed run that had already finished (stopped by this schedule, or with every epoch of the engine done) logs
+    A resumed run that had already finished (early-stopped, decay complete, or every epoch of the engine done) logs
     one line and ends at ``Events.STARTED`` without ``COMPLETED``, so no epoch runs and no checkpoint handler writes:
-    the files of the finished run stay as they are. Attach it after the checkpoint loader, whose ``STARTED`` handler
-    must restore the state first.
+    the files of the finished run stay as they are. An early stop is final; a run that ended with its schedule
+    continues when resumed with more epochs (``n_epochs``, ``n_epochs_decay``). Attach the schedule after the
+    checkpoint loader, whose ``STARTED`` handler must restore the state first.
 
     The learning rate of each optimizer is published when the epoch starts as ``engine.state.metrics["lr_<name>"]``
     (e.g. ``lr_g`` and ``lr_d``), so the epoch logs of MONAI's stats, TensorBoard and MLflow handlers record it: with
@@ -109,7 +110,7 @@ class PaperSchedule:
         self.decay_start = n_epochs  # epochs completed before the decay begins
         self.best_loss = float("inf")
         self.stale_epochs = 0
-        self.stopped = ""  # why training stopped, "" while it runs
+        self.stopped = ""  # why the early-stop rule ended training, "" otherwise
         self.stopped_epoch = 0
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
@@ -130,18 +131,15 @@ class PaperSchedule:
         """End a (resumed) run that has already finished, before it trains or writes anything."""
         epoch, max_epochs = engine.state.epoch, engine.state.max_epochs
         if self.stopped:
-            reason = f"stopped after epoch {self.stopped_epoch}: {self.stopped}"
+            reason = f"early stop after epoch {self.stopped_epoch}: {self.stopped}"
+        elif epoch > 0 and epoch >= self.decay_start + self.n_epochs_decay:
+            reason = f"the learning-rate decay was complete after epoch {epoch}"
         elif max_epochs is not None and epoch >= max_epochs > 0:
             reason = f"all {max_epochs} epochs done"
         else:
             return
         self.logger.info(f"training had already finished ({reason}); nothing to do, no file was changed")
         engine.terminate(skip_completed=True)  # no COMPLETED: the checkpoint handlers write nothing
-
-    def _stop(self, engine: Engine, epoch: int, reason: str) -> None:
-        self.logger.info(f"epoch {epoch}: {reason}, stopping")
-        self.stopped, self.stopped_epoch = reason, epoch
-        engine.terminate()
 
     def epoch_started(self, engine: Engine) -> None:
         factor = self.lr_factor(engine.state.epoch)
@@ -170,9 +168,11 @@ class PaperSchedule:
             self.logger.info(f"epoch {epoch}: no improvement for {self.stale_epochs} epochs, starting the decay")
             self.decay_start, self.stale_epochs = epoch, 0
         elif in_decay and self.patience_decay and self.stale_epochs >= self.patience_decay:
-            self._stop(engine, epoch, f"no improvement for {self.stale_epochs} epochs of decay")
-        if not self.stopped and epoch >= self.decay_start + self.n_epochs_decay:
-            self._stop(engine, epoch, "the learning-rate decay is complete")
+            self.stopped, self.stopped_epoch = f"no improvement for {self.stale_epochs} epochs of decay", epoch
+            self.logger.info(f"epoch {epoch}: {self.stopped}, stopping")
+            engine.terminate()
+        if epoch >= self.decay_start + self.n_epochs_decay:
+            engine.terminate()
 
     def _epoch_loss(self) -> float:
         """Mean loss of the epoch over the samples of every distributed rank, so all ranks take the same decisions."""

@@ -186,7 +186,7 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(tmp_pat
     [
         # lr 0: the generator loss repeats exactly, so epoch 2 is stale and the plateau rule stops (patience_decay 1)
         ("plateau", 0.0, 4, {"n_epochs": 0, "n_epochs_decay": 5, "patience_decay": 1}, 2, "no improvement for 1"),
-        ("decay complete", 2e-4, 4, {"n_epochs": 1, "n_epochs_decay": 1}, 2, "decay is complete"),
+        ("decay complete", 2e-4, 4, {"n_epochs": 1, "n_epochs_decay": 1}, 2, "decay was complete after epoch 2"),
         ("all epochs", 2e-4, 2, {"n_epochs": 1, "n_epochs_decay": 3}, 2, "all 2 epochs done"),
     ],
 )
