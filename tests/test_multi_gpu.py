@@ -5,6 +5,10 @@ to ``finalize``: it saves the rank's final weights, the sample ids its sampler g
 handlers attached to its trainer and its validation metrics. A single-process run with the global batch (2) is the
 reference that data-parallel training must reproduce. Two further tests need no training: the override keeps every
 ``initialize``/``finalize`` step of train.json, and the paper schedule's early-stop decisions agree across ranks.
+
+The trainer itself is also run in two gloo processes (``torch.multiprocessing``, no config): its steps are wrapped in
+``DistributedDataParallel``, it equals one process with the global batch, a resumed run restores every rank's image
+pools and equals an uninterrupted one, and a NaN on one rank stops every rank with the same error, not a hang.
 """
 
 from __future__ import annotations
