@@ -61,14 +61,25 @@ class PaperSchedule:
     (CycleGAN's rule: epoch ``k`` of the decay, counted from 1, runs at ``1 - k / (n_epochs_decay + 1)`` of the base
     rate). Early stop: when the epoch's mean total generator loss has not improved for ``patience`` epochs of the
     constant stage, decay starts at once; ``patience_decay`` epochs without improvement during the decay stop
-    training. Training also stops when the decay is complete. The state (decay start, best loss, stale epochs) is
-    part of the resume checkpoint via :meth:`state_dict`.
+    training. Training also stops when the decay is complete. The state (decay start, best loss, stale epochs, and
+    an early stop: why and at which epoch) is part of the resume checkpoint via :meth:`state_dict`.
 
+    A resumed run that had already finished (early-stopped, decay complete, or every epoch of the engine done) logs
+    one line and ends at ``Events.STARTED`` without ``COMPLETED``, so no epoch runs and no checkpoint handler writes:
+    the files of the finished run stay as they are. An early stop is final; a run that ended with its schedule
+    continues when resumed with more epochs (``n_epochs``, ``n_epochs_decay``). Attach the schedule after the
+    checkpoint loader, whose ``STARTED`` handler must restore the state first.
+
+    The learning rate of each optimizer is published when the epoch starts as ``engine.state.metrics["lr_<name>"]``
+    (e.g. ``lr_g`` and ``lr_d``), so the epoch logs of MONAI's stats, TensorBoard and MLflow handlers record it: with
+    two optimizers the trainer has no ``optimizer`` attribute, where ``MLFlowHandler`` looks for one.
     The epoch's mean loss is published as ``engine.state.metrics["epoch_g_loss"]`` for the stats handlers. Under
     ``torch.distributed`` it is the mean over the samples of all ranks, so every rank decays and stops together.
 
     Args:
-        optimizers: optimizers whose learning rate is scheduled (both generators' and both discriminators').
+        optimizers: optimizers whose learning rate is scheduled (both generators' and both discriminators'), as a
+            mapping name -> optimizer (``{"g": g_optimizer, "d": d_optimizer}``: metrics ``lr_g``, ``lr_d``) or a
+            sequence (metrics ``lr_0``, ``lr_1``, ...).
         n_epochs: epochs at the base learning rate (paper: 100).
         n_epochs_decay: epochs of linear decay (paper: 100).
         patience: stale epochs that end the constant stage early (paper: 10; 0 disables).
@@ -78,7 +89,7 @@ class PaperSchedule:
 
     def __init__(
         self,
-        optimizers: Sequence[Optimizer],
+        optimizers: Mapping[str, Optimizer] | Sequence[Optimizer],
         n_epochs: int = 100,
         n_epochs_decay: int = 100,
         patience: int = 10,
@@ -87,7 +98,9 @@ class PaperSchedule:
     ) -> None:
         if n_epochs < 0 or n_epochs_decay < 0:
             raise ValueError(f"n_epochs and n_epochs_decay must be >= 0, got {n_epochs} and {n_epochs_decay}.")
-        self.optimizers = list(optimizers)
+        named = optimizers if isinstance(optimizers, Mapping) else {str(i): opt for i, opt in enumerate(optimizers)}
+        self.lr_names = [f"lr_{name}" for name in named]
+        self.optimizers = list(named.values())
         self.base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.optimizers]
         self.n_epochs_decay = n_epochs_decay
         self.patience = patience
@@ -97,12 +110,15 @@ class PaperSchedule:
         self.decay_start = n_epochs  # epochs completed before the decay begins
         self.best_loss = float("inf")
         self.stale_epochs = 0
+        self.stopped = ""  # why the early-stop rule ended training, "" otherwise
+        self.stopped_epoch = 0
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
         """Register with ``engine``."""
+        engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
@@ -111,11 +127,26 @@ class PaperSchedule:
         """Fraction of the base learning rate for (1-based) ``epoch``."""
         return max(0.0, 1.0 - max(0, epoch - self.decay_start) / (self.n_epochs_decay + 1))
 
+    def started(self, engine: Engine) -> None:
+        """End a (resumed) run that has already finished, before it trains or writes anything."""
+        epoch, max_epochs = engine.state.epoch, engine.state.max_epochs
+        if self.stopped:
+            reason = f"early stop after epoch {self.stopped_epoch}: {self.stopped}"
+        elif epoch > 0 and epoch >= self.decay_start + self.n_epochs_decay:
+            reason = f"the learning-rate decay was complete after epoch {epoch}"
+        elif max_epochs is not None and epoch >= max_epochs > 0:
+            reason = f"all {max_epochs} epochs done"
+        else:
+            return
+        self.logger.info(f"training had already finished ({reason}); nothing to do, no file was changed")
+        engine.terminate(skip_completed=True)  # no COMPLETED: the checkpoint handlers write nothing
+
     def epoch_started(self, engine: Engine) -> None:
         factor = self.lr_factor(engine.state.epoch)
-        for optimizer, base_lrs in zip(self.optimizers, self.base_lrs, strict=True):
+        for optimizer, base_lrs, lr_name in zip(self.optimizers, self.base_lrs, self.lr_names, strict=True):
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base_lr * factor
+            engine.state.metrics[lr_name] = optimizer.param_groups[0]["lr"]
         self._loss_sum, self._loss_count = None, 0
 
     def iteration_completed(self, engine: Engine) -> None:
@@ -137,7 +168,8 @@ class PaperSchedule:
             self.logger.info(f"epoch {epoch}: no improvement for {self.stale_epochs} epochs, starting the decay")
             self.decay_start, self.stale_epochs = epoch, 0
         elif in_decay and self.patience_decay and self.stale_epochs >= self.patience_decay:
-            self.logger.info(f"epoch {epoch}: no improvement for {self.stale_epochs} epochs of decay, stopping")
+            self.stopped, self.stopped_epoch = f"no improvement for {self.stale_epochs} epochs of decay", epoch
+            self.logger.info(f"epoch {epoch}: {self.stopped}, stopping")
             engine.terminate()
         if epoch >= self.decay_start + self.n_epochs_decay:
             engine.terminate()
@@ -148,16 +180,24 @@ class PaperSchedule:
         total = idist.all_reduce(total)  # the identity without torch.distributed
         return float(total[0]) / float(total[1])
 
-    def state_dict(self) -> dict[str, float | int]:
+    def state_dict(self) -> dict[str, float | int | str]:
         # -1: the decay starts after n_epochs as configured, so a resumed run may change n_epochs
         early_start = self.decay_start if self.decay_start < self.n_epochs else -1
-        return {"early_decay_start": early_start, "best_loss": self.best_loss, "stale_epochs": self.stale_epochs}
+        return {
+            "early_decay_start": early_start,
+            "best_loss": self.best_loss,
+            "stale_epochs": self.stale_epochs,
+            "stopped": self.stopped,
+            "stopped_epoch": self.stopped_epoch,
+        }
 
-    def load_state_dict(self, state_dict: Mapping[str, float | int]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, float | int | str]) -> None:
         early_start = int(state_dict["early_decay_start"])
         self.decay_start = early_start if early_start >= 0 else self.n_epochs
         self.best_loss = float(state_dict["best_loss"])
         self.stale_epochs = int(state_dict["stale_epochs"])
+        self.stopped = str(state_dict.get("stopped", ""))  # checkpoints of earlier versions have no stop decision
+        self.stopped_epoch = int(state_dict.get("stopped_epoch", 0))
 
 
 class AtomicCheckpointer:
@@ -169,8 +209,9 @@ class AtomicCheckpointer:
       of the engine the handler is attached to (key ``engine_key``) goes to ``checkpoint_filename``: everything
       needed to resume. Taking the engine at run time keeps configs free of a trainer -> handler -> trainer cycle.
 
-    Files are replaced with ``os.replace``, so an interruption leaves the previous complete file in place. Only the
-    distributed rank 0 writes.
+    Files are replaced with ``os.replace``, so an interruption leaves the previous complete file in place. Under
+    ``torch.distributed`` attach it on every rank: collecting the state is collective (the image pools of all ranks,
+    see :class:`bundle.trainer.ImagePool`), and only rank 0 writes and logs.
 
     Args:
         save_dir: output folder (created if missing).
@@ -208,10 +249,12 @@ class AtomicCheckpointer:
         if engine.state.iteration == self._saved_iteration:  # COMPLETED right after a scheduled save
             return
         self._saved_iteration = engine.state.iteration
+        state = {key: _unwrap(obj).state_dict() for key, obj in self.checkpoint.items()}  # every rank: collective
+        state[self.engine_key] = engine.state_dict()
+        if idist.get_rank() != 0:
+            return
         for filename, network in self.models.items():
             atomic_save(_unwrap(network).state_dict(), self.save_dir, filename)
-        state = {key: _unwrap(obj).state_dict() for key, obj in self.checkpoint.items()}
-        state[self.engine_key] = engine.state_dict()
         atomic_save(state, self.save_dir, self.checkpoint_filename)
         self.logger.info(f"epoch {engine.state.epoch}: saved {', '.join(self.models)} and {self.checkpoint_filename}")
 

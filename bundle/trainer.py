@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import ignite.distributed as idist
 import torch
+import torch.distributed as dist
 from monai.engines import Trainer
 from monai.engines.workflow import Workflow
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from bundle.losses import DicycleGANLoss, discriminator_loss
+from bundle.losses import DicycleGANGeneratorOutput, DicycleGANLoss, discriminator_loss
 
-__all__ = ["DicycleGANTrainer", "ImagePool", "prepare_unpaired_batch"]
+__all__ = ["DicycleGANTrainer", "DiscriminatorObjective", "GeneratorObjective", "ImagePool", "prepare_unpaired_batch"]
+
+
+def _world_size() -> int:
+    """Ranks of the initialised ``torch.distributed`` process group, 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class ImagePool:
@@ -24,6 +32,11 @@ class ImagePool:
     is, with probability 1/2, swapped for a random stored one (which is returned) or returned as it is. The pool's
     random choices use their own seeded generator, and :meth:`state_dict` stores both the images and that generator,
     so a resumed run draws exactly what an uninterrupted one would.
+
+    Under ``torch.distributed`` each rank has its own pool (its own fakes and draws). :meth:`state_dict` is then a
+    collective call that gathers the pools of all ranks (``{"ranks": [state of rank 0, ...]}``), and
+    :meth:`load_state_dict` restores each rank's own pool, so a resumed multi-process run equals an uninterrupted
+    one. Every rank must call :meth:`state_dict` (see :class:`bundle.handlers.AtomicCheckpointer`).
 
     Args:
         pool_size: number of stored images; 0 disables the pool.
@@ -55,24 +68,43 @@ class ImagePool:
                 chosen.append(image)
             elif torch.rand((), generator=self.generator) < 0.5:
                 index = int(torch.randint(len(self.images), (), generator=self.generator))
-                chosen.append(self.images[index])
+                chosen.append(self.images[index].to(image.device))  # restored images may sit on another device
                 self.images[index] = image.clone()
             else:
                 chosen.append(image)
         return torch.cat(chosen)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Stored images and the random generator's state."""
+    def _own_state(self) -> dict[str, torch.Tensor]:
         return {
             "images": torch.cat(self.images) if self.images else torch.empty(0),
             "generator": self.generator.get_state(),
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """Stored images and the random generator's state; under ``torch.distributed`` those of every rank
+        (a collective call)."""
+        if _world_size() == 1:
+            return self._own_state()
+        # gathered as CPU tensors: a pickled CUDA tensor would be unpickled on the sender's device
+        own = {key: value.cpu() for key, value in self._own_state().items()}
+        states: list[Any] = [None] * _world_size()
+        dist.all_gather_object(states, own)
+        return {"ranks": states}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned; from a multi-process checkpoint, this rank's own pool."""
+        if "ranks" in state_dict:
+            states, rank, world_size = state_dict["ranks"], idist.get_rank(), _world_size()
+            if len(states) != world_size:
+                logging.getLogger(__name__).warning(
+                    f"the image pools were saved by {len(states)} ranks and this run has {world_size}: "
+                    f"rank {rank} continues with the pool of rank {rank % len(states)}"
+                )
+            state_dict = states[rank % len(states)]
         images = state_dict["images"]
         self.images = list(images.split(1)) if images.numel() else []
-        self.generator.set_state(state_dict["generator"])
+        # map_location may have moved the state to a GPU; the generator's state is a CPU byte tensor
+        self.generator.set_state(state_dict["generator"].cpu())
 
 
 def prepare_unpaired_batch(
@@ -104,6 +136,81 @@ def _set_requires_grad(networks: Sequence[nn.Module], requires_grad: bool) -> No
             parameter.requires_grad_(requires_grad)
 
 
+class GeneratorObjective(nn.Module):
+    """All generator passes of one step and the generator objective, as one module: the unit that
+    ``DistributedDataParallel`` wraps, so that the gradients of both generators are averaged over the ranks during
+    ``backward`` (one bucketed all-reduce, not one per parameter).
+
+    The discriminators score the deformed fakes but are not submodules: they are frozen in this step, and DDP
+    would otherwise wait for (and synchronise) gradients they never receive.
+
+    Args:
+        g_ab: generator A -> B.
+        g_ba: generator B -> A.
+        d_a: discriminator of domain A.
+        d_b: discriminator of domain B.
+        loss_function: the generator objective, called as ``loss_function(real_a, real_b, g_ab, g_ba, d_a, d_b)``.
+
+    Example::
+
+        objective = GeneratorObjective(g_ab, g_ba, d_a, d_b, DicycleGANLoss())
+        out = objective(real_a, real_b)
+        out.total.backward()
+    """
+
+    def __init__(
+        self, g_ab: nn.Module, g_ba: nn.Module, d_a: nn.Module, d_b: nn.Module, loss_function: Callable
+    ) -> None:
+        super().__init__()
+        self.g_ab, self.g_ba = g_ab, g_ba
+        self.loss_function = loss_function
+        self.discriminators = (d_a, d_b)  # a tuple: not registered as submodules
+
+    def forward(self, real_a: torch.Tensor, real_b: torch.Tensor) -> DicycleGANGeneratorOutput:
+        """
+        Args:
+            real_a: images of domain A, (N, C, H, W).
+            real_b: images of domain B, (M, C, H, W).
+
+        Returns:
+            The loss function's output: the objective, its terms and the generated images.
+        """
+        d_a, d_b = self.discriminators
+        return self.loss_function(real_a, real_b, self.g_ab, self.g_ba, d_a, d_b)
+
+
+class DiscriminatorObjective(nn.Module):
+    """The LSGAN losses of both discriminators, as one module for ``DistributedDataParallel``.
+
+    Args:
+        d_a: discriminator of domain A.
+        d_b: discriminator of domain B.
+
+    Example::
+
+        loss_d_a, loss_d_b = DiscriminatorObjective(d_a, d_b)(real_a, real_b, fake_a, fake_b)
+    """
+
+    def __init__(self, d_a: nn.Module, d_b: nn.Module) -> None:
+        super().__init__()
+        self.d_a, self.d_b = d_a, d_b
+
+    def forward(
+        self, real_a: torch.Tensor, real_b: torch.Tensor, fake_a: torch.Tensor, fake_b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            real_a: real images of domain A.
+            real_b: real images of domain B.
+            fake_a: synthesized images of domain A (detached inside the loss).
+            fake_b: synthesized images of domain B.
+
+        Returns:
+            ``(loss_d_a, loss_d_b)``, scalars.
+        """
+        return discriminator_loss(self.d_a, real_a, fake_a), discriminator_loss(self.d_b, real_b, fake_b)
+
+
 class DicycleGANTrainer(Trainer):
     """Trains DicycleGAN (Wang et al. 2018) or, with non-deformable generators and the alignment and deformed-cycle
     weights at 0, CycleGAN (Zhu et al. 2017), as an Ignite engine that MONAI handlers attach to.
@@ -120,6 +227,13 @@ class DicycleGANTrainer(Trainer):
     and ``d_b``, ``images`` the images ``real_a, fake_b, aligned_b, cycle_a`` and the same for B. A non-finite loss
     stops training with :class:`FloatingPointError` before any weight is updated, so the weights and the last
     checkpoint stay intact.
+
+    Under ``torch.distributed`` (e.g. ``torchrun``, a process group of several ranks) the generator step runs through
+    :class:`GeneratorObjective` and the discriminator step through :class:`DiscriminatorObjective`, each wrapped by
+    ``torch.nn.parallel.DistributedDataParallel`` when :meth:`run` starts: DDP broadcasts rank 0's weights and
+    averages the gradients over the ranks, so N ranks with batch n train like one process with batch N x n. The
+    finite check is agreed by all ranks (an all-reduce of a flag before any backward): a NaN on one rank stops every
+    rank with the same :class:`FloatingPointError` instead of leaving the others waiting in DDP's all-reduce.
 
     Args:
         device: device of the networks and the data.
@@ -142,6 +256,9 @@ class DicycleGANTrainer(Trainer):
         iteration_update: replaces :meth:`_iteration` if given.
         train_handlers: MONAI / Ignite handlers to attach.
         to_kwargs: further arguments of ``Tensor.to`` for the batch.
+        distributed: wrap the steps in ``DistributedDataParallel``; ``None`` (default): when :meth:`run` finds an
+            initialised ``torch.distributed`` process group of more than one rank.
+        ddp_kwargs: further arguments of ``DistributedDataParallel`` (``device_ids`` defaults to the CUDA device).
 
     Example::
 
@@ -170,6 +287,8 @@ class DicycleGANTrainer(Trainer):
         iteration_update: Callable | None = None,
         train_handlers: Sequence | None = None,
         to_kwargs: dict | None = None,
+        distributed: bool | None = None,
+        ddp_kwargs: dict | None = None,
     ) -> None:
         super().__init__(
             device=device,
@@ -190,24 +309,57 @@ class DicycleGANTrainer(Trainer):
         self.loss_function = DicycleGANLoss() if loss_function is None else loss_function
         self.pool_a = ImagePool(50, seed=0) if pool_a is None else pool_a
         self.pool_b = ImagePool(50, seed=1) if pool_b is None else pool_b
+        self.generator_objective: nn.Module = GeneratorObjective(g_ab, g_ba, d_a, d_b, self.loss_function)
+        self.discriminator_objective: nn.Module = DiscriminatorObjective(d_a, d_b)
+        self.distributed = distributed
+        self.ddp_kwargs = dict(ddp_kwargs or {})
+
+    def _wrap_distributed(self) -> None:
+        """Wrap both steps in DDP once, when a process group of several ranks exists (or ``distributed=True``)."""
+        if isinstance(self.generator_objective, nn.parallel.DistributedDataParallel):
+            return
+        if not (self.distributed if self.distributed is not None else _world_size() > 1):
+            return
+        if not dist.is_initialized():
+            raise RuntimeError("distributed=True needs an initialised torch.distributed process group.")
+        device = torch.device(self.state.device)
+        kwargs = {"device_ids": [device.index] if device.type == "cuda" else None, **self.ddp_kwargs}
+        _set_requires_grad((self.d_a, self.d_b), True)  # DDP registers only parameters that require gradients
+        self.generator_objective = nn.parallel.DistributedDataParallel(self.generator_objective, **kwargs)
+        self.discriminator_objective = nn.parallel.DistributedDataParallel(self.discriminator_objective, **kwargs)
 
     def run(self) -> None:  # type: ignore[override]
         """Run training; calling it again continues from the current state (bfloat16 AMP needs no GradScaler)."""
         self.scaler = None
+        self._wrap_distributed()
         Workflow.run(self)
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(device_type=torch.device(self.state.device).type, dtype=torch.bfloat16, enabled=self.amp)
 
     def _check_finite(self, loss: torch.Tensor, what: str, terms: dict[str, torch.Tensor]) -> None:
-        # one scalar synchronisation per step buys the guarantee that no update is made with a NaN/Inf loss
-        if not bool(torch.isfinite(loss)):
-            values = ", ".join(f"{name}={float(value):.4g}" for name, value in terms.items())
-            raise FloatingPointError(
-                f"non-finite {what} loss at epoch {self.state.epoch}, iteration {self.state.iteration} ({values}); "
-                "training stopped before this update, so the weights and the last saved checkpoint are intact. "
-                "Check the input intensities, lower the learning rate or disable AMP."
-            )
+        """Raise :class:`FloatingPointError` on every rank when the loss of any rank is not finite.
+
+        One scalar synchronisation per step (an all-reduce under ``torch.distributed``) buys the guarantee that no
+        update is made with a NaN/Inf loss and that all ranks stop together: a rank that stopped alone would leave
+        the others waiting in the gradient all-reduce of ``backward``.
+        """
+        finite = torch.isfinite(loss.detach()).to(torch.float32)
+        all_finite = idist.all_reduce(finite.clone(), op="MIN") if _world_size() > 1 else finite
+        if bool(all_finite):
+            return
+        where = f"epoch {self.state.epoch}, iteration {self.state.iteration}"
+        if bool(finite):
+            where += f" on rank(s) other than {idist.get_rank()}"
+        else:
+            where += f" ({', '.join(f'{name}={float(value):.4g}' for name, value in terms.items())})"
+            if _world_size() > 1:
+                where += f" on rank {idist.get_rank()}"
+        raise FloatingPointError(
+            f"non-finite {what} loss at {where}; training stopped before this update on every rank, so the weights "
+            "and the last saved checkpoint are intact. Check the input intensities, lower the learning rate or "
+            "disable AMP."
+        )
 
     def _iteration(self, engine: DicycleGANTrainer, batchdata: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         """One DicycleGAN step: generators on eq. (4), then discriminators on pooled deformed fakes.
@@ -225,7 +377,7 @@ class DicycleGANTrainer(Trainer):
         _set_requires_grad(discriminators, False)  # the generator step needs no discriminator gradients
         engine.g_optimizer.zero_grad(set_to_none=True)
         with engine._autocast():
-            generated = engine.loss_function(real_a, real_b, engine.g_ab, engine.g_ba, engine.d_a, engine.d_b)
+            generated = engine.generator_objective(real_a, real_b)
         engine._check_finite(generated.total, "generator", generated.terms)
         generated.total.backward()
         engine.g_optimizer.step()
@@ -235,8 +387,7 @@ class DicycleGANTrainer(Trainer):
         fake_b = engine.pool_b.query(generated.fake_b)
         fake_a = engine.pool_a.query(generated.fake_a)
         with engine._autocast():
-            loss_d_b = discriminator_loss(engine.d_b, real_b, fake_b)
-            loss_d_a = discriminator_loss(engine.d_a, real_a, fake_a)
+            loss_d_a, loss_d_b = engine.discriminator_objective(real_a, real_b, fake_a, fake_b)
         d_total = loss_d_a + loss_d_b
         engine._check_finite(d_total, "discriminator", {"d_a": loss_d_a, "d_b": loss_d_b})
         d_total.backward()

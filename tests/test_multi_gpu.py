@@ -5,6 +5,10 @@ to ``finalize``: it saves the rank's final weights, the sample ids its sampler g
 handlers attached to its trainer and its validation metrics. A single-process run with the global batch (2) is the
 reference that data-parallel training must reproduce. Two further tests need no training: the override keeps every
 ``initialize``/``finalize`` step of train.json, and the paper schedule's early-stop decisions agree across ranks.
+
+The trainer itself is also run in two gloo processes (``torch.multiprocessing``, no config): its steps are wrapped in
+``DistributedDataParallel``, it equals one process with the global batch, a resumed run restores every rank's image
+pools and equals an uninterrupted one, and a NaN on one rank stops every rank with the same error, not a hang.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +40,7 @@ pytestmark = pytest.mark.skipif(
 
 WORLD_SIZE = 2
 NETWORKS = ("g_ab", "g_ba", "d_a", "d_b")
-RANK0_ONLY = {"ProgressBar", "StatsHandler", "TensorBoardStatsHandler", "TensorBoardImageGrid", "AtomicCheckpointer"}
+RANK0_ONLY = {"ProgressBar", "StatsHandler", "TensorBoardStatsHandler", "TensorBoardImageGrid"}
 TIMEOUT_S = 300  # a collective that one rank never joins hangs for gloo's 30 min; fail long before that
 
 # each rank saves what it did; RANK comes from torchrun (the process group is gone when this runs)
@@ -139,6 +144,10 @@ def test_rank0_writes_the_models_and_the_resume_checkpoint(runs):
         assert all(torch.equal(value, final[name][key]) for key, value in generator.state_dict().items())
     checkpoint = torch.load(models / "checkpoint.pt", weights_only=True)
     assert checkpoint["trainer"]["iteration"] == len(runs["ranks"][0]["sample_ids"])  # the iterations of one rank
+    for pool in ("pool_a", "pool_b"):  # the image pool of every rank, each with its own random state
+        assert len(checkpoint[pool]["ranks"]) == WORLD_SIZE
+        generators = [state["generator"] for state in checkpoint[pool]["ranks"]]
+        assert not torch.equal(*generators), f"{pool}: the ranks draw from the same random stream"
 
 
 def test_every_rank_ends_with_the_same_weights(runs):
@@ -187,7 +196,7 @@ def test_only_rank0_logs_saves_and_shows_progress(runs):
     assert rank0 >= RANK0_ONLY
     assert not rank1 & RANK0_ONLY
     assert rank0 - RANK0_ONLY == rank1  # the schedule and validation run everywhere
-    assert {"PaperSchedule", "ValidationHandler"} <= rank1
+    assert {"PaperSchedule", "ValidationHandler", "AtomicCheckpointer"} <= rank1  # saving gathers every pool
     events = list((runs["tmp"] / "ddp" / "runs").glob("events.out.tfevents.*"))
     assert len(events) == 1, f"one TensorBoard event file expected, got {events}"
     assert not list(runs["ddp_cwd"].iterdir()), "a rank wrote into the working directory"
@@ -248,3 +257,188 @@ def test_schedule_decides_on_the_loss_of_all_ranks(tmp_path):
     results = [torch.load(tmp_path / f"schedule{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
     assert results[0] == results[1]
     assert results[0]["decay_start"] == 3  # mean losses 2.0, 1.75, 1.75: no improvement at epoch 3
+
+
+# --- the trainer itself under DDP: 2 gloo processes (torch.multiprocessing), tiny networks, no config ---
+
+SPAWN_TIMEOUT_S = 240  # the whole 2-process run; a rank left alone in a collective fails after GLOO_TIMEOUT
+GLOO_TIMEOUT = datetime.timedelta(seconds=45)
+N_SAMPLES = 4  # two iterations per epoch per rank with batch 1, one iteration of batch 2 in one process
+
+
+def _spawn(fn: Any, args: tuple, timeout_s: float = SPAWN_TIMEOUT_S) -> None:
+    """``fn(rank, *args)`` in WORLD_SIZE processes; kills them and fails the test if they are not done in time."""
+    context = mp.start_processes(fn, args=args, nprocs=WORLD_SIZE, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the ranks were not done after {timeout_s} s (one waiting in a collective?)")
+
+
+def _init_rank(rank: int, tmp: Path) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp / 'rendezvous'}", rank=rank, world_size=WORLD_SIZE, timeout=GLOO_TIMEOUT
+    )
+
+
+def _tiny_trainer(
+    loader: Any, max_epochs: int, pool_size: int, rank: int = 0, ckpt_dir: Path | None = None, resume: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """A tiny DicycleGAN trainer (same initial weights on every rank), optionally saving to / resuming from
+    ``ckpt_dir``; returns the trainer and its resumable state."""
+    from bundle.handlers import AtomicCheckpointer, ResumeCheckpointLoader
+    from bundle.losses import DicycleGANLoss
+    from bundle.trainer import DicycleGANTrainer, ImagePool
+
+    torch.manual_seed(0)
+    g_ab, g_ba = (DicycleGenerator(ngf=4, n_blocks=1, backend="torch") for _ in range(2))
+    d_a, d_b = patch_discriminator(channels=4), patch_discriminator(channels=4)
+    with torch.no_grad():  # non-zero offsets: the deformed passes differ from the aligned ones from the first step
+        for p in g_ab.offset_parameters() + g_ba.offset_parameters():
+            p.normal_(0, 0.01)
+    g_opt = torch.optim.Adam([*g_ab.parameters(), *g_ba.parameters()], lr=1e-3, betas=(0.5, 0.999))
+    d_opt = torch.optim.Adam([*d_a.parameters(), *d_b.parameters()], lr=1e-3, betas=(0.5, 0.999))
+    pools = {"pool_a": ImagePool(pool_size, seed=10 + 2 * rank), "pool_b": ImagePool(pool_size, seed=11 + 2 * rank)}
+    trainer = DicycleGANTrainer(
+        "cpu", max_epochs, loader, g_ab, g_ba, d_a, d_b, g_opt, d_opt, DicycleGANLoss(), **pools
+    )
+    state = {"g_ab": g_ab, "g_ba": g_ba, "d_a": d_a, "d_b": d_b, "g_optimizer": g_opt, "d_optimizer": d_opt, **pools}
+    if resume:
+        ResumeCheckpointLoader(ckpt_dir / "checkpoint.pt", state).attach(trainer)
+    if ckpt_dir is not None:
+        AtomicCheckpointer(ckpt_dir, {"model.pt": g_ab}, state).attach(trainer)
+    return trainer, state
+
+
+def _shard_loader(rank: int, world_size: int, nan_at: int | None = None) -> torch.utils.data.DataLoader:
+    from tests.test_trainer import SyntheticUnpairedSlices
+
+    dataset = SyntheticUnpairedSlices(N_SAMPLES, nan_at=nan_at)
+    shard = torch.utils.data.Subset(dataset, range(rank, N_SAMPLES, world_size))  # rank r: samples r, r + 2, ...
+    return torch.utils.data.DataLoader(shard, batch_size=1, shuffle=False)
+
+
+def _weights(state: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: {k: v.detach().clone() for k, v in state[name].state_dict().items()} for name in NETWORKS}
+
+
+def _pools(state: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
+    return {name: [image.clone() for image in state[name].images] for name in ("pool_a", "pool_b")}
+
+
+def _train_on_rank(rank: int, tmp: Path) -> None:
+    """Per rank: 2 epochs straight; 1 epoch, checkpoint, then new objects resumed for epoch 2; 2 epochs without pool."""
+    _init_rank(rank, tmp)
+    try:
+        straight, straight_state = _tiny_trainer(_shard_loader(rank, WORLD_SIZE), 2, pool_size=2, rank=rank)
+        straight.run()
+        first, _ = _tiny_trainer(_shard_loader(rank, WORLD_SIZE), 1, pool_size=2, rank=rank, ckpt_dir=tmp / "ckpt")
+        first.run()
+        resumed, resumed_state = _tiny_trainer(
+            _shard_loader(rank, WORLD_SIZE), 2, pool_size=2, rank=rank, ckpt_dir=tmp / "ckpt", resume=True
+        )
+        resumed.run()
+        no_pool, no_pool_state = _tiny_trainer(_shard_loader(rank, WORLD_SIZE), 2, pool_size=0, rank=rank)
+        no_pool.run()
+        result = {
+            "wrapped": type(straight.generator_objective).__name__,
+            "straight": _weights(straight_state),
+            "straight_pools": _pools(straight_state),
+            "resumed": _weights(resumed_state),
+            "resumed_pools": _pools(resumed_state),
+            "no_pool": _weights(no_pool_state),
+            "no_pool_loss": float(no_pool.state.output[0]["loss"]),
+        }
+        torch.save(result, tmp / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("ddp_trainer")
+    _spawn(_train_on_rank, (tmp,))
+    ranks = [torch.load(tmp / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    return {"tmp": tmp, "ranks": ranks}
+
+
+def test_trainer_wraps_its_steps_in_ddp_and_every_rank_ends_with_the_same_weights(trainer_runs):
+    rank0, rank1 = trainer_runs["ranks"]
+    assert rank0["wrapped"] == rank1["wrapped"] == "DistributedDataParallel"
+    for run in ("straight", "resumed", "no_pool"):
+        for name in NETWORKS:
+            for key, value in rank0[run][name].items():
+                assert torch.equal(value, rank1[run][name][key]), f"{run}: {name}.{key} differs between the ranks"
+
+
+def test_trainer_under_ddp_equals_one_process_with_the_global_batch(trainer_runs):
+    """2 ranks x batch 1 (no pool: each rank has its own) against 1 process x batch 2, same samples; compared by the
+    networks' outputs (conv biases in front of InstanceNorm have no true gradient and follow rounding noise)."""
+    loader = torch.utils.data.DataLoader(_shard_loader(0, 1).dataset, batch_size=WORLD_SIZE, shuffle=False)
+    single, single_state = _tiny_trainer(loader, 2, pool_size=0)
+    initial = _tiny_trainer(loader, 2, pool_size=0)[1]
+    single.run()
+    assert type(single.generator_objective).__name__ == "GeneratorObjective"  # no process group: no DDP
+    torch.manual_seed(1)
+    x = torch.randn(2, 1, 32, 32)
+    for name in NETWORKS:
+        ddp, reference = _build(name), single_state[name]
+        ddp.load_state_dict(trainer_runs["ranks"][0]["no_pool"][name])
+        passes = [lambda g: g(x, deform=False), lambda g: g(x, deform=True)] if name[0] == "g" else [lambda d: d(x)[-1]]
+        with torch.no_grad():
+            for forward in passes:
+                torch.testing.assert_close(forward(ddp), forward(reference), atol=1e-5, rtol=1e-4, msg=name)
+                assert (forward(ddp) - forward(initial[name])).abs().max() > 1e-3, f"{name} did not train"
+    # the last step's generator loss of rank 0 is that of its own sample, of the same magnitude as the batch's
+    assert 0.2 < trainer_runs["ranks"][0]["no_pool_loss"] / float(single.state.output[0]["loss"]) < 5.0
+
+
+def test_resumed_ddp_run_equals_an_uninterrupted_one_with_every_rank_pool(trainer_runs):
+    checkpoint = torch.load(trainer_runs["tmp"] / "ckpt" / "checkpoint.pt", weights_only=True)
+    for pool in ("pool_a", "pool_b"):
+        assert len(checkpoint[pool]["ranks"]) == WORLD_SIZE
+        assert [len(state["images"]) for state in checkpoint[pool]["ranks"]] == [2, 2]  # each rank's own fakes
+        assert not torch.equal(*(state["images"] for state in checkpoint[pool]["ranks"]))
+    for rank, result in enumerate(trainer_runs["ranks"]):
+        for pool, images in result["straight_pools"].items():
+            assert len(images) == len(result["resumed_pools"][pool]) == 2
+            for straight, resumed in zip(images, result["resumed_pools"][pool], strict=True):
+                torch.testing.assert_close(resumed, straight, rtol=0, atol=0, msg=f"rank {rank}: {pool}")
+        for name in NETWORKS:
+            for key, value in result["straight"][name].items():
+                torch.testing.assert_close(result["resumed"][name][key], value, msg=f"rank {rank}: {name}.{key}")
+
+
+def _nan_on_rank1(rank: int, tmp: Path) -> None:
+    """Rank 1's second sample holds a NaN (its 2nd iteration); every rank records how its training ended."""
+    _init_rank(rank, tmp)
+    try:
+        trainer, state = _tiny_trainer(_shard_loader(rank, WORLD_SIZE, nan_at=3), 2, pool_size=2, rank=rank)
+        try:
+            trainer.run()
+            ended = {"error": None, "message": ""}
+        except Exception as error:  # recorded for the test: FloatingPointError expected, a timeout is a failure
+            ended = {"error": type(error).__name__, "message": str(error)}
+        ended["iteration"] = trainer.state.iteration
+        ended["weights"] = _weights(state)
+        torch.save(ended, tmp / f"nan{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nan_on_one_rank_stops_every_rank_without_a_hang(tmp_path):
+    _spawn(_nan_on_rank1, (tmp_path,))  # a rank left waiting ends with gloo's timeout error, not FloatingPointError
+    rank0, rank1 = (torch.load(tmp_path / f"nan{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE))
+    for result in (rank0, rank1):
+        assert result["error"] == "FloatingPointError", result["message"]
+        assert "non-finite generator loss at epoch 1, iteration 2" in result["message"]
+        assert result["iteration"] == 2
+    assert "total=nan" in rank1["message"] and "on rank 1" in rank1["message"]
+    assert "on rank(s) other than 0" in rank0["message"]
+    for name in NETWORKS:  # no rank made the update of iteration 2
+        for key, value in rank0["weights"][name].items():
+            assert torch.equal(value, rank1["weights"][name][key]), f"{name}.{key} differs between the ranks"

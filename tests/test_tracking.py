@@ -22,6 +22,7 @@ from tests.bundle_fixtures import BUNDLE_ROOT, TINY_OVERRIDES, write_tiny_datase
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
 
 TRAIN = str(BUNDLE_ROOT / "configs" / "train.json")
+LR = json.loads(Path(TRAIN).read_text())["lr"]  # both optimizers start at the base rate
 SAMPLES = int(TINY_OVERRIDES["samples_per_epoch"])  # batch size 1: one iteration per sample
 
 
@@ -84,6 +85,10 @@ def test_default_settings_record_losses_params_and_config_in_the_output_folder(t
     (epoch_loss,) = client.get_metric_history(run_id, "epoch_g_loss")
     assert epoch_loss.step == 1
     assert epoch_loss.value == pytest.approx(sum(m.value for m in losses) / SAMPLES, rel=1e-5)
+    # both optimizers' learning rates (the trainer has two, so no `trainer.optimizer` for MONAI to find)
+    for name in ("lr_g", "lr_d"):
+        (lr,) = client.get_metric_history(run_id, name)
+        assert lr.step == 1 and lr.value == pytest.approx(LR), name
     # the validator's metrics go to the same run
     assert {"val_psnr", "val_ssim", "val_mse"} <= set(tracked.data.metrics)
 

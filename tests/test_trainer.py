@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 
 import pytest
@@ -35,7 +36,15 @@ class SyntheticUnpairedSlices(Dataset):
         return {"A": self.a[index], "B": self.b[index]}
 
 
-def build(tmp_path, deformable: bool = True, max_epochs: int = 2, dataset: Dataset | None = None, resume=False):
+def build(
+    tmp_path,
+    deformable: bool = True,
+    max_epochs: int = 2,
+    dataset: Dataset | None = None,
+    resume=False,
+    lr: float = 2e-4,
+    schedule_kwargs: dict | None = None,
+):
     torch.manual_seed(0)
     g_ab = DicycleGenerator(ngf=4, n_blocks=1, deformable=deformable, backend="torch")
     g_ba = DicycleGenerator(ngf=4, n_blocks=1, deformable=deformable, backend="torch")
@@ -44,13 +53,14 @@ def build(tmp_path, deformable: bool = True, max_epochs: int = 2, dataset: Datas
     with torch.no_grad():
         for p in g_ab.offset_parameters() + g_ba.offset_parameters():
             p.normal_(0, 0.01)
-    g_opt = torch.optim.Adam(itertools.chain(g_ab.parameters(), g_ba.parameters()), lr=2e-4, betas=(0.5, 0.999))
-    d_opt = torch.optim.Adam(itertools.chain(d_a.parameters(), d_b.parameters()), lr=2e-4, betas=(0.5, 0.999))
+    g_opt = torch.optim.Adam(itertools.chain(g_ab.parameters(), g_ba.parameters()), lr=lr, betas=(0.5, 0.999))
+    d_opt = torch.optim.Adam(itertools.chain(d_a.parameters(), d_b.parameters()), lr=lr, betas=(0.5, 0.999))
     loss = DicycleGANLoss() if deformable else DicycleGANLoss(lambda_align=0.0, lambda_dicyc=0.0)
     loader = DataLoader(dataset or SyntheticUnpairedSlices(), batch_size=2, shuffle=False)
     pools = {"pool_a": ImagePool(3, seed=7), "pool_b": ImagePool(3, seed=8)}
     trainer = DicycleGANTrainer("cpu", max_epochs, loader, g_ab, g_ba, d_a, d_b, g_opt, d_opt, loss, **pools)
-    schedule = PaperSchedule([g_opt, d_opt], n_epochs=1, n_epochs_decay=3)  # epoch 2 runs at 3/4 of the rate
+    # by default epoch 2 runs at 3/4 of the rate
+    schedule = PaperSchedule([g_opt, d_opt], **(schedule_kwargs or {"n_epochs": 1, "n_epochs_decay": 3}))
     state = {
         "g_ab": g_ab,
         "g_ba": g_ba,
@@ -171,6 +181,36 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(tmp_pat
     assert any(not torch.equal(before[k], v) for k, v in _parameters(bad_state).items())
 
 
+@pytest.mark.parametrize(
+    "how, lr, max_epochs, schedule_kwargs, stop_epoch, message",
+    [
+        # lr 0: the generator loss repeats exactly, so epoch 2 is stale and the plateau rule stops (patience_decay 1)
+        ("plateau", 0.0, 4, {"n_epochs": 0, "n_epochs_decay": 5, "patience_decay": 1}, 2, "no improvement for 1"),
+        ("decay complete", 2e-4, 4, {"n_epochs": 1, "n_epochs_decay": 1}, 2, "decay was complete after epoch 2"),
+        ("all epochs", 2e-4, 2, {"n_epochs": 1, "n_epochs_decay": 3}, 2, "all 2 epochs done"),
+    ],
+)
+def test_resuming_a_finished_run_says_so_and_touches_nothing(
+    tmp_path, caplog, how, lr, max_epochs, schedule_kwargs, stop_epoch, message
+):
+    trainer, state = build(tmp_path, max_epochs=max_epochs, lr=lr, schedule_kwargs=schedule_kwargs)
+    trainer.run()
+    trained = _parameters(state)
+    assert trainer.state.epoch == stop_epoch, how
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert set(files) == {"checkpoint.pt", "model.pt", "model_g_ba.pt"}
+
+    resumed, resumed_state = build(tmp_path, max_epochs=max_epochs, resume=True, lr=lr, schedule_kwargs=schedule_kwargs)
+    with caplog.at_level(logging.INFO, logger="bundle.handlers"):
+        resumed.run()
+    assert resumed.state.epoch == stop_epoch and resumed.state.iteration == 2 * stop_epoch  # nothing trained
+    finished = [r.getMessage() for r in caplog.records if "training had already finished" in r.getMessage()]
+    assert len(finished) == 1 and message in finished[0], finished
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == files  # byte-identical, nothing new
+    after = _parameters(resumed_state)  # the finished run's weights, restored and not trained further
+    assert all(torch.equal(trained[key], after[key]) for key in trained)
+
+
 def test_corrupt_resume_checkpoint_gives_a_clear_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     trainer, _ = build(tmp_path, max_epochs=1, resume=True)
@@ -204,6 +244,7 @@ def test_schedule_is_constant_then_linear_decay():
     engine.run(range(2), max_epochs=6)
     assert engine.state.epoch == 5  # the decay is complete after 2 + 3 epochs
     assert lrs == pytest.approx([2e-4, 2e-4, 1.5e-4, 1e-4, 0.5e-4])
+    assert engine.state.metrics["lr_0"] == pytest.approx(0.5e-4)  # the last epoch's rate, for the epoch loggers
     assert engine.state.metrics["epoch_g_loss"] == pytest.approx(1.0)
 
 
