@@ -410,15 +410,16 @@ def bundle_training(dataset_dir: Path, work: Path, overrides: Mapping[str, str])
 # 4. inference
 
 
-def inference(models: Path, source: Path, work: Path, copies: int, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def inference(models: Path, source: Path, work: Path, copies: int) -> dict[str, Any]:
     """Seconds per volume of ``configs/inference.json``'s workflow, in process, over ``copies`` copies of one volume.
+
+    No network flag is given: the networks are rebuilt from the settings that training wrote beside the weights.
 
     Args:
         models: folder of the trained models (``--ckpt_dir``).
         source: the volume (IXI-sized at paper size).
         work: scratch folder.
         copies: how many copies are synthesized; the first is a warm-up, the median of the others is reported.
-        overrides: further config values (the network settings the models were trained with).
 
     Returns:
         ``{"seconds": median s per volume, "lines": Markdown}``.
@@ -435,7 +436,6 @@ def inference(models: Path, source: Path, work: Path, copies: int, overrides: Ma
     parser.update(
         {"bundle_root": str(ROOT), "ckpt_dir": str(models), "input_dir": str(inputs), "output_dir": str(outputs)}
     )
-    parser.update(dict(overrides))
     for section in ("imports", "initialize"):
         parser.get_parsed_content(section)
     evaluator = parser.get_parsed_content("evaluator")
@@ -554,6 +554,29 @@ def run_check(
     (work / "logs").mkdir(exist_ok=True)
     started = time.perf_counter()
     results: dict[str, Any] = {}
+    keys = ("offset_conv", "iterations", "training", "inference", "ddp")
+
+    def write_report() -> str:
+        # written after every section, so a run cut short by a time limit still leaves what it measured
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'n/a'})"
+        problem = torchvision_deform_conv2d_problem(device.type)
+        results["ok"] = all(results.get(key, {}).get("ok", False) for key in keys)
+        status = _verdict(results["ok"]) if all(key in results for key in keys) else "incomplete"
+        header = [
+            f"# GPU check: {name}",
+            "",
+            f"`python scripts/gpu_check.py --size {size}` on {datetime.date.today().isoformat()}: {size} size, "
+            f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), torchvision "
+            + ("kernel runs" if problem is None else f"kernel not used ({problem})")
+            + f", Python {platform.python_version()}; the check took {time.perf_counter() - started:.0f} s. "
+            f"All correctness checks: {status}.",
+            "",
+        ]
+        sections = [results[key]["lines"] for key in keys if key in results]
+        text = "\n".join(header + [line for lines in sections for line in [*lines, ""]])
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text)
+        return text
 
     def section(key: str, title: str, check: Callable[[], dict[str, Any]]) -> None:
         # a failing section is reported and the others still run: a GPU session may allow a single run
@@ -561,11 +584,12 @@ def run_check(
             results[key] = check()
         except Exception as error:
             results[key] = {"ok": False, "lines": [f"## {title}", "", f"FAILED: {type(error).__name__}: {error}"]}
-        print(f"[gpu_check] {title}: done", flush=True)
+        write_report()
+        print(f"[gpu_check] {title}: done ({time.perf_counter() - started:.0f} s)", flush=True)
 
     try:
         dataset = Path(dataset_dir) if dataset_dir else _phantom(work, preset["phantom"])
-        print(f"[gpu_check] {device} ({size} size), data in {dataset}", flush=True)
+        print(f"[gpu_check] {device} ({size} size), data in {dataset} ({time.perf_counter() - started:.0f} s)")
         training = preset["training_overrides"]
         section("offset_conv", "1. OffsetConv2d", lambda: offset_conv(device, preset["offset_inputs"]))
         section(
@@ -576,37 +600,16 @@ def run_check(
             ),
         )
         section("training", "3. Training through monai.bundle", lambda: bundle_training(dataset, work, training))
-        # the network settings of the trained models (inference must rebuild the same networks)
-        network = {key: json.loads(training[key]) for key in ("ngf", "n_blocks", "pixdim") if key in training}
         section(
             "inference",
             "4. Inference",
-            lambda: inference(work / "models", _source_volume(dataset), work, preset["inference_copies"], network),
+            lambda: inference(work / "models", _source_volume(dataset), work, preset["inference_copies"]),
         )
         section("ddp", "5. DistributedDataParallel", lambda: ddp(dataset, work, training))
     finally:
         if not work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    elapsed = time.perf_counter() - started
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'n/a'})"
-    cuda = torch.version.cuda or "none"
-    problem = torchvision_deform_conv2d_problem(device.type)
-    results["ok"] = all(results[key]["ok"] for key in ("offset_conv", "iterations", "training", "inference", "ddp"))
-    header = [
-        f"# GPU check: {name}",
-        "",
-        f"`python scripts/gpu_check.py --size {size}` on {datetime.date.today().isoformat()}: {size} size, "
-        f"torch {torch.__version__} (CUDA {cuda}), torchvision "
-        + ("kernel runs" if problem is None else f"kernel not used ({problem})")
-        + f", Python {platform.python_version()}; the whole check took {elapsed:.0f} s. "
-        f"All correctness checks: {_verdict(results['ok'])}.",
-        "",
-    ]
-    sections = [results[key]["lines"] for key in ("offset_conv", "iterations", "training", "inference", "ddp")]
-    text = "\n".join(header + [line for lines in sections for line in [*lines, ""]])
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(text)
-    print(text)
+    print(write_report())
     return results
 
 
