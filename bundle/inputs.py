@@ -26,6 +26,7 @@ from monai.config import KeysCollection
 from monai.data import Dataset, ITKReader
 from monai.engines import SupervisedEvaluator
 from monai.transforms import Compose, LoadImaged, MapTransform, SaveImage
+from monai.utils import optional_import
 
 from bundle.datalist import IMAGE_SUFFIXES, dicom_series, load_datalist, volume_problem
 
@@ -305,12 +306,17 @@ class DicomSeriesReader(ITKReader):
 def with_dicom_series_reader(transform: Compose) -> Compose:
     """Register :class:`DicomSeriesReader` in every ``LoadImaged`` of ``transform`` (in place).
 
+    Without ``itk`` nothing is registered: NIfTI, NRRD and MetaImage files still load, and a DICOM series fails as
+    that one input's problem (MONAI's ``ITKReader`` refuses to be built without ``itk``).
+
     Args:
         transform: a preprocessing, e.g. :func:`bundle.data.volume_preprocessing`.
 
     Returns:
         The same transform.
     """
+    if not optional_import("itk")[1]:
+        return transform
     for t in transform.flatten().transforms:
         if isinstance(t, LoadImaged):
             t.register(DicomSeriesReader())

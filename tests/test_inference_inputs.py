@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -429,3 +430,21 @@ def test_a_mixed_folder_writes_every_good_output_names_every_bad_input_and_chang
     assert "7 of 14 inputs could not be synthesized (7 written)" in result.stderr
     after = {**{f"scans/{k}": v for k, v in _md5s(scans).items()}, **{f"out/{k}": v for k, v in _md5s(out).items()}}
     assert {k: after[k] for k in before} == before
+
+
+def test_preprocessing_without_itk_still_loads_nifti(tmp_path, monkeypatch):
+    """Found on the GPU machine (no itk): registering the DICOM series reader crashed the whole inference."""
+    import nibabel as nib
+    import numpy as np
+    from monai.transforms import LoadImaged
+
+    from bundle.data import volume_preprocessing
+    from bundle.inputs import DicomSeriesReader, with_dicom_series_reader
+
+    monkeypatch.setitem(sys.modules, "itk", None)  # as if itk were not installed
+    path = tmp_path / "scan_PD.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((12, 12, 6), dtype=np.float32) * 100, np.eye(4)), path)
+    preprocessing = with_dicom_series_reader(volume_preprocessing("image", "MR", (2.0, 2.0, 2.0)))
+    loaders = [t for t in preprocessing.flatten().transforms if isinstance(t, LoadImaged)]
+    assert loaders and not any(isinstance(r, DicomSeriesReader) for t in loaders for r in t._loader.readers)
+    assert preprocessing({"image": str(path)})["image"].shape[0] == 1
