@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from bundle.losses import DicycleGANLoss, discriminator_loss
+from bundle.settings import autocast
 
 __all__ = ["DicycleGANTrainer", "ImagePool", "prepare_unpaired_batch"]
 
@@ -197,7 +198,7 @@ class DicycleGANTrainer(Trainer):
         Workflow.run(self)
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(device_type=torch.device(self.state.device).type, dtype=torch.bfloat16, enabled=self.amp)
+        return autocast(self.amp, self.state.device)
 
     def _check_finite(self, loss: torch.Tensor, what: str, terms: dict[str, torch.Tensor]) -> None:
         # one scalar synchronisation per step buys the guarantee that no update is made with a NaN/Inf loss
