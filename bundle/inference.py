@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -200,21 +201,27 @@ class DenormalizeIntensityd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.kind = kind
+        self.kind, self.reference_file, self.domain, self.hu_window = kind, reference_file, domain, hu_window
+
+    @functools.cached_property
+    def _scale_shift(self) -> tuple[float, float]:
+        # read on first use: training builds this transform before it writes the reference
         reference = {}
-        if reference_file is not None and Path(reference_file).is_file():
-            reference = json.loads(Path(reference_file).read_text()).get(domain, {})
-        if kind == "CT":
-            low, high = reference.get("hu_window", hu_window)
-            self.scale, self.shift = (high - low) / 2.0, (high + low) / 2.0
-        elif "mean" in reference:
-            self.scale, self.shift = reference["std"], reference["mean"]
-        else:
-            logger.warning(f"no MR intensity reference for domain {domain} in {reference_file}: outputs stay z-scored.")
-            self.scale, self.shift = 1.0, 0.0
+        if self.reference_file is not None and Path(self.reference_file).is_file():
+            reference = json.loads(Path(self.reference_file).read_text()).get(self.domain, {})
+        if self.kind == "CT":
+            low, high = reference.get("hu_window", self.hu_window)
+            return (high - low) / 2.0, (high + low) / 2.0
+        if "mean" in reference:
+            return reference["std"], reference["mean"]
+        logger.warning(
+            f"no MR intensity reference for domain {self.domain} in {self.reference_file}: outputs stay z-scored."
+        )
+        return 1.0, 0.0
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = d[key] * self.scale + self.shift
+            scale, shift = self._scale_shift
+            d[key] = d[key] * scale + shift
         return d

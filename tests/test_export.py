@@ -181,8 +181,8 @@ def test_export_writes_the_zoo_layout_with_a_new_version(exported):
     assert meta["version"] == exported["version"] == f"{major}.{minor}.{patch + 1}"
     assert next(iter(meta["changelog"].items())) == (meta["version"], "tiny test export")  # newest first
     assert json.loads(METADATA.read_text()) == source_meta  # the repository's metadata is untouched
-    inference = json.loads((folder / "configs" / "inference.json").read_text())
-    assert (inference["ngf"], inference["n_blocks"]) == (4, 1)
+    common = json.loads((folder / "configs" / "common.json").read_text())
+    assert (common["ngf"], common["n_blocks"]) == (4, 1)
     for path in (
         "LICENSE",
         "docs/README.md",

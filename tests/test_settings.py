@@ -21,6 +21,8 @@ CONFIGS = BUNDLE_ROOT / "configs"
 def _configs(overlay: str) -> list[str]:
     """configs/common.json and an overlay on it, as the README's commands merge them."""
     return [str(CONFIGS / "common.json"), str(CONFIGS / overlay)]
+
+
 # a preset unlike the paper's network and geometry, so that nothing passes by matching the defaults
 PRESET = {key: json.loads(value) for key, value in TINY_OVERRIDES.items()} | {"ngf": 4, "n_blocks": 2}
 
@@ -145,7 +147,14 @@ def test_inference_evaluate_and_export_need_no_network_flags(trained, tmp_path):
 
 
 def test_a_contradicting_ngf_on_the_command_line_fails_in_one_line(trained, tmp_path):
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['configs/common.json','configs/inference.json']"]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/common.json','configs/inference.json']",
+    ]
     command += ["--ckpt_dir", str(trained["models"]), "--output_dir", str(tmp_path / "out")]
     command += ["--input_file", str(trained["dataset"] / "sub00-PD.nii.gz"), "--ngf", "8"]
     result = subprocess.run(command, cwd=BUNDLE_ROOT, env=bundle_env(), capture_output=True, text=True, timeout=300)

@@ -88,7 +88,14 @@ def test_training_writes_models_checkpoint_logs_and_the_best_validated_model(tmp
 
     train(tmp_path, make_dataset(tmp_path / "data"))
     models = tmp_path / "models"
-    expected = ["checkpoint.pt", "intensity_reference.json", "model.pt", "model_best.pt", "model_g_ba.pt", "settings.json"]
+    expected = [
+        "checkpoint.pt",
+        "intensity_reference.json",
+        "model.pt",
+        "model_best.pt",
+        "model_g_ba.pt",
+        "settings.json",
+    ]
     assert sorted(p.name for p in models.iterdir()) == expected
     reference = json.loads((models / "intensity_reference.json").read_text())
     for domain in "AB":  # medians over the two training volumes of each domain, in the volumes' own units
