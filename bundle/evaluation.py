@@ -387,13 +387,13 @@ class PairedSynthesisEvaluator:
         preprocessing: ``{"A": transform, "B": transform}``: :func:`bundle.data.volume_preprocessing` of each domain
             with key ``"image"``.
         mask_preprocessing: :func:`mask_preprocessing` with key ``"image"``.
-        inferer: e.g. ``SliceInferer(roi_size=(-1, -1), spatial_dim=2)``.
+        inferer: :class:`bundle.inference.AxialSliceInferer`, the synthesis pass of every stage (its ``amp`` is the
+            precision).
         kinds: ``{"A": "MR" | "CT", "B": ...}``.
         names: ``{"A": "PD", "B": "T2"}``: the experiment label is ``"PD to T2"``.
         method: the method label of the rows (``"Dicycle"``, ``"Cycle"``).
         hu_window: the CT window of the preprocessing.
         device: where the generators run.
-        amp: bfloat16 autocast during synthesis.
         figure_dir: where the per-case PNGs go; None for none.
         progress: called with a line per case (e.g. ``print``).
         residual_displacement: also register each synthesis onto its ground truth
@@ -420,7 +420,6 @@ class PairedSynthesisEvaluator:
         method: str = "Dicycle",
         hu_window: Sequence[float] = (-1000.0, 2000.0),
         device: torch.device | str = "cpu",
-        amp: bool = False,
         figure_dir: str | os.PathLike | None = None,
         progress: Callable[[str], None] | None = None,
         residual_displacement: bool = False,
@@ -435,7 +434,6 @@ class PairedSynthesisEvaluator:
         self.method = str(method)
         self.hu_window = tuple(float(v) for v in hu_window)
         self.device = torch.device(device)
-        self.amp = amp
         self.figure_dir = None if figure_dir is None else Path(figure_dir)
         self.progress = progress or logger.info
         self.residual_displacement = residual_displacement
@@ -464,11 +462,8 @@ class PairedSynthesisEvaluator:
         Returns:
             The synthesized volume (C, X, Y, Z), float32 on the CPU.
         """
-        network = self._network(direction)
         x = torch.as_tensor(source).float()[None].to(self.device)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.inferer(x, network)
-        return torch.as_tensor(out).float()[0].cpu()
+        return torch.as_tensor(self.inferer(x, self._network(direction))).float()[0].cpu()
 
     def evaluate(self, case: Mapping[str, Any]) -> dict[str, Any]:
         """Synthesize and measure one case of :func:`paired_cases`.

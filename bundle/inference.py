@@ -1,7 +1,8 @@
 """Inference: volumes in, synthesized volumes out, in the geometry and the intensity units of the target domain.
 
-- :func:`synthesize_volume` runs the aligned (undeformed) pass of a generator, its plain ``forward(x)``, over the
-  axial slices of a preprocessed volume;
+- :class:`Synthesis` is the one synthesis path (preprocess, the aligned pass of a generator, its plain ``forward(x)``,
+  over the axial slices with :class:`AxialSliceInferer`, back to the input's grid and units) that inference,
+  validation, evaluation, the demo and the benchmarks share;
 - :func:`write_intensity_reference` records, at training time, each domain's intensity scale, and
   :class:`DenormalizeIntensityd` maps synthesized intensities back to the target's units with it (HU for CT, the
   training set's typical foreground mean and standard deviation for MR);
@@ -12,10 +13,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,78 +25,116 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.inferers import SliceInferer
-from monai.transforms import MapTransform
+from monai.transforms import Compose, Invertd, MapTransform
 from torch import nn
 
 from bundle.inputs import InferenceInputs, find_inputs, raise_for_failures
+from bundle.settings import as_bool, autocast
 
 __all__ = [
-    "BFloat16Autocast",
+    "AxialSliceInferer",
     "DenormalizeIntensityd",
     "InferenceInputs",
+    "Synthesis",
     "find_inputs",
     "raise_for_failures",
-    "synthesize_volume",
     "write_intensity_reference",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-class BFloat16Autocast(nn.Module):
-    """Run a network under bfloat16 autocast on its input's device (CPU included) and return float32.
+class AxialSliceInferer(SliceInferer):
+    """MONAI's ``SliceInferer`` over the axial slices (last spatial axis, RAS) under the one precision setting.
 
-    MONAI's engines apply ``amp`` as CUDA autocast only; this wrapper gives CPUs with bfloat16 matrix units
-    (AVX512-BF16, AMX) the same speed-up at inference (``--bf16 true`` in ``configs/inference.json``).
+    MONAI's engines apply ``amp`` as float16 CUDA autocast only; this inferer applies :func:`bundle.settings.autocast`
+    (bfloat16 on the input's device, CPU included) wherever it runs, so inference, validation, evaluation, the demo
+    and the benchmarks synthesize in one precision. Give the engines ``amp=False``.
 
     Args:
-        network: the network to wrap (its weights stay float32).
+        sw_batch_size: axial slices per forward pass.
+        amp: bfloat16 autocast.
     """
 
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.network = network
+    def __init__(self, sw_batch_size: int = 16, amp: bool | str = False) -> None:
+        super().__init__(roi_size=(-1, -1), sw_batch_size=sw_batch_size, spatial_dim=2, progress=False)
+        self.amp = as_bool(amp, "amp")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         """
         Args:
-            x: input batch.
+            inputs: a batch of volumes (N, C, X, Y, Z).
+            network: the generator; its plain call is the aligned (undeformed) pass.
 
         Returns:
-            The network's output, as float32.
+            The synthesized batch, float32.
         """
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
-            return self.network(x).float()
+        with autocast(self.amp, inputs.device):
+            return super().__call__(inputs.float(), network, *args, **kwargs).float()
 
 
-@torch.no_grad()
-def synthesize_volume(
-    generator: nn.Module, volume: torch.Tensor, sw_batch_size: int = 16, amp: bool | None = None
-) -> torch.Tensor:
-    """Synthesize a preprocessed volume axial slice by axial slice (last spatial axis, RAS) with the undeformed pass.
+class Synthesis:
+    """The one synthesis path: preprocess, slice-wise aligned pass, back to the input's grid and units.
+
+    ``preprocessing``, ``inferer`` and ``postprocessing`` are the pieces MONAI's engines take (inference and
+    validation use them inside a ``SupervisedEvaluator``); :meth:`synthesize` and the call run them directly
+    (evaluation, the demo, the benchmarks).
 
     Args:
-        generator: a DicycleGAN generator; its plain call (the undeformed pass) is used.
-        volume: preprocessed source volume of shape (C, X, Y, Z) or (N, C, X, Y, Z), on the generator's device.
+        network: the direction's generator (weights loaded).
+        preprocessing: the source domain's :func:`bundle.data.volume_preprocessing` with key ``"image"``.
+        target_kind: ``"MR"`` or ``"CT"``, for :class:`DenormalizeIntensityd`.
+        reference_file: the intensity reference written at training time.
+        target_domain: the target's key in it (``"A"`` or ``"B"``).
+        hu_window: the CT window of the preprocessing.
         sw_batch_size: axial slices per forward pass.
-        amp: bfloat16 autocast; default on for CUDA.
-
-    Returns:
-        The synthesized volume, the same shape as ``volume`` (float32).
+        amp: bfloat16 autocast (:func:`bundle.settings.autocast`).
     """
-    batched = volume.ndim == 5
-    x = volume if batched else volume.unsqueeze(0)
-    device = x.device
-    amp = device.type == "cuda" if amp is None else amp
-    was_training = generator.training
-    generator.eval()
-    inferer = SliceInferer(roi_size=(-1, -1), sw_batch_size=sw_batch_size, spatial_dim=2, progress=False)
-    try:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            out = inferer(x.float(), generator).float()
-    finally:
-        generator.train(was_training)
-    return out if batched else out[0]
+
+    def __init__(
+        self,
+        network: nn.Module,
+        preprocessing: Compose,
+        target_kind: str = "MR",
+        reference_file: str | os.PathLike | None = None,
+        target_domain: str = "B",
+        hu_window: Sequence[float] = (-1000.0, 2000.0),
+        sw_batch_size: int = 16,
+        amp: bool | str = False,
+    ) -> None:
+        self.network = network
+        self.preprocessing = preprocessing
+        self.inferer = AxialSliceInferer(sw_batch_size, amp)
+        self.postprocessing = Compose(
+            [
+                Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
+                DenormalizeIntensityd("pred", target_kind, reference_file, target_domain, hu_window),
+            ]
+        )
+
+    @torch.no_grad()
+    def synthesize(self, image: torch.Tensor) -> torch.Tensor:
+        """The aligned pass over a preprocessed volume (C, X, Y, Z) or batch (N, C, X, Y, Z), on the network's scale.
+
+        Returns:
+            A float32 tensor of the input's shape, on the network's device.
+        """
+        batched = image.ndim == 5
+        device = next(self.network.parameters()).device
+        x = torch.as_tensor(image).to(device)
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            out = self.inferer(x if batched else x[None], self.network)
+        finally:
+            self.network.train(was_training)
+        return out if batched else out[0]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Synthesize ``data["image"]`` (a file) into ``"pred"``, on the input's grid and in the target's units."""
+        d = self.preprocessing(dict(data))
+        d["pred"] = self.synthesize(d["image"]).cpu()
+        return self.postprocessing(d)
 
 
 def write_intensity_reference(
@@ -161,21 +201,27 @@ class DenormalizeIntensityd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.kind = kind
+        self.kind, self.reference_file, self.domain, self.hu_window = kind, reference_file, domain, hu_window
+
+    @functools.cached_property
+    def _scale_shift(self) -> tuple[float, float]:
+        # read on first use: training builds this transform before it writes the reference
         reference = {}
-        if reference_file is not None and Path(reference_file).is_file():
-            reference = json.loads(Path(reference_file).read_text()).get(domain, {})
-        if kind == "CT":
-            low, high = reference.get("hu_window", hu_window)
-            self.scale, self.shift = (high - low) / 2.0, (high + low) / 2.0
-        elif "mean" in reference:
-            self.scale, self.shift = reference["std"], reference["mean"]
-        else:
-            logger.warning(f"no MR intensity reference for domain {domain} in {reference_file}: outputs stay z-scored.")
-            self.scale, self.shift = 1.0, 0.0
+        if self.reference_file is not None and Path(self.reference_file).is_file():
+            reference = json.loads(Path(self.reference_file).read_text()).get(self.domain, {})
+        if self.kind == "CT":
+            low, high = reference.get("hu_window", self.hu_window)
+            return (high - low) / 2.0, (high + low) / 2.0
+        if "mean" in reference:
+            return reference["std"], reference["mean"]
+        logger.warning(
+            f"no MR intensity reference for domain {self.domain} in {self.reference_file}: outputs stay z-scored."
+        )
+        return 1.0, 0.0
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = d[key] * self.scale + self.shift
+            scale, shift = self._scale_shift
+            d[key] = d[key] * scale + shift
         return d

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULTS",
     "SETTINGS_FILE",
     "as_bool",
+    "autocast",
     "out_activation",
     "read_settings",
     "resolve_settings",
@@ -72,6 +73,20 @@ def as_bool(value: Any, name: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in (_TRUE, _FALSE):
         return value.strip().lower() == _TRUE
     raise ValueError(f"--{name}: expected true or false, got {value!r}.")
+
+
+def autocast(amp: Any, device: torch.device | str) -> torch.autocast:
+    """The one precision setting of every stage (train, validate, infer, evaluate): ``amp`` is bfloat16 autocast on
+    the device in use, CUDA or CPU alike (bfloat16 needs no GradScaler, and CPUs with AVX512-BF16/AMX gain from it).
+
+    Args:
+        amp: the ``amp`` flag, a bool or ``"true"``/``"false"``.
+        device: the device the networks run on.
+
+    Returns:
+        The autocast context (disabled when ``amp`` is false).
+    """
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=as_bool(amp, "amp"))
 
 
 def out_activation(kind: str) -> str | None:

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from bundle.losses import DicycleGANGeneratorOutput, DicycleGANLoss, discriminator_loss
+from bundle.settings import autocast
 
 __all__ = ["DicycleGANTrainer", "DiscriminatorObjective", "GeneratorObjective", "ImagePool", "prepare_unpaired_batch"]
 
@@ -335,7 +336,7 @@ class DicycleGANTrainer(Trainer):
         Workflow.run(self)
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(device_type=torch.device(self.state.device).type, dtype=torch.bfloat16, enabled=self.amp)
+        return autocast(self.amp, self.state.device)
 
     def _check_finite(self, loss: torch.Tensor, what: str, terms: dict[str, torch.Tensor]) -> None:
         """Raise :class:`FloatingPointError` on every rank when the loss of any rank is not finite.

@@ -241,14 +241,18 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _parser(preset: str, mode: str, overrides: dict[str, Any] | None = None):
-    """``ConfigParser`` of configs/train.json with the preset's and the mode's override files, imports evaluated."""
+    """``ConfigParser`` of configs/common.json + train.json, the preset's and the mode's override files; imports run."""
     from monai.bundle import ConfigParser
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}.")
     if mode not in MODE_CONFIGS:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    files = [CONFIGS / "train.json", *(CONFIGS / f for f in (*PRESETS[preset], *MODE_CONFIGS[mode]))]
+    files = [
+        CONFIGS / "common.json",
+        CONFIGS / "train.json",
+        *(CONFIGS / f for f in (*PRESETS[preset], *MODE_CONFIGS[mode])),
+    ]
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
     parser.update({"bundle_root": str(ROOT), **(overrides or {})})
@@ -576,23 +580,23 @@ def inference(dataset_dir: str | None = "demo_data", repeats: int = 2, sw_batch_
     """
     import tempfile
 
-    from monai.inferers import SliceInferer
-    from monai.transforms import Compose, Invertd, SaveImaged
+    from monai.transforms import Compose, SaveImaged
     from torch.utils.flop_counter import FlopCounterMode
 
     from bundle.data import volume_preprocessing
+    from bundle.inference import Synthesis
     from bundle.networks import DicycleGenerator
 
     torch.manual_seed(0)
     network = DicycleGenerator().eval()  # paper size: ngf 64, 9 residual blocks
     work = Path(tempfile.mkdtemp(prefix="dicyclegan_bench_"))
     source = _ixi_volume(work / "ixi_like_PD.nii.gz", dataset_dir)
-    preprocessing = volume_preprocessing("image", "MR", pixdim=(1.8, 1.8, 1.8))
-    load = Compose(list(preprocessing.transforms[:2]))
-    rest = Compose(list(preprocessing.transforms[2:]))
-    invert = Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False)
+    synthesis = Synthesis(
+        network, volume_preprocessing("image", "MR", pixdim=(1.8, 1.8, 1.8)), sw_batch_size=sw_batch_size
+    )
+    load = Compose(list(synthesis.preprocessing.transforms[:2]))
+    rest = Compose(list(synthesis.preprocessing.transforms[2:]))
     save = SaveImaged("pred", output_dir=str(work), output_postfix="T2", separate_folder=False, print_log=False)
-    inferer = SliceInferer(roi_size=(-1, -1), sw_batch_size=sw_batch_size, spatial_dim=2, progress=False)
     _header(f"Inference of one IXI-sized volume, paper-size generator, NIfTI -> NIfTI ({source})")
 
     def pipeline(amp: bool) -> dict[str, float]:
@@ -603,11 +607,11 @@ def inference(dataset_dir: str | None = "demo_data", repeats: int = 2, sw_batch_
         data = rest(data)
         times["preprocess"] = time.perf_counter() - start
         start = time.perf_counter()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            data["pred"] = inferer(data["image"][None], network)[0].float()
+        synthesis.inferer.amp = amp
+        data["pred"] = synthesis.synthesize(data["image"])
         times["network"] = time.perf_counter() - start
         start = time.perf_counter()
-        data = invert(data)
+        data = synthesis.postprocessing(data)
         times["invert"] = time.perf_counter() - start
         start = time.perf_counter()
         save(data)

@@ -7,11 +7,12 @@ Usage (from the repository root; ``make demo`` runs it)::
 Steps, each printed with the command it runs:
 
 1. ``scripts/make_demo_data.py`` builds the MNI152-based phantom (skipped when ``DIR/datalist.json`` exists);
-2. ``python -m monai.bundle run`` trains with ``configs/train.json`` and the demo preset (small networks, 2.4 mm
-   slices) and writes ``models/model.pt`` (G PD -> T2), ``models/model_g_ba.pt`` and TensorBoard logs in ``runs/``;
-3. every held-out test subject's PD volume is synthesized into T2 with the undeformed pass and compared with the
-   subject's real T2 (PSNR on the z-scored volumes, as the paper normalises them) against the trivial baseline of
-   the z-scored PD itself. The demo fails (exit 1) unless synthesis beats the baseline by ``min_gain_db``.
+2. ``python -m monai.bundle run`` trains with ``configs/common.json``, ``configs/train.json`` and the demo preset
+   (small networks, 2.4 mm slices) and writes ``models/model.pt`` (G PD -> T2), ``models/model_g_ba.pt`` and
+   TensorBoard logs in ``runs/``;
+3. every held-out test subject's PD volume is synthesized into T2 by the bundle's one synthesis path and compared
+   with the subject's real T2 (PSNR on the z-scored volumes, as the paper normalises them) against the trivial
+   baseline of the z-scored PD itself. The demo fails (exit 1) unless synthesis beats the baseline by ``min_gain_db``.
 """
 
 from __future__ import annotations
@@ -29,11 +30,8 @@ from monai.bundle import ConfigParser
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.data import volume_preprocessing  # noqa: E402
 from bundle.datalist import load_datalist, synthesis_pair  # noqa: E402
-from bundle.inference import synthesize_volume  # noqa: E402
 from bundle.metrics import volume_psnr  # noqa: E402
-from bundle.networks import DicycleGenerator  # noqa: E402
 from bundle.settings import resolve_settings  # noqa: E402
 
 
@@ -45,33 +43,25 @@ def _run(command: list[str]) -> None:
 def evaluate(dataset_dir: str, ckpt_dir: str) -> list[dict]:
     """PSNR of synthesis and of the baseline (the normalised source) for every test subject.
 
-    The generator and both domains' preprocessing are rebuilt from ``ckpt_dir/settings.json`` (any preset: CycleGAN
-    without offsets, a CT target, ...).
+    The synthesis is the one of ``configs/common.json`` (``synthesis``: the generator and both domains'
+    preprocessing rebuilt from ``ckpt_dir/settings.json``), so any preset works: CycleGAN without offsets, a CT
+    target, ...
     """
-    settings = resolve_settings(ckpt_dir)
-    generator = DicycleGenerator(
-        in_channels=settings["in_channels"],
-        out_channels=settings["out_channels"],
-        ngf=settings["ngf"],
-        n_blocks=settings["n_blocks"],
-        deformable=settings["deformable"],
-        out_activation=settings["out_activation"]["B"],
-        backend="torch",
-    )
-    generator.load_state_dict(torch.load(Path(ckpt_dir) / "model.pt", map_location="cpu", weights_only=True))
-    source_preprocessing, target_preprocessing = (
-        volume_preprocessing("image", settings[kind], pixdim=settings["pixdim"], hu_window=settings["hu_window"])
-        for kind in ("domain_a", "domain_b")
-    )
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "common.json"))
+    parser.update({"bundle_root": str(ROOT), "ckpt_dir": ckpt_dir})
+    synthesis, settings = parser.get_parsed_content("synthesis"), parser.get_parsed_content("settings")
+    synthesis.network.load_state_dict(torch.load(Path(ckpt_dir) / "model.pt", map_location="cpu", weights_only=True))
+    target_preprocessing = parser.get_parsed_content("preprocessing")("image", settings["domain_b"])
     rows = []
     for entry in load_datalist(dataset_dir, "datalist.json", "test"):
         pair = synthesis_pair(entry, "A2B")
-        source = source_preprocessing({"image": pair["source"]})["image"].as_tensor()
+        source = synthesis.preprocessing({"image": pair["source"]})["image"].as_tensor()
         target = target_preprocessing({"image": pair["ground_truth"]})["image"].as_tensor()
-        synthesized = synthesize_volume(generator, source)
+        synthesized = synthesis.synthesize(source).cpu()
         subject = entry.get("subject", Path(pair["source"]).name)
-        synthesis, baseline = volume_psnr(torch.stack([synthesized, source]), torch.stack([target, target])).tolist()
-        rows.append({"subject": subject, "synthesis": synthesis, "baseline": baseline})
+        synthesis_db, baseline = volume_psnr(torch.stack([synthesized, source]), torch.stack([target, target])).tolist()
+        rows.append({"subject": subject, "synthesis": synthesis_db, "baseline": baseline})
     return rows
 
 
@@ -97,7 +87,7 @@ def main(
             "monai.bundle",
             "run",
             "--config_file",
-            f"['configs/train.json','{preset}']",
+            f"['configs/common.json','configs/train.json','{preset}']",
             "--dataset_dir",
             dataset_dir,
             "--seed",
@@ -105,7 +95,7 @@ def main(
         ]
     )
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / "train.json"), str(ROOT / preset)])
+    parser.read_config([str(ROOT / "configs" / f) for f in ("common.json", "train.json")] + [str(ROOT / preset)])
     parser["bundle_root"] = str(ROOT)
     ckpt_dir = parser.get_parsed_content("ckpt_dir")
     rows = evaluate(str(ROOT / dataset_dir), ckpt_dir)

@@ -13,8 +13,8 @@ Usage (from the repository root)::
 releases are laid out):
 
 - ``configs/``: every config of the repository; ``metadata.json`` gets the new version and its changelog entry
-  (newest first), and ``--overrides`` are written into ``inference.json`` (and ``evaluate.json``) so that their
-  ``network_def`` matches the checkpoint;
+  (newest first), and ``--overrides`` are written into ``common.json`` (or the overlay that declares the id) so
+  that ``network_def`` matches the checkpoint;
 - ``models/``: ``model.pt``, ``model.ts`` built in the folder by ``monai.bundle.ckpt_export`` (the zoo's default:
   ``torch.jit.script``), and the same for ``model_g_ba.pt`` (direction B2A) when it exists;
   ``intensity_reference.json`` (the intensity scales inference uses to write HU / MR units) and ``settings.json``
@@ -29,9 +29,9 @@ The checks (``verify``, run at the end of ``export``) copy the folder to a tempo
 interpreter whose ``PYTHONPATH`` is that copy only (so nothing of this repository leaks in), what the model zoo's
 ``ci/verify_bundle.py`` runs: required files, ``large_files.yml`` (files present, hashes right), version in the
 changelog, ``verify_metadata`` against the schema (the offline copy in ``tests/data``), ``verify_net_in_out`` and
-``ckpt_export`` of ``network_def`` from ``configs/inference.json``, and loading ``models/model.ts``. On top of the zoo:
-the shipped TorchScript files equal the undeformed pass of ``DicycleGenerator`` with the checkpoint (1e-5, CPU, two
-slice sizes), and carry this bundle's metadata.
+``ckpt_export`` of ``network_def`` from ``configs/common.json`` + ``configs/inference.json``, and loading
+``models/model.ts``. On top of the zoo: the shipped TorchScript files equal the undeformed pass of
+``DicycleGenerator`` with the checkpoint (1e-5, CPU, two slice sizes), and carry this bundle's metadata.
 """
 
 from __future__ import annotations
@@ -63,14 +63,17 @@ COPIED_DIRS = ("configs", "bundle", "docs")
 COPIED_FILES = ("LICENSE",)
 REQUIRED_SOURCES = (
     "configs/metadata.json",
+    "configs/common.json",
     "configs/inference.json",
     "LICENSE",
     "docs/README.md",
     "docs/data_license.txt",
     "bundle",
 )
+# the inference config as the bundle's commands merge it: the base config and its inference overlay
+INFERENCE_CONFIGS = ("common.json", "inference.json")
 # configs whose ids ``--overrides`` sets (the ones that load models/model.pt); an override must match one of them
-OVERRIDE_CONFIGS = ("inference.json", "evaluate.json")
+OVERRIDE_CONFIGS = ("common.json", "inference.json", "evaluate.json")
 # (network id in configs/inference.json, checkpoint, TorchScript file); the first is required
 MODEL_FILES = (("network_def", "model.pt", "model.ts"), ("network_ba_def", "model_g_ba.pt", "model_g_ba.ts"))
 SIDE_FILES = ("intensity_reference.json", "settings.json")
@@ -79,6 +82,7 @@ REQUIRED_FILES = (
     "configs/metadata.json",
     "LICENSE",
     "models/model.pt",
+    "configs/common.json",
     "configs/inference.json",
     "docs/README.md",
     "models/model.ts",
@@ -213,30 +217,35 @@ def _load_state_dict(path: Path) -> dict:
     return dict(state)
 
 
-def _parsed_network(config_file: Path, meta_file: Path, net_id: str, bundle_root: Path):
-    """``net_id`` of a config, instantiated (needs the bundle's ``bundle`` package importable)."""
+def _inference_configs(root: Path) -> list[str]:
+    """The config files of :data:`INFERENCE_CONFIGS` in a bundle folder, as ``--config_file`` takes them."""
+    return [str(root / "configs" / name) for name in INFERENCE_CONFIGS]
+
+
+def _parsed_network(config_files: list[str], meta_file: Path, net_id: str, bundle_root: Path):
+    """``net_id`` of the merged configs, instantiated (needs the bundle's ``bundle`` package importable)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(config_file))
+    parser.read_config(config_files)
     parser.read_meta(str(meta_file))
     parser["bundle_root"] = str(bundle_root)
     try:
         return parser.get_parsed_content(net_id)
     except Exception as e:
-        raise BundleExportError(f"{config_file}: cannot build {net_id!r} ({type(e).__name__}: {e}).") from e
+        raise BundleExportError(f"{config_files}: cannot build {net_id!r} ({type(e).__name__}: {e}).") from e
 
 
-def _check_checkpoint_fits(checkpoint: Path, config_file: Path, meta_file: Path, net_id: str, root: Path) -> None:
+def _check_checkpoint_fits(checkpoint: Path, config_files: list[str], meta_file: Path, net_id: str, root: Path) -> None:
     """The checkpoint loads strictly into ``net_id`` of the config (a ``DicycleGenerator``, whose plain call and
     TorchScript compilation are the undeformed pass)."""
     state = _load_state_dict(checkpoint)
-    network = _parsed_network(config_file, meta_file, net_id, root)
+    network = _parsed_network(config_files, meta_file, net_id, root)
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise BundleExportError(
-            f"{checkpoint} does not fit {net_id} of configs/{config_file.name}: {e}\nIf the model was trained "
+            f"{checkpoint} does not fit {net_id} of configs/inference.json: {e}\nIf the model was trained "
             "with a preset (e.g. configs/demo.json: ngf 16, n_blocks 4), pass the same values: --overrides "
             "\"{'ngf': 16, 'n_blocks': 4}\"."
         ) from e
@@ -317,7 +326,7 @@ def _assemble(
             print(f"      {_rel(models_dir / name, ROOT)} not found: the networks are built from configs and overrides")
         else:
             print(f"      {_rel(models_dir / name, ROOT)} not found: MR outputs will stay z-scored at inference")
-    inference = out / "configs" / "inference.json"
+    inference = _inference_configs(out)
     written = []
     for net_id, checkpoint, torchscript in MODEL_FILES:
         source = models_dir / checkpoint
@@ -332,7 +341,7 @@ def _assemble(
             filepath=str(out / "models" / torchscript),
             ckpt_file=str(out / "models" / checkpoint),
             meta_file=str(meta_file),
-            config_file=str(inference),
+            config_file=inference,
             bundle_root=str(out),
         )
         written += [f"models/{checkpoint}", f"models/{torchscript}"]
@@ -374,7 +383,7 @@ def export(
         changelog: the changelog entry of the new version; default: a line naming the export.
         models_dir: folder with ``model.pt`` (required), ``model_g_ba.pt`` and ``intensity_reference.json``
             (optional), relative to the repository root.
-        overrides: config ids and values written into ``configs/inference.json`` (and ``evaluate.json``), e.g.
+        overrides: config ids and values written into ``configs/common.json`` (or the overlay declaring them), e.g.
             ``{"ngf": 16, "n_blocks": 4}`` for a model trained with ``configs/demo.json``.
         base_url: where the model files will be uploaded; fills the URLs of ``large_files.yml``.
         schema: local copy of the metadata schema (default: ``tests/data/<file named in metadata.json>``).
@@ -515,7 +524,7 @@ def check_in_place(bundle_dir: str = ".", schema: str | None = None, previous_ve
 
 
 def _check(root: Path, schema: str | None, previous_version: str | None) -> None:
-    meta_file, inference = root / "configs" / "metadata.json", root / "configs" / "inference.json"
+    meta_file, inference = root / "configs" / "metadata.json", _inference_configs(root)
 
     # file-level checks first: they need neither torch nor MONAI, so a broken bundle fails fast
     missing = [p for p in REQUIRED_FILES if not (root / p).is_file()]
@@ -564,7 +573,7 @@ def _check(root: Path, schema: str | None, previous_version: str | None) -> None
         ckpt, shipped = root / "models" / checkpoint, root / "models" / torchscript
         if not ckpt.is_file():
             continue
-        verify_net_in_out(net_id=net_id, meta_file=str(meta_file), config_file=str(inference), bundle_root=str(root))
+        verify_net_in_out(net_id=net_id, meta_file=str(meta_file), config_file=inference, bundle_root=str(root))
         print(f"  ok verify_net_in_out {net_id}", flush=True)
         with tempfile.TemporaryDirectory(prefix="ts-") as tmp:
             fresh = Path(tmp) / "verify_model.ts"
@@ -573,7 +582,7 @@ def _check(root: Path, schema: str | None, previous_version: str | None) -> None
                 filepath=str(fresh),
                 ckpt_file=str(ckpt),
                 meta_file=str(meta_file),
-                config_file=str(inference),
+                config_file=inference,
                 bundle_root=str(root),
             )
             extra = {"metadata.json": "", "inference.json": ""}
@@ -584,12 +593,14 @@ def _check(root: Path, schema: str | None, previous_version: str | None) -> None
             raise BundleExportError(f"{shipped}: was not exported with this bundle's metadata (version {version}).")
 
         parser = ConfigParser()
-        parser.read_config(str(inference))
+        parser.read_config(inference)
         parser.read_meta(str(meta_file))
         parser["bundle_root"] = str(root)
         reference = parser.get_parsed_content(net_id).cpu().eval()
         if not isinstance(reference, DicycleGenerator):
-            raise BundleExportError(f"{inference}: {net_id} does not build a DicycleGenerator from its arguments.")
+            raise BundleExportError(
+                f"configs/inference.json: {net_id} does not build a DicycleGenerator from its arguments."
+            )
         reference.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
         channels = metadata["network_data_format"]["inputs"]["image"]["num_channels"]
         height, width = (int(s) for s in metadata["network_data_format"]["inputs"]["image"]["spatial_shape"])

@@ -230,7 +230,8 @@ def train(
     if record_path.is_file():
         log(f"{experiment.key} {method}: trained before ({record_path}), not retrained")
         return json.loads(record_path.read_text())
-    files = ["configs/train.json", *configs] + (["configs/cyclegan.json"] if method == "Cycle" else [])
+    cyclegan = ["configs/cyclegan.json"] if method == "Cycle" else []
+    files = ["configs/common.json", "configs/train.json", *configs, *cyclegan]
     checkpoint = run_dir / "models" / "checkpoint.pt"
     resumed = checkpoint.is_file()
     command = [
@@ -273,7 +274,7 @@ def budget_epochs(configs: Sequence[str], overrides: Mapping[str, Any], budget: 
     if budget == 1:
         return {}
     parser = ConfigParser()
-    parser.read_config([str(ROOT / name) for name in ["configs/train.json", *configs]])
+    parser.read_config([str(ROOT / name) for name in ["configs/common.json", "configs/train.json", *configs]])
     parser.update(dict(overrides))
     return {name: int(parser.get(name)) * budget for name in ("n_epochs", "n_epochs_decay")}
 
@@ -286,8 +287,8 @@ def evaluation_parser(
     dataset_dir: Path,
     run_dir: Path,
 ) -> ConfigParser:
-    """``configs/evaluate.json`` set up for one run, residual displacement on, figures off."""
-    files = [ROOT / "configs" / "evaluate.json", *(ROOT / name for name in configs)]
+    """``configs/common.json`` + ``configs/evaluate.json`` set up for one run, residual displacement on, figures off."""
+    files = [ROOT / "configs" / "common.json", ROOT / "configs" / "evaluate.json", *(ROOT / name for name in configs)]
     if method == "Cycle":
         files.append(ROOT / "configs" / "cyclegan.json")
     parser = ConfigParser()

@@ -114,7 +114,14 @@ def write_constant_generators(ckpt_dir: Path) -> Path:
 
 def run_evaluate(dataset: Path, output_dir: Path, ckpt_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run --config_file configs/evaluate.json`` with the tiny overrides."""
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json"]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/common.json','configs/evaluate.json']",
+    ]
     command += ["--dataset_dir", str(dataset), "--output_dir", str(output_dir), "--ckpt_dir", str(ckpt_dir)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run([*command, *TINY, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -124,7 +131,9 @@ def evaluate_in_process(dataset: Path, output_dir: Path, ckpt_dir: Path, **overr
     """The same run through ``monai.bundle.run`` in this process (no second interpreter start-up)."""
     tiny = {"ngf": 4, "n_blocks": 1, "pixdim": [2.0, 2.0, 2.0], "sw_batch_size": 4, "device": "cpu"}
     paths = {"dataset_dir": str(dataset), "output_dir": str(output_dir), "ckpt_dir": str(ckpt_dir)}
-    bundle_run(config_file=str(ROOT / "configs" / "evaluate.json"), **paths, **tiny, **overrides)
+    bundle_run(
+        config_file=[str(ROOT / "configs" / f) for f in ("common.json", "evaluate.json")], **paths, **tiny, **overrides
+    )
 
 
 def zscore_by_hand(path: Path) -> np.ndarray:

@@ -17,7 +17,7 @@ from monai.bundle import ConfigParser, ckpt_export, onnx_export, verify_net_in_o
 from bundle.networks import DicycleGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
-INFERENCE = ROOT / "configs" / "inference.json"
+INFERENCE = [str(ROOT / "configs" / "common.json"), str(ROOT / "configs" / "inference.json")]
 METADATA = ROOT / "configs" / "metadata.json"
 TINY = {"ngf": 4, "n_blocks": 1}
 SHAPES = [(1, 1, 128, 128), (2, 1, 50, 70)]  # the metadata's slice size, and one that is not a multiple of 4
@@ -81,7 +81,7 @@ def test_scripted_generator_loads_the_checkpoint_and_is_the_undeformed_pass(tiny
 
 def test_inference_config_declares_the_undeformed_generator(tiny_models):
     parser = ConfigParser()
-    parser.read_config(str(INFERENCE))
+    parser.read_config(INFERENCE)
     parser.update(TINY)
     for net_id, checkpoint in (("network_def", "model.pt"), ("network_ba_def", "model_g_ba.pt")):
         network = parser.get_parsed_content(net_id)
@@ -103,14 +103,14 @@ def test_ckpt_export_torchscript_equals_the_eager_undeformed_pass(tiny_models, t
         filepath=str(ts_file),
         ckpt_file=str(tiny_models / "model.pt"),
         meta_file=str(METADATA),
-        config_file=str(INFERENCE),
+        config_file=INFERENCE,
         **trace,
         **TINY,
     )
-    extra = {"metadata.json": "", "inference.json": ""}
+    extra = {"metadata.json": "", "common.json": "", "inference.json": ""}
     scripted = torch.jit.load(str(ts_file), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["version"] == json.loads(METADATA.read_text())["version"]
-    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "bundle.networks.DicycleGenerator"
+    assert json.loads(extra["common.json"])["network_def"]["_target_"] == "bundle.networks.DicycleGenerator"
     _assert_undeformed_pass(scripted, _reference(tiny_models / "model.pt"))
 
 
@@ -130,7 +130,7 @@ def test_onnx_export_equals_the_eager_undeformed_pass(tiny_models, tmp_path):
         filepath=str(onnx_file),
         ckpt_file=str(tiny_models / "model.pt"),
         meta_file=str(METADATA),
-        config_file=str(INFERENCE),
+        config_file=INFERENCE,
         use_trace=True,
         converter_kwargs={
             "dynamo": False,
@@ -151,7 +151,7 @@ def test_onnx_export_equals_the_eager_undeformed_pass(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("net_id", ["network_def", "network_ba_def"])
 def test_verify_net_in_out_on_the_inference_config(net_id):
-    verify_net_in_out(net_id=net_id, meta_file=str(METADATA), config_file=str(INFERENCE), device="cpu", **TINY)
+    verify_net_in_out(net_id=net_id, meta_file=str(METADATA), config_file=INFERENCE, device="cpu", **TINY)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,8 +181,8 @@ def test_export_writes_the_zoo_layout_with_a_new_version(exported):
     assert meta["version"] == exported["version"] == f"{major}.{minor}.{patch + 1}"
     assert next(iter(meta["changelog"].items())) == (meta["version"], "tiny test export")  # newest first
     assert json.loads(METADATA.read_text()) == source_meta  # the repository's metadata is untouched
-    inference = json.loads((folder / "configs" / "inference.json").read_text())
-    assert (inference["ngf"], inference["n_blocks"]) == (4, 1)
+    common = json.loads((folder / "configs" / "common.json").read_text())
+    assert (common["ngf"], common["n_blocks"]) == (4, 1)
     for path in (
         "LICENSE",
         "docs/README.md",

@@ -28,7 +28,7 @@ from bundle.inputs import (
 from bundle.networks import DicycleGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
-INFERENCE = str(ROOT / "configs" / "inference.json")
+INFERENCE = [str(ROOT / "configs" / "common.json"), str(ROOT / "configs" / "inference.json")]
 TINY = {"ngf": 4, "n_blocks": 1, "pixdim": [2.0, 2.0, 2.0], "sw_batch_size": 8}
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 
@@ -395,7 +395,7 @@ def test_a_mixed_folder_writes_every_good_output_names_every_bad_input_and_chang
     _copy(MR2, scans / "MR2")
     _write_dicom_series(_head((16, 16, 8)) * 10, 2.4, scans / "small_fov", "1.2.826.0.1.3680043.2.1125.7", 3)
     before = {**{f"scans/{k}": v for k, v in _md5s(scans).items()}, **{f"out/{k}": v for k, v in _md5s(out).items()}}
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE, "--bundle_root", str(ROOT)]
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(INFERENCE), "--bundle_root", str(ROOT)]
     command += ["--ckpt_dir", str(tmp_path / "models"), "--input_dir", str(scans), "--output_dir", str(out)]
     command += [arg for k, v in TINY.items() for arg in (f"--{k}", json.dumps(v).replace(" ", ""))]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

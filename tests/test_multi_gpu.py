@@ -102,7 +102,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One 2-rank torchrun of train.json + multi_gpu_train.json, and the same training in one process, batch 2."""
     tmp = tmp_path_factory.mktemp("multi_gpu")
     write_tiny_dataset(tmp / "data")
-    train, multi_gpu = str(BUNDLE_ROOT / "configs/train.json"), str(BUNDLE_ROOT / "configs/multi_gpu_train.json")
+    common, train = str(BUNDLE_ROOT / "configs/common.json"), str(BUNDLE_ROOT / "configs/train.json")
+    multi_gpu = str(BUNDLE_ROOT / "configs/multi_gpu_train.json")
 
     ddp_cwd = tmp / "ddp_cwd"  # the working directory: anything written outside the configured folders shows up here
     ddp_cwd.mkdir()
@@ -110,13 +111,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (tmp / "ddp_probe").mkdir()
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
     _run(
-        [*torchrun, *bundle_command([train, multi_gpu, str(probe)], _overrides(tmp, "ddp", val_interval="1"))],
+        [*torchrun, *bundle_command([common, train, multi_gpu, str(probe)], _overrides(tmp, "ddp", val_interval="1"))],
         cwd=ddp_cwd,
     )
 
     probe_single = _probe_config(tmp / "probe_single.json", tmp / "single_probe")
     (tmp / "single_probe").mkdir()
-    _run(bundle_command([train, str(probe_single)], _overrides(tmp, "single", batch_size="2")), cwd=tmp)
+    _run(bundle_command([common, train, str(probe_single)], _overrides(tmp, "single", batch_size="2")), cwd=tmp)
 
     def load(path: Path) -> dict[str, Any]:
         return torch.load(path, weights_only=True)

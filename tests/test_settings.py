@@ -16,6 +16,13 @@ from bundle.settings import as_bool, resolve_settings, write_settings
 from tests.bundle_fixtures import BUNDLE_ROOT, TINY_OVERRIDES, bundle_env, write_tiny_dataset
 
 CONFIGS = BUNDLE_ROOT / "configs"
+
+
+def _configs(overlay: str) -> list[str]:
+    """configs/common.json and an overlay on it, as the README's commands merge them."""
+    return [str(CONFIGS / "common.json"), str(CONFIGS / overlay)]
+
+
 # a preset unlike the paper's network and geometry, so that nothing passes by matching the defaults
 PRESET = {key: json.loads(value) for key, value in TINY_OVERRIDES.items()} | {"ngf": 4, "n_blocks": 2}
 
@@ -34,7 +41,7 @@ def test_as_bool_refuses_anything_else_naming_the_flag(value):
 
 def test_boolean_flags_of_the_configs_go_through_as_bool():
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "train.json"))
+    parser.read_config(_configs("train.json"))
     parser.update({"amp": "true", "resume": "FALSE", "deformable": "False"})
     assert parser.get_parsed_content("train#trainer#amp") is True
     assert parser.get_parsed_content("train#handlers#0#_disabled_") is True  # --resume false: no resume
@@ -75,7 +82,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     (models / "checkpoint.pt").write_bytes(b"not a checkpoint")
     run(
         run_id="training",
-        config_file=str(CONFIGS / "train.json"),
+        config_file=_configs("train.json"),
         bundle_root=str(BUNDLE_ROOT),
         dataset_dir=str(dataset),
         ckpt_dir=str(models),
@@ -106,7 +113,7 @@ def test_training_writes_the_settings_beside_the_weights(trained):
 def test_inference_evaluate_and_export_need_no_network_flags(trained, tmp_path):
     models, dataset = trained["models"], trained["dataset"]
     run(  # --bf16 TRUE as python-fire passes it
-        config_file=str(CONFIGS / "inference.json"),
+        config_file=_configs("inference.json"),
         bundle_root=str(BUNDLE_ROOT),
         ckpt_dir=str(models),
         input_file=str(dataset / "sub00-PD.nii.gz"),
@@ -115,7 +122,7 @@ def test_inference_evaluate_and_export_need_no_network_flags(trained, tmp_path):
     )
     assert (tmp_path / "synth" / "sub00-PD_T2.nii.gz").is_file()
     run(
-        config_file=str(CONFIGS / "evaluate.json"),
+        config_file=_configs("evaluate.json"),
         bundle_root=str(BUNDLE_ROOT),
         ckpt_dir=str(models),
         dataset_dir=str(dataset),
@@ -129,7 +136,7 @@ def test_inference_evaluate_and_export_need_no_network_flags(trained, tmp_path):
         filepath=str(tmp_path / "model.ts"),
         ckpt_file=str(models / "model.pt"),
         meta_file=str(CONFIGS / "metadata.json"),
-        config_file=str(CONFIGS / "inference.json"),
+        config_file=_configs("inference.json"),
         ckpt_dir=str(models),
     )
     reference = DicycleGenerator(ngf=4, n_blocks=2).eval()
@@ -140,7 +147,14 @@ def test_inference_evaluate_and_export_need_no_network_flags(trained, tmp_path):
 
 
 def test_a_contradicting_ngf_on_the_command_line_fails_in_one_line(trained, tmp_path):
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/common.json','configs/inference.json']",
+    ]
     command += ["--ckpt_dir", str(trained["models"]), "--output_dir", str(tmp_path / "out")]
     command += ["--input_file", str(trained["dataset"] / "sub00-PD.nii.gz"), "--ngf", "8"]
     result = subprocess.run(command, cwd=BUNDLE_ROOT, env=bundle_env(), capture_output=True, text=True, timeout=300)

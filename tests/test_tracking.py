@@ -21,8 +21,8 @@ from tests.bundle_fixtures import BUNDLE_ROOT, TINY_OVERRIDES, write_tiny_datase
 # MLflow's SQLite store uses a loader strategy that SQLAlchemy 2.1 deprecates; nothing for this bundle to act on
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
 
-TRAIN = str(BUNDLE_ROOT / "configs" / "train.json")
-LR = json.loads(Path(TRAIN).read_text())["lr"]  # both optimizers start at the base rate
+TRAIN = [str(BUNDLE_ROOT / "configs" / "common.json"), str(BUNDLE_ROOT / "configs" / "train.json")]
+LR = json.loads(Path(TRAIN[1]).read_text())["lr"]  # both optimizers start at the base rate
 SAMPLES = int(TINY_OVERRIDES["samples_per_epoch"])  # batch size 1: one iteration per sample
 
 

@@ -13,7 +13,7 @@ import torch
 from monai.bundle import ConfigParser, run
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "configs" / "train.json")
+COMMON, TRAIN = str(ROOT / "configs" / "common.json"), str(ROOT / "configs" / "train.json")
 TINY = {
     "ngf": 4,
     "n_blocks": 1,
@@ -63,7 +63,7 @@ def make_dataset(root: Path, domains=("PD", "T2"), subjects: int = 3) -> Path:
     return root
 
 
-def train(tmp_path: Path, dataset: Path, config_files=(TRAIN,), **overrides) -> None:
+def train(tmp_path: Path, dataset: Path, config_files=(COMMON, TRAIN), **overrides) -> None:
     settings = {**TINY, **overrides}
     run(
         run_id="training",
@@ -76,7 +76,7 @@ def train(tmp_path: Path, dataset: Path, config_files=(TRAIN,), **overrides) -> 
     )
 
 
-def _network(config_files=(TRAIN,), **overrides):
+def _network(config_files=(COMMON, TRAIN), **overrides):
     parser = ConfigParser()
     parser.read_config(list(config_files))
     parser.update({**TINY, **overrides})
@@ -88,7 +88,14 @@ def test_training_writes_models_checkpoint_logs_and_the_best_validated_model(tmp
 
     train(tmp_path, make_dataset(tmp_path / "data"))
     models = tmp_path / "models"
-    expected = ["checkpoint.pt", "intensity_reference.json", "model.pt", "model_best.pt", "model_g_ba.pt", "settings.json"]
+    expected = [
+        "checkpoint.pt",
+        "intensity_reference.json",
+        "model.pt",
+        "model_best.pt",
+        "model_g_ba.pt",
+        "settings.json",
+    ]
     assert sorted(p.name for p in models.iterdir()) == expected
     reference = json.loads((models / "intensity_reference.json").read_text())
     for domain in "AB":  # medians over the two training volumes of each domain, in the volumes' own units
@@ -151,7 +158,7 @@ def _chain(error: BaseException):
 
 
 def test_cyclegan_preset_trains_the_same_code_without_offsets(tmp_path):
-    cyclegan = (TRAIN, str(ROOT / "configs" / "cyclegan.json"))
+    cyclegan = (COMMON, TRAIN, str(ROOT / "configs" / "cyclegan.json"))
     train(tmp_path, make_dataset(tmp_path / "data"), config_files=cyclegan)
     network = _network(cyclegan)
     assert network.deformable is False
@@ -161,7 +168,7 @@ def test_cyclegan_preset_trains_the_same_code_without_offsets(tmp_path):
 
 
 def test_abdominal_preset_synthesizes_range_scaled_ct(tmp_path):
-    abdomen = (TRAIN, str(ROOT / "configs" / "abdomen.json"))
+    abdomen = (COMMON, TRAIN, str(ROOT / "configs" / "abdomen.json"))
     train(tmp_path, make_dataset(tmp_path / "data", domains=("T1", "CT")), config_files=abdomen, pixdim=[4, 4, 5])
     network = _network(abdomen)
     assert isinstance(network.model[-1], torch.nn.Tanh)  # G MR -> CT ends in tanh, G CT -> MR is linear
