@@ -47,13 +47,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from monai.inferers import Inferer
-from monai.metrics import MAEMetric, MSEMetric
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
-from torch import nn
-
 from bundle import registration
 from bundle.datalist import load_datalist, synthesis_pair
 from bundle.metrics import (
@@ -64,6 +57,12 @@ from bundle.metrics import (
     bone_dice,
     windowed_ssim,
 )
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from monai.inferers import Inferer
+from monai.metrics import MAEMetric, MSEMetric
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
+from torch import nn
 
 __all__ = [
     "BONE_THRESHOLD_HU",

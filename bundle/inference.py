@@ -23,13 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from bundle.inputs import InferenceInputs, find_inputs, raise_for_failures
+from bundle.settings import as_bool, autocast
 from monai.config import KeysCollection
 from monai.inferers import SliceInferer
 from monai.transforms import Compose, Invertd, MapTransform
 from torch import nn
-
-from bundle.inputs import InferenceInputs, find_inputs, raise_for_failures
-from bundle.settings import as_bool, autocast
 
 __all__ = [
     "AxialSliceInferer",

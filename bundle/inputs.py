@@ -22,13 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from bundle.datalist import IMAGE_SUFFIXES, dicom_series, load_datalist, volume_problem
 from monai.config import KeysCollection
 from monai.data import Dataset, ITKReader
 from monai.engines import SupervisedEvaluator
 from monai.transforms import Compose, LoadImaged, MapTransform, SaveImage
 from monai.utils import optional_import
-
-from bundle.datalist import IMAGE_SUFFIXES, dicom_series, load_datalist, volume_problem
 
 __all__ = [
     "DicomSeriesReader",

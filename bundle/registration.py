@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import SimpleITK as sitk
+import SimpleITK
 import torch
 
 __all__ = ["displacement_magnitude", "residual_displacement", "to_sitk_image"]
@@ -29,7 +29,7 @@ MIN_SAMPLES = 10_000
 MIN_LEVEL_SIZE = 16
 
 
-def to_sitk_image(volume: np.ndarray | torch.Tensor, spacing: Sequence[float]) -> sitk.Image:
+def to_sitk_image(volume: np.ndarray | torch.Tensor, spacing: Sequence[float]) -> SimpleITK.Image:
     """A float32 SimpleITK image of an (X, Y, Z) array with the given voxel spacing (origin 0, identity direction).
 
     Args:
@@ -40,12 +40,12 @@ def to_sitk_image(volume: np.ndarray | torch.Tensor, spacing: Sequence[float]) -
         The image (SimpleITK indexes arrays (Z, Y, X), so the array is transposed).
     """
     array = np.asarray(torch.as_tensor(volume).detach().cpu().float().numpy(), dtype=np.float32)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image = SimpleITK.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     image.SetSpacing([float(s) for s in spacing])
     return image
 
 
-def displacement_magnitude(transform: sitk.Transform, reference: sitk.Image) -> np.ndarray:
+def displacement_magnitude(transform: SimpleITK.Transform, reference: SimpleITK.Image) -> np.ndarray:
     """The length (mm) of a transform's displacement at every voxel of a reference grid.
 
     Args:
@@ -55,15 +55,15 @@ def displacement_magnitude(transform: sitk.Transform, reference: sitk.Image) -> 
     Returns:
         An (X, Y, Z) array of displacement lengths in mm.
     """
-    field = sitk.TransformToDisplacementField(
+    field = SimpleITK.TransformToDisplacementField(
         transform,
-        sitk.sitkVectorFloat64,
+        SimpleITK.sitkVectorFloat64,
         reference.GetSize(),
         reference.GetOrigin(),
         reference.GetSpacing(),
         reference.GetDirection(),
     )
-    vectors = sitk.GetArrayFromImage(field)  # (Z, Y, X, 3), in mm
+    vectors = SimpleITK.GetArrayFromImage(field)  # (Z, Y, X, 3), in mm
     return np.linalg.norm(vectors, axis=-1).transpose(2, 1, 0)
 
 
@@ -142,23 +142,25 @@ def residual_displacement(
 
     fixed_image = to_sitk_image(volumes["fixed"], spacing)
     moving_image = to_sitk_image(volumes["moving"], spacing)
-    metric_mask = sitk.BinaryDilate(sitk.Cast(to_sitk_image(keep.astype(np.float32), spacing), sitk.sitkUInt8), [3] * 3)
-    metric_voxels = int(sitk.GetArrayViewFromImage(metric_mask).sum())
+    metric_mask = SimpleITK.BinaryDilate(
+        SimpleITK.Cast(to_sitk_image(keep.astype(np.float32), spacing), SimpleITK.sitkUInt8), [3] * 3
+    )
+    metric_voxels = int(SimpleITK.GetArrayViewFromImage(metric_mask).sum())
     # pyramid levels that keep at least MIN_LEVEL_SIZE voxels along every axis
     shrink_factors = [f for f in (4, 2) if min(shape) // f >= MIN_LEVEL_SIZE] + [1]
 
     extent_mm = [size * step for size, step in zip(fixed_image.GetSize(), fixed_image.GetSpacing(), strict=True)]
     mesh_size = [max(1, round(extent / control_spacing_mm)) for extent in extent_mm]
-    transform = sitk.BSplineTransformInitializer(fixed_image, mesh_size, 3)
+    transform = SimpleITK.BSplineTransformInitializer(fixed_image, mesh_size, 3)
 
-    registration = sitk.ImageRegistrationMethod()
+    registration = SimpleITK.ImageRegistrationMethod()
     registration.SetMetricAsMattesMutualInformation(numberOfHistogramBins=num_bins)
     registration.SetMetricFixedMask(metric_mask)
     registration.SetMetricSamplingStrategy(registration.RANDOM)
     # small volumes: sample at least MIN_SAMPLES voxels, or the coarse levels have too few to estimate MI
     fraction = min(1.0, max(sampling_fraction, MIN_SAMPLES / float(metric_voxels)))
     registration.SetMetricSamplingPercentage(fraction, seed)
-    registration.SetInterpolator(sitk.sitkLinear)
+    registration.SetInterpolator(SimpleITK.sitkLinear)
     registration.SetOptimizerAsLBFGSB(
         gradientConvergenceTolerance=1e-5,
         numberOfIterations=iterations,

@@ -9,14 +9,13 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 import torch.distributed as dist
+from bundle.losses import DicycleGANGeneratorOutput, DicycleGANLoss, discriminator_loss
+from bundle.settings import autocast
 from monai.engines import Trainer
 from monai.engines.workflow import Workflow
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
-
-from bundle.losses import DicycleGANGeneratorOutput, DicycleGANLoss, discriminator_loss
-from bundle.settings import autocast
 
 __all__ = ["DicycleGANTrainer", "DiscriminatorObjective", "GeneratorObjective", "ImagePool", "prepare_unpaired_batch"]
 
@@ -409,9 +408,5 @@ class DicycleGANTrainer(Trainer):
         # "loss" (the generator objective) is what MONAI's default tracking handlers read, as
         # from_engine(["loss"], first=True)(output), which needs a list of dicts (a bare dict gives a 1-tuple)
         return [
-            {
-                "loss": losses["total"],
-                "losses": losses,
-                "images": {k: v for k, v in images.items() if v is not None},
-            }
+            {"loss": losses["total"], "losses": losses, "images": {k: v for k, v in images.items() if v is not None}}
         ]

@@ -580,12 +580,11 @@ def inference(dataset_dir: str | None = "demo_data", repeats: int = 2, sw_batch_
     """
     import tempfile
 
-    from monai.transforms import Compose, SaveImaged
-    from torch.utils.flop_counter import FlopCounterMode
-
     from bundle.data import volume_preprocessing
     from bundle.inference import Synthesis
     from bundle.networks import DicycleGenerator
+    from monai.transforms import Compose, SaveImaged
+    from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
     network = DicycleGenerator().eval()  # paper size: ngf 64, 9 residual blocks

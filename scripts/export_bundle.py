@@ -280,12 +280,7 @@ def _load_large_files(bundle_dir: Path) -> list[dict[str, str]]:
 
 
 def _assemble(
-    out: Path,
-    models_dir: Path,
-    version: str,
-    changelog: str,
-    overrides: Mapping[str, Any],
-    base_url: str | None,
+    out: Path, models_dir: Path, version: str, changelog: str, overrides: Mapping[str, Any], base_url: str | None
 ) -> list[str]:
     """Copy the sources into ``out``, write the versioned metadata, overridden configs and ``large_files.yml``;
     export the TorchScript files in place. Returns the model files written."""

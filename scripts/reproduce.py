@@ -383,11 +383,7 @@ def distortion_reference(
 # --------------------------------------------------------------------------------------------------- figures
 
 
-def comparison_figure(
-    path: Path,
-    experiment: Experiment,
-    parsers: Mapping[str, ConfigParser],
-) -> Path:
+def comparison_figure(path: Path, experiment: Experiment, parsers: Mapping[str, ConfigParser]) -> Path:
     """The paper's Fig. 4 for one experiment: per direction, source, ground truth, CycleGAN, DicycleGAN and their
     absolute errors on the middle axial slice of the mask of the first test subject, the ground truth's mask outline
     drawn on every panel so a displacement shows against it."""

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tests.bundle_fixtures import write_tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -69,9 +69,6 @@ def test_ruff_sorts_the_bundles_own_packages_with_the_third_party_imports() -> N
     assert result.stdout == "import torch\nfrom bundle import networks\n\nprint(torch, networks)\n", result.stderr
 
 
-# The two checks below are for the lead's reformatting pass (others rewrite configs/ and bundle/ meanwhile). strict:
-# once the files pass, the test reports XPASS as a failure, so the mark goes away with its reason.
-@pytest.mark.xfail(strict=True, reason="configs/*.json are not yet reformatted (command in this module's docstring)")
 def test_configs_are_formatted_as_the_zoo_wants() -> None:
     unformatted = [
         p.name for p in sorted((ROOT / "configs").glob("*.json")) if zoo_json(p.read_text()) != p.read_text()
@@ -79,7 +76,6 @@ def test_configs_are_formatted_as_the_zoo_wants() -> None:
     assert not unformatted, f"not in the zoo's JSON format (indent 4): {unformatted}"
 
 
-@pytest.mark.xfail(strict=True, reason="bundle/ is not yet reformatted: ruff check --fix bundle; ruff format bundle")
 def test_shipped_code_passes_the_zoo_format_and_lint() -> None:
     lint, layout = _ruff("check", "--no-cache", *SHIPPED_CODE), _ruff("format", "--check", "--no-cache", *SHIPPED_CODE)
     assert lint.returncode == 0 and layout.returncode == 0, lint.stdout + layout.stdout

@@ -8,8 +8,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
-
 from bundle.data import (
     EpochSampler,
     UnpairedSliceDataset,
@@ -18,6 +16,7 @@ from bundle.data import (
     slice_augmentation,
     volume_preprocessing,
 )
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 
 
 def _head(shape=(40, 36, 20), value=100.0, background=0.0, seed=0) -> np.ndarray:

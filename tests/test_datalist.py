@@ -12,8 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk
-
+import SimpleITK
 from bundle import datalist as dl
 from scripts.tooling import datasets
 
@@ -167,7 +166,7 @@ def bad_files(tmp_path) -> dict[str, tuple[Path, str]]:
     with_nan[0, 0, 0] = with_nan[1, 1, 1] = np.nan
     with_nan[2, 2, 2] = np.inf
     files["nan"] = (write_nifti(tmp_path / "nan.nii.gz", with_nan), files["nan"][1])
-    sitk.WriteImage(sitk.GetImageFromArray(volume(3, (6, 8)).astype(np.float32)), str(files["mha_2d"][0]))
+    SimpleITK.WriteImage(SimpleITK.GetImageFromArray(volume(3, (6, 8)).astype(np.float32)), str(files["mha_2d"][0]))
     return files
 
 
@@ -176,7 +175,7 @@ def test_volume_problems_are_named(bad_files, tmp_path) -> None:
         assert fragment in dl.volume_problem(path), path
     good_4d = write_nifti(tmp_path / "good4d.nii.gz", volume(4, (8, 8, 5, 1)))  # NIfTI 3-D stored as 4-D
     good_mha = tmp_path / "good.mha"
-    sitk.WriteImage(sitk.GetImageFromArray(volume(5, (5, 8, 8))), str(good_mha))
+    SimpleITK.WriteImage(SimpleITK.GetImageFromArray(volume(5, (5, 8, 8))), str(good_mha))
     assert dl.volume_problem(good_4d) is None and dl.volume_problem(good_mha) is None
     with pytest.raises(FileNotFoundError, match=r"gone\.nii\.gz: missing"):
         dl.check_volume(bad_files["missing"][0])
@@ -187,9 +186,9 @@ def test_volume_problems_are_named(bad_files, tmp_path) -> None:
 def write_dicom_series(folder: Path, data: np.ndarray) -> Path:
     """A DICOM series (one file per axial slice, one series UID), as a scanner export folder."""
     folder.mkdir(parents=True)
-    writer = sitk.ImageFileWriter()
+    writer = SimpleITK.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    image = sitk.GetImageFromArray(data)  # (slices, rows, columns)
+    image = SimpleITK.GetImageFromArray(data)  # (slices, rows, columns)
     for index in range(data.shape[0]):
         slice_ = image[:, :, index]
         slice_.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.42")  # series instance UID
@@ -280,8 +279,8 @@ def test_relative_paths_may_not_leave_the_dataset_folder(tmp_path) -> None:
         with pytest.raises(ValueError, match="outside the dataset folder") as error:
             read(dataset, "datalist.json")
         message = str(error.value)
-        assert "\"training_A\"[1][\"image\"]: ../../../../etc/passwd" in message
-        assert "\"test\"[0][\"B\"]: sub/../../elsewhere/b.nii.gz" in message
+        assert '"training_A"[1]["image"]: ../../../../etc/passwd' in message
+        assert '"test"[0]["B"]: sub/../../elsewhere/b.nii.gz' in message
         assert "sub/a.nii.gz\n" not in message and str(outside) not in message  # inside, or absolute: not named
     del entries["training_A"][1], entries["test"]
     (dataset / "datalist.json").write_text(json.dumps({"domains": {"A": "PD", "B": "T2"}, **entries}))
@@ -321,7 +320,9 @@ def folder_dataset(tmp_path) -> Path:
         write_nifti(tmp_path / "mr" / f"mr{i}.nii.gz", volume(i, (12, 12, 8)))
     (tmp_path / "ct").mkdir()
     for i in range(2):
-        sitk.WriteImage(sitk.GetImageFromArray(volume(10 + i, (8, 12, 12))), str(tmp_path / "ct" / f"ct{i}.mha"))
+        SimpleITK.WriteImage(
+            SimpleITK.GetImageFromArray(volume(10 + i, (8, 12, 12))), str(tmp_path / "ct" / f"ct{i}.mha")
+        )
     for name in ("p01", "p02", "p03"):
         for folder, seed in (("eval/mr", 20), ("eval/ct", 30), ("eval/body", 40)):
             data = (
@@ -375,8 +376,8 @@ def test_distorted_datalist_never_touches_its_inputs(folder_dataset) -> None:
         assert entry["mask_B"] == f"distorted_CT_6mm_seed1/eval/body/{entry['subject']}.nii.gz"
         mask = nib.load(folder_dataset / entry["mask_B"])
         assert mask.get_data_dtype() == np.uint8 and set(np.unique(mask.get_fdata())) <= {0.0, 1.0}
-    distorted_ct = sitk.ReadImage(str(folder_dataset / derived["training_B"][0]["image"]))
-    assert distorted_ct.GetSize() == (12, 12, 8) and distorted_ct.GetPixelID() == sitk.sitkInt16
+    distorted_ct = SimpleITK.ReadImage(str(folder_dataset / derived["training_B"][0]["image"]))
+    assert distorted_ct.GetSize() == (12, 12, 8) and distorted_ct.GetPixelID() == SimpleITK.sitkInt16
     assert dl.validate_datalist(folder_dataset, output) == 3 + 2 + 3 * 6  # A, B, mask, gt_A2B, gt_B2A, mask_B
     with pytest.raises(FileExistsError, match="exists"):
         datasets.make_distorted_datalist(folder_dataset, max_displacement_mm=6.0, seed=1)

@@ -6,7 +6,6 @@ import importlib.util
 import json
 
 from monai.bundle import run
-
 from tests.bundle_fixtures import BUNDLE_ROOT, TINY_OVERRIDES, write_tiny_dataset
 
 

@@ -19,10 +19,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import run as bundle_run
-from monai.inferers import SliceInferer
-from torch import nn
-
 from bundle.data import volume_preprocessing
 from bundle.evaluation import (
     CSV_COLUMNS,
@@ -38,6 +34,9 @@ from bundle.evaluation import (
 )
 from bundle.metrics import BoneDiceMetric, windowed_ssim
 from bundle.networks import DicycleGenerator
+from monai.bundle import run as bundle_run
+from monai.inferers import SliceInferer
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (24, 20, 10)  # X != Y: a transposed slice cannot go unnoticed

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigParser, ckpt_export, onnx_export, verify_net_in_out
-
 from bundle.networks import DicycleGenerator
+from monai.bundle import ConfigParser, ckpt_export, onnx_export, verify_net_in_out
 
 ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = [str(ROOT / "configs" / "common.json"), str(ROOT / "configs" / "inference.json")]

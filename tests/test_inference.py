@@ -8,13 +8,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk
+import SimpleITK
 import torch
-from monai.bundle import run
-
 from bundle.data import ForegroundZScored, volume_preprocessing
 from bundle.inference import AxialSliceInferer, DenormalizeIntensityd, find_inputs
 from bundle.networks import DicycleGenerator
+from monai.bundle import run
 
 ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = [str(ROOT / "configs" / "common.json"), str(ROOT / "configs" / "inference.json")]
@@ -92,8 +91,8 @@ def test_bf16_runs_the_network_in_bfloat16_on_the_cpu_and_stays_close(tmp_path):
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
 def test_output_geometry_equals_oblique_non_ras_input(tmp_path, suffix):
     _models(tmp_path / "models")
-    rotation = sitk.Euler3DTransform((0, 0, 0), 0.2, -0.1, 0.3).GetMatrix()
-    image = sitk.GetImageFromArray(_head().transpose(2, 1, 0))  # sitk arrays are z, y, x
+    rotation = SimpleITK.Euler3DTransform((0, 0, 0), 0.2, -0.1, 0.3).GetMatrix()
+    image = SimpleITK.GetImageFromArray(_head().transpose(2, 1, 0))  # sitk arrays are z, y, x
     image.SetSpacing((1.5, 2.5, 3.0))
     image.SetOrigin((-20.0, 15.0, 7.0))
     image.SetDirection(
@@ -101,14 +100,14 @@ def test_output_geometry_equals_oblique_non_ras_input(tmp_path, suffix):
     )  # oblique, LPI-ish
     (tmp_path / "in").mkdir()
     path = tmp_path / "in" / f"scan{suffix}"
-    sitk.WriteImage(image, str(path))
+    SimpleITK.WriteImage(image, str(path))
     infer(tmp_path, input_dir=str(tmp_path / "in"))
-    written = sitk.ReadImage(str(tmp_path / "out" / "scan_T2.nii.gz"))
+    written = SimpleITK.ReadImage(str(tmp_path / "out" / "scan_T2.nii.gz"))
     assert written.GetSize() == image.GetSize()
     np.testing.assert_allclose(written.GetSpacing(), image.GetSpacing(), atol=1e-4)
     np.testing.assert_allclose(written.GetOrigin(), image.GetOrigin(), atol=1e-3)
     np.testing.assert_allclose(written.GetDirection(), image.GetDirection(), atol=1e-5)
-    assert np.isfinite(sitk.GetArrayFromImage(written)).all()
+    assert np.isfinite(SimpleITK.GetArrayFromImage(written)).all()
 
 
 def test_bad_files_are_listed_and_good_files_still_written(tmp_path):
@@ -211,10 +210,10 @@ def test_exactly_one_input_source_is_required(tmp_path):
         find_inputs(input_dir=str(tmp_path / "missing"))
 
 
-def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
+def _write_dicom_series(image: SimpleITK.Image, folder: Path) -> None:
     """One file per axial slice with the tags a DICOM reader needs to rebuild the volume's geometry."""
     folder.mkdir(parents=True)
-    writer = sitk.ImageFileWriter()
+    writer = SimpleITK.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     direction = image.GetDirection()
     series = "1.2.826.0.1.3680043.2.1125.1.42"
@@ -237,12 +236,12 @@ def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
 
 def test_dicom_series_folder_is_synthesized_in_its_geometry(tmp_path):
     _models(tmp_path / "models")
-    image = sitk.GetImageFromArray((_head() * 10).astype(np.int16).transpose(2, 1, 0))
+    image = SimpleITK.GetImageFromArray((_head() * 10).astype(np.int16).transpose(2, 1, 0))
     image.SetSpacing((1.8, 1.6, 2.5))
     image.SetOrigin((-30.0, -20.0, 10.0))
     _write_dicom_series(image, tmp_path / "in" / "series1")
     infer(tmp_path, input_dir=str(tmp_path / "in"))
-    written = sitk.ReadImage(str(tmp_path / "out" / "series1_T2.nii.gz"))
+    written = SimpleITK.ReadImage(str(tmp_path / "out" / "series1_T2.nii.gz"))
     assert written.GetSize() == image.GetSize()
     np.testing.assert_allclose(written.GetSpacing(), image.GetSpacing(), atol=1e-4)
     np.testing.assert_allclose(written.GetOrigin(), image.GetOrigin(), atol=1e-3)

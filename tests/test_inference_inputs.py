@@ -14,8 +14,6 @@ import numpy as np
 import pydicom.data as pydicom_data  # test-only dependency (requirements-dev.txt): real scanner DICOM
 import pytest
 import torch
-from monai.bundle import run
-
 from bundle.inputs import (
     InferenceInputs,
     SaveSynthesisd,
@@ -26,6 +24,7 @@ from bundle.inputs import (
     raise_for_failures,
 )
 from bundle.networks import DicycleGenerator
+from monai.bundle import run
 
 ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = [str(ROOT / "configs" / "common.json"), str(ROOT / "configs" / "inference.json")]
@@ -214,7 +213,7 @@ def _nifti_with_header(path: Path, **fields) -> Path:
 
 
 def _zero_geometry(path: Path) -> Path:
-    zero = {k: 0 for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")}
+    zero = dict.fromkeys(("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z"), 0)
     return _nifti_with_header(path, srow_x=0, srow_y=0, srow_z=0, sform_code=1, qform_code=1, **zero)
 
 
@@ -348,12 +347,12 @@ def test_a_mixed_series_folder_as_input_file_gives_every_series(tmp_path):
 
 def _write_dicom_series(volume: np.ndarray, spacing: float, folder: Path, series: str, number: int) -> None:
     """One file per axial slice, without extension, with the tags a reader needs to rebuild the geometry."""
-    import SimpleITK as sitk
+    import SimpleITK
 
     folder.mkdir(parents=True, exist_ok=True)
-    image = sitk.GetImageFromArray(volume.astype(np.int16).transpose(2, 1, 0))
+    image = SimpleITK.GetImageFromArray(volume.astype(np.int16).transpose(2, 1, 0))
     image.SetSpacing((spacing,) * 3)
-    writer = sitk.ImageFileWriter()
+    writer = SimpleITK.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     writer.SetImageIO("GDCMImageIO")  # the files have no extension to choose it by
     for z in range(image.GetDepth()):
@@ -436,10 +435,9 @@ def test_preprocessing_without_itk_still_loads_nifti(tmp_path, monkeypatch):
     """Found on the GPU machine (no itk): registering the DICOM series reader crashed the whole inference."""
     import nibabel as nib
     import numpy as np
-    from monai.transforms import LoadImaged
-
     from bundle.data import volume_preprocessing
     from bundle.inputs import DicomSeriesReader, with_dicom_series_reader
+    from monai.transforms import LoadImaged
 
     monkeypatch.setitem(sys.modules, "itk", None)  # as if itk were not installed
     path = tmp_path / "scan_PD.nii.gz"

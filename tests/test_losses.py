@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from bundle.losses import DicycleGANLoss, alignment_loss, discriminator_loss, normalized_mutual_information
+from bundle.networks import DicycleGenerator, OffsetConv2d, patch_discriminator
 from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
-
-from bundle.losses import (
-    DicycleGANLoss,
-    alignment_loss,
-    discriminator_loss,
-    normalized_mutual_information,
-)
-from bundle.networks import DicycleGenerator, OffsetConv2d, patch_discriminator
 
 nmi = normalized_mutual_information
 

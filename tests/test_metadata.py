@@ -77,8 +77,5 @@ def test_verify_net_in_out_runs_the_generator_with_the_metadata_shapes(tmp_path)
         )
     )
     verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(ROOT / "configs" / "metadata.json"),
-        config_file=str(config),
-        device="cpu",
+        net_id="network_def", meta_file=str(ROOT / "configs" / "metadata.json"), config_file=str(config), device="cpu"
     )

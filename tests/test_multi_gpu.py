@@ -28,10 +28,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ignite.engine import Engine
-
 from bundle.handlers import PaperSchedule
 from bundle.networks import DicycleGenerator, patch_discriminator
+from ignite.engine import Engine
 from tests.bundle_fixtures import BUNDLE_ROOT, TINY_OVERRIDES, bundle_command, bundle_env, write_tiny_dataset
 
 pytestmark = pytest.mark.skipif(

@@ -7,15 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from bundle.networks import DicycleGenerator, OffsetConv2d, deform_conv2d_torch, patch_discriminator, sampling_grid
 from torch import nn
-
-from bundle.networks import (
-    DicycleGenerator,
-    OffsetConv2d,
-    deform_conv2d_torch,
-    patch_discriminator,
-    sampling_grid,
-)
 
 # (kernel_size, stride, padding, dilation)
 CONV_CASES = [

@@ -7,7 +7,6 @@ import types
 
 import pytest
 import torch
-
 from bundle.networks import OffsetConv2d, torchvision_deform_conv2d_problem
 
 

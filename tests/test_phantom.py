@@ -13,7 +13,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
-
 from bundle.datalist import load_datalist, validate_datalist
 from bundle.transforms import DomainDistortion
 from scripts.tooling import phantom

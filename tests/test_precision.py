@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigParser
-from torch import nn
-
 from bundle.settings import autocast
 from bundle.trainer import DicycleGANTrainer
+from monai.bundle import ConfigParser
+from torch import nn
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
-
 from bundle.registration import residual_displacement
+from scipy import ndimage
 
 SPACING = (2.0, 2.0, 2.0)
 SHAPE = (48, 44, 36)

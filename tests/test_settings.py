@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigParser, ckpt_export, run
-
 from bundle.networks import DicycleGenerator
 from bundle.settings import as_bool, resolve_settings, write_settings
+from monai.bundle import ConfigParser, ckpt_export, run
 from tests.bundle_fixtures import BUNDLE_ROOT, TINY_OVERRIDES, bundle_env, write_tiny_dataset
 
 CONFIGS = BUNDLE_ROOT / "configs"

@@ -15,7 +15,6 @@ import mlflow
 import pytest
 from monai.bundle import run
 from monai.utils import path_to_sqlite_uri
-
 from tests.bundle_fixtures import BUNDLE_ROOT, TINY_OVERRIDES, write_tiny_dataset
 
 # MLflow's SQLite store uses a loader strategy that SQLAlchemy 2.1 deprecates; nothing for this bundle to act on

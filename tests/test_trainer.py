@@ -8,13 +8,12 @@ import math
 
 import pytest
 import torch
-from ignite.engine import Engine, Events
-from torch.utils.data import DataLoader, Dataset
-
 from bundle.handlers import AtomicCheckpointer, PaperSchedule, ResumeCheckpointLoader, TensorBoardImageGrid
 from bundle.losses import DicycleGANLoss
 from bundle.networks import DicycleGenerator, patch_discriminator
 from bundle.trainer import DicycleGANTrainer, ImagePool, prepare_unpaired_batch
+from ignite.engine import Engine, Events
+from torch.utils.data import DataLoader, Dataset
 
 SIZE = 32
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from bundle.transforms import BSplineField, DomainDistortion, DomainDistortiond, cubic_bspline, resample_volume
 from monai.data import MetaTensor
 from monai.transforms import Compose
-
-from bundle.transforms import BSplineField, DomainDistortion, DomainDistortiond, cubic_bspline, resample_volume
 
 
 def _axis_aligned(shape: tuple[int, int, int], spacing: tuple[float, float, float], flip: bool = False) -> np.ndarray:
