@@ -12,9 +12,10 @@ Usage (from the repository root)::
 ``export`` writes ``dist/<name>/`` and ``dist/<name>_v<version>.zip`` (the folder at the top of the zip, as zoo
 releases are laid out):
 
-- ``configs/``: every config of the repository; ``metadata.json`` gets the new version and its changelog entry
-  (newest first), and ``--overrides`` are written into ``common.json`` (or the overlay that declares the id) so
-  that ``network_def`` matches the checkpoint;
+- ``configs/``: every config of the repository; ``train.json``, ``inference.json`` and ``evaluate.json`` are
+  written merged with ``common.json``, the base they overlay here, because the zoo's CI reads
+  ``configs/inference.json`` alone; ``metadata.json`` gets the new version and its changelog entry (newest first),
+  and ``--overrides`` are written into every config that declares the id;
 - ``models/``: ``model.pt``, ``model.ts`` built in the folder by ``monai.bundle.ckpt_export`` (the zoo's default:
   ``torch.jit.script``), and the same for ``model_g_ba.pt`` (direction B2A) when it exists;
   ``intensity_reference.json`` (the intensity scales inference uses to write HU / MR units) and ``settings.json``
@@ -29,7 +30,7 @@ The checks (``verify``, run at the end of ``export``) copy the folder to a tempo
 interpreter whose ``PYTHONPATH`` is that copy only (so nothing of this repository leaks in), what the model zoo's
 ``ci/verify_bundle.py`` runs: required files, ``large_files.yml`` (files present, hashes right), version in the
 changelog, ``verify_metadata`` against the schema (the offline copy in ``tests/data``), ``verify_net_in_out`` and
-``ckpt_export`` of ``network_def`` from ``configs/common.json`` + ``configs/inference.json``, and loading
+``ckpt_export`` of ``network_def`` from ``configs/inference.json`` alone, and loading
 ``models/model.ts``. On top of the zoo: the shipped TorchScript files equal the undeformed pass of
 ``DicycleGenerator`` with the checkpoint (1e-5, CPU, two slice sizes), and carry this bundle's metadata.
 """
@@ -70,8 +71,11 @@ REQUIRED_SOURCES = (
     "docs/data_license.txt",
     "bundle",
 )
-# the inference config as the bundle's commands merge it: the base config and its inference overlay
-INFERENCE_CONFIGS = ("common.json", "inference.json")
+# workflow configs that overlay configs/common.json in this repository; the export writes each one merged with it,
+# because the model zoo's CI reads configs/inference.json alone (common.json stays for the repository's commands)
+WORKFLOW_CONFIGS = ("train.json", "inference.json", "evaluate.json")
+# the inference config as the zoo's CI reads it
+INFERENCE_CONFIGS = ("inference.json",)
 # configs whose ids ``--overrides`` sets (the ones that load models/model.pt); an override must match one of them
 OVERRIDE_CONFIGS = ("common.json", "inference.json", "evaluate.json")
 # (network id in configs/inference.json, checkpoint, TorchScript file); the first is required
@@ -284,13 +288,17 @@ def _assemble(
 ) -> list[str]:
     """Copy the sources into ``out``, write the versioned metadata, overridden configs and ``large_files.yml``;
     export the TorchScript files in place. Returns the model files written."""
-    from monai.bundle import ckpt_export
+    from monai.bundle import ConfigParser, ckpt_export
 
     for name in COPIED_DIRS:
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, out / name, ignore=_IGNORED)
     for name in COPIED_FILES:
         shutil.copy2(ROOT / name, out / name)
+
+    for name in WORKFLOW_CONFIGS:
+        merged = ConfigParser.load_config_files([str(out / "configs" / "common.json"), str(out / "configs" / name)])
+        _write_json(out / "configs" / name, merged)
 
     meta_file = out / "configs" / "metadata.json"
     metadata = json.loads(meta_file.read_text())

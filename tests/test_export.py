@@ -182,6 +182,11 @@ def test_export_writes_the_zoo_layout_with_a_new_version(exported):
     assert json.loads(METADATA.read_text()) == source_meta  # the repository's metadata is untouched
     common = json.loads((folder / "configs" / "common.json").read_text())
     assert (common["ngf"], common["n_blocks"]) == (4, 1)
+    # the zoo's CI reads configs/inference.json alone: it declares the networks and their settings itself
+    inference = json.loads((folder / "configs" / "inference.json").read_text())
+    assert inference["network_def"] == common["network_def"]
+    assert (inference["ngf"], inference["n_blocks"]) == (4, 1)
+    assert "evaluator" in inference and "settings" in inference
     for path in (
         "LICENSE",
         "docs/README.md",
