@@ -55,6 +55,7 @@ __all__ = [
     "synthesis_pair",
     "validate_datalist",
     "volume_problem",
+    "volume_stem",
 ]
 
 TRAINING_KEYS = ("training_A", "training_B")
@@ -64,6 +65,22 @@ _REQUIRED = {"training_A": ("image",), "training_B": ("image",), "validation": (
 _NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz")
 _ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = _NIFTI_SUFFIXES + _ITK_SUFFIXES
+
+
+def volume_stem(path: str | os.PathLike) -> str:
+    """File name without its image extension (``sub01.nii.gz`` -> ``sub01``): pairs folders, names outputs.
+
+    Args:
+        path: an image file or a DICOM series folder (kept whole).
+
+    Returns:
+        The stem.
+    """
+    name = Path(path).name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 # ----------------------------------------------------------------------------------------------------- reading

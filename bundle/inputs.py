@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bundle.datalist import IMAGE_SUFFIXES, dicom_series, load_datalist, volume_problem
+from bundle.datalist import IMAGE_SUFFIXES, dicom_series, load_datalist, volume_problem, volume_stem
 from monai.config import KeysCollection
 from monai.data import Dataset, ITKReader
 from monai.engines import SupervisedEvaluator
@@ -131,14 +131,6 @@ def _series_entries(folder: Path, name: str) -> tuple[list[dict[str, Any]], list
     return entries, used
 
 
-def _output_stem(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def find_inputs(
     input_dir: str | os.PathLike | None = None,
     input_file: str | os.PathLike | None = None,
@@ -216,10 +208,10 @@ def find_inputs(
                     logger.warning(f"ignoring folder {path}: no DICOM series in it")
                 entries += found
             elif path.name.lower().endswith((".img", ".img.gz")):
-                if not path.with_name(_output_stem(path) + ".hdr").exists():
+                if not path.with_name(volume_stem(path) + ".hdr").exists():
                     unknown.append(str(path))  # Analyze/NIfTI image without its header
             elif path.name.lower().endswith(IMAGE_SUFFIXES):
-                entries.append({"image": str(path), SOURCE_KEY: str(path), "stem": _output_stem(path)})
+                entries.append({"image": str(path), SOURCE_KEY: str(path), "stem": volume_stem(path)})
             else:
                 unknown.append(str(path))
     elif input_file:
@@ -229,12 +221,12 @@ def find_inputs(
             if not entries:
                 unknown.append(str(path))
         else:
-            entries = [{"image": str(path), SOURCE_KEY: str(path), "stem": _output_stem(path)}]
+            entries = [{"image": str(path), SOURCE_KEY: str(path), "stem": volume_stem(path)}]
     else:
         root = Path(dataset_dir) if dataset_dir else Path(datalist).resolve().parent
         for e in load_datalist(root, datalist, datalist_key):
             path = Path(e[datalist_field] if datalist_field in e else e["image"])
-            entries.append({"image": str(path), SOURCE_KEY: str(path), "stem": _output_stem(path)})
+            entries.append({"image": str(path), SOURCE_KEY: str(path), "stem": volume_stem(path)})
     if not entries and not unknown:
         raise ValueError(f"no volume found in {given[0]} {input_dir or input_file or datalist}.")
     inputs = InferenceInputs()

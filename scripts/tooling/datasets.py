@@ -26,6 +26,7 @@ from bundle.datalist import (
     _structure_problems,
     find_volumes,
     read_datalist,
+    volume_stem,
 )
 from bundle.transforms import DomainDistortion
 
@@ -330,15 +331,6 @@ def make_ixi_datalist(
 # ------------------------------------------------------------------------------------------------ user folders
 
 
-def _volume_key(path: Path) -> str:
-    """File name without its image extension (``sub01.nii.gz`` -> ``sub01``), used to pair folders."""
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def make_folder_datalist(
     dataset_dir: str | os.PathLike,
     dir_a: str | os.PathLike,
@@ -393,7 +385,7 @@ def make_folder_datalist(
         if paired_mask_dir is not None:
             folders["mask"] = paired_mask_dir
         found = {
-            name: {_volume_key(p): p for p in find_volumes(_resolve(dataset_dir, d))} for name, d in folders.items()
+            name: {volume_stem(p): p for p in find_volumes(_resolve(dataset_dir, d))} for name, d in folders.items()
         }
         keys = sorted(set.union(*(set(v) for v in found.values())))
         unmatched = [
