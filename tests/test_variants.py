@@ -15,7 +15,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from bundle.networks import DicycleGenerator, OffsetConv2d
+from bundle.data import PairedSliceDataset, UnpairedSliceDataset, slice_augmentation
+from bundle.losses import (
+    DicycleGANLoss,
+    discriminator_loss,
+    local_normalized_mutual_information,
+    normalized_mutual_information,
+)
+from bundle.networks import DicycleGenerator, OffsetConv2d, patch_discriminator
+from bundle.trainer import DicycleGANTrainer, ImagePool, prepare_paired_batch, prepare_unpaired_batch
+from torch import nn
 
 
 def _bilinear(image: np.ndarray, y: float, x: float) -> float:
@@ -125,3 +134,263 @@ def test_a_shared_offset_checkpoint_loads_into_the_default_network_with_the_same
     torch.testing.assert_close(default(x), shared(x), rtol=0, atol=0)
     torch.testing.assert_close(default(x, deform=True), shared(x, deform=True), rtol=1e-5, atol=1e-5)
     assert (shared(x, deform=True) - shared(x)).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ loss terms
+
+
+class _Generator(nn.Module):
+    """A fixed 'generator' with DicycleGenerator's interface: G(x) = 2x + c, G_T(x) = the same shifted by one pixel."""
+
+    deformable = True
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = c
+
+    def forward(self, x: torch.Tensor, deform: bool = False) -> torch.Tensor:
+        out = 2 * x + self.c
+        return torch.roll(out, 1, dims=-1) if deform else out
+
+    def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(x, deform=True), self(x)
+
+
+class _Discriminator(nn.Module):
+    """Logits 0.5 * (every other pixel) + b: a patch map whose LSGAN value is easy to write down."""
+
+    def __init__(self, b: float) -> None:
+        super().__init__()
+        self.b = b
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x, 0.5 * x[..., ::2, ::2] + self.b]  # features, then logits, like PatchDiscriminator
+
+
+def _fixed_inputs() -> dict:
+    gen = torch.Generator().manual_seed(11)
+    ramp = torch.linspace(-1, 1, 16)
+    real_a = (ramp[:, None] * ramp[None, :]).expand(2, 1, 16, 16) + 0.1 * torch.rand(2, 1, 16, 16, generator=gen)
+    real_b = torch.rand(2, 1, 16, 16, generator=gen) ** 2
+    return {
+        "real_a": real_a,
+        "real_b": real_b,
+        "g_ab": _Generator(0.3),
+        "g_ba": _Generator(-0.2),
+        "d_a": _Discriminator(0.1),
+        "d_b": _Discriminator(-0.4),
+    }
+
+
+def _lsgan_real(logits: torch.Tensor) -> torch.Tensor:
+    return ((logits - 1.0) ** 2).mean()
+
+
+def test_defaults_reproduce_the_papers_objective_exactly():
+    inputs = _fixed_inputs()
+    real_a, real_b = inputs["real_a"], inputs["real_b"]
+    fake_b, aligned_b = torch.roll(2 * real_a + 0.3, 1, -1), 2 * real_a + 0.3
+    fake_a, aligned_a = torch.roll(2 * real_b - 0.2, 1, -1), 2 * real_b - 0.2
+    gan_ab = _lsgan_real(0.5 * fake_b[..., ::2, ::2] - 0.4)
+    gan_ba = _lsgan_real(0.5 * fake_a[..., ::2, ::2] + 0.1)
+    align = (
+        2.0
+        - normalized_mutual_information(real_a, aligned_b).mean()
+        - normalized_mutual_information(real_b, aligned_a).mean()
+    )
+    cyc = (2 * aligned_b - 0.2 - real_a).abs().mean() + (2 * aligned_a + 0.3 - real_b).abs().mean()
+    dicyc = (torch.roll(2 * fake_b - 0.2, 1, -1) - real_a).abs().mean() + (
+        torch.roll(2 * fake_a + 0.3, 1, -1) - real_b
+    ).abs().mean()
+    paper = gan_ab + gan_ba + 0.9 * align + 10.0 * cyc + 10.0 * dicyc
+
+    default = DicycleGANLoss()(**inputs)
+    explicit = DicycleGANLoss(lambda_gan_aligned=0.0, alignment="nmi", alignment_patch_size=4, lambda_paired=0.0)(
+        **inputs, paired_b=torch.ones(2, 1, 16, 16)
+    )
+    torch.testing.assert_close(default.total, paper, rtol=1e-6, atol=1e-6)
+    assert torch.equal(default.total, explicit.total)  # the switches at their defaults: bit-identical
+    assert list(default.terms) == ["gan_ab", "gan_ba", "align", "cyc", "dicyc", "nmi_a", "nmi_b", "total"]
+    assert list(explicit.terms) == list(default.terms)
+
+
+def test_adversarial_term_on_the_aligned_pass_against_a_hand_computation():
+    inputs = _fixed_inputs()
+    real_a, real_b = inputs["real_a"], inputs["real_b"]
+    aligned_b, aligned_a = 2 * real_a + 0.3, 2 * real_b - 0.2
+    expected = _lsgan_real(0.5 * aligned_b[..., ::2, ::2] - 0.4) + _lsgan_real(0.5 * aligned_a[..., ::2, ::2] + 0.1)
+
+    paper = DicycleGANLoss()
+    variant = DicycleGANLoss(lambda_gan_aligned=0.7)
+    assert not paper.discriminate_aligned and variant.discriminate_aligned
+    out, base = variant(**inputs), paper(**inputs)
+    torch.testing.assert_close(out.terms["gan_aligned"], expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.total, base.total + 0.7 * expected, rtol=1e-6, atol=1e-6)
+    # the term differs from the deformed one: it judges the other pass
+    assert abs(float(out.terms["gan_aligned"] - base.terms["gan_ab"] - base.terms["gan_ba"])) > 1e-3
+
+
+def test_misaligned_pairs_term_against_a_hand_computation():
+    inputs = _fixed_inputs()
+    paired_b = torch.roll(inputs["real_a"], (2, -1), dims=(-2, -1)) * 1.5  # same subject, not overlaid
+    fake_b = torch.roll(2 * inputs["real_a"] + 0.3, 1, -1)  # the deformed output G_T(x_A)
+    expected = (fake_b - paired_b).abs().mean()
+
+    out = DicycleGANLoss(lambda_paired=2.5)(**inputs, paired_b=paired_b)
+    base = DicycleGANLoss()(**inputs)
+    torch.testing.assert_close(out.terms["paired"], expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.total, base.total + 2.5 * expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="needs paired_b"):
+        DicycleGANLoss(lambda_paired=1.0)(**inputs)
+
+
+def _brute_force_local_nmi(a: torch.Tensor, b: torch.Tensor, patch: int, stride: int, bins: int) -> torch.Tensor:
+    """Loop over patch positions, global NMI of each patch where both images vary, mean per item."""
+    means = []
+    for n in range(a.shape[0]):
+        values = []
+        for y in range(0, a.shape[-2] - patch + 1, stride):
+            for x in range(0, a.shape[-1] - patch + 1, stride):
+                pa, pb = a[n : n + 1, :, y : y + patch, x : x + patch], b[n : n + 1, :, y : y + patch, x : x + patch]
+                if pa.max() > pa.min() and pb.max() > pb.min():
+                    values.append(normalized_mutual_information(pa, pb, num_bins=bins)[0])
+        means.append(torch.stack(values).mean() if values else torch.tensor(0.0))
+    return torch.stack(means)
+
+
+def test_local_nmi_matches_a_loop_over_patches_with_the_global_nmi():
+    gen = torch.Generator().manual_seed(12)
+    a = torch.rand(2, 1, 21, 18, generator=gen)
+    a[:, :, :9, :9] = 0.0  # constant patches are left out of the mean
+    b = torch.where(a > 0.5, 1.0 - a, a**2) + 0.05 * torch.rand(2, 1, 21, 18, generator=gen)
+    b[1] = 0.3  # an item whose second image is constant everywhere: no informative patch
+    local = local_normalized_mutual_information(a, b, patch_size=8, stride=5, num_bins=8)
+    expected = _brute_force_local_nmi(a, b, patch=8, stride=5, bins=8)
+    torch.testing.assert_close(local, expected, rtol=1e-5, atol=1e-6)
+    assert float(local[1]) == 0.0 and float(local[0]) > 0.1
+
+    # non-overlapping by default, and the loss uses it for align, nmi_a and nmi_b
+    torch.testing.assert_close(
+        local_normalized_mutual_information(a, b, patch_size=6, num_bins=8),
+        _brute_force_local_nmi(a, b, patch=6, stride=6, bins=8),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    inputs = _fixed_inputs()
+    out = DicycleGANLoss(alignment="local_nmi", alignment_patch_size=8, nmi_bins=8)(**inputs)
+    nmi_a = _brute_force_local_nmi(inputs["real_a"], 2 * inputs["real_a"] + 0.3, patch=8, stride=8, bins=8).mean()
+    torch.testing.assert_close(out.terms["nmi_a"], nmi_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.terms["align"], 2.0 - out.terms["nmi_a"] - out.terms["nmi_b"])
+    with pytest.raises(ValueError, match="alignment must be one of"):
+        DicycleGANLoss(alignment="mind")
+
+
+def test_local_nmi_has_a_gradient():
+    a = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(13))
+    b = (a**2).requires_grad_()
+    local_normalized_mutual_information(a, b, patch_size=8, num_bins=8).sum().backward()
+    assert torch.isfinite(b.grad).all() and b.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------ trainer wiring
+
+
+class _Slices(torch.utils.data.Dataset):
+    """Two fixed unpaired samples; with ``paired`` also a misaligned paired target of A."""
+
+    def __init__(self, paired: bool) -> None:
+        gen = torch.Generator().manual_seed(14)
+        self.a, self.b = torch.randn(2, 1, 16, 16, generator=gen), torch.randn(2, 1, 16, 16, generator=gen)
+        self.paired = paired
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = {"A": self.a[index], "B": self.b[index]}
+        if self.paired:
+            item["B_paired"] = torch.roll(self.a[index], 2, dims=-1).tanh()
+        return item
+
+
+def _one_step(loss: DicycleGANLoss, paired: bool) -> tuple[dict, nn.Module, nn.Module]:
+    """One training iteration of tiny networks; the discriminators' learning rate is 0, so they stay as judged."""
+    torch.manual_seed(0)
+    g_ab = DicycleGenerator(ngf=2, n_blocks=1, backend="torch")
+    g_ba = DicycleGenerator(ngf=2, n_blocks=1, backend="torch")
+    d_a, d_b = patch_discriminator(channels=2, num_layers_d=1), patch_discriminator(channels=2, num_layers_d=1)
+    with torch.no_grad():
+        for p in g_ab.offset_parameters() + g_ba.offset_parameters():
+            p.normal_(0, 0.05)
+    trainer = DicycleGANTrainer(
+        "cpu",
+        1,
+        torch.utils.data.DataLoader(_Slices(paired), batch_size=2),
+        g_ab,
+        g_ba,
+        d_a,
+        d_b,
+        torch.optim.SGD(itertools.chain(g_ab.parameters(), g_ba.parameters()), lr=0.01),
+        torch.optim.SGD(itertools.chain(d_a.parameters(), d_b.parameters()), lr=0.0),
+        loss,
+        pool_a=ImagePool(0),
+        pool_b=ImagePool(0),
+        prepare_batch=prepare_paired_batch if paired else prepare_unpaired_batch,
+    )
+    trainer.run()
+    return trainer.state.output[0], d_a, d_b
+
+
+def test_with_the_aligned_term_the_discriminators_also_judge_the_aligned_fakes():
+    on, d_a, d_b = _one_step(DicycleGANLoss(lambda_gan_aligned=1.0), paired=False)
+    images, losses = on["images"], on["losses"]
+    both_b = torch.cat((images["fake_b"], images["aligned_b"]))
+    both_a = torch.cat((images["fake_a"], images["aligned_a"]))
+    with torch.no_grad():
+        torch.testing.assert_close(losses["d_b"], discriminator_loss(d_b, images["real_b"], both_b))
+        torch.testing.assert_close(losses["d_a"], discriminator_loss(d_a, images["real_a"], both_a))
+        assert abs(float(losses["d_b"] - discriminator_loss(d_b, images["real_b"], images["fake_b"]))) > 1e-6
+    assert "gan_aligned" in losses
+
+    off, d_a, d_b = _one_step(DicycleGANLoss(), paired=False)  # the paper: deformed fakes only
+    images, losses = off["images"], off["losses"]
+    with torch.no_grad():
+        torch.testing.assert_close(losses["d_b"], discriminator_loss(d_b, images["real_b"], images["fake_b"]))
+    assert "gan_aligned" not in losses and "paired_b" not in images
+
+
+def test_paired_batches_reach_the_misaligned_pairs_term():
+    out, _, _ = _one_step(DicycleGANLoss(lambda_paired=1.0), paired=True)
+    images, losses = out["images"], out["losses"]
+    torch.testing.assert_close(images["paired_b"], torch.roll(_Slices(True).a, 2, dims=-1).tanh())
+    torch.testing.assert_close(losses["paired"], (images["fake_b"] - images["paired_b"]).abs().mean())
+    with pytest.raises(ValueError, match="'B_paired'"):
+        prepare_paired_batch({"A": torch.zeros(1), "B": torch.zeros(1)}, "cpu")
+
+
+# ------------------------------------------------------------------------------------------ paired slices
+
+
+def _volume(values: torch.Tensor) -> dict:
+    return {"image": values, "image_slices": torch.arange(1, values.shape[-1] - 1)}
+
+
+def test_paired_slice_dataset_yields_the_same_slice_of_the_pair_with_the_same_augmentation():
+    gen = torch.Generator().manual_seed(15)
+    pairs_a = [_volume(torch.rand(1, 20, 14, 6, generator=gen)) for _ in range(2)]
+    pairs_b = [{"image": 2.0 * v["image"] - 1.0} for v in pairs_a]  # a voxel-wise linear map of its partner
+    volumes_b = [_volume(torch.rand(1, 18, 18, 5, generator=gen))]
+    augmentation = slice_augmentation(spatial_size=(16, 16), prob=0.9)
+    paired = PairedSliceDataset(pairs_a, pairs_b, volumes_b, augmentation, augmentation, samples_per_epoch=8, seed=3)
+    unpaired = UnpairedSliceDataset(pairs_a, volumes_b, augmentation, augmentation, samples_per_epoch=8, seed=3)
+    for sample_id in range(8):
+        sample, reference = paired[sample_id], unpaired[sample_id]
+        assert sorted(sample) == ["A", "B", "B_paired"]
+        # A and B are drawn exactly as the unpaired dataset draws them
+        torch.testing.assert_close(sample["A"], reference["A"], rtol=0, atol=0)
+        torch.testing.assert_close(sample["B"], reference["B"], rtol=0, atol=0)
+        # the linear map commutes with the (bilinear, edge/border padded) augmentation: same slice, same geometry
+        torch.testing.assert_close(sample["B_paired"], 2.0 * sample["A"] - 1.0, rtol=0, atol=1e-5)
+
+    with pytest.raises(ValueError, match="share the voxel grid"):
+        PairedSliceDataset(pairs_a, [{"image": torch.zeros(1, 20, 14, 7)}] * 2, volumes_b, augmentation, augmentation)
