@@ -10,6 +10,8 @@ reproducing the paper's objective exactly.
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +26,11 @@ from bundle.losses import (
 )
 from bundle.networks import DicycleGenerator, OffsetConv2d, patch_discriminator
 from bundle.trainer import DicycleGANTrainer, ImagePool, prepare_paired_batch, prepare_unpaired_batch
+from monai.bundle import ConfigParser
+from tests.bundle_fixtures import write_tiny_dataset
 from torch import nn
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _bilinear(image: np.ndarray, y: float, x: float) -> float:
@@ -394,3 +400,63 @@ def test_paired_slice_dataset_yields_the_same_slice_of_the_pair_with_the_same_au
 
     with pytest.raises(ValueError, match="share the voxel grid"):
         PairedSliceDataset(pairs_a, [{"image": torch.zeros(1, 20, 14, 7)}] * 2, volumes_b, augmentation, augmentation)
+
+
+# ------------------------------------------------------------------------------------------ config switches
+
+
+def _train_config(tmp_path, **overrides) -> ConfigParser:
+    root = write_tiny_dataset(tmp_path / "data", n_volumes=2)
+    datalist = json.loads((root / "datalist.json").read_text())
+    datalist["training_pairs"] = [{"A": pair["A"], "B": pair["B"]} for pair in datalist["validation"]]
+    (root / "datalist.json").write_text(json.dumps(datalist))
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / "train.json")])
+    parser.update(
+        {
+            "bundle_root": str(CONFIGS.parent),
+            "dataset_dir": str(root),
+            "ckpt_dir": str(tmp_path / "models"),
+            "output_dir": str(tmp_path / "runs"),
+            "device": "$torch.device('cpu')",
+            "ngf": 2,
+            "n_blocks": 1,
+            "spatial_size": [16, 16],
+            "samples_per_epoch": 2,
+            "cache_workers": 0,
+            "num_workers": 0,
+            **overrides,
+        }
+    )
+    return parser
+
+
+def test_train_json_defaults_are_the_paper_and_each_switch_reaches_its_component(tmp_path):
+    paper = _train_config(tmp_path / "paper")
+    loss = paper.get_parsed_content("loss")
+    assert (loss.lambda_gan_aligned, loss.alignment, loss.lambda_paired) == (0.0, "nmi", 0.0)
+    assert (loss.lambda_cyc, loss.lambda_dicyc, loss.lambda_align) == (10.0, 10.0, 0.9)
+    assert paper.get_parsed_content("g_ab").offsets == paper.get_parsed_content("g_ba").offsets == "per_tap"
+    assert type(paper.get_parsed_content("train#training_dataset")) is UnpairedSliceDataset
+    assert paper.get_parsed_content("train#trainer#prepare_batch") is prepare_unpaired_batch
+
+    variant = _train_config(
+        tmp_path / "variant",
+        offsets="shared",
+        lambda_gan_aligned=0.5,
+        alignment="local_nmi",
+        alignment_patch_size=8,
+        lambda_paired=1.0,
+    )
+    loss = variant.get_parsed_content("loss")
+    assert (loss.lambda_gan_aligned, loss.alignment, loss.alignment_patch_size, loss.lambda_paired) == (
+        0.5,
+        "local_nmi",
+        8,
+        1.0,
+    )
+    assert variant.get_parsed_content("g_ab").offsets == variant.get_parsed_content("g_ba").offsets == "shared"
+    dataset = variant.get_parsed_content("train#training_dataset")
+    assert isinstance(dataset, PairedSliceDataset)
+    assert sorted(dataset[0]) == ["A", "B", "B_paired"] and dataset[0]["B_paired"].shape == (1, 16, 16)
+    assert variant.get_parsed_content("train#trainer#prepare_batch") is prepare_paired_batch
