@@ -5,6 +5,10 @@ cached; every training sample then draws, independently for domain A and domain 
 axial slice with enough foreground, crops or pads it to the training size and augments it (flips, rotation,
 shear, translation). The two domains are never paired.
 
+The misaligned-pairs mode (beyond the paper, opt-in) adds to each sample the slice of a paired target volume
+(:class:`PairedSliceDataset`): same subject, same slice index and the same augmentation as the domain-A slice, but
+not necessarily aligned with it (other bed position, other day).
+
 Every sample is a deterministic function of ``(seed, sample id)``, and :class:`EpochSampler` gives epoch ``e`` the
 ids ``e * N .. e * N + N - 1``. So the data of an epoch is the same whether training ran straight through or was
 resumed, whatever the number of loader workers or distributed ranks.
@@ -39,6 +43,7 @@ __all__ = [
     "AxialForegroundSlicesd",
     "EpochSampler",
     "ForegroundZScored",
+    "PairedSliceDataset",
     "UnpairedSliceDataset",
     "cached_volumes",
     "foreground_mask",
@@ -271,20 +276,92 @@ class UnpairedSliceDataset(Dataset):
     def __len__(self) -> int:
         return self.samples_per_epoch
 
-    def _draw(self, rng: np.random.Generator, domain: str) -> torch.Tensor:
-        volumes, augmentation = self.domains[domain]
-        volume = volumes[int(rng.integers(len(volumes)))]
-        slices = volume["image_slices"]
+    def _choose(self, rng: np.random.Generator, domain: str) -> tuple[int, int, int]:
+        """(volume index, axial slice index, augmentation seed) of one draw of ``domain``."""
+        volumes = self.domains[domain][0]
+        index = int(rng.integers(len(volumes)))
+        slices = volumes[index]["image_slices"]
         z = int(slices[int(rng.integers(len(slices)))])
+        return index, z, int(rng.integers(2**31))
+
+    @staticmethod
+    def _slice(volume: Mapping[str, Any], z: int, augmentation: Compose, seed: int) -> torch.Tensor:
         image = torch.as_tensor(volume["image"])
         image = image.as_tensor() if hasattr(image, "as_tensor") else image
-        augmentation.set_random_state(seed=int(rng.integers(2**31)))
+        augmentation.set_random_state(seed=seed)
         return augmentation({"image": image[..., z]})["image"]
+
+    def _draw(self, rng: np.random.Generator, domain: str) -> torch.Tensor:
+        volumes, augmentation = self.domains[domain]
+        index, z, seed = self._choose(rng, domain)
+        return self._slice(volumes[index], z, augmentation, seed)
 
     def __getitem__(self, sample_id: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng((self.seed, int(sample_id)))
         # plain tensors: metadata of augmented slices has no use in training and must not reach checkpoints
         return {domain: convert_to_tensor(self._draw(rng, domain), torch.float32, track_meta=False) for domain in "AB"}
+
+
+class PairedSliceDataset(UnpairedSliceDataset):
+    """Training samples of the misaligned-pairs mode: ``{"A": x_A, "B": x_B, "B_paired": y_B}``.
+
+    ``A`` is drawn from the domain-A volumes of the pairs and ``B`` independently from the (unpaired) domain-B
+    volumes, exactly as :class:`UnpairedSliceDataset` draws them (the same ids give the same ``A`` and ``B``);
+    ``B_paired`` is the same axial slice index of the pair's domain-B volume, augmented with the same random state
+    as ``A`` (``augmentation_b`` must draw its random parameters like ``augmentation_a``, e.g. be the same
+    transform), so it differs from ``A``'s geometry only by the pair's own misregistration.
+
+    Both volumes of a pair must share the voxel grid after preprocessing (same shape; e.g. the CT resampled onto the
+    MR's grid): the slice index is what pairs them, no registration is done.
+
+    Args:
+        pairs_a: preprocessed domain-A volumes of the pairs, items ``{"image": (C, X, Y, Z), "image_slices": ...}``.
+        pairs_b: the preprocessed domain-B volumes of the same pairs, in the same order, items ``{"image": ...}``.
+        volumes_b: preprocessed domain-B volumes for the unpaired ``B`` draws (as in :class:`UnpairedSliceDataset`).
+        augmentation_a: random transform of an A slice ``{"image": (C, X, Y)}``.
+        augmentation_b: the same for B slices (the unpaired ones and the paired ones).
+        samples_per_epoch: number of samples in an epoch (the dataset's length).
+        seed: seed of the sampling.
+
+    Example::
+
+        dataset = PairedSliceDataset(pairs_a, pairs_b, volumes_b, augmentation, augmentation)
+        sample = dataset[0]  # {"A": (1, 128, 128), "B": (1, 128, 128), "B_paired": (1, 128, 128)}
+    """
+
+    def __init__(
+        self,
+        pairs_a: Sequence[Mapping[str, Any]],
+        pairs_b: Sequence[Mapping[str, Any]],
+        volumes_b: Sequence[Mapping[str, Any]],
+        augmentation_a: Compose,
+        augmentation_b: Compose,
+        samples_per_epoch: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(pairs_a, volumes_b, augmentation_a, augmentation_b, samples_per_epoch, seed)
+        if len(pairs_b) != len(pairs_a):
+            raise ValueError(f"{len(pairs_a)} domain-A volumes of pairs but {len(pairs_b)} domain-B volumes.")
+        for index, (item_a, item_b) in enumerate(zip(pairs_a, pairs_b, strict=True)):
+            shape_a, shape_b = tuple(item_a["image"].shape[1:]), tuple(item_b["image"].shape[1:])
+            if shape_a != shape_b:
+                raise ValueError(
+                    f"pair {index} ({_name(item_a['image'], 'A')}, {_name(item_b['image'], 'B')}): the volumes have "
+                    f"shapes {shape_a} and {shape_b} after preprocessing; a pair must share the voxel grid (resample "
+                    "the target onto the source's grid first)."
+                )
+        self.pairs_b = pairs_b
+
+    def __getitem__(self, sample_id: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, int(sample_id)))
+        (pairs_a, augmentation_a), augmentation_b = self.domains["A"], self.domains["B"][1]
+        index, z, seed = self._choose(rng, "A")
+        slices = {
+            "A": self._slice(pairs_a[index], z, augmentation_a, seed),
+            "B": self._draw(rng, "B"),
+            "B_paired": self._slice(self.pairs_b[index], z, augmentation_b, seed),
+        }
+        return {key: convert_to_tensor(value, torch.float32, track_meta=False) for key, value in slices.items()}
 
 
 class EpochSampler(DistributedSampler):

@@ -5,6 +5,12 @@
 - :class:`DicycleGANLoss`: the generator objective of eq. (4): LSGAN on the deformed outputs, NMI alignment (eq. 1)
   on the undeformed outputs, undeformed (eq. 2) and deformed (eq. 3) L1 cycle consistency.
 - :func:`discriminator_loss`: the LSGAN discriminator loss, halved as in CycleGAN.
+- :func:`local_normalized_mutual_information`: NMI per image patch, averaged (an opt-in alignment measure).
+
+Opt-in terms beyond the paper (issue 11; every default is the paper's objective): an LSGAN term on the undeformed
+outputs (``lambda_gan_aligned``), local NMI in place of global NMI (``alignment="local_nmi"``) and, for pairs of
+images of one subject that do not overlay, an L1 term between the deformed output and the paired target
+(``lambda_paired``).
 
 The CycleGAN baseline is the same code: generators built with ``deformable=False`` and
 ``lambda_align = lambda_dicyc = 0``.
@@ -18,15 +24,19 @@ import torch
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 __all__ = [
     "DicycleGANGeneratorOutput",
     "DicycleGANLoss",
     "alignment_loss",
     "discriminator_loss",
+    "local_normalized_mutual_information",
     "lsgan_loss",
     "normalized_mutual_information",
 ]
+
+ALIGNMENT_MEASURES = ("nmi", "local_nmi")
 
 
 def _unit_range(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +147,63 @@ def normalized_mutual_information(
         h_ab = _entropy(joint.flatten(1), eps)
         nmi = 2.0 * (h_a + h_b - h_ab) / (h_a + h_b).clamp_min(eps)
         return torch.where(a_valid & b_valid, nmi, torch.zeros_like(nmi))
+
+
+def local_normalized_mutual_information(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    patch_size: int | tuple[int, int] = 16,
+    stride: int | tuple[int, int] | None = None,
+    num_bins: int = 32,
+    sigma_ratio: float = 0.5,
+    eps: float = 1e-10,
+) -> torch.Tensor:
+    """Local NMI: :func:`normalized_mutual_information` of every ``patch_size`` patch, averaged per batch item.
+
+    Global NMI rewards any intensity mapping that is one function over the whole image, the source's own contrast
+    included; NMI per patch asks only that each neighbourhood's intensities be predictable from the source's, so a
+    mapping may differ between regions (e.g. bone and soft tissue). Each patch is mapped to [0, 1] by its own
+    min/max and binned exactly as the global NMI. Patches where either image is constant carry no information
+    (their NMI is 0 by definition) and are left out of the mean; an item without any such patch gives 0.
+
+    Args:
+        a: images of shape (N, C, H, W); the channels of a patch are pooled as samples.
+        b: images of the same shape as ``a``.
+        patch_size: patch size (h, w) or one int.
+        stride: step between patches (default: ``patch_size``, non-overlapping); patches that do not fit at the
+            bottom/right border are not used (as ``torch.nn.functional.unfold``).
+        num_bins: see :func:`normalized_mutual_information`.
+        sigma_ratio: see :func:`normalized_mutual_information`.
+        eps: see :func:`normalized_mutual_information`.
+
+    Returns:
+        Tensor of shape (N,).
+
+    Example::
+
+        nmi = local_normalized_mutual_information(x_a, g_ab(x_a), patch_size=16)  # (N,)
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+    if a.ndim != 4:
+        raise ValueError(f"expected 2-D images of shape (N, C, H, W), got shape {tuple(a.shape)}.")
+    size = _pair(patch_size)
+    step = size if stride is None else _pair(stride)
+    if any(p > s for p, s in zip(size, a.shape[-2:], strict=True)):
+        raise ValueError(f"patch_size {size} is larger than the images {tuple(a.shape[-2:])}.")
+    n, channels = a.shape[:2]
+
+    def patches(x: torch.Tensor) -> torch.Tensor:
+        columns = F.unfold(x, size, stride=step)  # (N, C * ph * pw, L)
+        return columns.transpose(1, 2).reshape(-1, channels, size[0] * size[1])  # (N * L, C, ph * pw)
+
+    patches_a, patches_b = patches(a), patches(b)
+    nmi = normalized_mutual_information(patches_a, patches_b, num_bins, sigma_ratio, eps=eps).view(n, -1)
+    with torch.no_grad():
+        varies_a = patches_a.flatten(1).amax(dim=1) > patches_a.flatten(1).amin(dim=1)
+        varies_b = patches_b.flatten(1).amax(dim=1) > patches_b.flatten(1).amin(dim=1)
+        valid = (varies_a & varies_b).view(n, -1)
+    return (nmi * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1)
 
 
 def alignment_loss(
@@ -275,12 +342,34 @@ class DicycleGANLoss(nn.Module):
     Gradients also reach the discriminators' parameters through the GAN terms; freeze them or zero their gradients
     before the discriminator step, as CycleGAN does.
 
+    Opt-in terms beyond the paper (issue 11: the undeformed pass, the one inference serves, kept the source's
+    contrast); with their defaults the objective, its terms and its value are exactly the paper's:
+
+    - ``lambda_gan_aligned * gan_aligned``, ``gan_aligned = mean (D_B(G^AB(x_A)) - 1)^2 + mean (D_A(G^BA(x_B)) - 1)^2``:
+      the discriminators also judge the undeformed outputs. :attr:`discriminate_aligned` is then True, and
+      :class:`bundle.trainer.DicycleGANTrainer` shows the undeformed fakes to the discriminators as well (through
+      the same image pool), as the exploratory run of issue 11 did: otherwise D would never learn to reject them;
+    - ``alignment="local_nmi"``: ``align`` (and ``nmi_a``, ``nmi_b``) use
+      :func:`local_normalized_mutual_information` over ``alignment_patch_size`` patches instead of global NMI;
+    - ``lambda_paired * paired``, ``paired = |G_T^AB(x_A) - y_B|_1`` (mean absolute error) for a target ``y_B`` of
+      the same subject as ``x_A`` that need not overlay it (misaligned pairs, ``forward(..., paired_b=y_B)``): the
+      deformed pass may absorb the misregistration while the undeformed pass stays aligned with ``x_A``.
+
+    The terms of an enabled variant are added to ``terms`` (``gan_aligned``, ``paired``); with the defaults
+    ``terms`` has exactly the paper's keys.
+
     Args:
         lambda_cyc: weight of the undeformed cycle loss (paper: 10).
         lambda_dicyc: weight of the deformation-invariant cycle loss (paper: 10; CycleGAN: 0).
         lambda_align: weight of the NMI alignment loss (paper: 0.9; CycleGAN: 0).
         nmi_bins: number of histogram bins of the NMI.
         nmi_sigma_ratio: Parzen window width of the NMI, in bin widths.
+        lambda_gan_aligned: weight of the LSGAN term on the undeformed outputs (paper: 0; beyond the paper).
+        alignment: ``"nmi"`` (paper, eq. 1) or ``"local_nmi"`` (beyond the paper).
+        alignment_patch_size: patch size of the local NMI.
+        alignment_patch_stride: step between local NMI patches (default: the patch size, non-overlapping).
+        lambda_paired: weight of the L1 term between the deformed output and a paired target (paper: 0; beyond the
+            paper; needs ``paired_b`` in :meth:`forward`).
 
     Example::
 
@@ -297,17 +386,41 @@ class DicycleGANLoss(nn.Module):
         lambda_align: float = 0.9,
         nmi_bins: int = 32,
         nmi_sigma_ratio: float = 0.5,
+        lambda_gan_aligned: float = 0.0,
+        alignment: str = "nmi",
+        alignment_patch_size: int = 16,
+        alignment_patch_stride: int | None = None,
+        lambda_paired: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, value in (("lambda_cyc", lambda_cyc), ("lambda_dicyc", lambda_dicyc), ("lambda_align", lambda_align)):
+        weights = {
+            "lambda_cyc": lambda_cyc,
+            "lambda_dicyc": lambda_dicyc,
+            "lambda_align": lambda_align,
+            "lambda_gan_aligned": lambda_gan_aligned,
+            "lambda_paired": lambda_paired,
+        }
+        for name, value in weights.items():
             if value < 0:
                 raise ValueError(f"{name} must be non-negative, got {value}.")
+        if alignment not in ALIGNMENT_MEASURES:
+            raise ValueError(f"alignment must be one of {ALIGNMENT_MEASURES}, got {alignment!r}.")
         self.lambda_cyc = float(lambda_cyc)
         self.lambda_dicyc = float(lambda_dicyc)
         self.lambda_align = float(lambda_align)
         self.nmi_bins = nmi_bins
         self.nmi_sigma_ratio = nmi_sigma_ratio
+        self.lambda_gan_aligned = float(lambda_gan_aligned)
+        self.alignment = alignment
+        self.alignment_patch_size = alignment_patch_size
+        self.alignment_patch_stride = alignment_patch_stride
+        self.lambda_paired = float(lambda_paired)
         self.adversarial_loss = lsgan_loss()
+
+    @property
+    def discriminate_aligned(self) -> bool:
+        """Whether the discriminators should also be trained on the undeformed fakes (``lambda_gan_aligned > 0``)."""
+        return self.lambda_gan_aligned != 0
 
     def _cycles(
         self, g: nn.Module, fake: torch.Tensor, aligned: torch.Tensor
@@ -331,6 +444,10 @@ class DicycleGANLoss(nn.Module):
         return cycle, dicycle
 
     def _nmi(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.alignment == "local_nmi":
+            return local_normalized_mutual_information(
+                x, y, self.alignment_patch_size, self.alignment_patch_stride, self.nmi_bins, self.nmi_sigma_ratio
+            ).mean()
         return normalized_mutual_information(x, y, self.nmi_bins, self.nmi_sigma_ratio).mean()
 
     def forward(
@@ -341,6 +458,7 @@ class DicycleGANLoss(nn.Module):
         g_ba: nn.Module,
         d_a: nn.Module,
         d_b: nn.Module,
+        paired_b: torch.Tensor | None = None,
     ) -> DicycleGANGeneratorOutput:
         """
         Args:
@@ -350,16 +468,31 @@ class DicycleGANLoss(nn.Module):
             g_ba: generator B -> A.
             d_a: discriminator of domain A (logits, or a list of features with the logits last).
             d_b: discriminator of domain B.
+            paired_b: targets y_B of the subjects of ``real_a`` (same slice, not necessarily aligned), shape
+                (N, C_B, H, W); needed when ``lambda_paired > 0``, ignored otherwise.
 
         Returns:
             :class:`DicycleGANGeneratorOutput` with the objective, its detached terms and the detached images.
         """
+        if self.lambda_paired != 0 and paired_b is None:
+            raise ValueError("lambda_paired > 0 needs paired_b: the paired targets of real_a (training_pairs).")
         fake_b, aligned_b = _translate_both(g_ab, real_a)
         fake_a, aligned_a = _translate_both(g_ba, real_b)
 
         gan_ab = self.adversarial_loss(_logits(d_b, fake_b), target_is_real=True, for_discriminator=False)
         gan_ba = self.adversarial_loss(_logits(d_a, fake_a), target_is_real=True, for_discriminator=False)
         total = gan_ab + gan_ba
+        variant_terms: dict[str, torch.Tensor] = {}
+        if self.lambda_gan_aligned != 0:
+            gan_aligned = self.adversarial_loss(
+                _logits(d_b, aligned_b), target_is_real=True, for_discriminator=False
+            ) + self.adversarial_loss(_logits(d_a, aligned_a), target_is_real=True, for_discriminator=False)
+            total = total + self.lambda_gan_aligned * gan_aligned
+            variant_terms["gan_aligned"] = gan_aligned
+        if self.lambda_paired != 0:
+            paired = F.l1_loss(fake_b, paired_b)
+            total = total + self.lambda_paired * paired
+            variant_terms["paired"] = paired
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.lambda_align != 0):
             nmi_a = self._nmi(real_a, aligned_b)
@@ -386,6 +519,7 @@ class DicycleGANLoss(nn.Module):
             "dicyc": dicyc,
             "nmi_a": nmi_a,
             "nmi_b": nmi_b,
+            **variant_terms,
             "total": total,
         }
 

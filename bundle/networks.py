@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 _BACKENDS = ("auto", "torch", "torchvision")
+_OFFSET_MODES = ("per_tap", "shared")
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +211,13 @@ class OffsetConv2d(nn.Module):
     ``forward(x, deform=False)`` is exactly ``F.conv2d`` with ``weight`` and ``bias``: the undeformed pass never
     uses theta_T.
 
+    With ``offsets="shared"`` (an option beyond the paper) ``offset_conv`` predicts one displacement (dy, dx) per
+    output location, used by every tap: the taps keep their relative positions, so the deformed pass resamples the
+    input (a warp) and cannot pick different content for different taps. The 2 predicted channels are repeated into
+    the per-tap layout, so both backends run unchanged. A per-tap layer loads a shared layer's ``state_dict`` (its
+    2-channel offset weights repeated per tap compute the same offsets), so models trained with shared offsets are
+    served by networks built with the default.
+
     Args:
         in_channels: number of input channels.
         out_channels: number of output channels.
@@ -221,6 +229,7 @@ class OffsetConv2d(nn.Module):
         backend: ``"torch"`` (pure PyTorch, ``F.grid_sample``), ``"torchvision"`` (its fused kernel; an error if
             it does not run) or ``"auto"``: torchvision's kernel for CUDA tensors where it runs, the pure-PyTorch
             path everywhere else (on CPU it is several times faster than torchvision's CPU kernel).
+        offsets: ``"per_tap"`` (paper, Dai et al.: an offset per tap) or ``"shared"`` (one offset per location).
 
     Example::
 
@@ -239,11 +248,15 @@ class OffsetConv2d(nn.Module):
         dilation: int | Sequence[int] = 1,
         bias: bool = True,
         backend: str = "auto",
+        offsets: str = "per_tap",
     ) -> None:
         super().__init__()
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}.")
+        if offsets not in _OFFSET_MODES:
+            raise ValueError(f"offsets must be one of {_OFFSET_MODES}, got {offsets!r}.")
         self.backend = backend
+        self.offsets = offsets
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
@@ -255,7 +268,7 @@ class OffsetConv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.offset_conv = nn.Conv2d(
             in_channels,
-            2 * self.kernel_size[0] * self.kernel_size[1],
+            2 if offsets == "shared" else 2 * self.kernel_size[0] * self.kernel_size[1],
             self.kernel_size,
             stride=self.stride,
             padding=self.padding,
@@ -309,6 +322,14 @@ class OffsetConv2d(nn.Module):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
     def _offsets(self, x: torch.Tensor) -> torch.Tensor:
+        """Offsets in ``deform_conv2d``'s layout (N, 2 * kh * kw, H_out, W_out); shared ones repeated per tap."""
+        offset = self._predicted_offsets(x)
+        if self.offsets == "shared":
+            # (dy, dx) repeated kh * kw times is the interleaved per-tap layout with identical taps
+            offset = offset.repeat(1, self.kernel_size[0] * self.kernel_size[1], 1, 1)
+        return offset
+
+    def _predicted_offsets(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.offset_conv
         if self.in_channels > 1 or x.device.type != "cpu":
             return conv(x)
@@ -350,11 +371,23 @@ class OffsetConv2d(nn.Module):
             )
         return deform_conv2d_torch(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # shared offsets (2 channels) load into a per-tap layer as the same offsets repeated per tap
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        if self.offsets == "per_tap" and taps > 1:
+            for name in ("weight", "bias"):
+                key = f"{prefix}offset_conv.{name}"
+                value = state_dict.get(key)
+                if value is not None and value.shape[0] == 2:
+                    state_dict[key] = value.repeat(taps, *([1] * (value.ndim - 1)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, backend={self.backend}"
         )
+        return text if self.offsets == "per_tap" else f"{text}, offsets={self.offsets}"
 
 
 class _DeformableSequential(nn.Sequential):
@@ -379,12 +412,17 @@ class ResnetBlock(nn.Module):
         channels: number of input and output channels.
         deformable: make the first convolution an :class:`OffsetConv2d`.
         backend: deformable-convolution backend, see :class:`OffsetConv2d`.
+        offsets: offset mode of the deformable convolution, see :class:`OffsetConv2d`.
     """
 
-    def __init__(self, channels: int, deformable: bool = False, backend: str = "auto") -> None:
+    def __init__(
+        self, channels: int, deformable: bool = False, backend: str = "auto", offsets: str = "per_tap"
+    ) -> None:
         super().__init__()
         first_conv = (
-            OffsetConv2d(channels, channels, 3, backend=backend) if deformable else nn.Conv2d(channels, channels, 3)
+            OffsetConv2d(channels, channels, 3, backend=backend, offsets=offsets)
+            if deformable
+            else nn.Conv2d(channels, channels, 3)
         )
         self.block = _DeformableSequential(
             nn.ReflectionPad2d(1),
@@ -426,6 +464,9 @@ class DicycleGenerator(nn.Module):
         out_activation: output activation: None (linear, for z-scored MR), a name known to MONAI's ``Act``
             factory such as ``"tanh"`` (for range-scaled CT), or an ``nn.Module``.
         backend: deformable-convolution backend, see :class:`OffsetConv2d`.
+        offsets: ``"per_tap"`` (paper) or ``"shared"``: one displacement per location shared by all taps of each
+            offset convolution (beyond the paper, opt-in), so the deformed pass can displace the features but not
+            switch their content; see :class:`OffsetConv2d`. The undeformed pass is the same in both modes.
 
     ``torch.jit.script`` compiles the undeformed pass (see :meth:`__prepare_scriptable__`) and ``torch.jit.trace``
     / ONNX record it, so this module is the bundle's ``network_def`` and ``models/model.pt`` is its bare state_dict.
@@ -448,15 +489,19 @@ class DicycleGenerator(nn.Module):
         deformable: bool = True,
         out_activation: str | nn.Module | None = None,
         backend: str = "auto",
+        offsets: str = "per_tap",
     ) -> None:
         super().__init__()
         if n_blocks < 1:
             raise ValueError(f"n_blocks must be at least 1, got {n_blocks}.")
+        if offsets not in _OFFSET_MODES:
+            raise ValueError(f"offsets must be one of {_OFFSET_MODES}, got {offsets!r}.")
         self.deformable = deformable
+        self.offsets = offsets
 
         def conv(c_in: int, c_out: int, kernel_size: int, **kwargs) -> nn.Module:
             if deformable:
-                return OffsetConv2d(c_in, c_out, kernel_size, backend=backend, **kwargs)
+                return OffsetConv2d(c_in, c_out, kernel_size, backend=backend, offsets=offsets, **kwargs)
             return nn.Conv2d(c_in, c_out, kernel_size, **kwargs)
 
         layers: list[nn.Module] = [
@@ -468,7 +513,7 @@ class DicycleGenerator(nn.Module):
         for i in range(2):  # down-sampling
             c_in = ngf * 2**i
             layers += [conv(c_in, 2 * c_in, 3, stride=2, padding=1), nn.InstanceNorm2d(2 * c_in), nn.ReLU(inplace=True)]
-        layers.append(ResnetBlock(4 * ngf, deformable=deformable, backend=backend))
+        layers.append(ResnetBlock(4 * ngf, deformable=deformable, backend=backend, offsets=offsets))
         layers += [ResnetBlock(4 * ngf) for _ in range(n_blocks - 1)]
         for i in range(2):  # up-sampling
             c_in = ngf * 2 ** (2 - i)

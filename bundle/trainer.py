@@ -17,7 +17,14 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-__all__ = ["DicycleGANTrainer", "DiscriminatorObjective", "GeneratorObjective", "ImagePool", "prepare_unpaired_batch"]
+__all__ = [
+    "DicycleGANTrainer",
+    "DiscriminatorObjective",
+    "GeneratorObjective",
+    "ImagePool",
+    "prepare_paired_batch",
+    "prepare_unpaired_batch",
+]
 
 
 def _world_size() -> int:
@@ -130,6 +137,29 @@ def prepare_unpaired_batch(
     )
 
 
+def prepare_paired_batch(
+    batchdata: dict[str, torch.Tensor], device: str | torch.device, non_blocking: bool = False, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move a batch of :class:`bundle.data.PairedSliceDataset` ``{"A": x_A, "B": x_B, "B_paired": y_B}`` to ``device``.
+
+    ``y_B`` is the target of the same subject and slice as ``x_A`` (misaligned pairs); ``x_B`` is unpaired.
+
+    Args:
+        batchdata: the data loader's batch.
+        device: target device.
+        non_blocking: asynchronous host-to-device copy.
+        kwargs: further arguments of ``Tensor.to``.
+
+    Returns:
+        ``(real_a, real_b, paired_b)``.
+    """
+    if not isinstance(batchdata, dict) or "B_paired" not in batchdata:
+        keys = sorted(batchdata) if isinstance(batchdata, dict) else type(batchdata).__name__
+        raise ValueError(f"a paired training batch must be a dict with keys 'A', 'B' and 'B_paired', got {keys}.")
+    real_a, real_b = prepare_unpaired_batch(batchdata, device, non_blocking, **kwargs)
+    return real_a, real_b, torch.as_tensor(batchdata["B_paired"]).to(device, non_blocking=non_blocking, **kwargs)
+
+
 def _set_requires_grad(networks: Sequence[nn.Module], requires_grad: bool) -> None:
     for network in networks:
         for parameter in network.parameters():
@@ -166,17 +196,23 @@ class GeneratorObjective(nn.Module):
         self.loss_function = loss_function
         self.discriminators = (d_a, d_b)  # a tuple: not registered as submodules
 
-    def forward(self, real_a: torch.Tensor, real_b: torch.Tensor) -> DicycleGANGeneratorOutput:
+    def forward(
+        self, real_a: torch.Tensor, real_b: torch.Tensor, paired_b: torch.Tensor | None = None
+    ) -> DicycleGANGeneratorOutput:
         """
         Args:
             real_a: images of domain A, (N, C, H, W).
             real_b: images of domain B, (M, C, H, W).
+            paired_b: paired (not necessarily aligned) targets of ``real_a`` for the misaligned-pairs term, passed
+                to the loss function only when given.
 
         Returns:
             The loss function's output: the objective, its terms and the generated images.
         """
         d_a, d_b = self.discriminators
-        return self.loss_function(real_a, real_b, self.g_ab, self.g_ba, d_a, d_b)
+        if paired_b is None:
+            return self.loss_function(real_a, real_b, self.g_ab, self.g_ba, d_a, d_b)
+        return self.loss_function(real_a, real_b, self.g_ab, self.g_ba, d_a, d_b, paired_b=paired_b)
 
 
 class DiscriminatorObjective(nn.Module):
@@ -219,6 +255,12 @@ class DicycleGANTrainer(Trainer):
 
     1. updates G_AB and G_BA on the objective of eq. (4) (``loss_function``), discriminators frozen;
     2. updates D_A and D_B on LSGAN losses of real images against deformed fakes drawn from an image pool each.
+
+    Opt-in variants beyond the paper (see :class:`~bundle.losses.DicycleGANLoss`): when the loss function's
+    ``discriminate_aligned`` is True (an adversarial term on the undeformed outputs), the undeformed fakes join the
+    deformed ones in the image pool query, so each discriminator is trained on both (the batch of fakes doubles);
+    with ``prepare_batch=``:func:`prepare_paired_batch` (misaligned pairs) the batch's ``B_paired`` reaches the loss
+    function as ``paired_b`` and is logged as the image ``paired_b``.
 
     ``engine.state.output`` is ``[{"loss": total, "losses": {name: scalar}, "images": {name: (N, C, H, W)}}]``, a
     list of one dict for the whole batch: MONAI's layout of a step's output (a list of dicts, as after decollation),
@@ -371,21 +413,31 @@ class DicycleGANTrainer(Trainer):
         Returns:
             ``[{"loss": ..., "losses": {...}, "images": {...}}]``, see the class docstring.
         """
-        real_a, real_b = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        real_a, real_b = batch[:2]
+        paired_b = batch[2] if len(batch) > 2 else None  # misaligned-pairs mode (prepare_paired_batch)
         discriminators = (engine.d_a, engine.d_b)
 
         _set_requires_grad(discriminators, False)  # the generator step needs no discriminator gradients
         engine.g_optimizer.zero_grad(set_to_none=True)
         with engine._autocast():
-            generated = engine.generator_objective(real_a, real_b)
+            if paired_b is None:
+                generated = engine.generator_objective(real_a, real_b)
+            else:
+                generated = engine.generator_objective(real_a, real_b, paired_b)
         engine._check_finite(generated.total, "generator", generated.terms)
         generated.total.backward()
         engine.g_optimizer.step()
 
         _set_requires_grad(discriminators, True)
         engine.d_optimizer.zero_grad(set_to_none=True)
-        fake_b = engine.pool_b.query(generated.fake_b)
-        fake_a = engine.pool_a.query(generated.fake_a)
+        fake_b, fake_a = generated.fake_b, generated.fake_a
+        if getattr(engine.loss_function, "discriminate_aligned", False):
+            # the generator is pushed to fool D on the undeformed outputs too, so D must learn to reject them
+            fake_b = torch.cat((fake_b, generated.aligned_b))
+            fake_a = torch.cat((fake_a, generated.aligned_a))
+        fake_b = engine.pool_b.query(fake_b)
+        fake_a = engine.pool_a.query(fake_a)
         with engine._autocast():
             loss_d_a, loss_d_b = engine.discriminator_objective(real_a, real_b, fake_a, fake_b)
         d_total = loss_d_a + loss_d_b
@@ -404,6 +456,7 @@ class DicycleGANTrainer(Trainer):
             "aligned_a": generated.aligned_a,
             "fake_a": generated.fake_a,
             "cycle_b": generated.cycle_b,
+            "paired_b": paired_b,
         }
         # "loss" (the generator objective) is what MONAI's default tracking handlers read, as
         # from_engine(["loss"], first=True)(output), which needs a list of dicts (a bare dict gives a 1-tuple)
