@@ -441,3 +441,24 @@ def test_summary_of_a_single_volume_has_no_sd() -> None:
     row = {"experiment": "PD to T2", "direction": "A2B", "method": "Dicycle", "masked": "False"}
     row.update({"MSE": 0.5, "PSNR": 20.0, "SSIM": 0.8, "SSIM_windowed": 0.7, "MAE_HU": float("nan")})
     assert "| PD to T2 | Dicycle | 0.500 (-) | 20.00 (-) | 0.800 (-) | 0.700 (-) | 1 |" in summary_markdown([row])
+
+
+def test_residual_displacement_is_measured_in_mm_on_the_evaluation_grid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The displacement metric gets the preprocessed grid's voxel size (2 mm here) and each volume's mask, and its
+    two values land in their columns."""
+    calls = []
+
+    def registration_stub(moving, fixed, spacing, mask=None):
+        calls.append((tuple(spacing), None if mask is None else int(mask.sum())))
+        return {"mean_mm": 0.5 * len(calls), "p95_mm": 1.0}
+
+    monkeypatch.setattr("bundle.registration.residual_displacement", registration_stub)
+    dataset, ckpt_dir = write_dataset(tmp_path / "data"), write_constant_generators(tmp_path / "models")
+    evaluate_in_process(dataset, tmp_path / "eval", ckpt_dir, direction="A2B", residual_displacement=True)
+    rows = read_csv(tmp_path / "eval" / "metrics_Dicycle.csv")
+    assert [spacing for spacing, _ in calls] == [(2.0, 2.0, 2.0)] * len(SUBJECTS)
+    assert [voxels for _, voxels in calls] == [int(r["voxels"]) for r in rows]
+    assert [(r["displacement_mm"], r["displacement_p95_mm"]) for r in rows] == [(0.5, 1.0), (1.0, 1.0), (1.5, 1.0)]
+    assert "Residual displacement (mm)" in (tmp_path / "eval" / "summary.md").read_text()
