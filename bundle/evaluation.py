@@ -1,16 +1,18 @@
 """Paired evaluation of synthesis: per-volume metrics, the paper's mean (sd) tables, and a figure per case.
 
-For every paired entry of a datalist's ``test`` (or ``validation``) list and every requested direction, the source
-is preprocessed like the training data (:func:`bundle.data.volume_preprocessing`: RAS, resampling, z-score over the
-foreground for MR, the HU window scaled to [-1, 1] for CT), synthesized slice by slice with the undeformed pass of
-the direction's generator, and compared with its ground truth preprocessed the same way for the target domain, so
-MSE, PSNR and SSIM are on the intensity scale of the paper (Wang et al. 2018, Experiments):
+``configs/evaluate.json`` runs one MONAI ``SupervisedEvaluator`` per direction over the paired entries of a
+datalist's ``test`` (or ``validation``) list (:func:`paired_cases`, :func:`paired_loader`): the source is
+preprocessed like the training data by the direction's :class:`bundle.inference.Synthesis` (RAS, resampling,
+z-score over the foreground for MR, the HU window scaled to [-1, 1] for CT) and synthesized by its inferer (the
+undeformed pass over the axial slices; weights by MONAI's ``CheckpointLoader``), the ground truth is preprocessed
+the same way for the target domain, and the metric handlers (:func:`metric_handlers`) measure on the paper's
+intensity scale (Wang et al. 2018, Experiments):
 
-- ``MSE``: MONAI's :class:`~monai.metrics.MSEMetric`;
+- ``MSE``: :class:`~bundle.metrics.VolumeErrorMetric`;
 - ``PSNR``: :class:`~bundle.metrics.VolumePSNRMetric`, ``10 log10(max_B^2 / MSE)`` with the ground truth's maximum;
 - ``SSIM``: :class:`~bundle.metrics.GlobalSSIMMetric`, the paper's SSIM formula over the whole volume;
 - ``SSIM_windowed``: :class:`~bundle.metrics.VolumeSSIMMetric`, MONAI's Gaussian-window (7 voxels, sigma 1.5) SSIM;
-- ``MAE_HU`` (CT targets only): MONAI's :class:`~monai.metrics.MAEMetric` on the de-normalised volumes, in HU
+- ``MAE_HU`` (CT targets only): :class:`~bundle.metrics.VolumeErrorMetric` on the de-normalised volumes, in HU
   (within the HU window of the preprocessing, which clips the ground truth);
 - ``bone_dice`` (CT targets only): :func:`~bundle.metrics.bone_dice`, the Dice overlap of bone (above
   :data:`~bundle.metrics.BONE_THRESHOLD_HU`) in the synthesis and in the ground truth: whether the bone is drawn
@@ -23,14 +25,16 @@ Where the entry has a mask (``mask`` for A -> B, ``mask_B`` for B -> A, see :fun
 every metric is computed over its non-zero voxels only (the paper computes abdominal metrics inside the aorta);
 the windowed SSIM averages its SSIM map over the mask, so its windows still see up to 3 voxels beyond it.
 
-Outputs (:func:`write_results`): ``metrics_<method>.csv`` (one row per volume and direction), ``summary.md`` (mean (sd)
-per direction and method in the layout of the paper's tables, built from every ``metrics_*.csv`` of the folder, so
-a CycleGAN run and a DicycleGAN run written to one folder give one table) and, per case, a PNG of the source, the
-ground truth, the synthesis and the absolute error on one axial slice.
+Outputs: ``metrics_<method>.csv`` (:class:`VolumeMetricsSaver`, one row per volume and direction), ``summary.md``
+(:func:`write_summary`: mean (sd) per direction and method in the layout of the paper's tables, built from every
+``metrics_*.csv`` of the folder, so a CycleGAN run and a DicycleGAN run written to one folder give one table) and,
+per case, a PNG of the source, the ground truth, the synthesis and the absolute error on one axial slice
+(:class:`CaseFigures`).
 
 Example::
 
-    python -m monai.bundle run --config_file configs/evaluate.json --dataset_dir demo_data --output_dir eval
+    python -m monai.bundle run --config_file "['configs/common.json','configs/evaluate.json']" \\
+        --dataset_dir demo_data --output_dir eval
 """
 
 from __future__ import annotations
@@ -41,28 +45,34 @@ import math
 import os
 import re
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from bundle import registration
-from bundle.datalist import load_datalist, synthesis_pair
+from bundle.datalist import load_datalist, read_datalist, synthesis_pair
 from bundle.metrics import (
     BONE_THRESHOLD_HU,
+    BoneDiceMetric,
     GlobalSSIMMetric,
+    VolumeErrorMetric,
     VolumePSNRMetric,
     VolumeSSIMMetric,
-    bone_dice,
-    windowed_ssim,
+    VoxelCountMetric,
+    _VolumeMetric,
+    global_ssim,
+    volume_psnr,
+    voxel_size,
 )
+from ignite.engine import Engine, Events
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from monai.inferers import Inferer
-from monai.metrics import MAEMetric, MSEMetric
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
-from torch import nn
+from monai.data import DataLoader, Dataset
+from monai.handlers import IgniteMetricHandler, MetricsSaver, from_engine
+from monai.metrics import CumulativeIterationMetric
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform, Orientationd, Spacingd
 
 __all__ = [
     "BONE_THRESHOLD_HU",
@@ -70,14 +80,19 @@ __all__ = [
     "DIRECTIONS",
     "METRICS",
     "OPTIONAL_METRICS",
-    "PairedSynthesisEvaluator",
+    "CaseFigures",
+    "PairedVolumesd",
+    "ResidualDisplacementMetric",
+    "VolumeMetricsSaver",
     "case_figure",
     "check_same_grid",
     "display_range",
-    "load_generator",
     "mask_preprocessing",
     "mean_sd",
+    "metric_functions",
+    "metric_handlers",
     "paired_cases",
+    "paired_loader",
     "parse_directions",
     "read_csv",
     "summary_markdown",
@@ -85,6 +100,7 @@ __all__ = [
     "voxel_size",
     "write_csv",
     "write_results",
+    "write_summary",
 ]
 
 logger = logging.getLogger(__name__)
@@ -115,7 +131,6 @@ CSV_COLUMNS = (
     "ground_truth",
     "mask",
 )
-SSIM_KERNEL_SIZE = 7
 
 
 # ------------------------------------------------------------------------------------------------------- cases
@@ -152,7 +167,7 @@ def paired_cases(
     key: str = "test",
     directions: Sequence[str] = DIRECTIONS,
 ) -> list[dict[str, Any]]:
-    """The evaluation cases of a paired list: one per entry and direction, direction by direction.
+    """The evaluation items of a paired list: one per entry and direction, direction by direction.
 
     Args:
         dataset_dir: the dataset folder the datalist's paths are relative to.
@@ -161,8 +176,9 @@ def paired_cases(
         directions: ``"A2B"`` and/or ``"B2A"``.
 
     Returns:
-        ``{"subject", "direction", "source", "ground_truth", "mask"}`` per case (absolute paths; ``mask`` None when
-        the entry has none). ``subject`` is the entry's ``subject``, else the name of its ``A`` file.
+        ``{"image": source, "label": ground truth, "mask", "subject", "direction", "experiment", "source_name",
+        "target_name"}`` per item (absolute paths; no ``mask`` when the entry has none). ``subject`` is the entry's
+        ``subject``, else the name of its ``A`` file; the names are the datalist's ``domains`` (e.g. ``"PD"``).
 
     Raises:
         KeyError: if the datalist has no such list.
@@ -184,29 +200,38 @@ def paired_cases(
             f"the {key!r} list of datalist {datalist} names subjects {repeated} more than once; give each entry a "
             'distinct "subject" (it keys the CSV rows and the figures).'
         )
+    names = {"A": "A", "B": "B", **read_datalist(dataset_dir, datalist).get("domains", {})}
     cases = []
     for direction in directions:
+        source, target = ("A", "B") if direction == "A2B" else ("B", "A")
         for subject, entry in zip(subjects, entries, strict=True):
-            cases.append({"subject": subject, "direction": direction, **synthesis_pair(entry, direction)})
+            pair = synthesis_pair(entry, direction)
+            case = {"image": pair["source"], "label": pair["ground_truth"], "subject": subject, "direction": direction}
+            case |= {"experiment": f"{names[source]} to {names[target]}", "source_name": names[source]}
+            case |= {"target_name": names[target], **({"mask": pair["mask"]} if pair["mask"] else {})}
+            cases.append(case)
     return cases
 
 
-def mask_preprocessing(keys: str | Sequence[str] = "image", pixdim: Sequence[float] = (1.8, 1.8, 1.8)) -> Compose:
+def mask_preprocessing(
+    keys: str | Sequence[str] = "image", pixdim: Sequence[float] = (1.8, 1.8, 1.8), allow_missing_keys: bool = False
+) -> Compose:
     """Geometry of :func:`bundle.data.volume_preprocessing` for masks: load, channel first, RAS, nearest resampling.
 
     Args:
         keys: keys of the masks.
         pixdim: voxel size in mm, the same as the volumes'.
+        allow_missing_keys: skip items without a mask.
 
     Returns:
         The composed transform; the mask keeps its values (non-zero voxels are inside).
     """
     return Compose(
         [
-            LoadImaged(keys, image_only=True),
-            EnsureChannelFirstd(keys),
-            Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            Spacingd(keys, pixdim=pixdim, mode="nearest"),
+            LoadImaged(keys, image_only=True, allow_missing_keys=allow_missing_keys),
+            EnsureChannelFirstd(keys, allow_missing_keys=allow_missing_keys),
+            Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
+            Spacingd(keys, pixdim=pixdim, mode="nearest", allow_missing_keys=allow_missing_keys),
         ]
     )
 
@@ -257,7 +282,124 @@ def check_same_grid(
     )
 
 
+class PairedVolumesd(MapTransform):
+    """Check that the preprocessed ground truth (``label``) and ``mask`` lie on the source's (``image``) grid, and
+    append the mask (all voxels where the item has none) to ``label`` as its last channel, the channel the masked
+    metrics (:mod:`bundle.metrics`, ``masked=True``) read.
+
+    Raises:
+        ValueError: naming both files (:func:`check_same_grid`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(("label", "mask"), allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        source, target = d["image"], d["label"]
+        files = {key: getattr(d[key], "meta", {}).get("filename_or_obj", key) for key in self.key_iterator(d)}
+        source_file = source.meta.get("filename_or_obj", "image") if hasattr(source, "meta") else "image"
+        check_same_grid(source, target, source_file, files["label"], "ground truth")
+        if "mask" in d:
+            check_same_grid(source, d["mask"], source_file, files["mask"], "mask")
+        d["masked"] = "mask" in d
+        mask = (d.pop("mask")[:1] > 0) if "mask" in d else torch.ones_like(torch.as_tensor(target)[:1], dtype=bool)
+        d["label"] = torch.cat([target, mask.to(target.dtype)])  # a MetaTensor keeps the ground truth's affine
+        return d
+
+
+def paired_loader(
+    cases: Sequence[Mapping[str, Any]],
+    direction: str,
+    source_preprocessing: Compose,
+    target_preprocessing: Compose,
+    pixdim: Sequence[float],
+) -> DataLoader:
+    """The data loader of one direction's evaluator: its items of :func:`paired_cases`, source (``image``), ground
+    truth (``label``) and mask preprocessed, :class:`PairedVolumesd`, one volume per batch.
+
+    Args:
+        cases: what :func:`paired_cases` returns.
+        direction: ``"A2B"`` or ``"B2A"``.
+        source_preprocessing: the source domain's preprocessing with key ``"image"`` (``Synthesis.preprocessing``).
+        target_preprocessing: the target domain's preprocessing with key ``"label"``.
+        pixdim: voxel size in mm (for the masks).
+
+    Returns:
+        A MONAI ``DataLoader``.
+    """
+    transform = Compose(
+        [
+            source_preprocessing,
+            target_preprocessing,
+            mask_preprocessing("mask", pixdim, allow_missing_keys=True),
+            PairedVolumesd(),
+        ]
+    )
+    items = [dict(case) for case in cases if case["direction"] == direction]
+    return DataLoader(Dataset(items, transform), batch_size=1, shuffle=False, num_workers=0)
+
+
 # ----------------------------------------------------------------------------------------------------- metrics
+
+
+class ResidualDisplacementMetric(_VolumeMetric):
+    """Mean and 95th percentile (mm) of the B-spline displacement that registers each synthesis onto its ground
+    truth (:func:`bundle.registration.residual_displacement`, about 5 s per 100^3 volume on 2 cores), over the mask;
+    NaN where a registration fails (one failure must not end the evaluation). ``y``'s affine gives the voxel size.
+    """
+
+    def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        rows = []
+        for index in range(y.shape[0]):
+            region = None if mask is None else mask[index, 0]
+            try:
+                result = registration.residual_displacement(y_pred[index, 0], y[index, 0], voxel_size(y), region)
+                rows.append([result["mean_mm"], result["p95_mm"]])
+            except (RuntimeError, ValueError) as error:
+                logger.warning(f"no residual displacement: {error}")
+                rows.append([float("nan")] * 2)
+        return torch.tensor(rows, dtype=torch.float64)
+
+
+def metric_functions(
+    target_kind: str = "MR", hu_window: Sequence[float] = (-1000.0, 2000.0), residual_displacement: bool = False
+) -> dict[str, CumulativeIterationMetric]:
+    """The metrics of one direction, masked (``y``'s last channel is the mask): PSNR first (the key metric).
+
+    Args:
+        target_kind: ``"MR"`` or ``"CT"``; CT adds ``MAE_HU`` and ``bone_dice``.
+        hu_window: the HU window the CT intensities were scaled from (``[-1, 1]`` -> window).
+        residual_displacement: add ``displacement`` (:class:`ResidualDisplacementMetric`).
+
+    Returns:
+        Metric name (a CSV column, ``displacement`` two) -> metric.
+    """
+    metrics = {
+        "PSNR": VolumePSNRMetric(masked=True),
+        "MSE": VolumeErrorMetric(power=2, masked=True),
+        "SSIM": GlobalSSIMMetric(masked=True),
+        "SSIM_windowed": VolumeSSIMMetric(masked=True),
+        "voxels": VoxelCountMetric(masked=True),
+    }
+    if target_kind == "CT":
+        low, high = (float(v) for v in hu_window)
+        metrics["MAE_HU"] = VolumeErrorMetric(power=1, scale=(high - low) / 2.0, masked=True)
+        metrics["bone_dice"] = BoneDiceMetric(hu_window, masked=True)
+    if residual_displacement:
+        metrics["displacement"] = ResidualDisplacementMetric(masked=True)
+    return metrics
+
+
+def metric_handlers(
+    target_kind: str = "MR", hu_window: Sequence[float] = (-1000.0, 2000.0), residual_displacement: bool = False
+) -> dict[str, IgniteMetricHandler]:
+    """:func:`metric_functions` as MONAI metric handlers keeping per-volume details (for :class:`VolumeMetricsSaver`):
+    the ``key_val_metric`` of a direction's ``SupervisedEvaluator``."""
+    return {
+        name: IgniteMetricHandler(metric_fn=metric, output_transform=from_engine(["pred", "label"]), save_details=True)
+        for name, metric in metric_functions(target_kind, hu_window, residual_displacement).items()
+    }
 
 
 def volume_metrics(
@@ -267,303 +409,107 @@ def volume_metrics(
     target_kind: str = "MR",
     hu_window: Sequence[float] = (-1000.0, 2000.0),
 ) -> dict[str, float]:
-    """The paper's metrics of one synthesized volume against its ground truth, optionally inside a mask.
-
-    Both volumes are on the network's intensity scale (z-scored MR, CT window in [-1, 1]). The voxel-wise metrics
-    (MSE, PSNR, global SSIM, MAE) are computed by the metric classes on the voxels inside the mask; the windowed
-    SSIM over the whole volume, or averaged over the mask (:func:`bundle.metrics.windowed_ssim`).
+    """The evaluator's metrics (:func:`metric_functions`) of one volume against its ground truth.
 
     Args:
-        prediction: synthesized volume, channel first (C, X, Y, Z).
+        prediction: synthesized volume, channel first (C, X, Y, Z), on the network's scale.
         target: ground truth of the same shape.
         mask: optional mask of the same spatial shape; only its non-zero voxels count.
         target_kind: ``"MR"`` or ``"CT"``; CT adds ``MAE_HU`` and ``bone_dice``.
-        hu_window: the HU window the CT intensities were scaled from (``[-1, 1]`` -> window).
+        hu_window: the HU window the CT intensities were scaled from.
 
     Returns:
         ``{"MSE", "PSNR", "SSIM", "SSIM_windowed", "MAE_HU", "bone_dice", "voxels"}``; ``MAE_HU`` and ``bone_dice``
         are NaN for MR targets (``bone_dice`` also where the ground truth has no bone inside the mask),
-        ``SSIM_windowed`` NaN for a volume thinner than the 7-voxel window, and ``voxels`` is the number of voxels
-        compared.
+        ``SSIM_windowed`` NaN for a volume thinner than the 7-voxel window.
 
     Raises:
         ValueError: if the shapes differ or the mask is empty.
     """
-    p, t = torch.as_tensor(prediction).float()[None], torch.as_tensor(target).float()[None]
-    if p.shape != t.shape:
-        raise ValueError(f"prediction shape {tuple(p.shape[1:])} differs from ground truth {tuple(t.shape[1:])}.")
-    if mask is None:
-        keep = torch.ones_like(t, dtype=torch.bool)
-    else:
-        keep = torch.broadcast_to(torch.as_tensor(mask)[None] > 0, t.shape)
-        if not keep.any():
-            raise ValueError("the mask has no voxel: nothing to compare.")
-    # the voxels compared, as one batch item of shape (1, 1, n): the paper's formulas are over these voxels
-    p_in, t_in = p[keep].reshape(1, 1, -1), t[keep].reshape(1, 1, -1)
-    if min(t.shape[2:]) < SSIM_KERNEL_SIZE:  # a volume thinner than the window has no windowed SSIM
-        logger.warning(f"volume of shape {tuple(t.shape[2:])} is thinner than the SSIM window: no windowed SSIM.")
-        windowed = torch.tensor(float("nan"))
-    elif mask is None:
-        windowed = VolumeSSIMMetric()(p, t)
-    else:
-        windowed = windowed_ssim(p, t, mask=keep)
-    values = {
-        "MSE": MSEMetric()(p_in, t_in),
-        "PSNR": VolumePSNRMetric()(p_in, t_in),
-        "SSIM": GlobalSSIMMetric()(p_in, t_in),
-        "SSIM_windowed": windowed,
-    }
-    if target_kind == "CT":
-        low, high = (float(v) for v in hu_window)
-        scale, shift = (high - low) / 2.0, (high + low) / 2.0
-        values["MAE_HU"] = MAEMetric()(p_in * scale + shift, t_in * scale + shift)
-        values["bone_dice"] = bone_dice(p_in, t_in, hu_window)
-    result = {name: float(torch.as_tensor(value).reshape(-1)[0]) for name, value in values.items()}
-    result.setdefault("MAE_HU", float("nan"))
-    result.setdefault("bone_dice", float("nan"))
-    result["voxels"] = int(keep.sum())
-    return result
+    target = torch.as_tensor(target).float()
+    keep = torch.ones_like(target[:1]) if mask is None else (torch.as_tensor(mask)[:1] > 0).float()
+    y = torch.cat([target, torch.broadcast_to(keep, (1, *target.shape[1:]))])[None]
+    values = {"MAE_HU": float("nan"), "bone_dice": float("nan")}
+    for name, metric in metric_functions(target_kind, hu_window).items():
+        values[name] = float(metric(torch.as_tensor(prediction).float()[None], y).reshape(-1)[0])
+    values["voxels"] = int(values["voxels"])
+    return values
 
 
-# --------------------------------------------------------------------------------------------------- evaluator
+# ------------------------------------------------------------------------------------------------ handlers
 
 
-def load_generator(
-    network: nn.Module, path: str | os.PathLike, device: torch.device | str = "cpu", direction: str = "A2B"
-) -> nn.Module:
-    """Load a generator's weights (a bare ``state_dict`` as ``configs/train.json`` writes them) for evaluation.
+class VolumeMetricsSaver(MetricsSaver):
+    """MONAI's ``MetricsSaver`` writing ``metrics_<method>.csv`` (:data:`CSV_COLUMNS`): one row per volume, from the
+    per-volume details of the metric handlers and the item's labels, for every evaluator it is attached to (one per
+    direction; the file is rewritten with all rows so far after each).
+
+    MONAI's own report is a ``<metric>_raw.csv`` per metric keyed by file name; the paper's tables read one row per
+    volume with every metric and the case's labels, so this writes that instead (single process).
 
     Args:
-        network: the generator built from the config.
-        path: the weights file (``models/model.pt`` for A -> B, ``models/model_g_ba.pt`` for B -> A).
-        device: where the network runs.
-        direction: the direction it synthesizes (for the messages).
-
-    Returns:
-        The network on ``device``, in eval mode.
-
-    Raises:
-        FileNotFoundError: if the file does not exist.
-        RuntimeError: if the file is not a state_dict or does not fit the network (the config's architecture differs
-            from training's), with the missing, unexpected and reshaped parameters.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no {direction} generator weights at {path}: configs/train.json writes model.pt (A->B) and "
-            "model_g_ba.pt (B->A) into ckpt_dir; pass --ckpt_dir (or --model_file / --model_ba_file)."
-        )
-    state = torch.load(path, map_location=device, weights_only=True)
-    expected = network.state_dict()
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RuntimeError(f"{path} is not a bare state_dict of a generator (like models/model.pt).")
-    problems = {
-        "missing": [k for k in expected if k not in state],
-        "unexpected": [k for k in state if k not in expected],
-        "of another shape": [k for k in expected if k in state and state[k].shape != expected[k].shape],
-    }
-    if any(problems.values()):
-        summary = "; ".join(f"{len(v)} {kind} (e.g. {', '.join(v[:2])})" for kind, v in problems.items() if v)
-        raise RuntimeError(
-            f"the {direction} weights {path} do not fit the generator of this config: parameters {summary}. "
-            "Evaluate with the training run's architecture (--ngf, --n_blocks, --deformable, or its preset file)."
-        )
-    network.load_state_dict(state)
-    return network.to(device).eval()
-
-
-class PairedSynthesisEvaluator:
-    """Synthesizes every paired case with the undeformed pass and measures it against its ground truth.
-
-    Generators are loaded only for the directions the cases need, all before the first case. Each case's source
-    and ground truth are preprocessed with their domain's transform, checked to lie on one grid
-    (:func:`check_same_grid`), the source is synthesized by ``inferer`` (axial slices) and the pair measured by
-    :func:`volume_metrics`.
-
-    Args:
-        generators: ``{"A2B": G_AB, "B2A": G_BA}`` as built by the config (weights not loaded yet).
-        checkpoints: ``{"A2B": path, "B2A": path}`` of their weights.
-        preprocessing: ``{"A": transform, "B": transform}``: :func:`bundle.data.volume_preprocessing` of each domain
-            with key ``"image"``.
-        mask_preprocessing: :func:`mask_preprocessing` with key ``"image"``.
-        inferer: :class:`bundle.inference.AxialSliceInferer`, the synthesis pass of every stage (its ``amp`` is the
-            precision).
-        kinds: ``{"A": "MR" | "CT", "B": ...}``.
-        names: ``{"A": "PD", "B": "T2"}``: the experiment label is ``"PD to T2"``.
-        method: the method label of the rows (``"Dicycle"``, ``"Cycle"``).
-        hu_window: the CT window of the preprocessing.
-        device: where the generators run.
-        figure_dir: where the per-case PNGs go; None for none.
-        progress: called with a line per case (e.g. ``print``).
-        residual_displacement: also register each synthesis onto its ground truth
-            (:func:`bundle.registration.residual_displacement`, about 5 s per 100^3 volume on 2 cores) and report the
-            displacement in mm.
-
-    Example::
-
-        evaluator = PairedSynthesisEvaluator({"A2B": g_ab}, {"A2B": "models/model.pt"}, {"A": pre, "B": pre},
-                                             mask_preprocessing(), SliceInferer((-1, -1), spatial_dim=2),
-                                             {"A": "MR", "B": "MR"}, {"A": "PD", "B": "T2"})
-        rows = evaluator.run(paired_cases("demo_data", "datalist.json", "test", ["A2B"]))
+        save_dir: the output folder.
+        method: the method label of the rows (``"Dicycle"``, ``"Cycle"``), also in the file name.
+        cases: what :func:`paired_cases` returns (the labels of each source file).
     """
 
-    def __init__(
-        self,
-        generators: Mapping[str, nn.Module],
-        checkpoints: Mapping[str, str | os.PathLike | None],
-        preprocessing: Mapping[str, Callable[[dict], dict]],
-        mask_preprocessing: Callable[[dict], dict],
-        inferer: Inferer,
-        kinds: Mapping[str, str],
-        names: Mapping[str, str],
-        method: str = "Dicycle",
-        hu_window: Sequence[float] = (-1000.0, 2000.0),
-        device: torch.device | str = "cpu",
-        figure_dir: str | os.PathLike | None = None,
-        progress: Callable[[str], None] | None = None,
-        residual_displacement: bool = False,
-    ) -> None:
-        self.generators = dict(generators)
-        self.checkpoints = dict(checkpoints)
-        self.preprocessing = dict(preprocessing)
-        self.mask_preprocessing = mask_preprocessing
-        self.inferer = inferer
-        self.kinds = dict(kinds)
-        self.names = dict(names)
+    def __init__(self, save_dir: str | os.PathLike, method: str, cases: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__(
+            str(save_dir), metrics=None, metric_details="*", batch_transform=lambda b: [i["image"].meta for i in b]
+        )
         self.method = str(method)
-        self.hu_window = tuple(float(v) for v in hu_window)
-        self.device = torch.device(device)
-        self.figure_dir = None if figure_dir is None else Path(figure_dir)
-        self.progress = progress or logger.info
-        self.residual_displacement = residual_displacement
-        self._loaded: dict[str, nn.Module] = {}
+        self.path = Path(save_dir) / f"metrics_{_safe(method)}.csv"
+        self.cases = {str(c["image"]): c for c in cases}  # a source file is A or B: one direction
+        self.rows: list[dict[str, Any]] = []
 
-    def _network(self, direction: str) -> nn.Module:
-        """The undeformed pass of the direction's generator, its weights loaded on first use."""
-        if direction not in self._loaded:
-            if direction not in self.generators:
-                raise ValueError(f"no generator configured for direction {direction!r}.")
-            checkpoint = self.checkpoints.get(direction)
-            generator = self.generators[direction]
-            if checkpoint is not None:
-                generator = load_generator(generator, checkpoint, self.device, direction)
-            self._loaded[direction] = generator.to(self.device).eval()  # its plain call is the undeformed pass
-        return self._loaded[direction]
+    def __call__(self, engine: Engine) -> None:
+        count = len(self._filenames)
+        details = {k: torch.as_tensor(v).reshape(count, -1).tolist() for k, v in engine.state.metric_details.items()}
+        for index, source in enumerate(self._filenames):
+            case = self.cases[source]
+            values = {name: value[index][0] for name, value in details.items() if name != "displacement"}
+            if "displacement" in details:
+                values["displacement_mm"], values["displacement_p95_mm"] = details["displacement"][index]
+            row = {key: case[key] for key in ("subject", "direction", "experiment")} | {"method": self.method}
+            row |= values | {"voxels": int(values["voxels"]), "masked": "mask" in case}
+            row |= {"source": str(case["image"]), "ground_truth": str(case["label"]), "mask": case.get("mask", "")}
+            self.rows.append(row)
+        write_csv(self.rows, self.path)
 
-    @torch.no_grad()
-    def synthesize(self, direction: str, source: torch.Tensor) -> torch.Tensor:
-        """Synthesize one preprocessed source volume.
 
-        Args:
-            direction: ``"A2B"`` or ``"B2A"``.
-            source: channel-first volume (C, X, Y, Z).
+class CaseFigures:
+    """Writes, per evaluated volume, :func:`case_figure` (source, ground truth, synthesis, error) as
+    ``<subject>_<direction>_<method>.png``.
 
-        Returns:
-            The synthesized volume (C, X, Y, Z), float32 on the CPU.
-        """
-        x = torch.as_tensor(source).float()[None].to(self.device)
-        return torch.as_tensor(self.inferer(x, self._network(direction))).float()[0].cpu()
+    Args:
+        figure_dir: the folder of the PNGs.
+        method: the method label (file names and titles).
+    """
 
-    def evaluate(self, case: Mapping[str, Any]) -> dict[str, Any]:
-        """Synthesize and measure one case of :func:`paired_cases`.
+    def __init__(self, figure_dir: str | os.PathLike, method: str) -> None:
+        self.figure_dir, self.method = Path(figure_dir), str(method)
 
-        Args:
-            case: ``{"subject", "direction", "source", "ground_truth", "mask"}``.
+    def attach(self, engine: Engine) -> None:
+        """Register with an evaluator."""
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
-        Returns:
-            The CSV row (:data:`CSV_COLUMNS`).
-
-        Raises:
-            ValueError: if the ground truth or the mask is not on the source's grid.
-        """
-        direction = case["direction"]
-        if direction not in DIRECTIONS:
-            raise ValueError(f"the direction of a case must be A2B or B2A, got {direction!r}.")
-        source_domain, target_domain = ("A", "B") if direction == "A2B" else ("B", "A")
-        source = self.preprocessing[source_domain]({"image": case["source"]})["image"]
-        target = self.preprocessing[target_domain]({"image": case["ground_truth"]})["image"]
-        check_same_grid(source, target, case["source"], case["ground_truth"], "ground truth")
-        mask = None
-        if case.get("mask"):
-            mask = self.mask_preprocessing({"image": case["mask"]})["image"]
-            check_same_grid(source, mask, case["source"], case["mask"], "mask")
-            mask = torch.as_tensor(mask)[:1] > 0
-        prediction = self.synthesize(direction, source)
-        target_kind = self.kinds[target_domain]
-        metrics = volume_metrics(prediction, torch.as_tensor(target), mask, target_kind, self.hu_window)
-        if self.residual_displacement:
-            try:
-                displacement = registration.residual_displacement(
-                    prediction[0], torch.as_tensor(target)[0], voxel_size(source), None if mask is None else mask[0]
-                )
-            except (RuntimeError, ValueError) as error:  # one failed registration must not end the evaluation
-                logger.warning(f"{case['subject']} {direction}: no residual displacement: {error}")
-                displacement = {"mean_mm": float("nan"), "p95_mm": float("nan")}
-            metrics["displacement_mm"], metrics["displacement_p95_mm"] = displacement["mean_mm"], displacement["p95_mm"]
-        experiment = f"{self.names[source_domain]} to {self.names[target_domain]}"
-        row = {
-            "subject": case["subject"],
-            "direction": direction,
-            "experiment": experiment,
-            "method": self.method,
-            **metrics,
-            "masked": mask is not None,
-            "source": str(case["source"]),
-            "ground_truth": str(case["ground_truth"]),
-            "mask": str(case["mask"]) if case.get("mask") else "",
-        }
-        self.progress(
-            f"{case['subject']} {experiment} ({self.method}): MSE {metrics['MSE']:.4f}, PSNR {metrics['PSNR']:.2f}, "
-            f"SSIM {metrics['SSIM']:.4f}"
-            + (f", MAE {metrics['MAE_HU']:.1f} HU, bone Dice {metrics['bone_dice']:.3f}" if target_kind == "CT" else "")
-            + (f", residual displacement {metrics['displacement_mm']:.2f} mm" if self.residual_displacement else "")
-        )
-        if self.figure_dir is not None:
+    def __call__(self, engine: Engine) -> None:
+        for item, output in zip(engine.state.batch, engine.state.output, strict=True):
+            image, pred = output["image"].float().cpu(), output["pred"].float().cpu()
+            label, mask = output["label"][:-1].float().cpu(), output["label"][-1:].cpu() > 0
+            psnr, ssim = (float(f(pred[None], label[None], mask[None])) for f in (volume_psnr, global_ssim))
             case_figure(
-                self.figure_dir / f"{_safe(case['subject'])}_{direction}_{_safe(self.method)}.png",
-                torch.as_tensor(source)[0].numpy(),
-                torch.as_tensor(target)[0].numpy(),
-                prediction[0].numpy(),
-                None if mask is None else mask[0].numpy(),
-                title=f"{case['subject']}: {experiment}, {self.method} (PSNR {metrics['PSNR']:.2f} dB, "
-                f"SSIM {metrics['SSIM']:.3f})",
-                names=(self.names[source_domain], self.names[target_domain]),
+                self.figure_dir / f"{_safe(item['subject'])}_{item['direction']}_{_safe(self.method)}.png",
+                image[0].numpy(),
+                label[0].numpy(),
+                pred[0].numpy(),
+                mask[0].numpy() if bool(item["masked"]) else None,
+                title=f"{item['subject']}: {item['experiment']}, {self.method} (PSNR {psnr:.2f} dB, SSIM {ssim:.3f})",
+                names=(item["source_name"], item["target_name"]),
             )
-        return row
-
-    def run(self, cases: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Evaluate every case; the generators of all the cases' directions are loaded first (a missing or
-        mismatched checkpoint fails before any work).
-
-        Args:
-            cases: what :func:`paired_cases` returns.
-
-        Returns:
-            One row per case, in order.
-        """
-        cases = list(cases)
-        for direction in dict.fromkeys(case["direction"] for case in cases):
-            self._network(direction)
-        return [self.evaluate(case) for case in cases]
 
 
 # ------------------------------------------------------------------------------------------------------ figures
-
-
-def voxel_size(volume: torch.Tensor) -> tuple[float, float, float]:
-    """Voxel size (mm) of a preprocessed channel-first volume, from its affine (1 mm when it has none).
-
-    Args:
-        volume: a MetaTensor (or any tensor with an ``affine``).
-
-    Returns:
-        The lengths of the affine's three columns.
-    """
-    affine = getattr(volume, "affine", None)
-    if affine is None:
-        return (1.0, 1.0, 1.0)
-    matrix = np.asarray(torch.as_tensor(affine), dtype=np.float64)[:3, :3]
-    return tuple(float(v) for v in np.sqrt((matrix**2).sum(axis=0)))
 
 
 def _safe(text: str) -> str:
@@ -651,7 +597,7 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
     """Write per-volume rows (:data:`CSV_COLUMNS`); NaN (no MAE for MR targets) is an empty cell.
 
     Args:
-        rows: rows of :meth:`PairedSynthesisEvaluator.run`.
+        rows: per-volume rows (:data:`CSV_COLUMNS`).
         path: the CSV file.
 
     Returns:
@@ -744,23 +690,35 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Synthesis 
     return "\n".join(lines)
 
 
-def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, method: str) -> dict[str, Path]:
-    """Write this run's CSV, then the summary of every run in ``output_dir``, and print the summary.
+def write_summary(output_dir: str | os.PathLike) -> Path:
+    """Write and print ``summary.md``: the tables of every run's ``metrics_*.csv`` in ``output_dir``.
 
     Args:
-        rows: rows of :meth:`PairedSynthesisEvaluator.run`.
         output_dir: the output folder.
-        method: the method label of this run (names its CSV, ``metrics_<method>.csv``).
 
     Returns:
-        ``{"csv": path, "summary": path}``.
+        The path of ``summary.md``.
     """
     output_dir = Path(output_dir)
-    csv_path = write_csv(rows, output_dir / f"metrics_{_safe(method)}.csv")
     runs = sorted(output_dir.glob("metrics_*.csv"))
     summary = summary_markdown(read_csv(runs))
     summary_path = output_dir / "summary.md"
     summary_path.write_text(summary)
     print(summary)
-    print(f"per-volume metrics: {csv_path}; summary of {', '.join(p.name for p in runs)}: {summary_path}")
-    return {"csv": csv_path, "summary": summary_path}
+    print(f"summary of {', '.join(p.name for p in runs)}: {summary_path}")
+    return summary_path
+
+
+def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, method: str) -> dict[str, Path]:
+    """Write rows as the CSV of a run (``metrics_<method>.csv``), then :func:`write_summary`.
+
+    Args:
+        rows: per-volume rows (:data:`CSV_COLUMNS`).
+        output_dir: the output folder.
+        method: the method label of this run.
+
+    Returns:
+        ``{"csv": path, "summary": path}``.
+    """
+    csv_path = write_csv(rows, Path(output_dir) / f"metrics_{_safe(method)}.csv")
+    return {"csv": csv_path, "summary": write_summary(output_dir)}

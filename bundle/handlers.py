@@ -266,6 +266,10 @@ class BestModelSaver:
     Its best score is part of the resume checkpoint (:meth:`state_dict`), so a resumed run does not overwrite a
     better model with a worse one.
 
+    Not MONAI's ``CheckpointSaver(key_metric_name=...)``: its saver writes with ``atomic=False`` and, under a fixed
+    ``key_metric_filename``, deletes the previous best before writing the new one, so an interruption can leave no
+    or a truncated ``model_best.pt``.
+
     Args:
         save_dir: output folder.
         models: file name -> network, e.g. ``{"model_best.pt": g_ab}``.

@@ -7,13 +7,18 @@
 - bone Dice (CT targets): the overlap of the voxels above :data:`BONE_THRESHOLD_HU` in synthesis and ground truth.
 
 Each is a MONAI ``CumulativeIterationMetric`` (per-volume values buffered, aggregated by ``aggregate``) so that
-``monai.handlers.IgniteMetricHandler`` can attach it to an evaluator.
+``monai.handlers.IgniteMetricHandler`` can attach it to an evaluator. With ``masked=True`` the ground truth ``y``
+carries the mask as its last channel (MONAI's metric handlers pass only ``y_pred`` and ``y``), and only the voxels
+inside it count.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from monai.metrics import CumulativeIterationMetric, compute_dice
 from monai.metrics.regression import compute_ssim_and_cs
@@ -23,13 +28,18 @@ __all__ = [
     "BONE_THRESHOLD_HU",
     "BoneDiceMetric",
     "GlobalSSIMMetric",
+    "VolumeErrorMetric",
     "VolumePSNRMetric",
     "VolumeSSIMMetric",
+    "VoxelCountMetric",
     "bone_dice",
     "global_ssim",
     "volume_psnr",
+    "voxel_size",
     "windowed_ssim",
 ]
+
+logger = logging.getLogger(__name__)
 
 # bone in CT: above soft tissue and blood (< 100 HU) and the contrast-enhanced aorta; the usual 200-300 HU cut
 BONE_THRESHOLD_HU = 300.0
@@ -144,6 +154,7 @@ def bone_dice(
     target: torch.Tensor,
     hu_window: Sequence[float] = (-1000.0, 2000.0),
     threshold_hu: float = BONE_THRESHOLD_HU,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dice overlap of bone (above ``threshold_hu``) in synthesized and true CT, per batch item.
 
@@ -155,32 +166,64 @@ def bone_dice(
         target: true CT of the same shape and scale.
         hu_window: the HU window that [-1, 1] stands for.
         threshold_hu: bone threshold in HU.
+        mask: optional mask; only voxels where it is non-zero count.
 
     Returns:
         Tensor (N,); NaN where the ground truth has no bone.
     """
     low, high = (float(v) for v in hu_window)
     threshold = (threshold_hu - (high + low) / 2.0) / ((high - low) / 2.0)  # on the [-1, 1] scale
-    flat_p, flat_t = _per_item(prediction)[:, None], _per_item(target)[:, None]
-    return compute_dice((flat_p > threshold).float(), (flat_t > threshold).float(), include_background=True)[:, 0]
+    values = []
+    for p, t in zip(_masked(prediction, mask), _masked(target, mask), strict=True):
+        bone_p, bone_t = (p > threshold).float()[None, None], (t > threshold).float()[None, None]
+        values.append(compute_dice(bone_p, bone_t, include_background=True)[0, 0])
+    return torch.stack(values)
+
+
+def voxel_size(volume: torch.Tensor) -> tuple[float, float, float]:
+    """Voxel size (mm) of a preprocessed channel-first volume, from its affine (1 mm when it has none).
+
+    Args:
+        volume: a MetaTensor (or any tensor with an ``affine``).
+
+    Returns:
+        The lengths of the affine's three columns.
+    """
+    affine = getattr(volume, "affine", None)
+    if affine is None:
+        return (1.0, 1.0, 1.0)
+    matrix = np.asarray(torch.as_tensor(affine), dtype=np.float64)[:3, :3]
+    return tuple(float(v) for v in np.sqrt((matrix**2).sum(axis=0)))
 
 
 class _VolumeMetric(CumulativeIterationMetric):
-    """Buffers one value per volume; ``aggregate`` reduces them (mean by default)."""
+    """Buffers one value (or row) per volume; ``aggregate`` reduces them, NaN (no value) left out of the mean.
 
-    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN) -> None:
+    Args:
+        masked: ``y``'s last channel is the mask.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+    """
+
+    def __init__(self, masked: bool = False, reduction: MetricReduction | str = MetricReduction.MEAN) -> None:
         super().__init__()
+        self.masked = masked
         self.reduction = reduction
 
-    def _value(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if y is None:
             raise ValueError(f"{type(self).__name__} needs the ground truth y.")
+        mask = None
+        if self.masked:
+            y, mask = y[:, :-1], y[:, -1:] > 0
+            if not mask.reshape(mask.shape[0], -1).any(dim=1).all():
+                raise ValueError("the mask has no voxel: nothing to compare.")
         if y_pred.shape != y.shape:
             raise ValueError(f"prediction shape {tuple(y_pred.shape)} differs from ground truth {tuple(y.shape)}.")
-        return self._value(y_pred, y).reshape(-1, 1)
+        value = self._value(y_pred.float(), y.float(), mask)
+        return value.reshape(value.shape[0], -1)
 
     def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
         data = self.get_buffer()
@@ -189,28 +232,67 @@ class _VolumeMetric(CumulativeIterationMetric):
         reduction = self.reduction if reduction is None else reduction
         if reduction in (MetricReduction.NONE, "none"):
             return data
-        return data.mean() if reduction in (MetricReduction.MEAN, "mean") else data.sum()
+        return data.nanmean() if reduction in (MetricReduction.MEAN, "mean") else data.nansum()
 
 
 class VolumePSNRMetric(_VolumeMetric):
     """:func:`volume_psnr` for MONAI evaluators (``IgniteMetricHandler(metric_fn=VolumePSNRMetric())``)."""
 
-    def _value(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return volume_psnr(y_pred, y)
+    def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return volume_psnr(y_pred, y, mask)
 
 
 class VolumeSSIMMetric(_VolumeMetric):
-    """:func:`windowed_ssim` for MONAI evaluators."""
+    """:func:`windowed_ssim` for MONAI evaluators; NaN for a volume thinner than the window.
 
-    def _value(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return windowed_ssim(y_pred, y)
+    Args:
+        kernel_size: window size.
+        kwargs: arguments of :class:`_VolumeMetric`.
+    """
+
+    def __init__(self, kernel_size: int = 7, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.kernel_size = kernel_size
+
+    def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if min(y.shape[2:]) < self.kernel_size:
+            logger.warning(f"volume of shape {tuple(y.shape[2:])} is thinner than the SSIM window: no windowed SSIM.")
+            return torch.full((y.shape[0],), float("nan"))
+        return windowed_ssim(y_pred, y, mask, self.kernel_size)
 
 
 class GlobalSSIMMetric(_VolumeMetric):
     """:func:`global_ssim` (the paper's formula) for MONAI evaluators."""
 
-    def _value(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return global_ssim(y_pred, y)
+    def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return global_ssim(y_pred, y, mask)
+
+
+class VolumeErrorMetric(_VolumeMetric):
+    """Mean squared (``power=2``) or absolute (``power=1``) error per volume, inside the mask, times ``scale**power``
+    (``scale`` 1500 gives the MAE in HU of CT scaled from the window [-1000, 2000]). MONAI's ``MSEMetric`` and
+    ``MAEMetric`` take no mask.
+
+    Args:
+        power: 2 for the MSE, 1 for the MAE.
+        scale: the intensity unit of one network unit.
+        kwargs: arguments of :class:`_VolumeMetric`.
+    """
+
+    def __init__(self, power: int = 2, scale: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.power, self.scale = power, scale
+
+    def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        errors = zip(_masked(y_pred, mask), _masked(y, mask), strict=True)
+        return torch.stack([((p - t).abs() * self.scale).pow(self.power).mean() for p, t in errors])
+
+
+class VoxelCountMetric(_VolumeMetric):
+    """The number of voxels each volume is compared on (inside the mask)."""
+
+    def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return torch.tensor([float(row.numel()) for row in _masked(y, mask)])
 
 
 class BoneDiceMetric(_VolumeMetric):
@@ -219,19 +301,15 @@ class BoneDiceMetric(_VolumeMetric):
     Args:
         hu_window: the HU window that the network's [-1, 1] stands for.
         threshold_hu: bone threshold in HU.
+        kwargs: arguments of :class:`_VolumeMetric`.
     """
 
-    def __init__(self, hu_window: Sequence[float] = (-1000.0, 2000.0), threshold_hu: float = BONE_THRESHOLD_HU) -> None:
-        super().__init__()
+    def __init__(
+        self, hu_window: Sequence[float] = (-1000.0, 2000.0), threshold_hu: float = BONE_THRESHOLD_HU, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
         self.hu_window = tuple(hu_window)
         self.threshold_hu = threshold_hu
 
-    def _value(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return bone_dice(y_pred, y, self.hu_window, self.threshold_hu)
-
-    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
-        data = super().aggregate(MetricReduction.NONE)
-        reduction = self.reduction if reduction is None else reduction
-        if reduction in (MetricReduction.NONE, "none"):
-            return data
-        return data.nanmean() if reduction in (MetricReduction.MEAN, "mean") else data.nansum()
+    def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return bone_dice(y_pred, y, self.hu_window, self.threshold_hu, mask)

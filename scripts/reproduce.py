@@ -15,7 +15,7 @@ loss):
   are aligned with the source (the real T2 for PD -> T2, the distorted PD for T2 -> PD), as in the paper;
 - ``mr_ct`` (Table 3): T1 -> CT and back, MR positioning pad against CT head holder, metrics inside the head mask.
 
-Each run is evaluated on the held-out phantom subjects (:class:`bundle.evaluation.PairedSynthesisEvaluator`: MSE,
+Each run is evaluated on the held-out phantom subjects (``configs/evaluate.json``'s ``SupervisedEvaluator``: MSE,
 PSNR, SSIM inside the brain/head mask) and, as a direct measure of alignment, the residual displacement between
 each synthesis and its ground truth (:func:`bundle.registration.residual_displacement`). For the deformed experiment
 the same measurements of "the ground truth moved by the distortion" give the reference a synthesis that copied the
@@ -317,8 +317,9 @@ def evaluate(parser: ConfigParser, csv_path: Path, trained_at: float) -> list[di
         log(f"metrics of {csv_path.stem} measured before: {csv_path}")
         return read_csv(csv_path)
     start = time.perf_counter()
-    rows = parser.get_parsed_content("evaluator").run(parser.get_parsed_content("cases"))
-    write_csv(rows, csv_path)
+    for direction in parser.get_parsed_content("directions"):
+        parser.get_parsed_content(f"{direction}#evaluator").run()
+    shutil.copyfile(parser.get_parsed_content("metrics_saver").path, csv_path)
     _record_seconds(csv_path, time.perf_counter() - start)
     return read_csv(csv_path)
 
@@ -387,36 +388,35 @@ def comparison_figure(path: Path, experiment: Experiment, parsers: Mapping[str, 
     """The paper's Fig. 4 for one experiment: per direction, source, ground truth, CycleGAN, DicycleGAN and their
     absolute errors on the middle axial slice of the mask of the first test subject, the ground truth's mask outline
     drawn on every panel so a displacement shows against it."""
-    evaluators = {method: parser.get_parsed_content("evaluator") for method, parser in parsers.items()}
     cases = parsers["Dicycle"].get_parsed_content("cases")
+    directions = list(dict.fromkeys(case["direction"] for case in cases))
     first_subject = cases[0]["subject"]
-    cases = [case for case in cases if case["subject"] == first_subject]
-    figure = Figure(figsize=(18, 3.3 * len(cases)), dpi=90)
+    figure = Figure(figsize=(18, 3.3 * len(directions)), dpi=90)
     FigureCanvasAgg(figure)
-    axes = figure.subplots(len(cases), 6, squeeze=False)
-    for row, case in zip(axes, cases, strict=True):
-        dicycle = evaluators["Dicycle"]
-        source_domain, target_domain = ("A", "B") if case["direction"] == "A2B" else ("B", "A")
-        source = dicycle.preprocessing[source_domain]({"image": case["source"]})["image"]
-        target = dicycle.preprocessing[target_domain]({"image": case["ground_truth"]})["image"][0].numpy()
-        mask = dicycle.mask_preprocessing({"image": case["mask"]})["image"][0].numpy() > 0 if case["mask"] else None
-        predictions = {
-            method: evaluator.synthesize(case["direction"], source)[0].numpy()
-            for method, evaluator in evaluators.items()
-        }
+    axes = figure.subplots(len(directions), 6, squeeze=False)
+    for row, direction in zip(axes, directions, strict=True):
+        predictions = {}
+        for method, parser in parsers.items():  # the evaluator's first item, synthesized by its Synthesis
+            evaluator = parser.get_parsed_content(f"{direction}#evaluator")
+            parser.get_parsed_content(f"{direction}#loader")(evaluator)
+            item = evaluator.data_loader.dataset[0]
+            predictions[method] = parser.get_parsed_content(f"{direction}#synthesis").synthesize(item["image"])
+            predictions[method] = predictions[method][0].cpu().numpy()
+        source, target = item["image"], item["label"][0].numpy()
+        mask = item["label"][-1].numpy() > 0 if item["masked"] else None
         z_extent = np.nonzero(mask.any(axis=(0, 1)))[0] if mask is not None else [0, target.shape[-1] - 1]
         z = int((z_extent[0] + z_extent[-1]) // 2)
 
         def axial(volume: np.ndarray, z: int = z) -> np.ndarray:
             return np.rot90(np.asarray(volume, dtype=np.float32)[..., z])
 
-        names = dicycle.names
+        names = {"source": item["source_name"], "target": item["target_name"]}
         target_range = display_range(target)
         errors = {method: np.abs(prediction - target) for method, prediction in predictions.items()}
         error_max = max(display_range(error)[1] for error in errors.values())
         panels = [
-            (f"source ({names[source_domain]})", axial(source[0].numpy()), "gray", display_range(source[0].numpy())),
-            (f"ground truth ({names[target_domain]})", axial(target), "gray", target_range),
+            (f"source ({names['source']})", axial(source[0].numpy()), "gray", display_range(source[0].numpy())),
+            (f"ground truth ({names['target']})", axial(target), "gray", target_range),
             ("CycleGAN", axial(predictions["Cycle"]), "gray", target_range),
             ("DicycleGAN", axial(predictions["Dicycle"]), "gray", target_range),
             ("|CycleGAN - truth|", axial(errors["Cycle"]), "magma", (0.0, error_max)),
@@ -431,7 +431,7 @@ def comparison_figure(path: Path, experiment: Experiment, parsers: Mapping[str, 
         row[0].text(
             -0.08,
             0.5,
-            f"{names[source_domain]} to {names[target_domain]}",
+            item["experiment"],
             transform=row[0].transAxes,
             rotation=90,
             va="center",

@@ -22,20 +22,23 @@ import torch
 from bundle.data import volume_preprocessing
 from bundle.evaluation import (
     CSV_COLUMNS,
-    PairedSynthesisEvaluator,
-    load_generator,
-    mask_preprocessing,
+    CaseFigures,
+    VolumeMetricsSaver,
+    metric_handlers,
     paired_cases,
+    paired_loader,
     parse_directions,
     read_csv,
     summary_markdown,
     volume_metrics,
     write_results,
 )
+from bundle.inference import AxialSliceInferer
 from bundle.metrics import BoneDiceMetric, windowed_ssim
 from bundle.networks import DicycleGenerator
 from monai.bundle import run as bundle_run
-from monai.inferers import SliceInferer
+from monai.engines import SupervisedEvaluator
+from monai.handlers import CheckpointLoader
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,11 +310,9 @@ def test_mismatched_ground_truth_names_both_files(tmp_path: Path) -> None:
     wrong[4:20, 4:16, 2:10] = 100.0
     _save(wrong, dataset / "sub01-T2.nii.gz")
     ckpt_dir = write_constant_generators(tmp_path / "models")
-    with pytest.raises(RuntimeError) as error:  # monai.bundle wraps the error of a config expression
+    with pytest.raises(RuntimeError) as error:  # monai.bundle and MONAI's transforms wrap the error
         evaluate_in_process(dataset, tmp_path / "eval", ckpt_dir, direction="A2B")
-    cause = error.value.__cause__
-    assert isinstance(cause, ValueError)
-    message = str(cause)
+    message = str(next(e for e in _causes(error.value) if isinstance(e, ValueError)))
     assert str((dataset / "sub01-T2.nii.gz").resolve()) in message
     assert str((dataset / "sub01-PD.nii.gz").resolve()) in message
 
@@ -348,8 +349,25 @@ def test_windowed_ssim_in_a_full_mask_is_the_windowed_ssim() -> None:
 class _Identity(nn.Module):
     """A 'generator' whose undeformed pass returns its input: the synthesis is the preprocessed source."""
 
-    def forward(self, x: torch.Tensor, deform: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+def _evaluator(cases: list, output_dir: Path, network: nn.Module, *handlers: object) -> SupervisedEvaluator:
+    """configs/evaluate.json's A2B evaluator, PD -> T2 at 2 mm, built in Python around ``network``."""
+    preprocessing = {key: volume_preprocessing(key, "MR", pixdim=(2.0, 2.0, 2.0)) for key in ("image", "label")}
+    return SupervisedEvaluator(
+        device="cpu",
+        val_data_loader=paired_loader(cases, "A2B", preprocessing["image"], preprocessing["label"], (2.0, 2.0, 2.0)),
+        network=network,
+        inferer=AxialSliceInferer(sw_batch_size=3),
+        key_val_metric=metric_handlers("MR"),
+        val_handlers=[
+            *handlers,
+            VolumeMetricsSaver(output_dir, "Dicycle", cases),
+            CaseFigures(output_dir / "figures", "Dicycle"),
+        ],
+    )
 
 
 def test_synthesis_is_aligned_with_the_ground_truth(tmp_path: Path) -> None:
@@ -364,31 +382,30 @@ def test_synthesis_is_aligned_with_the_ground_truth(tmp_path: Path) -> None:
     _save(_box_mask(0), tmp_path / "s-mask.nii.gz", affine)
     datalist = {"domains": {"A": "PD", "B": "T2"}, "test": [{"A": "s-PD.nii.gz", "B": "s-T2.nii.gz"}]}
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
-    preprocessing = volume_preprocessing("image", "MR", pixdim=(2.0, 2.0, 2.0))
-    evaluator = PairedSynthesisEvaluator(
-        generators={"A2B": _Identity()},
-        checkpoints={"A2B": None},
-        preprocessing={"A": preprocessing, "B": preprocessing},
-        mask_preprocessing=mask_preprocessing(pixdim=(2.0, 2.0, 2.0)),
-        inferer=SliceInferer(roi_size=(-1, -1), sw_batch_size=3, spatial_dim=2),
-        kinds={"A": "MR", "B": "MR"},
-        names={"A": "PD", "B": "T2"},
-        figure_dir=tmp_path / "figures",
-    )
     case = paired_cases(tmp_path, "datalist.json", "test", parse_directions("A2B"))[0]
     assert case["subject"] == "s-PD"  # no "subject": the source file's name
-    row = evaluator.evaluate(case)
+    _evaluator([case], tmp_path / "whole", _Identity()).run()
+    (row,) = read_csv(tmp_path / "whole" / "metrics_Dicycle.csv")
     expected = metrics_by_hand(zscore_by_hand(tmp_path / "s-PD.nii.gz"), zscore_by_hand(tmp_path / "s-T2.nii.gz"))
     for name, value in expected.items():
         assert row[name] == pytest.approx(value, rel=1e-4), name
-    masked_row = evaluator.evaluate({**case, "mask": str(tmp_path / "s-mask.nii.gz")})
+    _evaluator([{**case, "mask": str(tmp_path / "s-mask.nii.gz")}], tmp_path / "masked", _Identity()).run()
+    (masked_row,) = read_csv(tmp_path / "masked" / "metrics_Dicycle.csv")
     inside = _box_mask(0) > 0
     expected = metrics_by_hand(
         zscore_by_hand(tmp_path / "s-PD.nii.gz")[inside], zscore_by_hand(tmp_path / "s-T2.nii.gz")[inside]
     )
     for name, value in expected.items():
         assert masked_row[name] == pytest.approx(value, rel=1e-4), name
-    assert (tmp_path / "figures" / "s-PD_A2B_Dicycle.png").is_file()
+    assert (tmp_path / "masked" / "figures" / "s-PD_A2B_Dicycle.png").is_file()
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """The error and its chain of causes (MONAI wraps a transform's error in a RuntimeError)."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    return chain
 
 
 def test_mismatched_mask_and_bad_requests_raise_clear_errors(tmp_path: Path) -> None:
@@ -396,24 +413,20 @@ def test_mismatched_mask_and_bad_requests_raise_clear_errors(tmp_path: Path) -> 
     shifted = AFFINE.copy()
     shifted[:3, 3] = [4.0, 0.0, 0.0]
     _save(np.ones(SHAPE, np.uint8), dataset / "shifted-mask.nii.gz", shifted)
-    preprocessing = volume_preprocessing("image", "MR", pixdim=(2.0, 2.0, 2.0))
-    evaluator = PairedSynthesisEvaluator(
-        generators={"A2B": _Identity()},
-        checkpoints={"A2B": tmp_path / "missing.pt"},
-        preprocessing={"A": preprocessing, "B": preprocessing},
-        mask_preprocessing=mask_preprocessing(pixdim=(2.0, 2.0, 2.0)),
-        inferer=SliceInferer(roi_size=(-1, -1), spatial_dim=2),
-        kinds={"A": "MR", "B": "MR"},
-        names={"A": "PD", "B": "T2"},
-    )
     case = paired_cases(dataset, "datalist.json", "test", ["A2B"])[0]
-    with pytest.raises(ValueError, match=r"mask .*shifted-mask\.nii\.gz is not on the grid of its source .*sub00-PD"):
-        evaluator.evaluate({**case, "mask": str(dataset / "shifted-mask.nii.gz")})
+    with pytest.raises(RuntimeError) as error:
+        _evaluator([{**case, "mask": str(dataset / "shifted-mask.nii.gz")}], tmp_path, _Identity()).run()
+    message = str(next(e for e in _causes(error.value) if isinstance(e, ValueError)))
+    assert re.search(r"mask .*shifted-mask\.nii\.gz is not on the grid of its source .*sub00-PD", message)
+    generator = DicycleGenerator(ngf=4, n_blocks=1, deformable=False)
     with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
-        evaluator.evaluate(case)
+        _evaluator(
+            [case], tmp_path, generator, CheckpointLoader(str(tmp_path / "missing.pt"), {"model": generator})
+        ).run()
     torch.save(DicycleGenerator(ngf=4, n_blocks=1).state_dict(), tmp_path / "deformable.pt")
-    with pytest.raises(RuntimeError, match=r"do not fit .* unexpected .*--deformable"):
-        load_generator(DicycleGenerator(ngf=4, n_blocks=1, deformable=False), tmp_path / "deformable.pt")
+    loader = CheckpointLoader(str(tmp_path / "deformable.pt"), {"model": generator})
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: .*offset"):
+        _evaluator([case], tmp_path, generator, loader).run()
     with pytest.raises(ValueError, match="direction"):
         parse_directions("AtoB")
     with pytest.raises(KeyError, match="validation"):
@@ -428,3 +441,24 @@ def test_summary_of_a_single_volume_has_no_sd() -> None:
     row = {"experiment": "PD to T2", "direction": "A2B", "method": "Dicycle", "masked": "False"}
     row.update({"MSE": 0.5, "PSNR": 20.0, "SSIM": 0.8, "SSIM_windowed": 0.7, "MAE_HU": float("nan")})
     assert "| PD to T2 | Dicycle | 0.500 (-) | 20.00 (-) | 0.800 (-) | 0.700 (-) | 1 |" in summary_markdown([row])
+
+
+def test_residual_displacement_is_measured_in_mm_on_the_evaluation_grid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The displacement metric gets the preprocessed grid's voxel size (2 mm here) and each volume's mask, and its
+    two values land in their columns."""
+    calls = []
+
+    def registration_stub(moving, fixed, spacing, mask=None):
+        calls.append((tuple(spacing), None if mask is None else int(mask.sum())))
+        return {"mean_mm": 0.5 * len(calls), "p95_mm": 1.0}
+
+    monkeypatch.setattr("bundle.registration.residual_displacement", registration_stub)
+    dataset, ckpt_dir = write_dataset(tmp_path / "data"), write_constant_generators(tmp_path / "models")
+    evaluate_in_process(dataset, tmp_path / "eval", ckpt_dir, direction="A2B", residual_displacement=True)
+    rows = read_csv(tmp_path / "eval" / "metrics_Dicycle.csv")
+    assert [spacing for spacing, _ in calls] == [(2.0, 2.0, 2.0)] * len(SUBJECTS)
+    assert [voxels for _, voxels in calls] == [int(r["voxels"]) for r in rows]
+    assert [(r["displacement_mm"], r["displacement_p95_mm"]) for r in rows] == [(0.5, 1.0), (1.0, 1.0), (1.5, 1.0)]
+    assert "Residual displacement (mm)" in (tmp_path / "eval" / "summary.md").read_text()

@@ -38,7 +38,7 @@ def _inferer(overlay: str, amp: str, item: str):
 
 
 @pytest.mark.parametrize(
-    "overlay, item", [("inference.json", "synthesis"), ("train.json", "synthesis"), ("evaluate.json", "inferer")]
+    "overlay, item", [("inference.json", "synthesis"), ("train.json", "synthesis"), ("evaluate.json", "A2B#synthesis")]
 )
 @pytest.mark.parametrize("amp", ["true", "false"])
 def test_every_stage_synthesizes_in_the_precision_of_amp(overlay, item, amp):
