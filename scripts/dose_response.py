@@ -26,6 +26,7 @@ after an interruption, or in the background with ``nohup ... &``).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -49,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from bundle.data import volume_preprocessing  # noqa: E402
 from bundle.datalist import load_datalist, read_datalist  # noqa: E402
-from bundle.evaluation import mask_preprocessing, mean_sd, voxel_size, write_csv  # noqa: E402
+from bundle.evaluation import mask_preprocessing, mean_sd, voxel_size  # noqa: E402
 from bundle.registration import residual_displacement  # noqa: E402
 from bundle.transforms import BSplineField, DomainDistortion  # noqa: E402
 from scripts import reproduce  # noqa: E402
@@ -67,7 +68,7 @@ INSTRUMENT_TOLERANCE = 0.10
 # wall time of one cpu-preset run on the 2-core reference machine (docs/results.md: 6 runs trained in 44.5 min,
 # evaluated with registration in 7.8 min); used for the estimate until this study has finished runs of its own
 DEFAULT_TRAIN_S = 445.0
-DEFAULT_EVALUATE_S = 75.0
+DEFAULT_EVALUATE_S = 78.0
 # directions of the evaluation: (direction, moved key, ground-truth key, mask key); see reproduce.distortion_reference
 DIRECTIONS = (("A2B", "B", "gt_A2B", "mask"), ("B2A", "A", "gt_B2A", "mask_B"))
 
@@ -384,7 +385,10 @@ def instrument(
         rows += measure_instrument(data_dir, level_datalist(data_dir, level, control_spacing_mm), pixdim)
     table = instrument_table(rows, tolerance)
     (output / "metrics").mkdir(parents=True, exist_ok=True)
-    write_csv(rows, output / "metrics" / "instrument.csv")
+    with (output / "metrics" / "instrument.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     seconds = time.perf_counter() - start
     passed = all(
         abs(statistics.fmean(float(r["recovered_mm"]) for r in group) / applied - 1.0) <= tolerance
@@ -498,23 +502,37 @@ def _trained(runs_dir: Path, run: Run) -> bool:
 
 
 def run_means(rows: Sequence[Mapping[str, Any]], metric: str = "displacement_mm") -> dict[tuple, float]:
-    """Mean of ``metric`` over each run's test volumes: ``{(method, direction, level_mm, seed): mean}``."""
+    """Mean of ``metric`` over each run's test volumes: ``{(method, direction, level_mm, seed): mean}``.
+
+    Volumes without a value (a registration that failed: NaN) are left out, and a run with none is left out.
+    """
     groups: dict[tuple, list[float]] = {}
     for row in rows:
         key = (row["method"], row["direction"], float(row["level_mm"]), int(row["seed"]))
-        groups.setdefault(key, []).append(float(row[metric]))
-    return {key: statistics.fmean(values) for key, values in groups.items()}
+        value = float(row.get(metric, "nan"))
+        groups.setdefault(key, [])
+        if math.isfinite(value):
+            groups[key].append(value)
+    return {key: statistics.fmean(values) for key, values in groups.items() if values}
 
 
 def copy_fractions(
     rows: Sequence[Mapping[str, Any]], applied: Mapping[tuple[float, str], float]
 ) -> dict[tuple[str, str], dict]:
     """The copy fraction per (method, direction): one point per run, x = the level's applied mean displacement
-    (analytic, mean over the test subjects), y = the run's mean residual displacement."""
+    (analytic, mean over the test subjects), y = the run's mean residual displacement. Where fewer than two
+    levels have a measured run, the fit is NaN."""
     points: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for (method, direction, level, _), residual in sorted(run_means(rows).items()):
         points.setdefault((method, direction), []).append((applied[level, direction], residual))
-    return {key: copy_fraction(*zip(*values, strict=True)) for key, values in points.items()}
+    fits = {}
+    for key, values in points.items():
+        if len({x for x, _ in values}) < 2:
+            nan = float("nan")
+            fits[key] = {"slope": nan, "intercept": nan, "se": nan, "ci_low": nan, "ci_high": nan, "n": len(values)}
+        else:
+            fits[key] = copy_fraction(*zip(*values, strict=True))
+    return fits
 
 
 def _percent(fit: Mapping[str, float]) -> str:
@@ -678,7 +696,7 @@ def study(
     applied: dict[tuple[float, str], float] = {}
     for level in levels:
         by_subject = applied_means(data_dir, datalists[level], pixdim)
-        for _, direction, _, _ in DIRECTIONS:
+        for direction, *_ in DIRECTIONS:
             applied[level, direction] = statistics.fmean(v for (_, d), v in by_subject.items() if d == direction)
     rows: list[dict[str, Any]] = []
     parsers: dict[Run, Any] = {}
