@@ -400,6 +400,9 @@ def instrument(
         f"{len(rows)} registrations in {seconds:.0f} s (whole command, data included).\n\n{table}\n"
     )
     (output / "instrument.md").write_text(text)
+    (output / "instrument.json").write_text(
+        json.dumps({"passed": passed, "tolerance": tolerance, "levels": _levels(levels)})
+    )
     print(text)
     print("instrument check " + ("PASSED" if passed else "FAILED") + f" (tolerance {tolerance:.0%})")
     return {"rows": rows, "table": table, "passed": passed, "seconds": seconds}
@@ -637,6 +640,7 @@ def study(
     budget: int = 1,
     dataset_dir: str | None = None,
     dry_run: bool = False,
+    skip_instrument_check: bool = False,
 ) -> dict[str, Any]:
     """Train CycleGAN and DicycleGAN at every distortion level, evaluate them and report the copy fractions.
 
@@ -649,12 +653,15 @@ def study(
         budget: train ``budget`` times the preset's epochs, all runs alike.
         dataset_dir: an existing phantom folder to use instead of building ``OUTPUT_DIR/data``.
         dry_run: print the planned runs and the estimate, train nothing.
+        skip_instrument_check: train even though ``OUTPUT_DIR/instrument.json`` does not record a passed
+            instrument check (``instrument`` command) at every level of the study.
 
     Returns:
         ``{"results", "fits", "rows", "runs"}``; ``results`` is None for a dry run.
 
     Raises:
         ValueError: for a bad budget, fewer than two levels, or a replicate level that is not one of the levels.
+        RuntimeError: if the instrument check has not passed at every level (unless ``skip_instrument_check``).
     """
     if not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a whole number of times the preset's epochs (>= 1), got {budget!r}.")
@@ -677,6 +684,14 @@ def study(
     log(f"estimated wall time: {seconds / 60:.0f} min (training and evaluation; data build extra)")
     if dry_run:
         return {"results": None, "fits": {}, "rows": [], "runs": runs}
+    record = output / "instrument.json"
+    check = json.loads(record.read_text()) if record.is_file() else {}
+    if not skip_instrument_check and not (check.get("passed") and set(levels) <= set(check.get("levels", []))):
+        raise RuntimeError(
+            f"the instrument check has not passed at levels {levels} ({record}): run `python scripts/dose_response.py "
+            f"instrument --output_dir {output_dir}` first and fix the registration if it fails, or pass "
+            "--skip_instrument_check to train anyway."
+        )
 
     data_dir = _prepare_data(output, preset, dataset_dir)
     datalists = {level: level_datalist(data_dir, level) for level in levels}

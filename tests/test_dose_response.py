@@ -151,6 +151,11 @@ def test_instrument_recovers_the_applied_displacement_at_a_tiny_size(phantom: Pa
             assert row["applied_mm"] > 1.0
             assert row["recovered_mm"] == pytest.approx(row["applied_mm"], rel=0.5)  # 4.8 mm voxels: coarse
     assert result["passed"] and "instrument check PASSED" in capsys.readouterr().out
+    assert json.loads((tmp_path / "instrument.json").read_text()) == {
+        "passed": True,
+        "tolerance": 0.5,
+        "levels": [0.0, 10.0],
+    }
     table = (tmp_path / "instrument.md").read_text()
     assert "| 10 | PD to T2 |" in table and "floor" in table
     saved = _csv(tmp_path / "metrics" / "instrument.csv")
@@ -165,6 +170,12 @@ def test_study_dry_run_plans_and_estimates(tmp_path: Path, capsys) -> None:
     expected_min = round((12 * dose_response.DEFAULT_TRAIN_S * 2 + 12 * dose_response.DEFAULT_EVALUATE_S) / 60)
     assert f"estimated wall time: {expected_min} min" in out
     assert not (tmp_path / "runs").exists()
+    with pytest.raises(RuntimeError, match="instrument check has not passed"):
+        dose_response.study(output_dir=str(tmp_path))
+    (tmp_path / "instrument.json").write_text(json.dumps({"passed": False, "levels": [0.0, 5.0, 10.0, 20.0]}))
+    with pytest.raises(RuntimeError, match="instrument check has not passed"):
+        dose_response.study(output_dir=str(tmp_path))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
     with pytest.raises(ValueError, match="replicate_level_mm"):
         dose_response.study(output_dir=str(tmp_path), levels="0,5", dry_run=True)
     with pytest.raises(ValueError, match="budget"):
@@ -179,7 +190,7 @@ def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path)
         "seeds": "0",
         "dataset_dir": str(phantom),
     }
-    result = dose_response.study(replicate_level_mm=10.0, **kwargs)
+    result = dose_response.study(replicate_level_mm=10.0, skip_instrument_check=True, **kwargs)
     runs = [f"{level}mm_seed0_{method}" for level in (0, 10) for method in reproduce.METHODS]
     for name in runs:
         assert (tmp_path / "runs" / name / "models" / "model.pt").is_file()
@@ -215,7 +226,7 @@ def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path)
     # a second call trains nothing and measures nothing again
     stamps = {name: (tmp_path / "runs" / name / "run.json").stat().st_mtime for name in runs}
     records = {name: json.loads((tmp_path / "runs" / name / "run.json").read_text()) for name in runs}
-    again = dose_response.study(replicate_level_mm=10.0, **kwargs)
+    again = dose_response.study(replicate_level_mm=10.0, skip_instrument_check=True, **kwargs)
     assert stamps == {name: (tmp_path / "runs" / name / "run.json").stat().st_mtime for name in runs}
     assert records == {name: json.loads((tmp_path / "runs" / name / "run.json").read_text()) for name in runs}
     for key, fit in result["fits"].items():
