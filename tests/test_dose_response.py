@@ -1,0 +1,233 @@
+"""scripts/dose_response.py: the analytic applied field, the copy-fraction statistics, the instrument check and the
+study pipeline end to end at a tiny size (smoke preset: tiny phantom and networks, 2 levels, 1 seed).
+
+The tiny pipeline checks the plumbing, not the method; the statistics are checked against numpy.polyfit and
+Student's t by hand, the field against the distortion's own voxel displacements.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from bundle.transforms import DomainDistortion
+from monai.data import MetaTensor
+from scripts import dose_response, reproduce
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _csv(path: Path) -> list[dict]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+# ------------------------------------------------------------------------------------------------- statistics
+
+
+def test_copy_fraction_is_the_ols_slope_with_a_student_t_interval() -> None:
+    rng = np.random.default_rng(3)
+    x = np.array([0.0, 1.6, 3.2, 3.2, 3.2, 6.4])  # four levels, three replicates at the third
+    y = 1.2 + 0.4 * x + rng.normal(0.0, 0.1, x.size)
+    fit = dose_response.copy_fraction(x, y)
+    (slope, intercept), cov = np.polyfit(x, y, 1, cov=True)
+    assert fit["slope"] == pytest.approx(slope, rel=1e-12) and fit["intercept"] == pytest.approx(intercept, rel=1e-12)
+    assert fit["se"] == pytest.approx(math.sqrt(cov[0, 0]), rel=1e-9)
+    # by hand: t(0.975, 4 degrees of freedom) = 2.7764 (statistical tables)
+    sxx = ((x - x.mean()) ** 2).sum()
+    se = math.sqrt(((y - intercept - slope * x) ** 2).sum() / (x.size - 2) / sxx)
+    assert fit["ci_low"] == pytest.approx(slope - 2.7764451 * se, rel=1e-6)
+    assert fit["ci_high"] == pytest.approx(slope + 2.7764451 * se, rel=1e-6)
+    assert fit["n"] == 6
+
+
+def test_copy_fraction_edge_cases() -> None:
+    exact = dose_response.copy_fraction([0.0, 1.0, 2.0], [0.5, 1.0, 1.5])
+    assert exact["slope"] == pytest.approx(0.5) and exact["se"] == pytest.approx(0.0, abs=1e-12)
+    two = dose_response.copy_fraction([0.0, 2.0], [1.0, 2.0])
+    assert two["slope"] == pytest.approx(0.5) and math.isnan(two["ci_low"]) and math.isnan(two["se"])
+    with pytest.raises(ValueError, match="two different values"):
+        dose_response.copy_fraction([1.0, 1.0, 1.0], [0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="one length"):
+        dose_response.copy_fraction([0.0, 1.0], [0.0])
+
+
+def test_copy_fractions_use_one_point_per_run() -> None:
+    rows = []
+    for level, seed, residual in ((0.0, 0, 1.0), (10.0, 0, 2.0), (10.0, 1, 2.4), (20.0, 0, 3.1)):
+        for value in (residual - 0.1, residual + 0.1):  # two volumes per run average to ``residual``
+            rows.append(
+                {"method": "Cycle", "direction": "A2B", "level_mm": level, "seed": seed, "displacement_mm": value}
+            )
+    applied = {(0.0, "A2B"): 0.0, (10.0, "A2B"): 3.0, (20.0, "A2B"): 6.0}
+    fit = dose_response.copy_fractions(rows, applied)["Cycle", "A2B"]
+    slope, intercept = np.polyfit([0.0, 3.0, 3.0, 6.0], [1.0, 2.0, 2.4, 3.1], 1)
+    assert fit["n"] == 4 and fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(intercept)
+    # a failed registration (NaN) leaves its volume out; a direction with one measured level has no slope
+    failed = {"method": "Cycle", "direction": "A2B", "level_mm": 20.0, "seed": 0, "displacement_mm": float("nan")}
+    assert dose_response.copy_fractions([*rows, failed], applied)["Cycle", "A2B"]["slope"] == pytest.approx(slope)
+    single = [{**row, "direction": "B2A"} for row in rows if row["level_mm"] == 0.0]
+    assert math.isnan(dose_response.copy_fractions(single, {(0.0, "B2A"): 0.0})["Cycle", "B2A"]["slope"])
+
+
+def test_planned_runs_replicate_only_the_replicate_level() -> None:
+    runs = dose_response.planned_runs([0.0, 5.0, 10.0, 20.0], [0, 1, 2], 10.0)
+    assert len(runs) == 12 and len({run.name for run in runs}) == 12
+    assert sorted({run.seed for run in runs if run.level_mm == 10.0}) == [0, 1, 2]
+    assert {run.seed for run in runs if run.level_mm != 10.0} == {0}
+
+
+# ------------------------------------------------------------------------------------------ the applied field
+
+
+def _grid(shape: tuple[int, int, int], affine: np.ndarray) -> MetaTensor:
+    return MetaTensor(torch.zeros(1, *shape), affine=torch.as_tensor(affine))
+
+
+def test_applied_displacement_is_the_distortion_on_any_grid_of_the_volume() -> None:
+    distortion = DomainDistortion(12.0, 64.0, seed=2)
+    shape = (40, 36, 30)
+    affine = np.diag([2.0, 2.0, 2.5, 1.0])
+    affine[:3, 3] = [-41.0, -30.0, -20.0]
+    expected = np.linalg.norm(
+        distortion.displacement_voxels(shape, affine) * np.array([2.0, 2.0, 2.5])[:, None, None, None], axis=0
+    )
+    same = dose_response.applied_displacement(distortion, shape, affine, _grid(shape, affine))
+    np.testing.assert_allclose(same, expected, rtol=1e-4, atol=1e-4)
+    # a coarser grid over the same volume (every second voxel), as the evaluation's resampling gives
+    coarse = affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    mask = np.zeros((20, 18, 15), dtype=bool)
+    mask[4:16, 3:15, 2:12] = True
+    sub = dose_response.applied_displacement(distortion, shape, affine, _grid((20, 18, 15), coarse), mask)
+    np.testing.assert_allclose(sub[mask], expected[::2, ::2, ::2][mask], rtol=1e-4, atol=1e-4)
+    assert np.isnan(sub[~mask]).all()
+
+
+def test_inverse_displacement_undoes_the_distortion() -> None:
+    distortion = DomainDistortion(10.0, 64.0, seed=1)
+    shape = (24, 24, 20)
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    grid = _grid(shape, affine)
+    points = dose_response._grid_frame_points(distortion, shape, affine, grid).reshape(-1, 3)
+    inverse = dose_response.inverse_displacement(distortion, shape, affine, grid).reshape(-1)
+    forward = dose_response.applied_displacement(distortion, shape, affine, grid).reshape(-1)
+    # v(x) = -u(x + v(x)): iterate once more from the converged lengths' field and check the fixed point
+    v = np.zeros_like(points)
+    for _ in range(40):
+        v = -dose_response.field_at_points(distortion.field, points + v)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), inverse, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(v + dose_response.field_at_points(distortion.field, points + v), 0.0, atol=1e-6)
+    # a smooth field: the inverse's mean length is close to, not equal to, the forward's
+    assert inverse.mean() == pytest.approx(forward.mean(), rel=0.1) and not np.allclose(inverse, forward)
+
+
+# --------------------------------------------------------------------------------------- tiny data, end to end
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("dose_data")
+    reproduce.build_data(data_dir, reproduce.PRESETS["smoke"]["data"], seed=0)
+    return data_dir
+
+
+def test_instrument_recovers_the_applied_displacement_at_a_tiny_size(phantom: Path, tmp_path: Path, capsys) -> None:
+    result = dose_response.instrument(
+        output_dir=str(tmp_path), preset="smoke", levels="0,10", dataset_dir=str(phantom), tolerance=0.5
+    )
+    n_test = reproduce.PRESETS["smoke"]["data"]["n_test"]
+    assert len(result["rows"]) == 2 * 2 * n_test
+    for row in result["rows"]:
+        if row["level_mm"] == 0.0:
+            assert row["applied_mm"] == 0.0 and row["recovered_mm"] < 0.5  # the floor, at 4.8 mm voxels
+        else:
+            assert row["applied_mm"] > 1.0
+            assert row["recovered_mm"] == pytest.approx(row["applied_mm"], rel=0.5)  # 4.8 mm voxels: coarse
+    assert result["passed"] and "instrument check PASSED" in capsys.readouterr().out
+    assert json.loads((tmp_path / "instrument.json").read_text()) == {
+        "passed": True,
+        "tolerance": 0.5,
+        "levels": [0.0, 10.0],
+    }
+    table = (tmp_path / "instrument.md").read_text()
+    assert "| 10 | PD to T2 |" in table and "floor" in table
+    saved = _csv(tmp_path / "metrics" / "instrument.csv")
+    assert len(saved) == len(result["rows"])
+    assert [float(r["recovered_mm"]) for r in saved] == pytest.approx([r["recovered_mm"] for r in result["rows"]])
+
+
+def test_study_dry_run_plans_and_estimates(tmp_path: Path, capsys) -> None:
+    result = dose_response.study(output_dir=str(tmp_path), budget=2, dry_run=True)
+    out = capsys.readouterr().out
+    assert len(result["runs"]) == 12 and "12 runs planned (12 left to train)" in out
+    expected_min = round((12 * dose_response.DEFAULT_TRAIN_S * 2 + 12 * dose_response.DEFAULT_EVALUATE_S) / 60)
+    assert f"estimated wall time: {expected_min} min" in out
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(RuntimeError, match="instrument check has not passed"):
+        dose_response.study(output_dir=str(tmp_path))
+    (tmp_path / "instrument.json").write_text(json.dumps({"passed": False, "levels": [0.0, 5.0, 10.0, 20.0]}))
+    with pytest.raises(RuntimeError, match="instrument check has not passed"):
+        dose_response.study(output_dir=str(tmp_path))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+    with pytest.raises(ValueError, match="replicate_level_mm"):
+        dose_response.study(output_dir=str(tmp_path), levels="0,5", dry_run=True)
+    with pytest.raises(ValueError, match="budget"):
+        dose_response.study(output_dir=str(tmp_path), budget=0, dry_run=True)
+
+
+def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path) -> None:
+    kwargs = {
+        "output_dir": str(tmp_path),
+        "preset": "smoke",
+        "levels": "0,10",
+        "seeds": "0",
+        "dataset_dir": str(phantom),
+    }
+    result = dose_response.study(replicate_level_mm=10.0, skip_instrument_check=True, **kwargs)
+    runs = [f"{level}mm_seed0_{method}" for level in (0, 10) for method in reproduce.METHODS]
+    for name in runs:
+        assert (tmp_path / "runs" / name / "models" / "model.pt").is_file()
+    # the copy fraction from the per-volume CSVs by hand: two levels, so the slope through the two run means
+    applied = {}
+    for level in (0.0, 10.0):
+        by_subject = dose_response.applied_means(phantom, f"datalist_dose_{level:g}mm.json", [4.8, 4.8, 4.8])
+        for direction in ("A2B", "B2A"):
+            applied[level, direction] = statistics.fmean(v for (_, d), v in by_subject.items() if d == direction)
+    assert applied[0.0, "A2B"] == 0.0 and applied[10.0, "A2B"] > 1.0
+    for method in reproduce.METHODS:
+        for direction in ("A2B", "B2A"):
+            # a registration of a tiny network's synthesis may fail (NaN): such volumes are left out
+            means = []
+            for level in (0, 10):
+                values = [
+                    float(r["displacement_mm"] or "nan")
+                    for r in _csv(tmp_path / "metrics" / f"{level}mm_seed0_{method}.csv")
+                    if r["direction"] == direction and math.isfinite(float(r["displacement_mm"] or "nan"))
+                ]
+                means.append(statistics.fmean(values) if values else math.nan)
+            fit = result["fits"][method, direction]
+            if all(math.isfinite(m) for m in means):
+                slope = (means[1] - means[0]) / (applied[10.0, direction] - applied[0.0, direction])
+                assert fit["slope"] == pytest.approx(slope) and fit["n"] == 2
+            else:
+                assert math.isnan(fit["slope"])
+    text = Path(result["results"]).read_text()
+    assert "## Copy fraction" in text and "## Table 2 at every level" in text and "**Headline**" in text
+    assert "| 10 |" in text and "| 0 |" in text
+    for figure in ("dose_response.png", "fig4_10mm.png"):
+        assert (tmp_path / "figures" / figure).read_bytes()[:8] == PNG_SIGNATURE
+    # a second call trains nothing and measures nothing again
+    stamps = {name: (tmp_path / "runs" / name / "run.json").stat().st_mtime for name in runs}
+    records = {name: json.loads((tmp_path / "runs" / name / "run.json").read_text()) for name in runs}
+    again = dose_response.study(replicate_level_mm=10.0, skip_instrument_check=True, **kwargs)
+    assert stamps == {name: (tmp_path / "runs" / name / "run.json").stat().st_mtime for name in runs}
+    assert records == {name: json.loads((tmp_path / "runs" / name / "run.json").read_text()) for name in runs}
+    for key, fit in result["fits"].items():
+        assert again["fits"][key]["slope"] == pytest.approx(fit["slope"], rel=1e-12, nan_ok=True)
