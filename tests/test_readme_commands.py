@@ -1,6 +1,6 @@
-"""Every ``monai.bundle`` command line of the README, as written: its config files exist and merge, each flag names
-an id of the merged config (a typo would otherwise be added silently as a new id and ignored), and each value of a
-boolean setting is one the bundle accepts."""
+"""Every ``monai.bundle`` command line of the README and of the model card (docs/README.md), as written: its config
+files exist and merge, each flag names an id of the merged config (a typo would otherwise be added silently as a new
+id and ignored), and each value of a boolean setting is one the bundle accepts."""
 
 from __future__ import annotations
 
@@ -15,15 +15,25 @@ from monai.bundle import ConfigParser
 
 ROOT = Path(__file__).resolve().parents[1]
 # ids that `python -m monai.bundle <command>` itself takes, not the configs
-COMMAND_ARGUMENTS = {"config_file", "meta_file", "logging_file", "tracking", "filepath", "ckpt_file", "input_shape"}
+COMMAND_ARGUMENTS = {
+    "meta_file",
+    "logging_file",
+    "tracking",
+    "filepath",
+    "ckpt_file",
+    "input_shape",
+    "use_trace",
+    "converter_kwargs",
+}
 
 
 def _readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    text = "\n".join((ROOT / name).read_text() for name in ("README.md", "docs/README.md"))
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
     inline = re.findall(r"`((?:python -m monai\.bundle|torchrun)[^`]*)`", text)
     lines = [line for block in blocks for line in block.splitlines()] + inline
-    commands = [line.split("  #")[0].strip() for line in lines if "monai.bundle" in line]
+    # commands of a config (download_large_files and the like take none)
+    commands = [line.split("  #")[0].strip() for line in lines if "monai.bundle" in line and "--config_file" in line]
     return sorted(set(commands))
 
 
@@ -32,7 +42,7 @@ COMMANDS = _readme_commands()
 
 def _arguments(command: str) -> tuple[list[str], dict[str, str]]:
     """The config files and the ``--key value`` pairs of a command line."""
-    words = shlex.split(command)
+    words = shlex.split(re.sub(r"<[^>]+>", "PLACEHOLDER", command))  # the model card's <dataset dir> and the like
     words = words[words.index("monai.bundle") + 2 :]  # after `monai.bundle <command>`
     if words and not words[0].startswith("--"):
         words = words[1:]  # ckpt_export / verify_net_in_out take the network id first
