@@ -12,7 +12,7 @@ import torch
 from bundle.networks import DicycleGenerator
 from bundle.settings import as_bool, resolve_settings, write_settings
 from monai.bundle import ConfigParser, ckpt_export, run
-from tests.bundle_fixtures import BUNDLE_ROOT, TINY_OVERRIDES, bundle_env, write_tiny_dataset
+from tests.bundle_fixtures import BUNDLE_ROOT, TINY_OVERRIDES, bundle_command, bundle_env, write_tiny_dataset
 
 CONFIGS = BUNDLE_ROOT / "configs"
 
@@ -146,16 +146,13 @@ def test_inference_evaluate_and_export_need_no_network_flags(trained, tmp_path):
 
 
 def test_a_contradicting_ngf_on_the_command_line_fails_in_one_line(trained, tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "['configs/common.json','configs/inference.json']",
-    ]
-    command += ["--ckpt_dir", str(trained["models"]), "--output_dir", str(tmp_path / "out")]
-    command += ["--input_file", str(trained["dataset"] / "sub00-PD.nii.gz"), "--ngf", "8"]
+    overrides = {
+        "ckpt_dir": str(trained["models"]),
+        "output_dir": str(tmp_path / "out"),
+        "input_file": str(trained["dataset"] / "sub00-PD.nii.gz"),
+        "ngf": "8",
+    }
+    command = [sys.executable, *bundle_command(["configs/common.json", "configs/inference.json"], overrides)]
     result = subprocess.run(command, cwd=BUNDLE_ROOT, env=bundle_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert f"ValueError: ngf: the weights in {trained['models']} were trained with 4, not 8" in result.stderr
