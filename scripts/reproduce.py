@@ -384,17 +384,37 @@ def distortion_reference(
 # --------------------------------------------------------------------------------------------------- figures
 
 
-def comparison_figure(path: Path, experiment: Experiment, parsers: Mapping[str, ConfigParser]) -> Path:
-    """The paper's Fig. 4 for one experiment: per direction, source, ground truth, CycleGAN, DicycleGAN and their
-    absolute errors on the middle axial slice of the mask of the first test subject, the ground truth's mask outline
-    drawn on every panel so a displacement shows against it."""
-    cases = parsers["Dicycle"].get_parsed_content("cases")
+def comparison_figure(
+    path: Path,
+    experiment: Experiment,
+    parsers: Mapping[str, ConfigParser],
+    labels: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """The paper's Fig. 4 for one experiment: per direction, the source, the ground truth and each method's
+    synthesis in one row, their absolute errors below, on the middle axial slice of the mask of the first test
+    subject; the ground truth's mask outline is drawn on every panel so a displacement shows against it.
+
+    Args:
+        path: the PNG to write.
+        experiment: the experiment the runs belong to.
+        parsers: evaluation parsers (:func:`evaluation_parser`) by method, in column order.
+        labels: column titles by method (default: the method names, CycleGAN and DicycleGAN spelled out).
+        title: the figure's title (default: the experiment's table and title).
+
+    Returns:
+        ``path``.
+    """
+    labels = {"Cycle": "CycleGAN", "Dicycle": "DicycleGAN", **(labels or {})}
+    first = next(iter(parsers.values()))
+    cases = first.get_parsed_content("cases")
     directions = list(dict.fromkeys(case["direction"] for case in cases))
     first_subject = cases[0]["subject"]
-    figure = Figure(figsize=(18, 3.3 * len(directions)), dpi=90)
+    columns = 2 + len(parsers)
+    figure = Figure(figsize=(3.0 * columns, 6.0 * len(directions)), dpi=90)
     FigureCanvasAgg(figure)
-    axes = figure.subplots(len(directions), 6, squeeze=False)
-    for row, direction in zip(axes, directions, strict=True):
+    axes = figure.subplots(2 * len(directions), columns, squeeze=False)
+    for index, direction in enumerate(directions):
         predictions = {}
         for method, parser in parsers.items():  # the evaluator's first item, synthesized by its Synthesis
             evaluator = parser.get_parsed_content(f"{direction}#evaluator")
@@ -410,37 +430,42 @@ def comparison_figure(path: Path, experiment: Experiment, parsers: Mapping[str, 
         def axial(volume: np.ndarray, z: int = z) -> np.ndarray:
             return np.rot90(np.asarray(volume, dtype=np.float32)[..., z])
 
-        names = {"source": item["source_name"], "target": item["target_name"]}
         target_range = display_range(target)
         errors = {method: np.abs(prediction - target) for method, prediction in predictions.items()}
         error_max = max(display_range(error)[1] for error in errors.values())
-        panels = [
-            (f"source ({names['source']})", axial(source[0].numpy()), "gray", display_range(source[0].numpy())),
-            (f"ground truth ({names['target']})", axial(target), "gray", target_range),
-            ("CycleGAN", axial(predictions["Cycle"]), "gray", target_range),
-            ("DicycleGAN", axial(predictions["Dicycle"]), "gray", target_range),
-            ("|CycleGAN - truth|", axial(errors["Cycle"]), "magma", (0.0, error_max)),
-            ("|DicycleGAN - truth|", axial(errors["Dicycle"]), "magma", (0.0, error_max)),
+        images = [
+            (f"source ({item['source_name']})", axial(source[0].numpy()), "gray", display_range(source[0].numpy())),
+            (f"ground truth ({item['target_name']})", axial(target), "gray", target_range),
+            *((labels.get(m, m), axial(p), "gray", target_range) for m, p in predictions.items()),
         ]
-        for ax, (label, image, cmap, (vmin, vmax)) in zip(row, panels, strict=True):
-            ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-            if mask is not None:
-                ax.contour(axial(mask), levels=[0.5], colors="cyan", linewidths=0.7)
-            ax.set_title(label, fontsize=10)
-            ax.axis("off")
-        row[0].text(
+        error_panels = [
+            None,
+            None,
+            *((f"|{labels.get(m, m)} - truth|", axial(e), "magma", (0.0, error_max)) for m, e in errors.items()),
+        ]
+        for row, panels in zip(axes[2 * index : 2 * index + 2], (images, error_panels), strict=True):
+            for ax, panel in zip(row, panels, strict=True):
+                ax.axis("off")
+                if panel is None:
+                    continue
+                label, image, cmap, (vmin, vmax) = panel
+                ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+                if mask is not None:
+                    ax.contour(axial(mask), levels=[0.5], colors="cyan", linewidths=0.7)
+                ax.set_title(label, fontsize=10)
+        axes[2 * index][0].text(
             -0.08,
             0.5,
             item["experiment"],
-            transform=row[0].transAxes,
+            transform=axes[2 * index][0].transAxes,
             rotation=90,
             va="center",
             ha="right",
             fontsize=11,
         )
     figure.suptitle(
-        f"{experiment.table} analogue, {experiment.title}: test subject {first_subject}, axial slice {z}; cyan: the "
-        f"ground truth's {experiment.mask}",
+        f"{title or f'{experiment.table} analogue, {experiment.title}'}: test subject {first_subject}, axial slice "
+        f"{z}; cyan: the ground truth's {experiment.mask}",
         fontsize=11,
     )
     path.parent.mkdir(parents=True, exist_ok=True)

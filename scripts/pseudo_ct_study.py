@@ -1,0 +1,438 @@
+"""Pseudo-CT study (issue 11): which training setting makes the aligned pass, the one inference serves, a CT?
+
+Usage (from the repository root)::
+
+    python scripts/pseudo_ct_study.py --output_dir study_pct                  # all variants, CPU budget
+    python scripts/pseudo_ct_study.py --output_dir study_pct --publish_dir docs
+
+The Table 3 analogue (phantom T1 <-> CT, MR positioning pad against CT head holder) is trained with
+``configs/train.json`` at ``reproduce.py``'s CPU preset, with the same data and seed, once per variant:
+
+- the paper's CycleGAN (``configs/cyclegan.json``) and DicycleGAN (the defaults);
+- the opt-in switches beyond the paper, alone and combined (:data:`VARIANTS`);
+- the misaligned-pairs mode: each training T1 volume paired with the CT of the same subject, misregistered by a
+  smooth distortion of its own (:class:`bundle.transforms.DomainDistortion`, one seed per subject, 10 mm peak,
+  40 mm control points) on top of the differing beds; and, as its control, the same mode with pairs that overlay
+  (no distortion).
+
+Every run is evaluated on the held-out subjects by ``configs/evaluate.json`` (the undeformed pass, as inference
+serves it): MAE in HU and bone Dice for T1 -> CT, PSNR/SSIM both ways, and the residual displacement
+(:func:`bundle.registration.residual_displacement`). Writes ``OUTPUT_DIR/pseudo_ct.md`` (table, targets, command,
+timings), ``OUTPUT_DIR/figures/fig4_pseudo_ct.png`` and keeps each run under ``runs/``; finished runs are not
+retrained, so the command can be repeated. ``--publish_dir docs`` replaces the study's section of
+``docs/results.md`` (between its markers) and copies the figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import fire
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bundle.datalist import read_datalist  # noqa: E402
+from bundle.evaluation import mask_preprocessing, mean_sd  # noqa: E402
+from bundle.transforms import DomainDistortion  # noqa: E402
+from scripts import reproduce  # noqa: E402
+from scripts.dose_response import applied_displacement  # noqa: E402
+
+__all__ = ["VARIANTS", "Variant", "pairs_datalist", "publish_section", "study"]
+
+PAIRS_SPACING_MM = 40.0
+PAIRS_SEED_OFFSET = 1000  # distortion seed of a pair: this plus the subject's number (phantom007 -> 1007)
+SECTION = "pseudo-ct-study"
+# issue 11's targets on the undeformed pass, T1 -> CT: (bone Dice at least, MAE at most, residual displacement at most)
+TARGETS = {"unpaired": (0.70, 150.0, 2.83), "misaligned pairs": (0.85, 100.0, 1.5)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One training setting of the study.
+
+    Args:
+        key: run folder suffix and command-line name.
+        label: what the tables call it.
+        overrides: ``configs/train.json`` settings that differ from the paper's defaults.
+        pairs_mm: ``None`` for unpaired training; otherwise the peak misregistration (mm) of the training pairs
+            (0: pairs that overlay).
+        cyclegan: train as CycleGAN (``configs/cyclegan.json``).
+    """
+
+    key: str
+    label: str
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    pairs_mm: float | None = None
+    cyclegan: bool = False
+
+    @property
+    def group(self) -> str:
+        return "unpaired" if self.pairs_mm is None else "misaligned pairs" if self.pairs_mm else "aligned pairs"
+
+
+VARIANTS: dict[str, Variant] = {
+    variant.key: variant
+    for variant in (
+        Variant("Cycle", "CycleGAN (paper)", cyclegan=True),
+        Variant("Dicycle", "DicycleGAN (paper)"),
+        Variant("Dicycle_shared", "+ shared offsets", {"offsets": "shared"}),
+        Variant(
+            "Dicycle_shared_gan_aligned",
+            "+ shared offsets + GAN on the aligned pass",
+            {"offsets": "shared", "lambda_gan_aligned": 1.0},
+        ),
+        Variant(
+            "Dicycle_misaligned_pairs",
+            "+ shared offsets + misaligned pairs",
+            {"offsets": "shared", "lambda_paired": 10.0},
+            pairs_mm=10.0,
+        ),
+        Variant(
+            "Dicycle_aligned_pairs",
+            "+ shared offsets + pairs that overlay (control)",
+            {"offsets": "shared", "lambda_paired": 10.0},
+            pairs_mm=0.0,
+        ),
+    )
+}
+
+
+def log(message: str) -> None:
+    print(f"[pseudo_ct_study {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- the pairs
+
+
+def _subject_number(subject: str) -> int:
+    digits = re.findall(r"\d+", subject)
+    if not digits:
+        raise ValueError(f"subject {subject!r} has no number to seed its misregistration with.")
+    return int(digits[-1])
+
+
+def pairs_datalist(data_dir: Path, misregistration_mm: float, pixdim: Sequence[float]) -> tuple[str, float]:
+    """The mr_ct datalist plus ``training_pairs``: each training T1 with the CT of the same subject, misregistered.
+
+    The CT of a pair is distorted by a smooth field of its own (seed :data:`PAIRS_SEED_OFFSET` + the subject's
+    number, ``misregistration_mm`` peak, 40 mm control points; 0 mm: the CT as it is, overlaying the T1 apart from
+    the beds), written once under ``data_dir/pairs_CT_<mm>mm/``. The other lists are ``datalist_mr_ct.json``'s.
+
+    Args:
+        data_dir: the phantom folder (``scripts/make_demo_data.py``).
+        misregistration_mm: peak displacement of each pair's distortion.
+        pixdim: the training grid (for the applied displacement's mean over the head mask).
+
+    Returns:
+        The datalist's file name inside ``data_dir`` and the mean applied displacement (mm) over the pairs' head
+        masks.
+    """
+    name = f"datalist_mr_ct_pairs_{misregistration_mm:g}mm.json"
+    record_path = data_dir / f"pairs_CT_{misregistration_mm:g}mm" / "applied.json"
+    if (data_dir / name).is_file() and record_path.is_file():
+        return name, json.loads(record_path.read_text())["mean_mm"]
+    content = read_datalist(data_dir, "datalist_mr_ct.json")
+    masks = mask_preprocessing("image", pixdim)
+    pairs, applied = [], []
+    for entry in content["training_A"]:
+        t1 = Path(entry["image"])
+        subject = t1.parent.name
+        ct = t1.parent / t1.name.replace("_T1", "_CT")
+        head = t1.parent / t1.name.replace("_T1", "_headmask")
+        if not (data_dir / ct).is_file() or not (data_dir / head).is_file():
+            raise FileNotFoundError(f"no CT or head mask of {subject} beside {data_dir / t1}.")
+        if misregistration_mm == 0:
+            pairs.append({"A": str(t1), "B": str(ct), "subject": subject})
+            continue
+        distortion = DomainDistortion(
+            misregistration_mm, PAIRS_SPACING_MM, seed=PAIRS_SEED_OFFSET + _subject_number(subject)
+        )
+        image = nib.load(data_dir / ct)
+        target = Path(f"pairs_CT_{misregistration_mm:g}mm") / ct
+        (data_dir / target).parent.mkdir(parents=True, exist_ok=True)
+        volume = np.asarray(image.dataobj, dtype=np.float32)[None]
+        warped = np.asarray(distortion(volume, affine=image.affine, mode="bilinear"))[0]
+        nib.save(nib.Nifti1Image(warped.astype(np.float32), image.affine), data_dir / target)
+        grid = masks({"image": str(data_dir / head)})["image"]
+        lengths = applied_displacement(distortion, image.shape, image.affine, grid, grid[0].numpy() > 0)
+        applied.append(float(np.nanmean(lengths)))
+        pairs.append({"A": str(t1), "B": target.as_posix(), "subject": subject})
+        log(f"{subject}: CT misregistered by {applied[-1]:.2f} mm (mean over the head) -> {target}")
+    mean_mm = statistics.fmean(applied) if applied else 0.0
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps({"mean_mm": mean_mm, "per_pair_mm": applied}))
+    (data_dir / name).write_text(
+        json.dumps(
+            {
+                **content,
+                "training_pairs": pairs,
+                "pairs": {"misregistration_mm": misregistration_mm, "control_spacing_mm": PAIRS_SPACING_MM},
+            },
+            indent=4,
+        )
+    )
+    return name, mean_mm
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+
+
+def publish_section(path: Path, section: str, text: str) -> None:
+    """Replace the text between ``<!-- section -->`` and ``<!-- /section -->`` in ``path`` (appended when absent)."""
+    begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    old = path.read_text() if path.is_file() else ""
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
+    else:
+        new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
+    path.write_text(new)
+
+
+def _cell(rows: Sequence[Mapping[str, Any]], metric: str, decimals: int) -> str:
+    return mean_sd([float(row.get(metric, "nan")) for row in rows], decimals)
+
+
+def study_table(rows: Mapping[str, Sequence[Mapping[str, Any]]], variants: Sequence[Variant]) -> str:
+    """One line per variant: T1 -> CT (MAE, bone Dice, displacement, PSNR, SSIM), CT -> T1 (displacement, PSNR,
+    SSIM); mean (sd) over the test subjects."""
+    lines = [
+        "| Variant | Training | T1 to CT: MAE (HU) | Bone Dice | Residual displacement (mm) | PSNR (dB) | SSIM "
+        "| CT to T1: residual displacement (mm) | PSNR (dB) | SSIM | n |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for variant in variants:
+        a2b = [r for r in rows[variant.key] if r["direction"] == "A2B"]
+        b2a = [r for r in rows[variant.key] if r["direction"] == "B2A"]
+        cells = [
+            _cell(a2b, "MAE_HU", 1),
+            _cell(a2b, "bone_dice", 3),
+            _cell(a2b, "displacement_mm", 2),
+            _cell(a2b, "PSNR", 2),
+            _cell(a2b, "SSIM", 3),
+            _cell(b2a, "displacement_mm", 2),
+            _cell(b2a, "PSNR", 2),
+            _cell(b2a, "SSIM", 3),
+        ]
+        lines.append(f"| {variant.label} | {variant.group} | " + " | ".join(cells) + f" | {len(a2b)} |")
+    return "\n".join(lines)
+
+
+def target_lines(rows: Mapping[str, Sequence[Mapping[str, Any]]], variants: Sequence[Variant]) -> list[str]:
+    """Per target group, the variant closest to the targets (highest bone Dice) and which targets it meets."""
+    lines = []
+    for group, (dice, mae, displacement) in TARGETS.items():
+        members = [v for v in variants if v.group == group and not v.cyclegan]
+        if not members:
+            continue
+
+        def mean(variant: Variant, metric: str) -> float:
+            return reproduce.mean_of([r for r in rows[variant.key] if r["direction"] == "A2B"], metric)
+
+        best = max(members, key=lambda v: mean(v, "bone_dice"))
+        checks = [
+            ("bone Dice", mean(best, "bone_dice"), f">= {dice:.2f}", mean(best, "bone_dice") >= dice, 3),
+            ("MAE", mean(best, "MAE_HU"), f"<= {mae:.0f} HU", mean(best, "MAE_HU") <= mae, 1),
+            (
+                "residual displacement",
+                mean(best, "displacement_mm"),
+                f"<= {displacement:.2f} mm",
+                mean(best, "displacement_mm") <= displacement,
+                2,
+            ),
+        ]
+        met = "; ".join(
+            f"{name} {value:.{decimals}f} (target {target}: {'met' if ok else 'MISSED'})"
+            for name, value, target, ok, decimals in checks
+        )
+        lines.append(f"- {group}: best variant *{best.label}*: {met}.")
+    return lines
+
+
+def study_markdown(
+    command: str,
+    rows: Mapping[str, Sequence[Mapping[str, Any]]],
+    variants: Sequence[Variant],
+    records: Mapping[str, Mapping[str, Any]],
+    pairs_mean_mm: float,
+    figure: str,
+    budget_text: str,
+    timings: Mapping[str, float],
+) -> str:
+    """The study's section of ``docs/results.md``."""
+    training = ", ".join(f"{v.label} {records[v.key]['seconds'] / 60:.1f} min" for v in variants)
+    return "\n".join(
+        [
+            "## Pseudo-CT study (issue 11): which setting makes the aligned pass a CT?",
+            "",
+            "The Table 3 analogue (phantom T1 <-> CT, MR positioning pad against CT head holder) trained once per "
+            "variant with the same data, seed and budget, every variant evaluated on the undeformed pass that "
+            "inference serves (`configs/evaluate.json`: 4 held-out subjects, metrics inside the head mask). "
+            "Produced by:",
+            "",
+            "```bash",
+            command,
+            "```",
+            "",
+            f"Budget: {budget_text}. Wall time: training {timings['training'] / 60:.1f} min ({training}), "
+            f"evaluation and registration {timings['evaluation'] / 60:.1f} min, on "
+            f"{platform.machine()} with {os.cpu_count()} CPU cores (runs shared the cores).",
+            "",
+            "Variants beyond the paper are opt-in switches of `configs/train.json` (README, *Beyond the paper*): "
+            "`offsets: shared` (one displacement per location used by every tap of a deformable convolution, so the "
+            "deformed pass is a warp of the aligned pass and the adversarial loss trains the aligned pass's "
+            "content), `lambda_gan_aligned` (the discriminators also judge the aligned pass) and `lambda_paired` "
+            "with a `training_pairs` list (L1 between the deformed output and the same subject's CT). Misaligned "
+            f"pairs: each training CT distorted by a smooth field of its own (10 mm peak, 40 mm control points; "
+            f"{pairs_mean_mm:.2f} mm mean over the head) on top of the differing beds; the control trains on pairs "
+            "that overlay.",
+            "",
+            study_table(rows, variants),
+            "",
+            "Targets of issue 11 (T1 to CT, undeformed pass):",
+            "",
+            *target_lines(rows, variants),
+            "",
+            f"![Pseudo-CT study]({figure})",
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def study(
+    output_dir: str = "study_pct",
+    variants: str | Sequence[str] = tuple(VARIANTS),
+    dataset_dir: str | None = None,
+    seed: int = 0,
+    budget: int = 1,
+    publish_dir: str | None = None,
+    preset: str = "cpu",
+) -> dict[str, Any]:
+    """Train every variant on the phantom's T1 <-> CT, evaluate the undeformed pass, write ``pseudo_ct.md``.
+
+    Args:
+        output_dir: where the data, runs, metrics, figure and ``pseudo_ct.md`` go.
+        variants: keys of :data:`VARIANTS` (comma-separated or a list).
+        dataset_dir: an existing phantom folder (``scripts/make_demo_data.py`` at the cpu preset) instead of
+            building ``OUTPUT_DIR/data``.
+        seed: seed of the data set and of every training run.
+        budget: train ``budget`` times the cpu preset's epochs.
+        publish_dir: also put the section into ``PUBLISH_DIR/results.md`` and copy the figure there.
+        preset: ``reproduce.py``'s ``"cpu"`` budget, or ``"smoke"`` (tests only: says nothing about the method).
+
+    Returns:
+        ``{"results": path of pseudo_ct.md, "rows": {variant: per-volume rows}}``.
+
+    Raises:
+        ValueError: for an unknown variant or preset, or a budget below 1.
+    """
+    keys = [k.strip() for k in variants.split(",")] if isinstance(variants, str) else list(variants)
+    unknown = [key for key in keys if key not in VARIANTS]
+    if unknown or not keys:
+        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}.")
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a whole number of times the cpu preset's epochs (>= 1), got {budget!r}.")
+    if preset not in ("cpu", "smoke"):
+        raise ValueError(f"preset must be 'cpu' or 'smoke', got {preset!r}.")
+    chosen = [VARIANTS[key] for key in keys]
+    output = Path(output_dir).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    settings = reproduce.PRESETS[preset]
+    configs = settings["configs"]
+    preset_overrides = settings.get("overrides", {})
+    overrides = {**preset_overrides, **reproduce.budget_epochs(configs, preset_overrides, budget)}
+    data_dir = Path(dataset_dir).resolve() if dataset_dir else output / "data"
+    timings = {"data": 0.0 if dataset_dir else reproduce.build_data(data_dir, settings["data"], seed)}
+    experiment = reproduce.EXPERIMENTS["mr_ct"]
+    pixdim = overrides.get("pixdim") or reproduce.ConfigParser.load_config_file(str(ROOT / configs[0]))["pixdim"]
+    experiments, pairs_mean_mm = {}, 0.0
+    for variant in chosen:
+        datalist = experiment.datalist
+        if variant.pairs_mm is not None:
+            datalist, applied = pairs_datalist(data_dir, variant.pairs_mm, pixdim)
+            pairs_mean_mm = max(pairs_mean_mm, applied)
+        experiments[variant.key] = dataclasses.replace(experiment, datalist=datalist)
+
+    records, run_dirs = {}, {}
+    for variant in chosen:
+        run_dirs[variant.key] = output / "runs" / f"mr_ct_{variant.key}"
+        method = "Cycle" if variant.cyclegan else variant.key
+        records[variant.key] = reproduce.train(
+            run_dirs[variant.key],
+            experiments[variant.key],
+            method,
+            configs,
+            {**overrides, **variant.overrides},
+            data_dir,
+            seed,
+        )
+
+    evaluation_start = time.perf_counter()
+    (output / "metrics").mkdir(exist_ok=True)
+    measured_before = reproduce.measured_seconds(output / "metrics")
+    rows, parsers = {}, {}
+    for variant in chosen:
+        run_dir = run_dirs[variant.key]
+        method = "Cycle" if variant.cyclegan else "Dicycle"
+        # evaluated on the unpaired test lists of datalist_mr_ct.json, whatever the training datalist
+        parsers[variant.key] = reproduce.evaluation_parser(experiment, method, configs, overrides, data_dir, run_dir)
+        log(f"{variant.key}: evaluating")
+        trained_at = (run_dir / "run.json").stat().st_mtime
+        measured = reproduce.evaluate(parsers[variant.key], output / "metrics" / f"{variant.key}.csv", trained_at)
+        rows[variant.key] = [{**row, "method": variant.key} for row in measured]
+    figure = reproduce.comparison_figure(
+        output / "figures" / "fig4_pseudo_ct.png",
+        experiment,
+        parsers,
+        labels={variant.key: variant.label for variant in chosen},
+        title="Pseudo-CT study, T1 <-> CT, the undeformed pass",
+    )
+    timings["evaluation"] = measured_before + time.perf_counter() - evaluation_start
+    timings["training"] = sum(record["seconds"] for record in records.values())
+
+    command = f"python scripts/pseudo_ct_study.py --output_dir {output_dir}"
+    if keys != list(VARIANTS):
+        command += f" --variants {','.join(keys)}"
+    if seed:
+        command += f" --seed {seed}"
+    if preset != "cpu":
+        command += f" --preset {preset}"
+    if budget != 1:
+        command += f" --budget {budget}"
+    budget_text = f"`reproduce.py --preset {preset}` ({settings['description']})" + (
+        f", stretched {budget}x by `--budget`" if budget != 1 else ""
+    )
+    text = study_markdown(
+        command, rows, chosen, records, pairs_mean_mm, "figures/fig4_pseudo_ct.png", budget_text, timings
+    )
+    results = output / "pseudo_ct.md"
+    results.write_text(text + "\n")
+    log(f"wrote {results}")
+    print("\n".join(target_lines(rows, chosen)))
+    if publish_dir:
+        publish = Path(publish_dir)
+        (publish / "figures").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(figure, publish / "figures" / figure.name)
+        publish_section(publish / "results.md", SECTION, text)
+        log(f"published to {publish / 'results.md'}")
+    return {"results": str(results), "rows": rows}
+
+
+if __name__ == "__main__":
+    fire.Fire(study, serialize=lambda result: result["results"])
