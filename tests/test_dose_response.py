@@ -131,13 +131,6 @@ def test_inverse_displacement_undoes_the_distortion() -> None:
 # --------------------------------------------------------------------------------------- tiny data, end to end
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data_dir = tmp_path_factory.mktemp("dose_data")
-    reproduce.build_data(data_dir, reproduce.PRESETS["smoke"]["data"], seed=0)
-    return data_dir
-
-
 def test_instrument_recovers_the_applied_displacement_at_a_tiny_size(phantom: Path, tmp_path: Path, capsys) -> None:
     result = dose_response.instrument(
         output_dir=str(tmp_path), preset="smoke", levels="0,10", dataset_dir=str(phantom), tolerance=0.5

@@ -1,0 +1,94 @@
+"""scripts/pseudo_ct_study.py: the misaligned pairs it builds, the section it publishes, and the study end to end at
+a tiny size (smoke preset: tiny phantom and networks; checks the plumbing, not the method)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from bundle.datalist import load_datalist
+from scripts import pseudo_ct_study
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_pairs_are_the_same_subject_misregistered_by_a_distortion_of_their_own(phantom: Path) -> None:
+    name, applied = pseudo_ct_study.pairs_datalist(phantom, 10.0, [4.8, 4.8, 4.8])
+    pairs = load_datalist(phantom, name, "training_pairs")
+    training_a = load_datalist(phantom, "datalist_mr_ct.json", "training_A")
+    assert [pair["A"] for pair in pairs] == [entry["image"] for entry in training_a]
+    assert applied > 1.0  # mean over the head masks, mm
+    fields = []
+    for pair in pairs:
+        subject = Path(pair["A"]).parent.name
+        assert Path(pair["B"]).parent.name == subject and "pairs_CT_10mm" in pair["B"]
+        original = nib.load(phantom / subject / f"{subject}_CT.nii.gz")
+        moved = nib.load(pair["B"])
+        np.testing.assert_allclose(moved.affine, original.affine)  # same grid, other content position
+        fields.append(np.asarray(moved.dataobj) - np.asarray(original.dataobj))
+        assert np.abs(fields[-1]).max() > 100  # HU: bone and air moved
+    assert not np.allclose(fields[0], fields[1])  # each pair its own misregistration
+    # the other lists are datalist_mr_ct.json's; a second call reuses the files
+    assert load_datalist(phantom, name, "test") == load_datalist(phantom, "datalist_mr_ct.json", "test")
+    assert pseudo_ct_study.pairs_datalist(phantom, 10.0, [4.8, 4.8, 4.8]) == (name, applied)
+    aligned, none = pseudo_ct_study.pairs_datalist(phantom, 0.0, [4.8, 4.8, 4.8])
+    assert none == 0.0
+    for pair in load_datalist(phantom, aligned, "training_pairs"):
+        assert Path(pair["B"]).name == Path(pair["A"]).name.replace("_T1", "_CT") and "pairs_CT" not in pair["B"]
+
+
+def test_publish_section_replaces_only_its_own_section(tmp_path: Path) -> None:
+    results = tmp_path / "results.md"
+    results.write_text("# Results\n\nthe reproduction's tables\n")
+    pseudo_ct_study.publish_section(results, "study", "first version")
+    pseudo_ct_study.publish_section(results, "study", "second version")
+    text = results.read_text()
+    assert text.startswith("# Results\n\nthe reproduction's tables\n")
+    assert "second version" in text and "first version" not in text and text.count("<!-- study -->") == 1
+
+
+def test_study_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path) -> None:
+    variants = ["Dicycle_shared", "Dicycle_misaligned_pairs"]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text("# Results\n")
+    result = pseudo_ct_study.study(
+        output_dir=str(tmp_path / "study"),
+        variants=",".join(variants),
+        dataset_dir=str(phantom),
+        preset="smoke",
+        publish_dir=str(docs),
+    )
+    output = tmp_path / "study"
+    commands = {v: json.loads((output / "runs" / f"mr_ct_{v}" / "run.json").read_text())["command"] for v in variants}
+    assert "--offsets shared" in commands["Dicycle_shared"] and "--lambda_paired" not in commands["Dicycle_shared"]
+    assert "--lambda_paired 10.0" in commands["Dicycle_misaligned_pairs"]
+    assert "datalist_mr_ct_pairs_10mm.json" in commands["Dicycle_misaligned_pairs"]
+    for variant in variants:
+        with (output / "metrics" / f"{variant}.csv").open(newline="") as file:
+            rows = list(csv.DictReader(file))
+        assert {row["direction"] for row in rows} == {"A2B", "B2A"}
+        assert all(row["MAE_HU"] for row in rows if row["direction"] == "A2B")  # a CT target: HU metrics
+        assert [float(row["MAE_HU"]) for row in result["rows"][variant] if row["direction"] == "A2B"] == [
+            pytest.approx(float(row["MAE_HU"])) for row in rows if row["direction"] == "A2B"
+        ]
+    text = (output / "pseudo_ct.md").read_text()
+    for variant in variants:
+        assert f"| {pseudo_ct_study.VARIANTS[variant].label} |" in text
+    assert "--preset smoke" in text and "misaligned pairs: best variant" in text
+    assert (output / "figures" / "fig4_pseudo_ct.png").read_bytes()[:8] == PNG_SIGNATURE
+    published = (docs / "results.md").read_text()
+    assert published.startswith("# Results\n") and text.strip() in published
+    assert (docs / "figures" / "fig4_pseudo_ct.png").is_file()
+
+
+def test_unknown_variant_and_bad_budget_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown variants"):
+        pseudo_ct_study.study(output_dir=str(tmp_path), variants="Dicycle,Nope")
+    with pytest.raises(ValueError, match="budget"):
+        pseudo_ct_study.study(output_dir=str(tmp_path), budget=0)
