@@ -51,7 +51,7 @@ from bundle.transforms import DomainDistortion  # noqa: E402
 from scripts import reproduce  # noqa: E402
 from scripts.dose_response import applied_displacement  # noqa: E402
 
-__all__ = ["VARIANTS", "Variant", "pairs_datalist", "publish_section", "study"]
+__all__ = ["VARIANTS", "Variant", "pairs_datalist", "study"]
 
 PAIRS_SPACING_MM = 40.0
 PAIRS_SEED_OFFSET = 1000  # distortion seed of a pair: this plus the subject's number (phantom007 -> 1007)
@@ -195,18 +195,6 @@ def pairs_datalist(data_dir: Path, misregistration_mm: float, pixdim: Sequence[f
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
-
-
-def publish_section(path: Path, section: str, text: str) -> None:
-    """Replace the text between ``<!-- section -->`` and ``<!-- /section -->`` in ``path`` (appended when absent)."""
-    begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
-    block = f"{begin}\n{text.strip()}\n{end}"
-    old = path.read_text() if path.is_file() else ""
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
-    else:
-        new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
-    path.write_text(new)
 
 
 def _cell(rows: Sequence[Mapping[str, Any]], metric: str, decimals: int) -> str:
@@ -435,7 +423,7 @@ def study(
         publish = Path(publish_dir)
         (publish / "figures").mkdir(parents=True, exist_ok=True)
         shutil.copy2(figure, publish / "figures" / figure.name)
-        publish_section(publish / "results.md", SECTION, text)
+        reproduce.publish_section(publish / "results.md", SECTION, text)
         log(f"published to {publish / 'results.md'}")
     return {"results": str(results), "rows": rows}
 

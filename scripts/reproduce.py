@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -180,6 +181,23 @@ TABLE_METRICS = tuple(
     if name != "SSIM_windowed"
 )
 CT_ONLY_METRICS = ("MAE_HU", "bone_dice")
+
+
+def marked_sections(text: str) -> list[str]:
+    """The ``<!-- name -->`` ... ``<!-- /name -->`` blocks of a results file: other studies' sections."""
+    return [match.group(0) for match in re.finditer(r"<!-- ([\w-]+) -->\n.*?\n<!-- /\1 -->", text, flags=re.S)]
+
+
+def publish_section(path: Path, section: str, text: str) -> None:
+    """Replace the text between ``<!-- section -->`` and ``<!-- /section -->`` in ``path`` (appended when absent)."""
+    begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    old = path.read_text() if path.is_file() else ""
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
+    else:
+        new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
+    path.write_text(new)
 
 
 def log(message: str) -> None:
@@ -838,7 +856,10 @@ def main(
         (publish / "figures").mkdir(parents=True, exist_ok=True)
         for name in figures.values():
             shutil.copy2(output / name, publish / name)
-        shutil.copy2(results, publish / "results.md")
+        # the other studies' sections of the published file (pseudo_ct_study.py, dose_response.py) stay
+        published = publish / "results.md"
+        kept = marked_sections(published.read_text()) if published.is_file() else []
+        published.write_text(results.read_text().rstrip() + "".join(f"\n\n{block}" for block in kept) + "\n")
         log(f"published to {publish / 'results.md'}")
     return {"results": str(results), "rows": rows_by_experiment}
 

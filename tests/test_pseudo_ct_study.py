@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from bundle.datalist import load_datalist
-from scripts import pseudo_ct_study
+from scripts import pseudo_ct_study, reproduce
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -45,8 +45,8 @@ def test_pairs_are_the_same_subject_misregistered_by_a_distortion_of_their_own(p
 def test_publish_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     results = tmp_path / "results.md"
     results.write_text("# Results\n\nthe reproduction's tables\n")
-    pseudo_ct_study.publish_section(results, "study", "first version")
-    pseudo_ct_study.publish_section(results, "study", "second version")
+    reproduce.publish_section(results, "study", "first version")
+    reproduce.publish_section(results, "study", "second version")
     text = results.read_text()
     assert text.startswith("# Results\n\nthe reproduction's tables\n")
     assert "second version" in text and "first version" not in text and text.count("<!-- study -->") == 1

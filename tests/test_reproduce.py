@@ -22,11 +22,15 @@ import reproduce  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+OTHER_SECTION = "<!-- other-study -->\n## Another study\n\nits table\n<!-- /other-study -->"
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
     output = tmp_path_factory.mktemp("study")
+    # a published results file that already holds another study's section (pseudo_ct_study.py, dose_response.py)
+    (output / "docs").mkdir()
+    (output / "docs" / "results.md").write_text("# old results\n\n" + OTHER_SECTION + "\n")
     result = reproduce.main(
         output_dir=str(output), preset="smoke", experiments="deformed", publish_dir=str(output / "docs")
     )
@@ -89,7 +93,8 @@ def test_results_report_the_measured_means_beside_the_paper(study: dict) -> None
         assert f"]({figure})" in text
         assert (study["output"] / figure).read_bytes()[:8] == PNG_SIGNATURE
         assert (study["output"] / "docs" / figure).is_file()
-    assert (study["output"] / "docs" / "results.md").read_text() == text
+    # published: this study's text replaces the old one, the other study's section stays
+    assert (study["output"] / "docs" / "results.md").read_text() == text.rstrip() + "\n\n" + OTHER_SECTION + "\n"
 
 
 def test_a_repeated_command_reuses_finished_runs_and_resumes_an_interrupted_one(study: dict) -> None:
