@@ -322,13 +322,14 @@ def study_markdown(
 ) -> str:
     """The study's section of ``docs/results.md``."""
     training = ", ".join(f"{v.label} {records[v.key]['seconds'] / 60:.1f} min" for v in variants)
+    n_test = len({row["subject"] for row in rows[variants[0].key]})
     return "\n".join(
         [
             "## Pseudo-CT study (issue 11): which setting makes the aligned pass a CT?",
             "",
             "The Table 3 analogue (phantom T1 <-> CT, MR positioning pad against CT head holder) trained once per "
             "variant with the same data, seed and budget, every variant evaluated on the undeformed pass that "
-            "inference serves (`configs/evaluate.json`: 4 held-out subjects, metrics inside the head mask). "
+            f"inference serves (`configs/evaluate.json`: {n_test} held-out subjects, metrics inside the head mask). "
             "Produced by:",
             "",
             "```bash",
@@ -337,7 +338,7 @@ def study_markdown(
             "",
             f"Budget: {budget_text}. Wall time: training {timings['training'] / 60:.1f} min ({training}), "
             f"evaluation and registration {timings['evaluation'] / 60:.1f} min, on "
-            f"{platform.machine()} with {os.cpu_count()} CPU cores (runs shared the cores).",
+            f"{platform.machine()} with {os.cpu_count()} CPU cores (runs may share the cores: then each takes longer).",
             "",
             "Variants beyond the paper are opt-in switches of `configs/train.json` (README, *Beyond the paper*): "
             "`offsets: shared` (one displacement per location used by every tap of a deformable convolution, so the "
