@@ -105,12 +105,6 @@ VARIANTS: dict[str, Variant] = {
             pairs_mm=10.0,
         ),
         Variant(
-            "Dicycle_misaligned_pairs_per_tap",
-            "+ misaligned pairs (the paper's per-tap offsets)",
-            {"lambda_paired": 10.0},
-            pairs_mm=10.0,
-        ),
-        Variant(
             "Dicycle_aligned_pairs",
             "+ shared offsets + pairs that overlay (control)",
             {"offsets": "shared", "lambda_paired": 10.0},
