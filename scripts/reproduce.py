@@ -40,6 +40,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -470,7 +471,7 @@ def comparison_figure(
                 ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
                 if mask is not None:
                     ax.contour(axial(mask), levels=[0.5], colors="cyan", linewidths=0.7)
-                ax.set_title(label, fontsize=10)
+                ax.set_title(textwrap.fill(label, 28), fontsize=10)  # long variant names wrap
         axes[2 * index][0].text(
             -0.08,
             0.5,
