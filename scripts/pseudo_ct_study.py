@@ -459,6 +459,8 @@ def study(
     command = f"python scripts/pseudo_ct_study.py --output_dir {output_dir}"
     if keys != list(VARIANTS):
         command += f" --variants {','.join(keys)}"
+    if dataset_dir:
+        command += f" --dataset_dir {dataset_dir}"
     if seed:
         command += f" --seed {seed}"
     if preset != "cpu":
