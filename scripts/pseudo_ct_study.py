@@ -456,17 +456,17 @@ def study(
     timings["evaluation"] = measured_before + time.perf_counter() - evaluation_start
     timings["training"] = sum(record["seconds"] for record in records.values())
 
-    command = f"python scripts/pseudo_ct_study.py --output_dir {output_dir}"
-    if keys != list(VARIANTS):
-        command += f" --variants {','.join(keys)}"
-    if dataset_dir:
-        command += f" --dataset_dir {dataset_dir}"
-    if seed:
-        command += f" --seed {seed}"
-    if preset != "cpu":
-        command += f" --preset {preset}"
-    if budget != 1:
-        command += f" --budget {budget}"
+    command = reproduce.command_line(
+        "scripts/pseudo_ct_study.py",
+        {
+            "output_dir": output_dir,
+            "variants": ",".join(keys) if keys != list(VARIANTS) else None,
+            "dataset_dir": dataset_dir or None,
+            "seed": seed or None,
+            "preset": preset if preset != "cpu" else None,
+            "budget": budget if budget != 1 else None,
+        },
+    )
     budget_text = f"`reproduce.py --preset {preset}` ({settings['description']})" + (
         f", stretched {budget}x by `--budget`" if budget != 1 else ""
     )

@@ -201,6 +201,11 @@ def publish_section(path: Path, section: str, text: str) -> None:
     path.write_text(new)
 
 
+def command_line(script: str, flags: Mapping[str, Any]) -> str:
+    """The published command: ``python <script>`` and ``--name value`` for every flag whose value is not None."""
+    return " ".join([f"python {script}", *(f"--{name} {value}" for name, value in flags.items() if value is not None)])
+
+
 def log(message: str) -> None:
     print(f"[reproduce {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -829,15 +834,17 @@ def main(
     timings["training"] = sum(record["seconds"] for record in records.values())
     timings["total"] = timings["data"] + timings["training"] + timings["evaluation"]
 
-    command = f"python scripts/reproduce.py --output_dir {output_dir} --preset {preset}"
-    if keys != list(EXPERIMENTS):
-        command += f" --experiments {','.join(keys)}"
-    if dataset_dir:
-        command += f" --dataset_dir {dataset_dir}"
-    if seed:
-        command += f" --seed {seed}"
-    if budget != 1:
-        command += f" --budget {budget}"
+    command = command_line(
+        "scripts/reproduce.py",
+        {
+            "output_dir": output_dir,
+            "preset": preset,
+            "experiments": ",".join(keys) if keys != list(EXPERIMENTS) else None,
+            "dataset_dir": dataset_dir or None,
+            "seed": seed or None,
+            "budget": budget if budget != 1 else None,
+        },
+    )
     text = results_markdown(
         command,
         preset,
