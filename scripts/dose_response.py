@@ -30,6 +30,9 @@ import csv
 import dataclasses
 import json
 import math
+import os
+import platform
+import shutil
 import statistics
 import sys
 import time
@@ -65,6 +68,8 @@ SEEDS = (0, 1, 2)
 DISTORTION_SPACING_MM = 80.0
 DISTORTION_SEED = 0
 INSTRUMENT_TOLERANCE = 0.10
+# the study's marked section of docs/results.md (reproduce.publish_section)
+SECTION = "dose-response-study"
 # wall time of one cpu-preset run on the 2-core reference machine (docs/results.md: 6 runs trained in 44.5 min,
 # evaluated with registration in 7.8 min); used for the estimate until this study has finished runs of its own
 DEFAULT_TRAIN_S = 445.0
@@ -539,10 +544,11 @@ def copy_fractions(
 
 
 def _percent(fit: Mapping[str, float]) -> str:
+    """``"X ± Y %"``: the slope in percent, +- the half-width of its 95 % confidence interval (when it has one)."""
     slope = 100.0 * fit["slope"]
     if math.isnan(fit["se"]):
         return f"{slope:.0f} %"
-    return f"{slope:.0f} % (95 % CI {100.0 * fit['ci_low']:.0f} to {100.0 * fit['ci_high']:.0f} %)"
+    return f"{slope:.0f} ± {100.0 * (fit['ci_high'] - fit['slope']):.0f} %"
 
 
 def copy_fraction_table(fits: Mapping[tuple[str, str], Mapping[str, float]], labels: Mapping[str, str]) -> str:
@@ -555,6 +561,48 @@ def copy_fraction_table(fits: Mapping[tuple[str, str], Mapping[str, float]], lab
         lines.append(
             f"| {labels[direction]} | {method} | {fit['slope']:.3f} | {interval} | {fit['intercept']:.2f} | "
             f"{fit['n']} |"
+        )
+    return "\n".join(lines)
+
+
+def seed_spread(
+    rows: Sequence[Mapping[str, Any]],
+    applied: Mapping[tuple[float, str], float],
+    replicate_level_mm: float,
+    baseline: tuple[float, int],
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """The spread between training seeds at the replicate level, per (method, direction).
+
+    Each seed's copy fraction is the two-point slope from the baseline run (``(level_mm, seed)``, the undistorted
+    level with the first seed) to that seed's run at ``replicate_level_mm``.
+
+    Returns:
+        ``{(method, direction): {"residual": {seed: mm}, "copy": {seed: slope}}}`` for the pairs with a baseline run.
+    """
+    means = run_means(rows)
+    spread: dict[tuple[str, str], dict[str, Any]] = {}
+    for (method, direction, level, seed), residual in sorted(means.items()):
+        start = means.get((method, direction, *baseline))
+        if level != replicate_level_mm or start is None:
+            continue
+        rise = applied[replicate_level_mm, direction] - applied[baseline[0], direction]
+        entry = spread.setdefault((method, direction), {"residual": {}, "copy": {}})
+        entry["residual"][seed] = residual
+        entry["copy"][seed] = (residual - start) / rise
+    return spread
+
+
+def seed_table(spread: Mapping[tuple[str, str], Mapping[str, Any]], labels: Mapping[str, str]) -> str:
+    """Markdown: each seed's residual displacement and copy fraction at the replicate level, mean (sd) over seeds."""
+    lines = [
+        "| direction | method | residual displacement per seed (mm) | mean (sd) | copy fraction per seed | mean (sd) |",
+        "| --- | --- | --- | ---: | --- | ---: |",
+    ]
+    for (method, direction), entry in sorted(spread.items(), key=lambda item: (item[0][1], item[0][0])):
+        residual, copy = list(entry["residual"].values()), list(entry["copy"].values())
+        lines.append(
+            f"| {labels[direction]} | {method} | {', '.join(f'{v:.2f}' for v in residual)} | {mean_sd(residual, 2)} | "
+            f"{', '.join(f'{v:.3f}' for v in copy)} | {mean_sd(copy, 3)} |"
         )
     return "\n".join(lines)
 
@@ -641,6 +689,7 @@ def study(
     dataset_dir: str | None = None,
     dry_run: bool = False,
     skip_instrument_check: bool = False,
+    publish_dir: str | None = None,
 ) -> dict[str, Any]:
     """Train CycleGAN and DicycleGAN at every distortion level, evaluate them and report the copy fractions.
 
@@ -655,6 +704,9 @@ def study(
         dry_run: print the planned runs and the estimate, train nothing.
         skip_instrument_check: train even though ``OUTPUT_DIR/instrument.json`` does not record a passed
             instrument check (``instrument`` command) at every level of the study.
+        publish_dir: also put the text into its section of ``PUBLISH_DIR/results.md`` (between the
+            ``<!-- dose-response-study -->`` markers; another budget has a section of its own) and copy the figures
+            to ``PUBLISH_DIR/figures``.
 
     Returns:
         ``{"results", "fits", "rows", "runs"}``; ``results`` is None for a dry run.
@@ -726,19 +778,48 @@ def study(
     labels = {row["direction"]: row["experiment"] for row in rows}
     fits = copy_fractions(rows, applied)
     figures = {"dose": dose_figure(output / "figures" / "dose_response.png", rows, applied, fits, labels)}
+    suffix = "" if budget == 1 else f"_{budget}x"  # another budget: figures and published section of its own
+    figures = {"dose": dose_figure(output / "figures" / f"dose_response{suffix}.png", rows, applied, fits, labels)}
     top = max(levels)
     panel = {run.method: parsers[run] for run in runs if run.level_mm == top and run.seed == seeds[0]}
     if set(panel) == set(reproduce.METHODS):
         figures["fig4"] = reproduce.comparison_figure(
-            output / "figures" / f"fig4_{top:g}mm.png", Run(top, seeds[0], "Dicycle").experiment(datalists[top]), panel
+            output / "figures" / f"fig4_{top:g}mm{suffix}.png",
+            Run(top, seeds[0], "Dicycle").experiment(datalists[top]),
+            panel,
         )
+    spread = seed_spread(rows, applied, replicate_level_mm, (min(levels), seeds[0]))
     records = [json.loads((runs_dir / run.name / "run.json").read_text()) for run in runs]
-    command = f"python scripts/dose_response.py study --output_dir {output_dir} --preset {preset} --budget {budget}"
-    text = results_markdown(command, preset, budget, runs, rows, applied, fits, labels, figures, output, records)
-    text += f"\nWall time of this call: {(time.perf_counter() - start) / 60:.1f} min.\n"
+    command = reproduce.command_line(
+        "scripts/dose_response.py study", {"output_dir": output_dir, "preset": preset, "budget": budget}
+    )
+    instrument_text = (output / "instrument.md").read_text() if (output / "instrument.md").is_file() else None
+    text = results_markdown(
+        command,
+        preset,
+        budget,
+        runs,
+        rows,
+        applied,
+        fits,
+        spread,
+        labels,
+        figures,
+        records,
+        replicate_level_mm,
+        instrument_text,
+    )
+    text += f"\nWall time of this call: {(time.perf_counter() - start) / 60:.1f} min (trained runs reused).\n"
     results = output / "results.md"
     results.write_text(text)
     log(f"wrote {results}")
+    if publish_dir:
+        publish = Path(publish_dir)
+        (publish / "figures").mkdir(parents=True, exist_ok=True)
+        for figure in figures.values():
+            shutil.copy2(figure, publish / "figures" / figure.name)
+        reproduce.publish_section(publish / "results.md", SECTION + suffix.replace("_", "-"), text)
+        log(f"published to {publish / 'results.md'}")
     for (method, direction), fit in sorted(fits.items()):
         print(f"{labels[direction]}: {method}GAN copies {_percent(fit)} of the distortion")
     return {"results": str(results), "fits": fits, "rows": rows, "runs": runs}
@@ -752,12 +833,15 @@ def results_markdown(
     rows: Sequence[Mapping[str, Any]],
     applied: Mapping[tuple[float, str], float],
     fits: Mapping[tuple[str, str], Mapping[str, float]],
+    spread: Mapping[tuple[str, str], Mapping[str, Any]],
     labels: Mapping[str, str],
     figures: Mapping[str, Path],
-    output: Path,
     records: Sequence[Mapping[str, Any]],
+    replicate_level_mm: float,
+    instrument_text: str | None = None,
 ) -> str:
-    """The text of the study's ``results.md`` (every figure in it comes from ``rows``, ``applied`` and ``fits``)."""
+    """The text of the study's ``results.md`` (every figure in it comes from ``rows``, ``applied``, ``fits``,
+    ``spread`` and the instrument check's own text)."""
     training_min = sum(record["seconds"] for record in records) / 60.0
     claim = "; ".join(
         f"{labels[direction]}: CycleGAN copies {_percent(fits['Cycle', direction])}, DicycleGAN "
@@ -765,37 +849,56 @@ def results_markdown(
         for direction in sorted(labels)
         if ("Cycle", direction) in fits and ("Dicycle", direction) in fits
     )
+    seeds = sorted({run.seed for run in runs})
     lines = [
-        "# Dose-response: how much of a T2 distortion do the syntheses copy?",
+        "## Dose-response study (issue 14): how much of a T2 distortion do the syntheses copy?",
         "",
         "```bash",
         command,
         "```",
         "",
-        f"Preset `{preset}` ({reproduce.PRESETS[preset]['description']}), budget {budget}; {len(runs)} runs, "
-        f"training {training_min:.1f} min in all. T2 distorted by one smooth field ({DISTORTION_SPACING_MM:g} mm "
-        f"lattice, seed {DISTORTION_SEED}) scaled to each peak; applied mean displacement evaluated analytically "
-        "on the evaluation's mask.",
+        f"Preset `{preset}` ({reproduce.PRESETS[preset]['description']}), budget {budget}; {len(runs)} runs "
+        f"(seeds {', '.join(map(str, seeds))} at {replicate_level_mm:g} mm, the "
+        f"first seed elsewhere), training {training_min:.1f} min in all on {platform.machine()} with "
+        f"{os.cpu_count()} CPU cores. T2 distorted by one smooth field ({DISTORTION_SPACING_MM:g} mm lattice, seed "
+        f"{DISTORTION_SEED}) scaled to each peak; applied mean displacement evaluated analytically on the "
+        "evaluation's mask. Every run is evaluated on the held-out subjects by `configs/evaluate.json`.",
         "",
-        f"**Headline**: {claim}.",
+        f"**Headline** (copy fraction ± the half-width of its 95 % CI): {claim}.",
         "",
-        "## Copy fraction",
+        "### The measuring instrument",
+        "",
+        "Each test subject's undistorted ground truth registered against its distorted copy exactly as the "
+        "evaluation registers a synthesis (`python scripts/dose_response.py instrument`, same output folder):",
+        "",
+        instrument_text.strip() if instrument_text else "Not run in this output folder.",
+        "",
+        "### Copy fraction",
         "",
         "OLS slope of each run's mean residual displacement against the level's applied mean displacement (one point "
         "per run, the seeds of the replicate level as replicates), 95 % CI from Student's t with n - 2 degrees of "
-        "freedom.",
+        "freedom. The intercept is the residual displacement without any distortion.",
         "",
         copy_fraction_table(fits, labels),
         "",
-        f"![dose response]({figures['dose'].relative_to(output).as_posix()})",
+        f"![dose response](figures/{figures['dose'].name})",
         "",
-        "## Table 2 at every level",
+        f"### Spread between seeds at {replicate_level_mm:g} mm",
+        "",
+        "Each seed's copy fraction is the two-point slope from the undistorted run (first seed) to that seed's run.",
+        "",
+        seed_table(spread, labels),
+        "",
+        "### Table 2 at every level",
+        "",
+        "Mean (sd) over the test volumes (at the replicate level, the volumes of every seed together); MSE, PSNR and "
+        "SSIM on the paper's scale.",
         "",
         level_table(rows, applied),
         "",
     ]
     if "fig4" in figures:
-        lines += [f"![Fig. 4 at the largest distortion]({figures['fig4'].relative_to(output).as_posix()})", ""]
+        lines += [f"![Fig. 4 at the largest distortion](figures/{figures['fig4'].name})", ""]
     return "\n".join(lines)
 
 

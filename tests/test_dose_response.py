@@ -77,6 +77,31 @@ def test_copy_fractions_use_one_point_per_run() -> None:
     assert math.isnan(dose_response.copy_fractions(single, {(0.0, "B2A"): 0.0})["Cycle", "B2A"]["slope"])
 
 
+def test_seed_spread_is_each_seeds_two_point_slope_from_the_undistorted_run() -> None:
+    rows = [
+        {"method": "Cycle", "direction": "A2B", "level_mm": level, "seed": seed, "displacement_mm": value}
+        for level, seed, value in ((0.0, 0, 1.0), (10.0, 0, 2.0), (10.0, 1, 2.6), (10.0, 2, 1.7), (20.0, 0, 3.0))
+    ]
+    applied = {(0.0, "A2B"): 0.5, (10.0, "A2B"): 3.5, (20.0, "A2B"): 6.5}
+    spread = dose_response.seed_spread(rows, applied, 10.0, (0.0, 0))
+    assert list(spread) == [("Cycle", "A2B")]
+    assert spread["Cycle", "A2B"]["residual"] == {0: 2.0, 1: 2.6, 2: 1.7}
+    assert spread["Cycle", "A2B"]["copy"] == pytest.approx({0: 1.0 / 3.0, 1: 1.6 / 3.0, 2: 0.7 / 3.0})
+    table = dose_response.seed_table(spread, {"A2B": "PD to T2"})
+    copies = [1.0 / 3.0, 1.6 / 3.0, 0.7 / 3.0]
+    assert f"| PD to T2 | Cycle | 2.00, 2.60, 1.70 | 2.10 ({statistics.stdev([2.0, 2.6, 1.7]):.2f}) |" in table
+    assert f"{statistics.fmean(copies):.3f} ({statistics.stdev(copies):.3f}) |" in table
+    # no undistorted run of that method and direction: no entry (nothing to take a slope from)
+    assert dose_response.seed_spread([r for r in rows if r["level_mm"] != 0.0], applied, 10.0, (0.0, 0)) == {}
+
+
+def test_copy_fraction_reads_as_percent_plus_minus_the_ci_half_width() -> None:
+    fit = dose_response.copy_fraction([0.0, 1.0, 2.0, 3.0], [0.1, 0.5, 0.7, 1.3])
+    half = 100.0 * (fit["ci_high"] - fit["slope"])
+    assert dose_response._percent(fit) == f"{100.0 * fit['slope']:.0f} ± {half:.0f} %"
+    assert dose_response._percent(dose_response.copy_fraction([0.0, 2.0], [1.0, 2.0])) == "50 %"
+
+
 def test_planned_runs_replicate_only_the_replicate_level() -> None:
     runs = dose_response.planned_runs([0.0, 5.0, 10.0, 20.0], [0, 1, 2], 10.0)
     assert len(runs) == 12 and len({run.name for run in runs}) == 12
@@ -219,7 +244,19 @@ def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path)
     # a second call trains nothing and measures nothing again
     stamps = {name: (tmp_path / "runs" / name / "run.json").stat().st_mtime for name in runs}
     records = {name: json.loads((tmp_path / "runs" / name / "run.json").read_text()) for name in runs}
-    again = dose_response.study(replicate_level_mm=10.0, skip_instrument_check=True, **kwargs)
+    # published: only the study's own section of results.md is replaced, the figures are copied beside it
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    other = "<!-- pseudo-ct-study -->\nother study\n<!-- /pseudo-ct-study -->"
+    (docs / "results.md").write_text(
+        f"# Results\n\n<!-- dose-response-study -->\nold\n<!-- /dose-response-study -->\n\n{other}\n"
+    )
+    again = dose_response.study(replicate_level_mm=10.0, skip_instrument_check=True, publish_dir=str(docs), **kwargs)
+    published = (docs / "results.md").read_text()
+    assert "\nold\n" not in published and other in published and published.startswith("# Results")
+    assert "## Copy fraction" in published and "### Spread between seeds at 10 mm" in published
+    for figure in ("dose_response.png", "fig4_10mm.png"):
+        assert (docs / "figures" / figure).read_bytes() == (tmp_path / "figures" / figure).read_bytes()
     assert stamps == {name: (tmp_path / "runs" / name / "run.json").stat().st_mtime for name in runs}
     assert records == {name: json.loads((tmp_path / "runs" / name / "run.json").read_text()) for name in runs}
     for key, fit in result["fits"].items():
