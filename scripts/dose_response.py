@@ -484,13 +484,15 @@ class Run:
         )
 
 
-def planned_runs(levels: Sequence[float], seeds: Sequence[int], replicate_level_mm: float) -> list[Run]:
-    """Both methods at every level with the first seed, and with every seed at ``replicate_level_mm``."""
+def planned_runs(
+    levels: Sequence[float], seeds: Sequence[int], replicate_level_mm: float, methods: Sequence[str] = reproduce.METHODS
+) -> list[Run]:
+    """Each method at every level with the first seed, and with every seed at ``replicate_level_mm``."""
     return [
         Run(level, seed, method)
         for level in levels
         for seed in (seeds if level == replicate_level_mm else seeds[:1])
-        for method in reproduce.METHODS
+        for method in methods
     ]
 
 
@@ -690,6 +692,7 @@ def study(
     dry_run: bool = False,
     skip_instrument_check: bool = False,
     publish_dir: str | None = None,
+    methods: str | Sequence[str] = reproduce.METHODS,
 ) -> dict[str, Any]:
     """Train CycleGAN and DicycleGAN at every distortion level, evaluate them and report the copy fractions.
 
@@ -707,12 +710,15 @@ def study(
         publish_dir: also put the text into its section of ``PUBLISH_DIR/results.md`` (between the
             ``<!-- dose-response-study -->`` markers; another budget has a section of its own) and copy the figures
             to ``PUBLISH_DIR/figures``.
+        methods: the methods to train (``Cycle``, ``Dicycle``; comma-separated or a list), e.g. one method at
+            another budget.
 
     Returns:
         ``{"results", "fits", "rows", "runs"}``; ``results`` is None for a dry run.
 
     Raises:
-        ValueError: for a bad budget, fewer than two levels, or a replicate level that is not one of the levels.
+        ValueError: for a bad budget, fewer than two levels, a replicate level that is not one of the levels, or
+            an unknown method.
         RuntimeError: if the instrument check has not passed at every level (unless ``skip_instrument_check``).
     """
     if not isinstance(budget, int) or budget < 1:
@@ -723,11 +729,14 @@ def study(
         raise ValueError(f"a slope needs at least two distortion levels, got {levels}.")
     if replicate_level_mm not in levels:
         raise ValueError(f"replicate_level_mm={replicate_level_mm} is not one of the levels {levels}.")
+    methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    if not methods or not set(methods) <= set(reproduce.METHODS):
+        raise ValueError(f"methods must be some of {list(reproduce.METHODS)}, got {methods}.")
     start = time.perf_counter()
     output = Path(output_dir).resolve()
     configs, overrides, _ = _preset_settings(preset)
     overrides = {**overrides, **reproduce.budget_epochs(configs, overrides, budget)}
-    runs = planned_runs(levels, seeds, replicate_level_mm)
+    runs = planned_runs(levels, seeds, replicate_level_mm, methods)
     runs_dir = output / "runs"
     seconds, left = estimate_seconds(runs, runs_dir, budget)
     log(f"{len(runs)} runs planned ({left} left to train), preset {preset}, budget {budget}:")
@@ -844,10 +853,13 @@ def results_markdown(
     ``spread`` and the instrument check's own text)."""
     training_min = sum(record["seconds"] for record in records) / 60.0
     claim = "; ".join(
-        f"{labels[direction]}: CycleGAN copies {_percent(fits['Cycle', direction])}, DicycleGAN "
-        f"{_percent(fits['Dicycle', direction])}"
+        f"{labels[direction]}: "
+        + ", ".join(
+            f"{method}GAN copies {_percent(fits[method, direction])}"
+            for method in reproduce.METHODS
+            if (method, direction) in fits
+        )
         for direction in sorted(labels)
-        if ("Cycle", direction) in fits and ("Dicycle", direction) in fits
     )
     seeds = sorted({run.seed for run in runs})
     lines = [
@@ -860,9 +872,10 @@ def results_markdown(
         f"Preset `{preset}` ({reproduce.PRESETS[preset]['description']}), budget {budget}; {len(runs)} runs "
         f"(seeds {', '.join(map(str, seeds))} at {replicate_level_mm:g} mm, the "
         f"first seed elsewhere), training {training_min:.1f} min in all on {platform.machine()} with "
-        f"{os.cpu_count()} CPU cores. T2 distorted by one smooth field ({DISTORTION_SPACING_MM:g} mm lattice, seed "
-        f"{DISTORTION_SEED}) scaled to each peak; applied mean displacement evaluated analytically on the "
-        "evaluation's mask. Every run is evaluated on the held-out subjects by `configs/evaluate.json`.",
+        f"{os.cpu_count()} CPU cores (runs may share the cores: then each takes longer). T2 distorted by one "
+        f"smooth field ({DISTORTION_SPACING_MM:g} mm lattice, seed {DISTORTION_SEED}) scaled to each peak; applied "
+        "mean displacement evaluated analytically on the evaluation's mask. Every run is evaluated on the held-out "
+        "subjects by `configs/evaluate.json`.",
         "",
         f"**Headline** (copy fraction ± the half-width of its 95 % CI): {claim}.",
         "",

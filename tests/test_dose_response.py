@@ -198,6 +198,17 @@ def test_study_dry_run_plans_and_estimates(tmp_path: Path, capsys) -> None:
         dose_response.study(output_dir=str(tmp_path), levels="0,5", dry_run=True)
     with pytest.raises(ValueError, match="budget"):
         dose_response.study(output_dir=str(tmp_path), budget=0, dry_run=True)
+    with pytest.raises(ValueError, match="methods must be some of"):
+        dose_response.study(output_dir=str(tmp_path), methods="Cycle,UNet", dry_run=True)
+    one = dose_response.study(
+        output_dir=str(tmp_path), methods="Cycle", levels="0,20", replicate_level_mm=20.0, dry_run=True
+    )
+    assert [run.name for run in one["runs"]] == [
+        "0mm_seed0_Cycle",
+        "20mm_seed0_Cycle",
+        "20mm_seed1_Cycle",
+        "20mm_seed2_Cycle",
+    ]
 
 
 def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path) -> None:
