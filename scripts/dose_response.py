@@ -786,7 +786,6 @@ def study(
             rows.append({**row, "method": run.method, "level_mm": run.level_mm, "seed": run.seed})
     labels = {row["direction"]: row["experiment"] for row in rows}
     fits = copy_fractions(rows, applied)
-    figures = {"dose": dose_figure(output / "figures" / "dose_response.png", rows, applied, fits, labels)}
     suffix = "" if budget == 1 else f"_{budget}x"  # another budget: figures and published section of its own
     figures = {"dose": dose_figure(output / "figures" / f"dose_response{suffix}.png", rows, applied, fits, labels)}
     top = max(levels)
@@ -799,9 +798,17 @@ def study(
         )
     spread = seed_spread(rows, applied, replicate_level_mm, (min(levels), seeds[0]))
     records = [json.loads((runs_dir / run.name / "run.json").read_text()) for run in runs]
-    command = reproduce.command_line(
-        "scripts/dose_response.py study", {"output_dir": output_dir, "preset": preset, "budget": budget}
-    )
+    flags = {  # the study's own flags, those left at their defaults omitted
+        "output_dir": output_dir,
+        "dataset_dir": dataset_dir,
+        "methods": ",".join(methods) if methods != list(reproduce.METHODS) else None,
+        "levels": ",".join(f"{v:g}" for v in levels) if levels != list(LEVELS_MM) else None,
+        "seeds": ",".join(map(str, seeds)) if seeds != list(SEEDS) else None,
+        "replicate_level_mm": f"{replicate_level_mm:g}" if replicate_level_mm != REPLICATE_LEVEL_MM else None,
+        "preset": preset,
+        "budget": budget,
+    }
+    command = reproduce.command_line("scripts/dose_response.py study", flags)
     instrument_text = (output / "instrument.md").read_text() if (output / "instrument.md").is_file() else None
     text = results_markdown(
         command,
@@ -818,7 +825,8 @@ def study(
         replicate_level_mm,
         instrument_text,
     )
-    text += f"\nWall time of this call: {(time.perf_counter() - start) / 60:.1f} min (trained runs reused).\n"
+    minutes = (time.perf_counter() - start) / 60
+    text += f"\nWall time of this call: {minutes:.1f} min (runs trained and measured by earlier calls are reused).\n"
     results = output / "results.md"
     results.write_text(text)
     log(f"wrote {results}")

@@ -266,6 +266,8 @@ def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path)
     published = (docs / "results.md").read_text()
     assert "\nold\n" not in published and other in published and published.startswith("# Results")
     assert "## Copy fraction" in published and "### Spread between seeds at 10 mm" in published
+    # the published command reproduces the call: every flag that is not the default is named
+    assert "dose_response.py study --output_dir" in published and "--levels 0,10 --seeds 0 --preset smoke" in published
     for figure in ("dose_response.png", "fig4_10mm.png"):
         assert (docs / "figures" / figure).read_bytes() == (tmp_path / "figures" / figure).read_bytes()
     assert stamps == {name: (tmp_path / "runs" / name / "run.json").stat().st_mtime for name in runs}
