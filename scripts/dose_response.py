@@ -870,8 +870,9 @@ def results_markdown(
         for direction in sorted(labels)
     )
     seeds = sorted({run.seed for run in runs})
+    at_budget = "" if budget == 1 else f" at {budget}x the preset's budget"
     lines = [
-        "## Dose-response study (issue 14): how much of a T2 distortion do the syntheses copy?",
+        f"## Dose-response study (issue 14){at_budget}: how much of a T2 distortion do the syntheses copy?",
         "",
         "```bash",
         command,
@@ -904,12 +905,18 @@ def results_markdown(
         "",
         f"![dose response](figures/{figures['dose'].name})",
         "",
-        f"### Spread between seeds at {replicate_level_mm:g} mm",
-        "",
-        "Each seed's copy fraction is the two-point slope from the undistorted run (first seed) to that seed's run.",
-        "",
-        seed_table(spread, labels),
-        "",
+    ]
+    if len(seeds) > 1:
+        lines += [
+            f"### Spread between seeds at {replicate_level_mm:g} mm",
+            "",
+            "Each seed's copy fraction is the two-point slope from the undistorted run (first seed) to that seed's "
+            "run.",
+            "",
+            seed_table(spread, labels),
+            "",
+        ]
+    lines += [
         "### Table 2 at every level",
         "",
         "Mean (sd) over the test volumes (at the replicate level, the volumes of every seed together); MSE, PSNR and "
