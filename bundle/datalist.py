@@ -116,7 +116,7 @@ def read_datalist(dataset_dir: str | os.PathLike, datalist: str | os.PathLike = 
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} does not exist (dataset folder {dataset_dir}).")
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"datalist {path} is not valid JSON: {error}.") from error
     problems = _structure_problems(content)

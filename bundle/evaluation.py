@@ -605,7 +605,7 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as file:
+    with path.open("w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
@@ -625,7 +625,7 @@ def read_csv(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[dic
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     rows = []
     for path in paths:
-        with Path(path).open(newline="") as file:
+        with Path(path).open(newline="", encoding="utf-8") as file:
             for row in csv.DictReader(file):
                 for name, _, _ in METRICS:
                     row[name] = float(row[name]) if row.get(name) else float("nan")
@@ -703,7 +703,7 @@ def write_summary(output_dir: str | os.PathLike) -> Path:
     runs = sorted(output_dir.glob("metrics_*.csv"))
     summary = summary_markdown(read_csv(runs))
     summary_path = output_dir / "summary.md"
-    summary_path.write_text(summary)
+    summary_path.write_text(summary, encoding="utf-8")
     print(summary)
     print(f"summary of {', '.join(p.name for p in runs)}: {summary_path}")
     return summary_path

@@ -169,7 +169,7 @@ def write_intensity_reference(
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(reference, indent=2))
+        temporary.write_text(json.dumps(reference, indent=2), encoding="utf-8")
         os.replace(temporary, path)
     return reference
 
@@ -207,7 +207,7 @@ class DenormalizeIntensityd(MapTransform):
         # read on first use: training builds this transform before it writes the reference
         reference = {}
         if self.reference_file is not None and Path(self.reference_file).is_file():
-            reference = json.loads(Path(self.reference_file).read_text()).get(self.domain, {})
+            reference = json.loads(Path(self.reference_file).read_text(encoding="utf-8")).get(self.domain, {})
         if self.kind == "CT":
             low, high = reference.get("hu_window", self.hu_window)
             return (high - low) / 2.0, (high + low) / 2.0

@@ -117,7 +117,7 @@ def write_settings(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any]) -> 
         path = Path(ckpt_dir) / SETTINGS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(written, indent=2))
+        temporary.write_text(json.dumps(written, indent=2), encoding="utf-8")
         os.replace(temporary, path)
     return written
 
@@ -132,7 +132,7 @@ def read_settings(ckpt_dir: str | os.PathLike) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        settings = json.loads(path.read_text())
+        settings = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: not readable JSON ({error}).") from error
     if not isinstance(settings, dict):

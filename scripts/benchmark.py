@@ -373,7 +373,7 @@ def iteration(
 def _status_mb(field: str) -> float:
     """A memory figure of this process from ``/proc/self/status`` (Linux), in MB; NaN elsewhere."""
     try:
-        with open("/proc/self/status") as status:
+        with open("/proc/self/status", encoding="utf-8") as status:
             return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:")) / 1024
     except (OSError, StopIteration, ValueError):
         return float("nan")

@@ -390,7 +390,7 @@ def instrument(
         rows += measure_instrument(data_dir, level_datalist(data_dir, level, control_spacing_mm), pixdim)
     table = instrument_table(rows, tolerance)
     (output / "metrics").mkdir(parents=True, exist_ok=True)
-    with (output / "metrics" / "instrument.csv").open("w", newline="") as file:
+    with (output / "metrics" / "instrument.csv").open("w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -404,9 +404,9 @@ def instrument(
         f"Instrument check at pixdim {pixdim} mm, preset {preset}, distortion lattice {control_spacing_mm:g} mm, "
         f"{len(rows)} registrations in {seconds:.0f} s (whole command, data included).\n\n{table}\n"
     )
-    (output / "instrument.md").write_text(text)
+    (output / "instrument.md").write_text(text, encoding="utf-8")
     (output / "instrument.json").write_text(
-        json.dumps({"passed": passed, "tolerance": tolerance, "levels": _levels(levels)})
+        json.dumps({"passed": passed, "tolerance": tolerance, "levels": _levels(levels)}), encoding="utf-8"
     )
     print(text)
     print("instrument check " + ("PASSED" if passed else "FAILED") + f" (tolerance {tolerance:.0%})")
@@ -500,7 +500,9 @@ def estimate_seconds(runs: Sequence[Run], runs_dir: Path, budget: int) -> tuple[
     """Wall time left for the runs not yet trained (their mean recorded time, else the reference machine's), and
     how many are left."""
     done = [
-        json.loads((runs_dir / run.name / "run.json").read_text())["seconds"] for run in runs if _trained(runs_dir, run)
+        json.loads((runs_dir / run.name / "run.json").read_text(encoding="utf-8"))["seconds"]
+        for run in runs
+        if _trained(runs_dir, run)
     ]
     per_run = statistics.fmean(done) if done else DEFAULT_TRAIN_S * budget
     left = sum(not _trained(runs_dir, run) for run in runs)
@@ -746,7 +748,7 @@ def study(
     if dry_run:
         return {"results": None, "fits": {}, "rows": [], "runs": runs}
     record = output / "instrument.json"
-    check = json.loads(record.read_text()) if record.is_file() else {}
+    check = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
     if not skip_instrument_check and not (check.get("passed") and set(levels) <= set(check.get("levels", []))):
         raise RuntimeError(
             f"the instrument check has not passed at levels {levels} ({record}): run `python scripts/dose_response.py "
@@ -797,7 +799,7 @@ def study(
             panel,
         )
     spread = seed_spread(rows, applied, replicate_level_mm, (min(levels), seeds[0]))
-    records = [json.loads((runs_dir / run.name / "run.json").read_text()) for run in runs]
+    records = [json.loads((runs_dir / run.name / "run.json").read_text(encoding="utf-8")) for run in runs]
     flags = {  # the study's own flags, those left at their defaults omitted
         "output_dir": output_dir,
         "dataset_dir": dataset_dir,
@@ -809,7 +811,9 @@ def study(
         "budget": budget,
     }
     command = reproduce.command_line("scripts/dose_response.py study", flags)
-    instrument_text = (output / "instrument.md").read_text() if (output / "instrument.md").is_file() else None
+    instrument_text = (
+        (output / "instrument.md").read_text(encoding="utf-8") if (output / "instrument.md").is_file() else None
+    )
     text = results_markdown(
         command,
         preset,
@@ -828,7 +832,7 @@ def study(
     minutes = (time.perf_counter() - start) / 60
     text += f"\nWall time of this call: {minutes:.1f} min (runs trained and measured by earlier calls are reused).\n"
     results = output / "results.md"
-    results.write_text(text)
+    results.write_text(text, encoding="utf-8")
     log(f"wrote {results}")
     if publish_dir:
         publish = Path(publish_dir)

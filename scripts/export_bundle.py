@@ -194,7 +194,7 @@ def _json_text(content: Any, compact_lists: bool = False, level: int = 0) -> str
 
 
 def _write_json(path: Path, content: Any, compact_lists: bool = False) -> None:
-    path.write_text(_json_text(content, compact_lists) + "\n")
+    path.write_text(_json_text(content, compact_lists) + "\n", encoding="utf-8")
 
 
 def _load_state_dict(path: Path) -> dict:
@@ -274,7 +274,7 @@ def _load_large_files(bundle_dir: Path) -> list[dict[str, str]]:
 
     path = bundle_dir / "large_files.yml"
     try:
-        content = yaml.safe_load(path.read_text()) or {}
+        content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         entries = content.get("large_files") or []
         if not all(isinstance(e, dict) and "path" in e and "url" in e for e in entries):
             raise ValueError("every entry needs 'path' and 'url'")
@@ -301,7 +301,7 @@ def _assemble(
         _write_json(out / "configs" / name, merged)
 
     meta_file = out / "configs" / "metadata.json"
-    metadata = json.loads(meta_file.read_text())
+    metadata = json.loads(meta_file.read_text(encoding="utf-8"))
     metadata["version"] = version
     older = {k: v for k, v in metadata.get("changelog", {}).items() if k != version}
     metadata["changelog"] = {version: changelog, **older}  # newest first, as zoo bundles keep it
@@ -312,7 +312,7 @@ def _assemble(
         config_file = out / "configs" / name
         if not config_file.is_file() or not overrides:
             continue
-        config = json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text(encoding="utf-8"))
         for config_id, value in overrides.items():
             if _set_config_id(config, config_id, value):
                 unmatched.pop(config_id, None)
@@ -360,7 +360,7 @@ def _assemble(
         }
         for path in written
     ]
-    (out / "large_files.yml").write_text(_large_files_yaml(entries))
+    (out / "large_files.yml").write_text(_large_files_yaml(entries), encoding="utf-8")
     return written
 
 
@@ -406,7 +406,7 @@ def export(
     missing = [p for p in REQUIRED_SOURCES if not (ROOT / p).exists()]
     if missing:
         raise BundleExportError(f"missing in {ROOT}: {', '.join(missing)}.")
-    previous = json.loads((ROOT / "configs" / "metadata.json").read_text())["version"]
+    previous = json.loads((ROOT / "configs" / "metadata.json").read_text(encoding="utf-8"))["version"]
     version = version or bump_version(previous)
     if _parse_version(version) <= _parse_version(previous):
         raise BundleExportError(
@@ -455,7 +455,7 @@ def export(
 def _schema_copy(meta_file: Path, schema: str | None) -> Path | None:
     if schema:
         return Path(schema).resolve()
-    url = json.loads(meta_file.read_text()).get("schema", "")
+    url = json.loads(meta_file.read_text(encoding="utf-8")).get("schema", "")
     candidate = DEFAULT_SCHEMA_DIR / url.rsplit("/", 1)[-1]
     return candidate if url and candidate.is_file() else None
 
@@ -544,7 +544,7 @@ def _check(root: Path, schema: str | None, previous_version: str | None) -> None
             raise BundleExportError(f"{path}: its {hash_type} differs from the one in large_files.yml.")
     print(f"  ok large_files.yml: {len(listed)} files present, hashes match", flush=True)
 
-    metadata = json.loads(meta_file.read_text())
+    metadata = json.loads(meta_file.read_text(encoding="utf-8"))
     version = metadata.get("version")
     if not version or version not in metadata.get("changelog", {}):
         raise BundleExportError(f"{meta_file}: version {version!r} has no changelog entry.")

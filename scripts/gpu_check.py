@@ -342,14 +342,14 @@ def _bundle_args(config_files: list[str], overrides: Mapping[str, str]) -> list[
 
 def _run(args: list[str], log: Path, timeout: float = 600) -> tuple[int, float]:
     start = time.perf_counter()
-    with log.open("w") as out:
+    with log.open("w", encoding="utf-8") as out:
         completed = subprocess.run(args, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
     return completed.returncode, time.perf_counter() - start
 
 
 def _tail(log: Path, lines: int = 6) -> str:
     """The root error of a failed run (MONAI re-raises it as "Failed to evaluate ...") and the end of its log."""
-    text = log.read_text(errors="replace").splitlines() if log.is_file() else ["(no log)"]
+    text = log.read_text(errors="replace", encoding="utf-8").splitlines() if log.is_file() else ["(no log)"]
     errors = [line for line in text if line[:1].isalpha() and ("Error:" in line or "Exception:" in line)]
     return "\n".join([*errors[:1], "...", *text[-lines:]] if errors else text[-lines:])
 
@@ -396,7 +396,7 @@ def bundle_training(dataset_dir: Path, work: Path, overrides: Mapping[str, str])
 
     # first run: SIGKILL as soon as the first checkpoint is complete (it is written by an atomic rename)
     start = time.perf_counter()
-    with (logs / "train_interrupted.log").open("w") as out:
+    with (logs / "train_interrupted.log").open("w", encoding="utf-8") as out:
         process = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
         while process.poll() is None and not checkpoint.exists():
             time.sleep(0.2)
@@ -549,7 +549,7 @@ def _phantom(work: Path, options: Mapping[str, Any]) -> Path:
 
 
 def _source_volume(dataset_dir: Path) -> Path:
-    datalist = json.loads((dataset_dir / "datalist.json").read_text())
+    datalist = json.loads((dataset_dir / "datalist.json").read_text(encoding="utf-8"))
     entries = datalist.get("test") or datalist.get("validation") or []
     relative = entries[0]["A"] if entries else datalist["training_A"][0]["image"]
     return dataset_dir / relative
@@ -601,7 +601,7 @@ def run_check(
         sections = [results[key]["lines"] for key in keys if key in results]
         text = "\n".join(header + [line for lines in sections for line in [*lines, ""]])
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(text)
+        Path(output).write_text(text, encoding="utf-8")
         return text
 
     def section(key: str, title: str, check: Callable[[], dict[str, Any]]) -> None:

@@ -49,7 +49,7 @@ class PeakMemory:
     @staticmethod
     def _pss_mb(pid: int) -> float:
         try:
-            with open(f"/proc/{pid}/smaps_rollup") as smaps:
+            with open(f"/proc/{pid}/smaps_rollup", encoding="utf-8") as smaps:
                 return next(int(line.split()[1]) for line in smaps if line.startswith("Pss:")) / 1024
         except (OSError, StopIteration, ValueError):
             return 0.0

@@ -149,7 +149,7 @@ def pairs_datalist(data_dir: Path, misregistration_mm: float, pixdim: Sequence[f
     name = f"datalist_mr_ct_pairs_{misregistration_mm:g}mm.json"
     record_path = data_dir / f"pairs_CT_{misregistration_mm:g}mm" / "applied.json"
     if (data_dir / name).is_file() and record_path.is_file():
-        return name, json.loads(record_path.read_text())["mean_mm"]
+        return name, json.loads(record_path.read_text(encoding="utf-8"))["mean_mm"]
     content = read_datalist(data_dir, "datalist_mr_ct.json")
     masks = mask_preprocessing("image", pixdim)
     pairs, applied = [], []
@@ -179,7 +179,7 @@ def pairs_datalist(data_dir: Path, misregistration_mm: float, pixdim: Sequence[f
         log(f"{subject}: CT misregistered by {applied[-1]:.2f} mm (mean over the head) -> {target}")
     mean_mm = statistics.fmean(applied) if applied else 0.0
     record_path.parent.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps({"mean_mm": mean_mm, "per_pair_mm": applied}))
+    record_path.write_text(json.dumps({"mean_mm": mean_mm, "per_pair_mm": applied}), encoding="utf-8")
     (data_dir / name).write_text(
         json.dumps(
             {
@@ -188,7 +188,8 @@ def pairs_datalist(data_dir: Path, misregistration_mm: float, pixdim: Sequence[f
                 "pairs": {"misregistration_mm": misregistration_mm, "control_spacing_mm": PAIRS_SPACING_MM},
             },
             indent=4,
-        )
+        ),
+        encoding="utf-8",
     )
     return name, mean_mm
 
@@ -484,7 +485,7 @@ def study(
         budget,
     )
     results = output / "pseudo_ct.md"
-    results.write_text(text + "\n")
+    results.write_text(text + "\n", encoding="utf-8")
     log(f"wrote {results}")
     print("\n".join(target_lines(rows, chosen)))
     if publish_dir:

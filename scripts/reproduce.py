@@ -193,12 +193,12 @@ def publish_section(path: Path, section: str, text: str) -> None:
     """Replace the text between ``<!-- section -->`` and ``<!-- /section -->`` in ``path`` (appended when absent)."""
     begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
     block = f"{begin}\n{text.strip()}\n{end}"
-    old = path.read_text() if path.is_file() else ""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
     if begin in old and end in old:
         new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
     else:
         new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
-    path.write_text(new)
+    path.write_text(new, encoding="utf-8")
 
 
 def command_line(script: str, flags: Mapping[str, Any]) -> str:
@@ -253,7 +253,7 @@ def train(
     record_path = run_dir / "run.json"
     if record_path.is_file():
         log(f"{experiment.key} {method}: trained before ({record_path}), not retrained")
-        return json.loads(record_path.read_text())
+        return json.loads(record_path.read_text(encoding="utf-8"))
     cyclegan = ["configs/cyclegan.json"] if method == "Cycle" else []
     files = ["configs/common.json", "configs/train.json", *configs, *cyclegan]
     checkpoint = run_dir / "models" / "checkpoint.pt"
@@ -288,7 +288,7 @@ def train(
     log(f"{experiment.key} {method}: training")
     seconds = run_command(command)
     record = {"command": " ".join(command), "seconds": seconds, "resumed": resumed}
-    record_path.write_text(json.dumps(record, indent=2))
+    record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
 
 
@@ -349,12 +349,12 @@ def evaluate(parser: ConfigParser, csv_path: Path, trained_at: float) -> list[di
 
 
 def _record_seconds(csv_path: Path, seconds: float) -> None:
-    csv_path.with_suffix(".json").write_text(json.dumps({"seconds": seconds}))
+    csv_path.with_suffix(".json").write_text(json.dumps({"seconds": seconds}), encoding="utf-8")
 
 
 def measured_seconds(metrics_dir: Path) -> float:
     """Total time spent measuring the CSVs of ``metrics_dir``, whichever call measured them."""
-    return sum(json.loads(path.read_text())["seconds"] for path in metrics_dir.glob("*.json"))
+    return sum(json.loads(path.read_text(encoding="utf-8"))["seconds"] for path in metrics_dir.glob("*.json"))
 
 
 def distortion_reference(
@@ -856,7 +856,7 @@ def main(
         overrides if budget != 1 else {},
     )
     results = output / "results.md"
-    results.write_text(text)
+    results.write_text(text, encoding="utf-8")
     log(f"wrote {results}")
     print("\n".join(headline(rows_by_experiment)))
     if publish_dir:
@@ -866,8 +866,11 @@ def main(
             shutil.copy2(output / name, publish / name)
         # the other studies' sections of the published file (pseudo_ct_study.py, dose_response.py) stay
         published = publish / "results.md"
-        kept = marked_sections(published.read_text()) if published.is_file() else []
-        published.write_text(results.read_text().rstrip() + "".join(f"\n\n{block}" for block in kept) + "\n")
+        kept = marked_sections(published.read_text(encoding="utf-8")) if published.is_file() else []
+        published.write_text(
+            results.read_text(encoding="utf-8").rstrip() + "".join(f"\n\n{block}" for block in kept) + "\n",
+            encoding="utf-8",
+        )
         log(f"published to {publish / 'results.md'}")
     return {"results": str(results), "rows": rows_by_experiment}
 

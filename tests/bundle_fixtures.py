@@ -73,7 +73,7 @@ def write_tiny_dataset(
         for i, (a, b) in enumerate(zip(lists["training_A"], lists["training_B"], strict=True))
     ]
     datalist = {"domains": {"A": "PD", "B": "T2"}, **lists, "validation": validation}
-    (root / "datalist.json").write_text(json.dumps(datalist, indent=2))
+    (root / "datalist.json").write_text(json.dumps(datalist, indent=2), encoding="utf-8")
     return root
 
 

@@ -56,7 +56,7 @@ def ixi_dir(tmp_path_factory) -> Path:
             write_nifti(root / "IXI-PD" / f"{name}-PD.nii.gz", volume(2 * index + 1))
         if index < 3:  # other contrasts and stray files are ignored
             write_nifti(root / "IXI-T1" / f"{name}-T1.nii.gz", volume(500 + index))
-    (root / "IXI-PD" / "README.txt").write_text("not an image")
+    (root / "IXI-PD" / "README.txt").write_text("not an image", encoding="utf-8")
     return root
 
 
@@ -108,7 +108,7 @@ def test_ixi_datalist_is_written_relative_and_loads_absolute(ixi_dir, tmp_path) 
         tmp_path / "ixi.json", ixi_dir, content["domains"], content["training_A"], content["training_B"],
         content["validation"], content["test"],
     )  # fmt: skip
-    stored = json.loads(path.read_text())
+    stored = json.loads(path.read_text(encoding="utf-8"))
     assert stored["domains"] == {"A": "PD", "B": "T2"}
     assert stored["validation"][0]["A"].startswith("IXI-PD/IXI")  # relative to the dataset folder, posix
     loaded = dl.load_datalist(ixi_dir, path, "validation")
@@ -161,7 +161,7 @@ def bad_files(tmp_path) -> dict[str, tuple[Path, str]]:
         "mha_2d": (tmp_path / "slice.mha", "is 2-D (shape 8x6)"),
     }
     files["zero"][0].write_bytes(b"")
-    files["text"][0].write_text("this is not a NIfTI file")
+    files["text"][0].write_text("this is not a NIfTI file", encoding="utf-8")
     with_nan = volume(2).astype(np.float32)
     with_nan[0, 0, 0] = with_nan[1, 1, 1] = np.nan
     with_nan[2, 2, 2] = np.inf
@@ -206,7 +206,7 @@ def test_dicom_series_folders(tmp_path) -> None:
     assert dl.find_volumes(tmp_path / "unpaired") == [series]
     junk = tmp_path / "junk"
     junk.mkdir()
-    (junk / "x.dcm").write_text("not DICOM")
+    (junk / "x.dcm").write_text("not DICOM", encoding="utf-8")
     assert dl.volume_problem(junk) == "unreadable, not an image (folder without a DICOM series)"
 
 
@@ -231,14 +231,16 @@ def test_validation_lists_every_bad_file_at_once(bad_files, tmp_path) -> None:
 
 
 def test_malformed_datalist_lists_every_structural_problem(tmp_path) -> None:
-    (tmp_path / "bad.json").write_text(json.dumps({"training_A": [{"img": "x.nii.gz"}], "test": [{"A": "a"}, "b"]}))
+    (tmp_path / "bad.json").write_text(
+        json.dumps({"training_A": [{"img": "x.nii.gz"}], "test": [{"A": "a"}, "b"]}), encoding="utf-8"
+    )
     with pytest.raises(ValueError) as error:
         dl.read_datalist(tmp_path, "bad.json")
     message = str(error.value)
     assert '"domains" must be an object' in message
     assert "\"training_A\"[0] has no 'image'" in message
     assert "\"test\"[0] has no 'B'" in message and '"test"[1] must be an object' in message
-    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match=r"broken\.json is not valid JSON"):
         dl.read_datalist(tmp_path, "broken.json")
     with pytest.raises(FileNotFoundError, match=r"nowhere\.json does not exist"):
@@ -274,7 +276,7 @@ def test_relative_paths_may_not_leave_the_dataset_folder(tmp_path) -> None:
         "training_B": [{"image": str(outside)}],  # absolute: the user's own choice, kept
         "test": [{"A": "sub/../sub/a.nii.gz", "B": "sub/../../elsewhere/b.nii.gz", "subject": "s1"}],
     }
-    (dataset / "datalist.json").write_text(json.dumps({"domains": {"A": "PD", "B": "T2"}, **entries}))
+    (dataset / "datalist.json").write_text(json.dumps({"domains": {"A": "PD", "B": "T2"}, **entries}), encoding="utf-8")
     for read in (dl.read_datalist, dl.load_datalist, dl.validate_datalist):
         with pytest.raises(ValueError, match="outside the dataset folder") as error:
             read(dataset, "datalist.json")
@@ -283,7 +285,7 @@ def test_relative_paths_may_not_leave_the_dataset_folder(tmp_path) -> None:
         assert '"test"[0]["B"]: sub/../../elsewhere/b.nii.gz' in message
         assert "sub/a.nii.gz\n" not in message and str(outside) not in message  # inside, or absolute: not named
     del entries["training_A"][1], entries["test"]
-    (dataset / "datalist.json").write_text(json.dumps({"domains": {"A": "PD", "B": "T2"}, **entries}))
+    (dataset / "datalist.json").write_text(json.dumps({"domains": {"A": "PD", "B": "T2"}, **entries}), encoding="utf-8")
     assert dl.load_datalist(dataset, "datalist.json", "training_B") == [{"image": str(outside)}]
     assert dl.validate_datalist(dataset, "datalist.json") == 2
 
@@ -296,7 +298,7 @@ def test_written_datalists_keep_files_outside_the_dataset_folder_absolute(folder
     path = datasets.write_datalist(
         "datalist.json", folder_dataset, content["domains"], content["training_A"], content["training_B"]
     )
-    stored = json.loads(path.read_text())
+    stored = json.loads(path.read_text(encoding="utf-8"))
     assert stored["training_A"] == [{"image": str(outside / "mr9.nii.gz")}]
     assert all(not Path(e["image"]).is_absolute() for e in stored["training_B"])  # inside: relative, portable
     assert dl.load_datalist(folder_dataset, path, "training_A") == [{"image": str(outside / "mr9.nii.gz")}]
@@ -363,10 +365,10 @@ def test_distorted_datalist_never_touches_its_inputs(folder_dataset) -> None:
     lines: list[str] = []
     output = datasets.make_distorted_datalist(folder_dataset, max_displacement_mm=6.0, seed=1, progress=lines.append)
     assert all(_digest(p) == digest for p, digest in before.items())  # inputs unchanged
-    derived = json.loads(output.read_text())
+    derived = json.loads(output.read_text(encoding="utf-8"))
     assert (
         derived["distortion"]["max_displacement_mm"] == 6.0
-        and derived["training_A"] == json.loads(source.read_text())["training_A"]
+        and derived["training_A"] == json.loads(source.read_text(encoding="utf-8"))["training_A"]
     )
     assert all(e["image"].startswith("distorted_CT_6mm_seed1/ct/") for e in derived["training_B"])
     for entry in derived["test"]:

@@ -18,9 +18,9 @@ def _demo():
 
 def test_demo_evaluation_serves_a_cyclegan_preset_with_a_ct_target(tmp_path):
     dataset = write_tiny_dataset(tmp_path / "data")
-    datalist = json.loads((dataset / "datalist.json").read_text())
+    datalist = json.loads((dataset / "datalist.json").read_text(encoding="utf-8"))
     datalist["test"] = datalist["validation"]
-    (dataset / "datalist.json").write_text(json.dumps(datalist))
+    (dataset / "datalist.json").write_text(json.dumps(datalist), encoding="utf-8")
     models = tmp_path / "models"
     tiny = {key: json.loads(value) for key, value in TINY_OVERRIDES.items()} | {"ngf": 4, "n_blocks": 2}
     run(

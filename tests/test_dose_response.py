@@ -25,7 +25,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _csv(path: Path) -> list[dict]:
-    with path.open(newline="") as file:
+    with path.open(newline="", encoding="utf-8") as file:
         return list(csv.DictReader(file))
 
 
@@ -169,12 +169,12 @@ def test_instrument_recovers_the_applied_displacement_at_a_tiny_size(phantom: Pa
             assert row["applied_mm"] > 1.0
             assert row["recovered_mm"] == pytest.approx(row["applied_mm"], rel=0.5)  # 4.8 mm voxels: coarse
     assert result["passed"] and "instrument check PASSED" in capsys.readouterr().out
-    assert json.loads((tmp_path / "instrument.json").read_text()) == {
+    assert json.loads((tmp_path / "instrument.json").read_text(encoding="utf-8")) == {
         "passed": True,
         "tolerance": 0.5,
         "levels": [0.0, 10.0],
     }
-    table = (tmp_path / "instrument.md").read_text()
+    table = (tmp_path / "instrument.md").read_text(encoding="utf-8")
     assert "| 10 | PD to T2 |" in table and "floor" in table
     saved = _csv(tmp_path / "metrics" / "instrument.csv")
     assert len(saved) == len(result["rows"])
@@ -190,7 +190,9 @@ def test_study_dry_run_plans_and_estimates(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "runs").exists()
     with pytest.raises(RuntimeError, match="instrument check has not passed"):
         dose_response.study(output_dir=str(tmp_path))
-    (tmp_path / "instrument.json").write_text(json.dumps({"passed": False, "levels": [0.0, 5.0, 10.0, 20.0]}))
+    (tmp_path / "instrument.json").write_text(
+        json.dumps({"passed": False, "levels": [0.0, 5.0, 10.0, 20.0]}), encoding="utf-8"
+    )
     with pytest.raises(RuntimeError, match="instrument check has not passed"):
         dose_response.study(output_dir=str(tmp_path))
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
@@ -247,23 +249,23 @@ def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path)
                 assert fit["slope"] == pytest.approx(slope) and fit["n"] == 2
             else:
                 assert math.isnan(fit["slope"])
-    text = Path(result["results"]).read_text()
+    text = Path(result["results"]).read_text(encoding="utf-8")
     assert "## Copy fraction" in text and "## Table 2 at every level" in text and "**Headline**" in text
     assert "| 10 |" in text and "| 0 |" in text
     for figure in ("dose_response.png", "fig4_10mm.png"):
         assert (tmp_path / "figures" / figure).read_bytes()[:8] == PNG_SIGNATURE
     # a second call trains nothing and measures nothing again
     stamps = {name: (tmp_path / "runs" / name / "run.json").stat().st_mtime for name in runs}
-    records = {name: json.loads((tmp_path / "runs" / name / "run.json").read_text()) for name in runs}
+    records = {name: json.loads((tmp_path / "runs" / name / "run.json").read_text(encoding="utf-8")) for name in runs}
     # published: only the study's own section of results.md is replaced, the figures are copied beside it
     docs = tmp_path / "docs"
     docs.mkdir()
     other = "<!-- pseudo-ct-study -->\nother study\n<!-- /pseudo-ct-study -->"
     (docs / "results.md").write_text(
-        f"# Results\n\n<!-- dose-response-study -->\nold\n<!-- /dose-response-study -->\n\n{other}\n"
+        f"# Results\n\n<!-- dose-response-study -->\nold\n<!-- /dose-response-study -->\n\n{other}\n", encoding="utf-8"
     )
     again = dose_response.study(replicate_level_mm=10.0, skip_instrument_check=True, publish_dir=str(docs), **kwargs)
-    published = (docs / "results.md").read_text()
+    published = (docs / "results.md").read_text(encoding="utf-8")
     assert "\nold\n" not in published and other in published and published.startswith("# Results")
     assert "## Copy fraction" in published and "## Dose-response study (issue 14): how much" in published
     assert "### Spread between seeds" not in published  # one seed: no spread to show
@@ -272,6 +274,8 @@ def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path)
     for figure in ("dose_response.png", "fig4_10mm.png"):
         assert (docs / "figures" / figure).read_bytes() == (tmp_path / "figures" / figure).read_bytes()
     assert stamps == {name: (tmp_path / "runs" / name / "run.json").stat().st_mtime for name in runs}
-    assert records == {name: json.loads((tmp_path / "runs" / name / "run.json").read_text()) for name in runs}
+    assert records == {
+        name: json.loads((tmp_path / "runs" / name / "run.json").read_text(encoding="utf-8")) for name in runs
+    }
     for key, fit in result["fits"].items():
         assert again["fits"][key]["slope"] == pytest.approx(fit["slope"], rel=1e-12, nan_ok=True)

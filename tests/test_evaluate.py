@@ -95,7 +95,7 @@ def write_dataset(root: Path, kind_b: str = "MR") -> Path:
             entry["mask"] = _save(_box_mask(index), root / f"{subject}-mask.nii.gz")
         test.append(entry)
     datalist = {"domains": {"A": name_a, "B": name_b}, "test": test}
-    (root / "datalist.json").write_text(json.dumps(datalist, indent=2))
+    (root / "datalist.json").write_text(json.dumps(datalist, indent=2), encoding="utf-8")
     return root
 
 
@@ -218,7 +218,7 @@ def test_metrics_equal_a_reference_by_hand(mr_run: dict) -> None:
 
 def test_summary_matches_csv_in_the_papers_layout(mr_run: dict) -> None:
     rows = read_csv(mr_run["output"] / "metrics_Dicycle.csv")
-    text = (mr_run["output"] / "summary.md").read_text()
+    text = (mr_run["output"] / "summary.md").read_text(encoding="utf-8")
     assert "| Experiment | | MSE | PSNR | SSIM | SSIM (windowed) | n |" in text
     table = parse_summary(text)
     assert list(table) == [("PD to T2", "Dicycle"), ("T2 to PD", "Dicycle")]
@@ -238,12 +238,12 @@ def test_runs_of_two_methods_merge_into_one_table(mr_run: dict, tmp_path: Path) 
     rows = read_csv(mr_run["output"] / "metrics_Dicycle.csv")
     write_results(rows, tmp_path, "Dicycle")
     write_results([{**r, "method": "Cycle", "PSNR": r["PSNR"] - 1.0} for r in rows], tmp_path, "Cycle")
-    table = parse_summary((tmp_path / "summary.md").read_text())
+    table = parse_summary((tmp_path / "summary.md").read_text(encoding="utf-8"))
     assert list(table) == [(e, m) for e in ("PD to T2", "T2 to PD") for m in ("Cycle", "Dicycle")]
     cycle, dicycle = table[("PD to T2", "Cycle")]["PSNR"], table[("PD to T2", "Dicycle")]["PSNR"]
     assert float(cycle.split()[0]) == pytest.approx(float(dicycle.split()[0]) - 1.0, abs=0.011)
-    assert "| PD to T2 | Cycle |" in (tmp_path / "summary.md").read_text()
-    assert "|  | Dicycle |" in (tmp_path / "summary.md").read_text()
+    assert "| PD to T2 | Cycle |" in (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "|  | Dicycle |" in (tmp_path / "summary.md").read_text(encoding="utf-8")
 
 
 def test_ct_target_adds_mae_in_hu(tmp_path: Path) -> None:
@@ -266,8 +266,8 @@ def test_ct_target_adds_mae_in_hu(tmp_path: Path) -> None:
         expected["bone_dice"] = float(overlap / (predicted_bone.sum() + true_bone.sum()))
         for name, value in expected.items():
             assert row[name] == pytest.approx(value, rel=1e-4, abs=1e-4), (row["subject"], name)
-    assert "MAE (HU)" in (tmp_path / "eval" / "summary.md").read_text()
-    assert "Bone Dice" in (tmp_path / "eval" / "summary.md").read_text()
+    assert "MAE (HU)" in (tmp_path / "eval" / "summary.md").read_text(encoding="utf-8")
+    assert "Bone Dice" in (tmp_path / "eval" / "summary.md").read_text(encoding="utf-8")
 
 
 def test_bone_dice_measures_where_the_bone_is_drawn() -> None:
@@ -381,7 +381,7 @@ def test_synthesis_is_aligned_with_the_ground_truth(tmp_path: Path) -> None:
     _save(b, tmp_path / "s-T2.nii.gz", affine)
     _save(_box_mask(0), tmp_path / "s-mask.nii.gz", affine)
     datalist = {"domains": {"A": "PD", "B": "T2"}, "test": [{"A": "s-PD.nii.gz", "B": "s-T2.nii.gz"}]}
-    (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist), encoding="utf-8")
     case = paired_cases(tmp_path, "datalist.json", "test", parse_directions("A2B"))[0]
     assert case["subject"] == "s-PD"  # no "subject": the source file's name
     _evaluator([case], tmp_path / "whole", _Identity()).run()
@@ -431,8 +431,10 @@ def test_mismatched_mask_and_bad_requests_raise_clear_errors(tmp_path: Path) -> 
         parse_directions("AtoB")
     with pytest.raises(KeyError, match="validation"):
         paired_cases(dataset, "datalist.json", "validation")
-    content = json.loads((dataset / "datalist.json").read_text())
-    (dataset / "unpaired.json").write_text(json.dumps({**content, "training_A": [{"image": "sub00-PD.nii.gz"}]}))
+    content = json.loads((dataset / "datalist.json").read_text(encoding="utf-8"))
+    (dataset / "unpaired.json").write_text(
+        json.dumps({**content, "training_A": [{"image": "sub00-PD.nii.gz"}]}), encoding="utf-8"
+    )
     with pytest.raises(ValueError, match="not paired"):
         paired_cases(dataset, "unpaired.json", "training_A")
 
@@ -461,4 +463,4 @@ def test_residual_displacement_is_measured_in_mm_on_the_evaluation_grid(
     assert [spacing for spacing, _ in calls] == [(2.0, 2.0, 2.0)] * len(SUBJECTS)
     assert [voxels for _, voxels in calls] == [int(r["voxels"]) for r in rows]
     assert [(r["displacement_mm"], r["displacement_p95_mm"]) for r in rows] == [(0.5, 1.0), (1.0, 1.0), (1.5, 1.0)]
-    assert "Residual displacement (mm)" in (tmp_path / "eval" / "summary.md").read_text()
+    assert "Residual displacement (mm)" in (tmp_path / "eval" / "summary.md").read_text(encoding="utf-8")

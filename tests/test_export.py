@@ -47,7 +47,7 @@ def tiny_models(tmp_path_factory) -> Path:
     for seed, name in enumerate(("model.pt", "model_g_ba.pt")):
         torch.save(_tiny_generator(seed).state_dict(), models / name)
     reference = {"A": {"kind": "MR", "mean": 400.0, "std": 100.0}, "B": {"kind": "MR", "mean": 300.0, "std": 80.0}}
-    (models / "intensity_reference.json").write_text(json.dumps(reference))
+    (models / "intensity_reference.json").write_text(json.dumps(reference), encoding="utf-8")
     return models
 
 
@@ -108,7 +108,7 @@ def test_ckpt_export_torchscript_equals_the_eager_undeformed_pass(tiny_models, t
     )
     extra = {"metadata.json": "", "common.json": "", "inference.json": ""}
     scripted = torch.jit.load(str(ts_file), _extra_files=extra)
-    assert json.loads(extra["metadata.json"])["version"] == json.loads(METADATA.read_text())["version"]
+    assert json.loads(extra["metadata.json"])["version"] == json.loads(METADATA.read_text(encoding="utf-8"))["version"]
     assert json.loads(extra["common.json"])["network_def"]["_target_"] == "bundle.networks.DicycleGenerator"
     _assert_undeformed_pass(scripted, _reference(tiny_models / "model.pt"))
 
@@ -174,16 +174,16 @@ def exported(tiny_models, tmp_path_factory) -> dict:
 
 def test_export_writes_the_zoo_layout_with_a_new_version(exported):
     folder = Path(exported["folder"])
-    source_meta = json.loads(METADATA.read_text())
-    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    source_meta = json.loads(METADATA.read_text(encoding="utf-8"))
+    meta = json.loads((folder / "configs" / "metadata.json").read_text(encoding="utf-8"))
     major, minor, patch = (int(v) for v in source_meta["version"].split("."))
     assert meta["version"] == exported["version"] == f"{major}.{minor}.{patch + 1}"
     assert next(iter(meta["changelog"].items())) == (meta["version"], "tiny test export")  # newest first
-    assert json.loads(METADATA.read_text()) == source_meta  # the repository's metadata is untouched
-    common = json.loads((folder / "configs" / "common.json").read_text())
+    assert json.loads(METADATA.read_text(encoding="utf-8")) == source_meta  # the repository's metadata is untouched
+    common = json.loads((folder / "configs" / "common.json").read_text(encoding="utf-8"))
     assert (common["ngf"], common["n_blocks"]) == (4, 1)
     # the zoo's CI reads configs/inference.json alone: it declares the networks and their settings itself
-    inference = json.loads((folder / "configs" / "inference.json").read_text())
+    inference = json.loads((folder / "configs" / "inference.json").read_text(encoding="utf-8"))
     assert inference["network_def"] == common["network_def"]
     assert (inference["ngf"], inference["n_blocks"]) == (4, 1)
     assert "evaluator" in inference and "settings" in inference
@@ -204,7 +204,7 @@ def test_export_writes_the_zoo_layout_with_a_new_version(exported):
     assert not list(folder.rglob("__pycache__"))
     # experiment tooling (phantom, dataset builders, studies, benchmarks) stays in the repository
     assert not (folder / "scripts").exists() and not (folder / "bundle" / "phantom.py").exists()
-    shipped_code = "\n".join(p.read_text() for p in folder.rglob("*.py"))
+    shipped_code = "\n".join(p.read_text(encoding="utf-8") for p in folder.rglob("*.py"))
     assert "write_phantom_dataset" not in shipped_code and "make_ixi_datalist" not in shipped_code
 
     large_files = exported["script"]._load_large_files(folder)

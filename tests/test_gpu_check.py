@@ -29,7 +29,7 @@ def test_gpu_check_runs_every_section_at_tiny_size(tmp_path):
     results = gpu_check.run_check(
         output=str(report), size="tiny", dataset_dir=str(dataset), work_dir=str(tmp_path / "work")
     )
-    text = report.read_text()
+    text = report.read_text(encoding="utf-8")
     failures = {key: results[key]["lines"] for key in results if key != "ok" and not results[key]["ok"]}
     assert results["ok"], failures
     assert text.startswith("# GPU check: ")

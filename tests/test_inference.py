@@ -40,7 +40,7 @@ def _models(ckpt_dir: Path, target_kinds=("MR", "MR")) -> dict[str, DicycleGener
                 p.normal_(0, 0.1)
         torch.save(g.state_dict(), ckpt_dir / name)
         generators[name] = g
-    (ckpt_dir / "intensity_reference.json").write_text(json.dumps(REFERENCE))
+    (ckpt_dir / "intensity_reference.json").write_text(json.dumps(REFERENCE), encoding="utf-8")
     return generators
 
 
@@ -124,7 +124,7 @@ def test_bad_files_are_listed_and_good_files_still_written(tmp_path):
     nib.save(nib.Nifti1Image(nan, affine), folder / "nan.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), affine), folder / "empty.nii.gz")
     (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b this is not gzip")
-    (folder / "notes.txt").write_text("not an image")
+    (folder / "notes.txt").write_text("not an image", encoding="utf-8")
     with pytest.raises(RuntimeError) as caught:
         infer(tmp_path, input_dir=str(folder))
     error = caught.value
@@ -191,7 +191,7 @@ def test_mr_normalisation_round_trip(tmp_path):
     reference = tmp_path / "reference.json"
     stats = volume[volume > 0.1 * torch.quantile(volume.flatten(), 0.99)]
     mean, std = float(stats.mean()), float(stats.std())
-    reference.write_text(json.dumps({"B": {"kind": "MR", "mean": mean, "std": std}}))
+    reference.write_text(json.dumps({"B": {"kind": "MR", "mean": mean, "std": std}}), encoding="utf-8")
     restored = DenormalizeIntensityd("image", "MR", reference, "B")({"image": normalised})["image"]
     torch.testing.assert_close(torch.as_tensor(restored), volume, rtol=0, atol=1e-3)
 

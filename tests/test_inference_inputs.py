@@ -46,7 +46,7 @@ def _models(ckpt_dir: Path) -> None:
         torch.manual_seed(seed)
         torch.save(DicycleGenerator(ngf=4, n_blocks=1, backend="torch").state_dict(), ckpt_dir / name)
     reference = {"A": {"kind": "MR", "mean": 100.0, "std": 20.0}, "B": {"kind": "MR", "mean": 500.0, "std": 50.0}}
-    (ckpt_dir / "intensity_reference.json").write_text(json.dumps(reference))
+    (ckpt_dir / "intensity_reference.json").write_text(json.dumps(reference), encoding="utf-8")
 
 
 def _save(path: Path, seed: int = 0) -> Path:
@@ -125,7 +125,9 @@ def test_an_input_is_never_replaced_even_with_overwrite(tmp_path):
     _save(folder / "a.nii.gz")
     _save(folder / "a_T2.nii.gz", seed=3)
     entries = [{"A": "a.nii.gz", "B": "a.nii.gz"}, {"A": "a_T2.nii.gz", "B": "a_T2.nii.gz"}]
-    (folder / "list.json").write_text(json.dumps({"domains": {"A": "PD", "B": "T2"}, "test": entries}))
+    (folder / "list.json").write_text(
+        json.dumps({"domains": {"A": "PD", "B": "T2"}, "test": entries}), encoding="utf-8"
+    )
     before = _md5s(folder)
     message = infer_failing(
         tmp_path, folder, input_datalist=str(folder / "list.json"), dataset_dir=str(folder), overwrite=True
@@ -179,7 +181,7 @@ def test_save_never_replaces_a_file_that_appeared_after_planning(tmp_path):
 
 def test_an_output_folder_that_cannot_be_created_is_reported_in_one_line_before_any_work(tmp_path):
     blocker = tmp_path / "a_file"
-    blocker.write_text("x")
+    blocker.write_text("x", encoding="utf-8")
     # input_dir does not exist either: the output folder is checked first, before any input is looked at
     message = infer_failing(tmp_path, blocker / "out", input_dir=str(tmp_path / "missing"))
     assert message.startswith(f"output_dir {blocker / 'out'} cannot be created") and len(message.splitlines()) == 1
@@ -389,7 +391,7 @@ def test_a_mixed_folder_writes_every_good_output_names_every_bad_input_and_chang
     _nan_geometry(scans / "nan_geometry.nii.gz")
     nib.save(nib.Nifti1Image(np.ones((8, 8), np.float32), AFFINE), scans / "flat.nii.gz")
     (scans / "broken.nii.gz").write_bytes(b"\x1f\x8b not gzip")
-    (scans / "notes.txt").write_text("not an image")
+    (scans / "notes.txt").write_text("not an image", encoding="utf-8")
     _copy(CT5N, scans / "CT5N")
     _copy(MR2, scans / "MR2")
     _write_dicom_series(_head((16, 16, 8)) * 10, 2.4, scans / "small_fov", "1.2.826.0.1.3680043.2.1125.7", 3)

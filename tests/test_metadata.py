@@ -15,12 +15,12 @@ SCHEMA = ROOT / "tests" / "data" / "meta_schema_20240725.json"  # offline copy o
 
 
 def _metadata() -> dict:
-    return json.loads((ROOT / "configs" / "metadata.json").read_text())
+    return json.loads((ROOT / "configs" / "metadata.json").read_text(encoding="utf-8"))
 
 
 def _pins() -> dict[str, str]:
     pins = {}
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
+    for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines():
         match = re.fullmatch(r"([A-Za-z0-9_.-]+)==([^\s#]+)", line.strip())
         if match:
             pins[match.group(1).lower()] = match.group(2)
@@ -74,7 +74,8 @@ def test_verify_net_in_out_runs_the_generator_with_the_metadata_shapes(tmp_path)
                 "imports": ["$import bundle"],
                 "network_def": {"_target_": "bundle.networks.DicycleGenerator", "ngf": 4, "n_blocks": 1},
             }
-        )
+        ),
+        encoding="utf-8",
     )
     verify_net_in_out(
         net_id="network_def", meta_file=str(ROOT / "configs" / "metadata.json"), config_file=str(config), device="cpu"

@@ -56,7 +56,7 @@ PROBE_EXPRESSION = (
 
 
 def _probe_config(path: Path, out_dir: Path) -> Path:
-    path.write_text(json.dumps({"+finalize": [PROBE_EXPRESSION % (list(NETWORKS), str(out_dir))]}))
+    path.write_text(json.dumps({"+finalize": [PROBE_EXPRESSION % (list(NETWORKS), str(out_dir))]}), encoding="utf-8")
     return path
 
 
@@ -211,8 +211,8 @@ def test_validation_is_sharded_and_its_metrics_agree_across_ranks(runs):
 def test_multi_gpu_initialize_and_finalize_keep_every_step_of_train_json():
     """The override replaces ``initialize`` and ``finalize`` (the process group must exist first): every step of
     train.json must still be there, in the same order."""
-    train = json.loads((BUNDLE_ROOT / "configs/train.json").read_text())
-    multi_gpu = json.loads((BUNDLE_ROOT / "configs/multi_gpu_train.json").read_text())
+    train = json.loads((BUNDLE_ROOT / "configs/train.json").read_text(encoding="utf-8"))
+    multi_gpu = json.loads((BUNDLE_ROOT / "configs/multi_gpu_train.json").read_text(encoding="utf-8"))
     for section in ("initialize", "finalize"):
         steps = iter(multi_gpu[section])
         missing = [step for step in train[section] if step not in steps]  # `in` consumes: an ordered subsequence

@@ -216,7 +216,7 @@ def test_dataset_files_geometry_and_datalists(dataset) -> None:
         ("datalist_deformed_t2.json", {"A": "PD", "B": "T2"}),
         ("datalist_mr_ct.json", {"A": "T1", "B": "CT"}),
     ):
-        content = json.loads((out / name).read_text())
+        content = json.loads((out / name).read_text(encoding="utf-8"))
         assert content["domains"] == domains
         assert validate_datalist(out, name) > 0
         paths = [
@@ -243,7 +243,7 @@ def test_deformed_t2_datalist_ground_truths(dataset) -> None:
     training_b = load_datalist(out, "datalist_deformed_t2.json", "training_B")
     assert all(p["image"].endswith("_T2_distorted.nii.gz") for p in training_b)
     # B and the B -> A ground truth come from one distortion (the recorded one) of the undistorted volumes
-    record = json.loads((out / "datalist_deformed_t2.json").read_text())["distortion"]
+    record = json.loads((out / "datalist_deformed_t2.json").read_text(encoding="utf-8"))["distortion"]
     distortion = DomainDistortion(record["max_displacement_mm"], record["control_spacing_mm"], seed=record["seed"])
     for distorted, original, mode in (
         ("B", "gt_A2B", "bilinear"),
@@ -258,7 +258,7 @@ def test_deformed_t2_datalist_ground_truths(dataset) -> None:
 
 
 def test_training_lists_are_shuffled_independently(dataset) -> None:
-    content = json.loads((Path(dataset["output_dir"]) / "datalist.json").read_text())
+    content = json.loads((Path(dataset["output_dir"]) / "datalist.json").read_text(encoding="utf-8"))
     subjects = lambda key: [Path(e["image"]).parent.name for e in content[key]]  # noqa: E731
     assert sorted(subjects("training_A")) == sorted(subjects("training_B")) == dataset["split"]["training"]
 
@@ -281,7 +281,9 @@ def test_worker_processes_give_the_same_data(dataset, model, tmp_path) -> None:
             forked = np.asanyarray(nib.load(phantom.phantom_file(tmp_path, subject, kind)).dataobj)
             np.testing.assert_array_equal(serial, forked)
     for name in ("datalist.json", "datalist_deformed_t2.json", "datalist_mr_ct.json"):
-        assert (tmp_path / name).read_text() == (Path(dataset["output_dir"]) / name).read_text()
+        assert (tmp_path / name).read_text(encoding="utf-8") == (Path(dataset["output_dir"]) / name).read_text(
+            encoding="utf-8"
+        )
 
 
 def test_missing_nilearn_names_the_install_command(monkeypatch) -> None:

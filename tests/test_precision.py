@@ -52,8 +52,8 @@ def test_every_stage_synthesizes_in_the_precision_of_amp(overlay, item, amp):
 
 
 def test_validation_uses_the_synthesis_inferer_and_no_engine_autocast():
-    train = json.loads((CONFIGS / "train.json").read_text())
-    inference = json.loads((CONFIGS / "inference.json").read_text())
+    train = json.loads((CONFIGS / "train.json").read_text(encoding="utf-8"))
+    inference = json.loads((CONFIGS / "inference.json").read_text(encoding="utf-8"))
     for evaluator in (train["validate"]["evaluator"], inference["evaluator"]):
         assert evaluator["inferer"] == "$@synthesis.inferer"
         assert "amp" not in evaluator  # MONAI's engine amp is float16 CUDA autocast: left off

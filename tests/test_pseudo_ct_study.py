@@ -44,10 +44,10 @@ def test_pairs_are_the_same_subject_misregistered_by_a_distortion_of_their_own(p
 
 def test_publish_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     results = tmp_path / "results.md"
-    results.write_text("# Results\n\nthe reproduction's tables\n")
+    results.write_text("# Results\n\nthe reproduction's tables\n", encoding="utf-8")
     reproduce.publish_section(results, "study", "first version")
     reproduce.publish_section(results, "study", "second version")
-    text = results.read_text()
+    text = results.read_text(encoding="utf-8")
     assert text.startswith("# Results\n\nthe reproduction's tables\n")
     assert "second version" in text and "first version" not in text and text.count("<!-- study -->") == 1
 
@@ -56,7 +56,7 @@ def test_study_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path) -> None:
     variants = ["Dicycle_shared", "Dicycle_misaligned_pairs"]
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "results.md").write_text("# Results\n")
+    (docs / "results.md").write_text("# Results\n", encoding="utf-8")
     result = pseudo_ct_study.study(
         output_dir=str(tmp_path / "study"),
         variants=",".join(variants),
@@ -65,24 +65,27 @@ def test_study_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path) -> None:
         publish_dir=str(docs),
     )
     output = tmp_path / "study"
-    commands = {v: json.loads((output / "runs" / f"mr_ct_{v}" / "run.json").read_text())["command"] for v in variants}
+    commands = {
+        v: json.loads((output / "runs" / f"mr_ct_{v}" / "run.json").read_text(encoding="utf-8"))["command"]
+        for v in variants
+    }
     assert "--offsets shared" in commands["Dicycle_shared"] and "--lambda_paired" not in commands["Dicycle_shared"]
     assert "--lambda_paired 10.0" in commands["Dicycle_misaligned_pairs"]
     assert "datalist_mr_ct_pairs_10mm.json" in commands["Dicycle_misaligned_pairs"]
     for variant in variants:
-        with (output / "metrics" / f"{variant}.csv").open(newline="") as file:
+        with (output / "metrics" / f"{variant}.csv").open(newline="", encoding="utf-8") as file:
             rows = list(csv.DictReader(file))
         assert {row["direction"] for row in rows} == {"A2B", "B2A"}
         assert all(row["MAE_HU"] for row in rows if row["direction"] == "A2B")  # a CT target: HU metrics
         assert [float(row["MAE_HU"]) for row in result["rows"][variant] if row["direction"] == "A2B"] == [
             pytest.approx(float(row["MAE_HU"])) for row in rows if row["direction"] == "A2B"
         ]
-    text = (output / "pseudo_ct.md").read_text()
+    text = (output / "pseudo_ct.md").read_text(encoding="utf-8")
     for variant in variants:
         assert f"| {pseudo_ct_study.VARIANTS[variant].label} |" in text
     assert "--preset smoke" in text and "misaligned pairs: best variant" in text
     assert (output / "figures" / "fig4_pseudo_ct.png").read_bytes()[:8] == PNG_SIGNATURE
-    published = (docs / "results.md").read_text()
+    published = (docs / "results.md").read_text(encoding="utf-8")
     assert published.startswith("# Results\n") and text.strip() in published
     assert (docs / "figures" / "fig4_pseudo_ct.png").is_file()
 

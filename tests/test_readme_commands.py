@@ -28,7 +28,7 @@ COMMAND_ARGUMENTS = {
 
 
 def _readme_commands() -> list[str]:
-    text = "\n".join((ROOT / name).read_text() for name in ("README.md", "docs/README.md"))
+    text = "\n".join((ROOT / name).read_text(encoding="utf-8") for name in ("README.md", "docs/README.md"))
     blocks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
     inline = re.findall(r"`((?:python -m monai\.bundle|torchrun)[^`]*)`", text)
     lines = [line for block in blocks for line in block.splitlines()] + inline

@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +32,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
     output = tmp_path_factory.mktemp("study")
     # a published results file that already holds another study's section (pseudo_ct_study.py, dose_response.py)
     (output / "docs").mkdir()
-    (output / "docs" / "results.md").write_text("# old results\n\n" + OTHER_SECTION + "\n")
+    (output / "docs" / "results.md").write_text("# old results\n\n" + OTHER_SECTION + "\n", encoding="utf-8")
     result = reproduce.main(
         output_dir=str(output), preset="smoke", experiments="deformed", publish_dir=str(output / "docs")
     )
@@ -38,13 +40,15 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _csv(path: Path) -> list[dict]:
-    with path.open(newline="") as file:
+    with path.open(newline="", encoding="utf-8") as file:
         return list(csv.DictReader(file))
 
 
 def test_both_methods_are_trained_with_the_same_data_seed_and_budget(study: dict) -> None:
     commands = {
-        method: json.loads((study["output"] / "runs" / f"deformed_{method}" / "run.json").read_text())["command"]
+        method: json.loads((study["output"] / "runs" / f"deformed_{method}" / "run.json").read_text(encoding="utf-8"))[
+            "command"
+        ]
         for method in reproduce.METHODS
     }
     assert "configs/cyclegan.json" in commands["Cycle"] and "configs/cyclegan.json" not in commands["Dicycle"]
@@ -82,7 +86,7 @@ def test_distortion_reference_measures_the_applied_distortion(study: dict) -> No
 
 
 def test_results_report_the_measured_means_beside_the_paper(study: dict) -> None:
-    text = Path(study["results"]).read_text()
+    text = Path(study["results"]).read_text(encoding="utf-8")
     assert "## Table 2 analogue" in text and "Distortion only" in text
     assert "19.52 (1.62)" in text  # the paper's CycleGAN PD -> T2 PSNR of Table 2, in the paper column
     assert "python scripts/reproduce.py --output_dir" in text and "--preset smoke --experiments deformed" in text
@@ -94,21 +98,26 @@ def test_results_report_the_measured_means_beside_the_paper(study: dict) -> None
         assert (study["output"] / figure).read_bytes()[:8] == PNG_SIGNATURE
         assert (study["output"] / "docs" / figure).is_file()
     # published: this study's text replaces the old one, the other study's section stays
-    assert (study["output"] / "docs" / "results.md").read_text() == text.rstrip() + "\n\n" + OTHER_SECTION + "\n"
+    assert (study["output"] / "docs" / "results.md").read_text(
+        encoding="utf-8"
+    ) == text.rstrip() + "\n\n" + OTHER_SECTION + "\n"
 
 
 def test_a_repeated_command_reuses_finished_runs_and_resumes_an_interrupted_one(study: dict) -> None:
     output = study["output"]
     cycle_record = output / "runs" / "deformed_Cycle" / "run.json"
-    before = cycle_record.read_text(), (output / "runs" / "deformed_Cycle" / "models" / "model.pt").stat().st_mtime
+    before = (
+        cycle_record.read_text(encoding="utf-8"),
+        (output / "runs" / "deformed_Cycle" / "models" / "model.pt").stat().st_mtime,
+    )
     interrupted = output / "runs" / "deformed_Dicycle" / "run.json"
     interrupted.unlink()  # as if training had stopped after its last checkpoint
     reproduce.main(output_dir=str(output), preset="smoke", experiments="deformed")
     assert (
-        cycle_record.read_text(),
+        cycle_record.read_text(encoding="utf-8"),
         (output / "runs" / "deformed_Cycle" / "models" / "model.pt").stat().st_mtime,
     ) == before
-    record = json.loads(interrupted.read_text())
+    record = json.loads(interrupted.read_text(encoding="utf-8"))
     assert record["resumed"] is True and "--resume True" in record["command"]
 
 
@@ -198,3 +207,25 @@ def test_budget_stretches_the_presets_epochs_and_leaves_budget_1_alone(tmp_path:
     for bad in (0, 1.5):
         with pytest.raises(ValueError, match="budget must be a whole number"):
             reproduce.main(output_dir=str(tmp_path), budget=bad)
+
+
+def test_results_are_written_as_utf8_under_an_ascii_locale(tmp_path: Path) -> None:
+    # CI's locale is ASCII: the dose-response study's "9 ± 34 %" could not be written there (UnicodeEncodeError)
+    path = tmp_path / "results.md"
+    script = (
+        "import locale, sys; from pathlib import Path; sys.path.insert(0, 'scripts'); import reproduce; "
+        "encoding = locale.getpreferredencoding(False); "
+        "assert encoding.lower() in ('ascii', 'ansi_x3.4-1968'), encoding; "
+        f"path = Path({str(path)!r}); "
+        "reproduce.publish_section(path, 'study', 'copies 9 \\u00b1 34 %'); "
+        "reproduce.publish_section(path, 'study', 'copies 2 \\u00b1 3 % \\u2192 1 \\u00b1 1 %')"
+    )
+    env = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        path.read_bytes().decode("utf-8")
+        == "<!-- study -->\ncopies 2 \u00b1 3 % \u2192 1 \u00b1 1 %\n<!-- /study -->\n"
+    )

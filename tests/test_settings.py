@@ -94,7 +94,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_training_writes_the_settings_beside_the_weights(trained):
-    settings = json.loads((trained["models"] / "settings.json").read_text())
+    settings = json.loads((trained["models"] / "settings.json").read_text(encoding="utf-8"))
     assert settings["ngf"] == 4 and settings["n_blocks"] == 2 and settings["deformable"] is True
     assert settings["pixdim"] == [2, 2, 2] and settings["spatial_size"] == [32, 32]
     assert (settings["domain_a"], settings["domain_b"], settings["name_a"], settings["name_b"]) == (

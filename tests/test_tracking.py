@@ -21,7 +21,7 @@ from tests.bundle_fixtures import BUNDLE_ROOT, TINY_OVERRIDES, write_tiny_datase
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
 
 TRAIN = [str(BUNDLE_ROOT / "configs" / "common.json"), str(BUNDLE_ROOT / "configs" / "train.json")]
-LR = json.loads(Path(TRAIN[1]).read_text())["lr"]  # both optimizers start at the base rate
+LR = json.loads(Path(TRAIN[1]).read_text(encoding="utf-8"))["lr"]  # both optimizers start at the base rate
 SAMPLES = int(TINY_OVERRIDES["samples_per_epoch"])  # batch size 1: one iteration per sample
 
 
@@ -94,7 +94,9 @@ def test_default_settings_record_losses_params_and_config_in_the_output_folder(t
     # the executed config is the run's artifact, stored next to the database
     (artifact,) = client.list_artifacts(run_id)
     assert artifact.path.startswith("config_") and artifact.path.endswith(".json")
-    config = json.loads(Path(client.download_artifacts(run_id, artifact.path, str(tmp_path))).read_text())
+    config = json.loads(
+        Path(client.download_artifacts(run_id, artifact.path, str(tmp_path))).read_text(encoding="utf-8")
+    )
     assert config["ngf"] == 4 and config["bundle_root"] == str(tmp_path)
     assert "MLFlowHandler" in {h.get("_target_") for h in config["train"]["handlers"] if isinstance(h, dict)}
     assert list((output_dir / "mlruns").rglob(artifact.path))

@@ -59,7 +59,7 @@ def make_dataset(root: Path, domains=("PD", "T2"), subjects: int = 3) -> Path:
         "training_B": [{"image": f"s{s}_{b}.nii.gz"} for s in (1, 0)],
         "validation": [{"A": f"s2_{a}.nii.gz", "B": f"s2_{b}.nii.gz", "subject": "s2"}],
     }
-    (root / "datalist.json").write_text(json.dumps(datalist))
+    (root / "datalist.json").write_text(json.dumps(datalist), encoding="utf-8")
     return root
 
 
@@ -97,7 +97,7 @@ def test_training_writes_models_checkpoint_logs_and_the_best_validated_model(tmp
         "settings.json",
     ]
     assert sorted(p.name for p in models.iterdir()) == expected
-    reference = json.loads((models / "intensity_reference.json").read_text())
+    reference = json.loads((models / "intensity_reference.json").read_text(encoding="utf-8"))
     for domain in "AB":  # medians over the two training volumes of each domain, in the volumes' own units
         assert reference[domain]["kind"] == "MR" and reference[domain]["volumes"] == 2
         assert 100 < reference[domain]["mean"] < 300 and reference[domain]["std"] > 10
@@ -143,9 +143,9 @@ def test_missing_files_are_all_listed_before_training(tmp_path):
 
 def test_an_empty_domain_list_is_refused(tmp_path):
     dataset = make_dataset(tmp_path / "data")
-    datalist = json.loads((dataset / "datalist.json").read_text())
+    datalist = json.loads((dataset / "datalist.json").read_text(encoding="utf-8"))
     datalist["training_B"] = []
-    (dataset / "datalist.json").write_text(json.dumps(datalist))
+    (dataset / "datalist.json").write_text(json.dumps(datalist), encoding="utf-8")
     with pytest.raises(Exception) as caught:
         train(tmp_path, dataset)
     assert any("training list of domain B is empty" in str(e) for e in _chain(caught.value))
@@ -186,9 +186,9 @@ def test_abdominal_preset_synthesizes_range_scaled_ct(tmp_path):
 
 def test_training_without_a_validation_list(tmp_path):
     dataset = make_dataset(tmp_path / "data")
-    datalist = json.loads((dataset / "datalist.json").read_text())
+    datalist = json.loads((dataset / "datalist.json").read_text(encoding="utf-8"))
     del datalist["validation"]
-    (dataset / "datalist.json").write_text(json.dumps(datalist))
+    (dataset / "datalist.json").write_text(json.dumps(datalist), encoding="utf-8")
     train(tmp_path, dataset)
     assert (tmp_path / "models" / "model.pt").exists()
     assert not (tmp_path / "models" / "model_best.pt").exists()
@@ -207,9 +207,9 @@ def test_pseudo_ct_preset_trains_on_misaligned_pairs_with_shared_offsets(tmp_pat
         error = error.__cause__ or error.__context__
     assert any(f"datalist {dataset / 'datalist.json'} has no 'training_pairs' list" in text for text in chain)
     assert not list((tmp_path / "unpaired").glob("models/*.pt"))
-    datalist = json.loads((dataset / "datalist.json").read_text())
+    datalist = json.loads((dataset / "datalist.json").read_text(encoding="utf-8"))
     datalist["training_pairs"] = [{"A": f"s{s}_T1.nii.gz", "B": f"s{s}_CT.nii.gz"} for s in (0, 1)]
-    (dataset / "datalist.json").write_text(json.dumps(datalist))
+    (dataset / "datalist.json").write_text(json.dumps(datalist), encoding="utf-8")
     train(tmp_path, dataset, config_files=preset)
     network = _network(preset)
     assert network.offsets == "shared" and isinstance(network.model[-1], torch.nn.Tanh)  # MR -> CT

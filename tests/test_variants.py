@@ -407,9 +407,9 @@ def test_paired_slice_dataset_yields_the_same_slice_of_the_pair_with_the_same_au
 
 def _train_config(tmp_path, **overrides) -> ConfigParser:
     root = write_tiny_dataset(tmp_path / "data", n_volumes=2)
-    datalist = json.loads((root / "datalist.json").read_text())
+    datalist = json.loads((root / "datalist.json").read_text(encoding="utf-8"))
     datalist["training_pairs"] = [{"A": pair["A"], "B": pair["B"]} for pair in datalist["validation"]]
-    (root / "datalist.json").write_text(json.dumps(datalist))
+    (root / "datalist.json").write_text(json.dumps(datalist), encoding="utf-8")
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / "train.json")])
     parser.update(

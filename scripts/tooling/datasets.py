@@ -111,7 +111,7 @@ def write_datalist(
     if problems:
         raise ValueError("refusing to write a malformed datalist:\n" + "\n".join(f"  {p}" for p in problems))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2) + "\n")
+    path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     return path
 
 

@@ -782,7 +782,7 @@ def write_phantom_dataset(
     record = output_dir / "phantom_parameters.json"
     parameters = {"generator": "scripts.tooling.phantom.write_phantom_dataset", "version": _PHANTOM_VERSION, **config}
     del parameters["output_dir"]
-    if not force and record.is_file() and json.loads(record.read_text()) == parameters:
+    if not force and record.is_file() and json.loads(record.read_text(encoding="utf-8")) == parameters:
         expected = [phantom_file(output_dir, s, k) for s in names for k in ("PD", "T2", "T1", "CT", "T2_distorted")]
         if all(p.is_file() for p in expected) and all((output_dir / n).is_file() for n in datalist_names):
             say(f"{output_dir} already holds this phantom dataset (same parameters); use --force to rebuild")
@@ -823,6 +823,6 @@ def write_phantom_dataset(
                 done += 1
                 say(f"[{done:3d}/{subjects}] {subject} written ({seconds:.1f} s)")
     datalists = _phantom_datalists(output_dir, split, config)
-    record.write_text(json.dumps(parameters, indent=2) + "\n")
+    record.write_text(json.dumps(parameters, indent=2) + "\n", encoding="utf-8")
     say(f"datalists: {', '.join(p.name for p in datalists)}")
     return {"output_dir": output_dir, "datalists": datalists, "subjects": names, "split": split, "skipped": False}
