@@ -16,12 +16,12 @@ evaluation's directions) is run on the ground truth against its distorted copy, 
 is compared with the applied one, evaluated analytically from the distortion's B-spline field on the mask's voxels.
 
 ``study``: CycleGAN (``configs/cyclegan.json``) and DicycleGAN (paper settings) are trained on PD <-> T2 at every
-level (plus two more training seeds at 10 mm) with ``reproduce.py``'s runner functions and preset, evaluated on the
-held-out phantom subjects, and the copy fraction (the OLS slope of the residual displacement against the applied
-mean displacement, with its 95 % confidence interval) is reported per method and direction, beside PSNR/SSIM at
-every level, a figure of residual against applied displacement and a Fig. 4-style panel at 20 mm. Finished runs
-are not retrained and metrics measured after a run's training are read back, so the command can be repeated (e.g.
-after an interruption, or in the background with ``nohup ... &``).
+level (plus two more training seeds at 10 mm, or at the ``--replicate_levels_mm``) with ``reproduce.py``'s runner
+functions and preset, evaluated on the held-out phantom subjects, and the copy fraction (the OLS slope of the
+residual displacement against the applied mean displacement, with its 95 % confidence interval) is reported per
+method and direction, beside PSNR/SSIM at every level, a figure of residual against applied displacement and a
+Fig. 4-style panel at 20 mm. Finished runs are not retrained and metrics measured after a run's training are read
+back, so the command can be repeated (e.g. after an interruption, or in the background with ``nohup ... &``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from scripts.tooling.datasets import make_distorted_datalist  # noqa: E402
 __all__ = ["applied_displacement", "copy_fraction", "field_at_points", "instrument", "inverse_displacement", "study"]
 
 LEVELS_MM = (0.0, 5.0, 10.0, 20.0)
-REPLICATE_LEVEL_MM = 10.0
+REPLICATE_LEVELS_MM = (10.0,)
 SEEDS = (0, 1, 2)
 # one lattice for every level: 80 mm admits a 20 mm peak (40 mm stops near 11 mm, DomainDistortion's bound)
 DISTORTION_SPACING_MM = 80.0
@@ -346,6 +346,10 @@ def _prepare_data(output: Path, preset: str, dataset_dir: str | None) -> Path:
     return data_dir
 
 
+def _mm_list(levels: Sequence[float], separator: str = ",") -> str:
+    return separator.join(f"{v:g}" for v in levels)
+
+
 def _levels(levels: str | float | Sequence[float]) -> list[float]:
     if isinstance(levels, str):
         return [float(v) for v in levels.split(",") if v.strip()]
@@ -485,13 +489,16 @@ class Run:
 
 
 def planned_runs(
-    levels: Sequence[float], seeds: Sequence[int], replicate_level_mm: float, methods: Sequence[str] = reproduce.METHODS
+    levels: Sequence[float],
+    seeds: Sequence[int],
+    replicate_levels_mm: Sequence[float],
+    methods: Sequence[str] = reproduce.METHODS,
 ) -> list[Run]:
-    """Each method at every level with the first seed, and with every seed at ``replicate_level_mm``."""
+    """Each method at every level with the first seed, and with every seed at the ``replicate_levels_mm``."""
     return [
         Run(level, seed, method)
         for level in levels
-        for seed in (seeds if level == replicate_level_mm else seeds[:1])
+        for seed in (seeds if level in replicate_levels_mm else seeds[:1])
         for method in methods
     ]
 
@@ -572,48 +579,54 @@ def copy_fraction_table(fits: Mapping[tuple[str, str], Mapping[str, float]], lab
 def seed_spread(
     rows: Sequence[Mapping[str, Any]],
     applied: Mapping[tuple[float, str], float],
-    replicate_level_mm: float,
+    replicate_levels_mm: Sequence[float],
     baseline: tuple[float, int],
-) -> dict[tuple[str, str], dict[str, Any]]:
-    """The spread between training seeds at the replicate level, per (method, direction).
+) -> dict[tuple[str, str, float], dict[str, Any]]:
+    """The spread between training seeds at each replicate level, per (method, direction, level).
 
-    Each seed's copy fraction is the two-point slope from the baseline run (``(level_mm, seed)``, the undistorted
-    level with the first seed) to that seed's run at ``replicate_level_mm``.
+    Each seed's copy fraction is the two-point slope to its run from the same seed's run at the baseline level
+    (``baseline = (level_mm, first_seed)``: the undistorted level), or from the first seed's run there when that
+    seed was not trained at the baseline level. At the baseline level itself there is no slope (``None``).
 
     Returns:
-        ``{(method, direction): {"residual": {seed: mm}, "copy": {seed: slope}}}`` for the pairs with a baseline run.
+        ``{(method, direction, level_mm): {"residual": {seed: mm}, "copy": {seed: slope or None}}}`` for the
+        replicate levels of the pairs with a baseline run.
     """
+    baseline_mm = baseline[0]
     means = run_means(rows)
-    spread: dict[tuple[str, str], dict[str, Any]] = {}
+    spread: dict[tuple[str, str, float], dict[str, Any]] = {}
     for (method, direction, level, seed), residual in sorted(means.items()):
-        start = means.get((method, direction, *baseline))
-        if level != replicate_level_mm or start is None:
+        start = means.get((method, direction, baseline_mm, seed), means.get((method, direction, *baseline)))
+        if level not in replicate_levels_mm or start is None:
             continue
-        rise = applied[replicate_level_mm, direction] - applied[baseline[0], direction]
-        entry = spread.setdefault((method, direction), {"residual": {}, "copy": {}})
+        entry = spread.setdefault((method, direction, level), {"residual": {}, "copy": {}})
         entry["residual"][seed] = residual
-        entry["copy"][seed] = (residual - start) / rise
+        rise = applied[level, direction] - applied[baseline_mm, direction]
+        entry["copy"][seed] = None if level == baseline_mm else (residual - start) / rise
     return spread
 
 
-def seed_table(spread: Mapping[tuple[str, str], Mapping[str, Any]], labels: Mapping[str, str]) -> str:
-    """Markdown: each seed's residual displacement and copy fraction at the replicate level, mean (sd) over seeds."""
+def seed_table(spread: Mapping[tuple[str, str, float], Mapping[str, Any]], labels: Mapping[str, str]) -> str:
+    """Markdown: each seed's residual displacement and copy fraction at each replicate level, mean (sd) over seeds
+    ("-" where there is no slope: the baseline level)."""
     lines = [
-        "| direction | method | residual displacement per seed (mm) | mean (sd) | copy fraction per seed | mean (sd) |",
-        "| --- | --- | --- | ---: | --- | ---: |",
+        "| direction | peak (mm) | method | residual displacement per seed (mm) | mean (sd) | copy fraction per seed "
+        "| mean (sd) |",
+        "| --- | ---: | --- | --- | ---: | --- | ---: |",
     ]
-    for (method, direction), entry in sorted(spread.items(), key=lambda item: (item[0][1], item[0][0])):
-        residual, copy = list(entry["residual"].values()), list(entry["copy"].values())
+    for (method, direction, level), entry in sorted(spread.items(), key=lambda item: (item[0][1], item[0][2])):
+        residual, copy = list(entry["residual"].values()), [v for v in entry["copy"].values() if v is not None]
+        copies = f"{', '.join(f'{v:.3f}' for v in copy)} | {mean_sd(copy, 3)}" if copy else "- | -"
         lines.append(
-            f"| {labels[direction]} | {method} | {', '.join(f'{v:.2f}' for v in residual)} | {mean_sd(residual, 2)} | "
-            f"{', '.join(f'{v:.3f}' for v in copy)} | {mean_sd(copy, 3)} |"
+            f"| {labels[direction]} | {level:g} | {method} | {', '.join(f'{v:.2f}' for v in residual)} | "
+            f"{mean_sd(residual, 2)} | {copies} |"
         )
     return "\n".join(lines)
 
 
 def level_table(rows: Sequence[Mapping[str, Any]], applied: Mapping[tuple[float, str], float]) -> str:
     """Table 2 at every level: MSE, PSNR, SSIM (the paper's scale) and residual displacement, mean (sd) over the
-    test volumes (at the replicate level, the volumes of every seed together)."""
+    test volumes (at a replicate level, the volumes of every seed together)."""
     metrics = [("MSE", 3), ("PSNR", 2), ("SSIM", 3), ("displacement_mm", 2)]
     lines = [
         "| peak (mm) | applied mean (mm) | direction | method | MSE | PSNR (dB) | SSIM | residual displacement (mm) "
@@ -688,7 +701,7 @@ def study(
     preset: str = "cpu",
     levels: str | Sequence[float] = LEVELS_MM,
     seeds: str | Sequence[int] = SEEDS,
-    replicate_level_mm: float = REPLICATE_LEVEL_MM,
+    replicate_levels_mm: str | float | Sequence[float] = REPLICATE_LEVELS_MM,
     budget: int = 1,
     dataset_dir: str | None = None,
     dry_run: bool = False,
@@ -702,8 +715,8 @@ def study(
         output_dir: where the data, runs, metrics, figures and ``results.md`` go.
         preset: ``reproduce.py`` preset (``cpu``: its widths and budget; ``smoke``: tests).
         levels: peak distortions of T2 in mm (comma-separated or a list).
-        seeds: training seeds used at ``replicate_level_mm``; the other levels use the first.
-        replicate_level_mm: the level trained with every seed.
+        seeds: training seeds used at the ``replicate_levels_mm``; the other levels use the first.
+        replicate_levels_mm: the levels trained with every seed (comma-separated or a list).
         budget: train ``budget`` times the preset's epochs, all runs alike.
         dataset_dir: an existing phantom folder to use instead of building ``OUTPUT_DIR/data``.
         dry_run: print the planned runs and the estimate, train nothing.
@@ -729,8 +742,9 @@ def study(
     seeds = [int(s) for s in (seeds.split(",") if isinstance(seeds, str) else np.atleast_1d(seeds))]
     if len(set(levels)) < 2:
         raise ValueError(f"a slope needs at least two distortion levels, got {levels}.")
-    if replicate_level_mm not in levels:
-        raise ValueError(f"replicate_level_mm={replicate_level_mm} is not one of the levels {levels}.")
+    replicate_levels_mm = _levels(replicate_levels_mm)
+    if not replicate_levels_mm or not set(replicate_levels_mm) <= set(levels):
+        raise ValueError(f"replicate_levels_mm={replicate_levels_mm} must be some of the levels {levels}.")
     methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
     if not methods or not set(methods) <= set(reproduce.METHODS):
         raise ValueError(f"methods must be some of {list(reproduce.METHODS)}, got {methods}.")
@@ -738,7 +752,7 @@ def study(
     output = Path(output_dir).resolve()
     configs, overrides, _ = _preset_settings(preset)
     overrides = {**overrides, **reproduce.budget_epochs(configs, overrides, budget)}
-    runs = planned_runs(levels, seeds, replicate_level_mm, methods)
+    runs = planned_runs(levels, seeds, replicate_levels_mm, methods)
     runs_dir = output / "runs"
     seconds, left = estimate_seconds(runs, runs_dir, budget)
     log(f"{len(runs)} runs planned ({left} left to train), preset {preset}, budget {budget}:")
@@ -798,15 +812,17 @@ def study(
             Run(top, seeds[0], "Dicycle").experiment(datalists[top]),
             panel,
         )
-    spread = seed_spread(rows, applied, replicate_level_mm, (min(levels), seeds[0]))
+    spread = seed_spread(rows, applied, replicate_levels_mm, (min(levels), seeds[0]))
     records = [json.loads((runs_dir / run.name / "run.json").read_text(encoding="utf-8")) for run in runs]
     flags = {  # the study's own flags, those left at their defaults omitted
         "output_dir": output_dir,
         "dataset_dir": dataset_dir,
         "methods": ",".join(methods) if methods != list(reproduce.METHODS) else None,
-        "levels": ",".join(f"{v:g}" for v in levels) if levels != list(LEVELS_MM) else None,
+        "levels": _mm_list(levels) if levels != list(LEVELS_MM) else None,
         "seeds": ",".join(map(str, seeds)) if seeds != list(SEEDS) else None,
-        "replicate_level_mm": f"{replicate_level_mm:g}" if replicate_level_mm != REPLICATE_LEVEL_MM else None,
+        "replicate_levels_mm": _mm_list(replicate_levels_mm)
+        if replicate_levels_mm != list(REPLICATE_LEVELS_MM)
+        else None,
         "preset": preset,
         "budget": budget,
     }
@@ -826,7 +842,7 @@ def study(
         labels,
         figures,
         records,
-        replicate_level_mm,
+        replicate_levels_mm,
         instrument_text,
     )
     minutes = (time.perf_counter() - start) / 60
@@ -854,11 +870,11 @@ def results_markdown(
     rows: Sequence[Mapping[str, Any]],
     applied: Mapping[tuple[float, str], float],
     fits: Mapping[tuple[str, str], Mapping[str, float]],
-    spread: Mapping[tuple[str, str], Mapping[str, Any]],
+    spread: Mapping[tuple[str, str, float], Mapping[str, Any]],
     labels: Mapping[str, str],
     figures: Mapping[str, Path],
     records: Sequence[Mapping[str, Any]],
-    replicate_level_mm: float,
+    replicate_levels_mm: Sequence[float],
     instrument_text: str | None = None,
 ) -> str:
     """The text of the study's ``results.md`` (every figure in it comes from ``rows``, ``applied``, ``fits``,
@@ -883,7 +899,7 @@ def results_markdown(
         "```",
         "",
         f"Preset `{preset}` ({reproduce.PRESETS[preset]['description']}), budget {budget}; {len(runs)} runs "
-        f"(seeds {', '.join(map(str, seeds))} at {replicate_level_mm:g} mm, the "
+        f"(seeds {', '.join(map(str, seeds))} at {_mm_list(replicate_levels_mm, ', ')} mm, the "
         f"first seed elsewhere), training {training_min:.1f} min in all on {platform.machine()} with "
         f"{os.cpu_count()} CPU cores (runs may share the cores: then each takes longer). T2 distorted by one "
         f"smooth field ({DISTORTION_SPACING_MM:g} mm lattice, seed {DISTORTION_SEED}) scaled to each peak; applied "
@@ -902,7 +918,7 @@ def results_markdown(
         "### Copy fraction",
         "",
         "OLS slope of each run's mean residual displacement against the level's applied mean displacement (one point "
-        "per run, the seeds of the replicate level as replicates), 95 % CI from Student's t with n - 2 degrees of "
+        "per run, the seeds of a replicate level as replicates), 95 % CI from Student's t with n - 2 degrees of "
         "freedom. The intercept is the residual displacement without any distortion.",
         "",
         copy_fraction_table(fits, labels),
@@ -912,10 +928,10 @@ def results_markdown(
     ]
     if len(seeds) > 1:
         lines += [
-            f"### Spread between seeds at {replicate_level_mm:g} mm",
+            f"### Spread between seeds at {_mm_list(replicate_levels_mm, ', ')} mm",
             "",
-            "Each seed's copy fraction is the two-point slope from the undistorted run (first seed) to that seed's "
-            "run.",
+            "Each seed's copy fraction is the two-point slope to that seed's run from the undistorted run of the same "
+            "seed (of the first seed where that seed has no undistorted run).",
             "",
             seed_table(spread, labels),
             "",
@@ -923,7 +939,7 @@ def results_markdown(
     lines += [
         "### Table 2 at every level",
         "",
-        "Mean (sd) over the test volumes (at the replicate level, the volumes of every seed together); MSE, PSNR and "
+        "Mean (sd) over the test volumes (at a replicate level, the volumes of every seed together); MSE, PSNR and "
         "SSIM on the paper's scale.",
         "",
         level_table(rows, applied),

@@ -83,16 +83,31 @@ def test_seed_spread_is_each_seeds_two_point_slope_from_the_undistorted_run() ->
         for level, seed, value in ((0.0, 0, 1.0), (10.0, 0, 2.0), (10.0, 1, 2.6), (10.0, 2, 1.7), (20.0, 0, 3.0))
     ]
     applied = {(0.0, "A2B"): 0.5, (10.0, "A2B"): 3.5, (20.0, "A2B"): 6.5}
-    spread = dose_response.seed_spread(rows, applied, 10.0, (0.0, 0))
-    assert list(spread) == [("Cycle", "A2B")]
-    assert spread["Cycle", "A2B"]["residual"] == {0: 2.0, 1: 2.6, 2: 1.7}
-    assert spread["Cycle", "A2B"]["copy"] == pytest.approx({0: 1.0 / 3.0, 1: 1.6 / 3.0, 2: 0.7 / 3.0})
+    spread = dose_response.seed_spread(rows, applied, [10.0], (0.0, 0))
+    assert list(spread) == [("Cycle", "A2B", 10.0)]
+    assert spread["Cycle", "A2B", 10.0]["residual"] == {0: 2.0, 1: 2.6, 2: 1.7}
+    assert spread["Cycle", "A2B", 10.0]["copy"] == pytest.approx({0: 1.0 / 3.0, 1: 1.6 / 3.0, 2: 0.7 / 3.0})
     table = dose_response.seed_table(spread, {"A2B": "PD to T2"})
     copies = [1.0 / 3.0, 1.6 / 3.0, 0.7 / 3.0]
-    assert f"| PD to T2 | Cycle | 2.00, 2.60, 1.70 | 2.10 ({statistics.stdev([2.0, 2.6, 1.7]):.2f}) |" in table
+    assert f"| PD to T2 | 10 | Cycle | 2.00, 2.60, 1.70 | 2.10 ({statistics.stdev([2.0, 2.6, 1.7]):.2f}) |" in table
     assert f"{statistics.fmean(copies):.3f} ({statistics.stdev(copies):.3f}) |" in table
     # no undistorted run of that method and direction: no entry (nothing to take a slope from)
-    assert dose_response.seed_spread([r for r in rows if r["level_mm"] != 0.0], applied, 10.0, (0.0, 0)) == {}
+    assert dose_response.seed_spread([r for r in rows if r["level_mm"] != 0.0], applied, [10.0], (0.0, 0)) == {}
+
+
+def test_seeds_replicated_at_the_undistorted_level_take_their_slope_from_their_own_baseline() -> None:
+    rows = [
+        {"method": "Cycle", "direction": "A2B", "level_mm": level, "seed": seed, "displacement_mm": value}
+        for level, seed, value in ((0.0, 0, 1.0), (0.0, 1, 1.6), (20.0, 0, 3.0), (20.0, 1, 2.2), (20.0, 2, 4.0))
+    ]
+    applied = {(0.0, "A2B"): 0.5, (20.0, "A2B"): 6.5}
+    spread = dose_response.seed_spread(rows, applied, [0.0, 20.0], (0.0, 0))
+    assert spread["Cycle", "A2B", 0.0] == {"residual": {0: 1.0, 1: 1.6}, "copy": {0: None, 1: None}}
+    # seed 1 from its own undistorted run; seed 2 has none: from the first seed's
+    assert spread["Cycle", "A2B", 20.0]["copy"] == pytest.approx({0: 2.0 / 6.0, 1: 0.6 / 6.0, 2: 3.0 / 6.0})
+    table = dose_response.seed_table(spread, {"A2B": "PD to T2"}).splitlines()
+    assert table[2] == f"| PD to T2 | 0 | Cycle | 1.00, 1.60 | 1.30 ({statistics.stdev([1.0, 1.6]):.2f}) | - | - |"
+    assert table[3].startswith("| PD to T2 | 20 | Cycle | 3.00, 2.20, 4.00 |")
 
 
 def test_copy_fraction_reads_as_percent_plus_minus_the_ci_half_width() -> None:
@@ -102,11 +117,14 @@ def test_copy_fraction_reads_as_percent_plus_minus_the_ci_half_width() -> None:
     assert dose_response._percent(dose_response.copy_fraction([0.0, 2.0], [1.0, 2.0])) == "50 %"
 
 
-def test_planned_runs_replicate_only_the_replicate_level() -> None:
-    runs = dose_response.planned_runs([0.0, 5.0, 10.0, 20.0], [0, 1, 2], 10.0)
+def test_planned_runs_replicate_only_the_replicate_levels() -> None:
+    runs = dose_response.planned_runs([0.0, 5.0, 10.0, 20.0], [0, 1, 2], [10.0])
     assert len(runs) == 12 and len({run.name for run in runs}) == 12
     assert sorted({run.seed for run in runs if run.level_mm == 10.0}) == [0, 1, 2]
     assert {run.seed for run in runs if run.level_mm != 10.0} == {0}
+    wider = dose_response.planned_runs([0.0, 5.0, 10.0, 20.0], [0, 1, 2], [0.0, 10.0, 20.0])
+    assert len(wider) == 20 and {run.name for run in runs} < {run.name for run in wider}
+    assert {run.seed for run in wider if run.level_mm == 5.0} == {0}
 
 
 # ------------------------------------------------------------------------------------------ the applied field
@@ -196,14 +214,16 @@ def test_study_dry_run_plans_and_estimates(tmp_path: Path, capsys) -> None:
     with pytest.raises(RuntimeError, match="instrument check has not passed"):
         dose_response.study(output_dir=str(tmp_path))
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
-    with pytest.raises(ValueError, match="replicate_level_mm"):
+    with pytest.raises(ValueError, match="replicate_levels_mm"):
         dose_response.study(output_dir=str(tmp_path), levels="0,5", dry_run=True)
+    with pytest.raises(ValueError, match="replicate_levels_mm"):
+        dose_response.study(output_dir=str(tmp_path), replicate_levels_mm="10,15", dry_run=True)
     with pytest.raises(ValueError, match="budget"):
         dose_response.study(output_dir=str(tmp_path), budget=0, dry_run=True)
     with pytest.raises(ValueError, match="methods must be some of"):
         dose_response.study(output_dir=str(tmp_path), methods="Cycle,UNet", dry_run=True)
     one = dose_response.study(
-        output_dir=str(tmp_path), methods="Cycle", levels="0,20", replicate_level_mm=20.0, dry_run=True
+        output_dir=str(tmp_path), methods="Cycle", levels="0,20", replicate_levels_mm=20.0, dry_run=True
     )
     assert [run.name for run in one["runs"]] == [
         "0mm_seed0_Cycle",
@@ -221,7 +241,7 @@ def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path)
         "seeds": "0",
         "dataset_dir": str(phantom),
     }
-    result = dose_response.study(replicate_level_mm=10.0, skip_instrument_check=True, **kwargs)
+    result = dose_response.study(replicate_levels_mm=10.0, skip_instrument_check=True, **kwargs)
     runs = [f"{level}mm_seed0_{method}" for level in (0, 10) for method in reproduce.METHODS]
     for name in runs:
         assert (tmp_path / "runs" / name / "models" / "model.pt").is_file()
@@ -264,7 +284,7 @@ def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path)
     (docs / "results.md").write_text(
         f"# Results\n\n<!-- dose-response-study -->\nold\n<!-- /dose-response-study -->\n\n{other}\n", encoding="utf-8"
     )
-    again = dose_response.study(replicate_level_mm=10.0, skip_instrument_check=True, publish_dir=str(docs), **kwargs)
+    again = dose_response.study(replicate_levels_mm=10.0, skip_instrument_check=True, publish_dir=str(docs), **kwargs)
     published = (docs / "results.md").read_text(encoding="utf-8")
     assert "\nold\n" not in published and other in published and published.startswith("# Results")
     assert "## Copy fraction" in published and "## Dose-response study (issue 14): how much" in published
