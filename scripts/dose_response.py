@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -851,12 +850,8 @@ def study(
     results.write_text(text, encoding="utf-8")
     log(f"wrote {results}")
     if publish_dir:
-        publish = Path(publish_dir)
-        (publish / "figures").mkdir(parents=True, exist_ok=True)
-        for figure in figures.values():
-            shutil.copy2(figure, publish / "figures" / figure.name)
-        reproduce.publish_section(publish / "results.md", SECTION + suffix.replace("_", "-"), text)
-        log(f"published to {publish / 'results.md'}")
+        published = reproduce.publish(publish_dir, SECTION + suffix.replace("_", "-"), text, figures.values())
+        log(f"published to {published}")
     for (method, direction), fit in sorted(fits.items()):
         print(f"{labels[direction]}: {method}GAN copies {_percent(fit)} of the distortion")
     return {"results": str(results), "fits": fits, "rows": rows, "runs": runs}

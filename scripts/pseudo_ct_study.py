@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -489,11 +488,8 @@ def study(
     log(f"wrote {results}")
     print("\n".join(target_lines(rows, chosen)))
     if publish_dir:
-        publish = Path(publish_dir)
-        (publish / "figures").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(figure, publish / "figures" / figure.name)
-        reproduce.publish_section(publish / "results.md", SECTION + suffix.replace("_", "-"), text)
-        log(f"published to {publish / 'results.md'}")
+        published = reproduce.publish(publish_dir, SECTION + suffix.replace("_", "-"), text, [figure])
+        log(f"published to {published}")
     return {"results": str(results), "rows": rows}
 
 

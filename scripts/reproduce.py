@@ -42,7 +42,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +199,21 @@ def publish_section(path: Path, section: str, text: str) -> None:
     else:
         new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
     path.write_text(new, encoding="utf-8")
+
+
+def publish(publish_dir: str | os.PathLike, section: str, text: str, figures: Iterable[Path]) -> Path:
+    """Put a study's ``text`` into its ``section`` of ``PUBLISH_DIR/results.md`` (:func:`publish_section`) and copy
+    its ``figures`` to ``PUBLISH_DIR/figures``.
+
+    Returns:
+        The published results file.
+    """
+    publish_dir = Path(publish_dir)
+    (publish_dir / "figures").mkdir(parents=True, exist_ok=True)
+    for figure in figures:
+        shutil.copy2(figure, publish_dir / "figures" / Path(figure).name)
+    publish_section(publish_dir / "results.md", section, text)
+    return publish_dir / "results.md"
 
 
 def command_line(script: str, flags: Mapping[str, Any]) -> str:

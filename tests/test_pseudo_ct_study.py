@@ -52,6 +52,16 @@ def test_publish_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     assert "second version" in text and "first version" not in text and text.count("<!-- study -->") == 1
 
 
+def test_publish_puts_the_section_and_copies_the_figures_into_a_new_folder(tmp_path: Path) -> None:
+    figure = tmp_path / "study" / "figures" / "dose.png"
+    figure.parent.mkdir(parents=True)
+    figure.write_bytes(b"\x89PNG figure bytes")
+    published = reproduce.publish(tmp_path / "docs", "study", "the study's text", [figure])
+    assert published == tmp_path / "docs" / "results.md"
+    assert published.read_text(encoding="utf-8") == "<!-- study -->\nthe study's text\n<!-- /study -->\n"
+    assert (tmp_path / "docs" / "figures" / "dose.png").read_bytes() == figure.read_bytes()
+
+
 def test_study_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path) -> None:
     variants = ["Dicycle_shared", "Dicycle_misaligned_pairs"]
     docs = tmp_path / "docs"
