@@ -426,8 +426,13 @@ def _level_groups(rows: Sequence[Mapping[str, Any]]) -> list[tuple[list[Mapping[
 # --------------------------------------------------------------------------------------------------- analysis
 
 
-def copy_fraction(applied_mm: Sequence[float], residual_mm: Sequence[float], confidence: float = 0.95) -> dict:
-    """Ordinary least-squares line of residual displacement against applied displacement.
+def copy_fraction(
+    applied_mm: Sequence[float],
+    residual_mm: Sequence[float],
+    confidence: float = 0.95,
+    groups: Sequence[Any] | None = None,
+) -> dict:
+    """Least-squares line of residual displacement against applied displacement.
 
     The slope is the copy fraction: the share of each further millimetre of distortion that a method's syntheses
     carry; the intercept is what it is displaced without any distortion.
@@ -435,31 +440,41 @@ def copy_fraction(applied_mm: Sequence[float], residual_mm: Sequence[float], con
     Args:
         applied_mm: applied mean displacement of each run (x).
         residual_mm: residual displacement of each run's syntheses (y); several runs at one x are replicates.
-        confidence: level of the two-sided confidence interval of the slope (Student t, n - 2 degrees of freedom).
+        confidence: level of the two-sided confidence interval of the slope (Student t).
+        groups: the block of each point (its training seed), or None for one line through all points. With blocks,
+            each block has its own intercept and the slope is fitted within blocks (analysis of covariance), so
+            that an offset between seeds does not enter the slope.
 
     Returns:
-        ``{"slope", "intercept", "se", "ci_low", "ci_high", "n"}``; the standard error and the interval are NaN
-        with fewer than 3 points.
+        ``{"slope", "intercept", "se", "ci_low", "ci_high", "n"}``; ``intercept`` is the mean point's, and the
+        standard error and the interval (n - blocks - 1 degrees of freedom) are NaN where there are none left.
 
     Raises:
-        ValueError: if the lengths differ or the applied displacements do not vary.
+        ValueError: if the lengths differ or the applied displacements do not vary (within a block).
     """
     x, y = np.asarray(applied_mm, dtype=np.float64), np.asarray(residual_mm, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1:
+    block = np.zeros(len(x), dtype=int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    if x.shape != y.shape or x.ndim != 1 or block.shape != x.shape:
         raise ValueError(
-            f"applied and residual displacements must be two lists of one length, got {x.shape}, {y.shape}."
+            f"applied and residual displacements (and groups) must be lists of one length, got {x.shape}, "
+            f"{y.shape}" + ("" if groups is None else f", {block.shape}") + "."
         )
-    sxx = float(((x - x.mean()) ** 2).sum())
-    if len(x) < 2 or sxx == 0.0:
-        raise ValueError("the applied displacements must take at least two different values.")
-    slope = float(((x - x.mean()) * (y - y.mean())).sum() / sxx)
+    counts = np.bincount(block)
+    x_within = x - (np.bincount(block, weights=x) / counts)[block]
+    y_within = y - (np.bincount(block, weights=y) / counts)[block]
+    sxx = float((x_within**2).sum())
+    if len(x) < 2 or sxx <= 1e-12 * max(1.0, float((x**2).sum())):
+        raise ValueError(
+            "the applied displacements must take at least two different values"
+            + ("." if groups is None else " within a group.")
+        )
+    slope = float((x_within * y_within).sum() / sxx)
     intercept = float(y.mean() - slope * x.mean())
-    n = len(x)
+    n, dof = len(x), len(x) - len(counts) - 1
     se = half = float("nan")
-    if n > 2:
-        residuals = y - (intercept + slope * x)
-        se = math.sqrt(float((residuals**2).sum()) / (n - 2) / sxx)
-        half = float(stats.t.ppf(0.5 + confidence / 2.0, n - 2)) * se
+    if dof > 0:
+        se = math.sqrt(float(((y_within - slope * x_within) ** 2).sum()) / dof / sxx)
+        half = float(stats.t.ppf(0.5 + confidence / 2.0, dof)) * se
     return {"slope": slope, "intercept": intercept, "se": se, "ci_low": slope - half, "ci_high": slope + half, "n": n}
 
 
@@ -535,43 +550,58 @@ def run_means(rows: Sequence[Mapping[str, Any]], metric: str = "displacement_mm"
 
 
 def copy_fractions(
-    rows: Sequence[Mapping[str, Any]], applied: Mapping[tuple[float, str], float]
+    rows: Sequence[Mapping[str, Any]], applied: Mapping[tuple[float, str], float], within_seeds: bool = False
 ) -> dict[tuple[str, str], dict]:
     """The copy fraction per (method, direction): one point per run, x = the level's applied mean displacement
-    (analytic, mean over the test subjects), y = the run's mean residual displacement. Where fewer than two
-    levels have a measured run, the fit is NaN."""
-    points: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for (method, direction, level, _), residual in sorted(run_means(rows).items()):
-        points.setdefault((method, direction), []).append((applied[level, direction], residual))
+    (analytic, mean over the test subjects), y = the run's mean residual displacement; ``within_seeds``: one
+    intercept per training seed (:func:`copy_fraction` with the seeds as groups). Where the applied displacement
+    does not vary (within a seed), the fit is NaN."""
+    points: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+    for (method, direction, level, seed), residual in sorted(run_means(rows).items()):
+        points.setdefault((method, direction), []).append((applied[level, direction], residual, seed))
     fits = {}
     for key, values in points.items():
-        if len({x for x, _ in values}) < 2:
+        x, y, seeds = zip(*values, strict=True)
+        try:
+            fits[key] = copy_fraction(x, y, groups=seeds if within_seeds else None)
+        except ValueError:  # no slope to take
             nan = float("nan")
             fits[key] = {"slope": nan, "intercept": nan, "se": nan, "ci_low": nan, "ci_high": nan, "n": len(values)}
-        else:
-            fits[key] = copy_fraction(*zip(*values, strict=True))
     return fits
 
 
 def _percent(fit: Mapping[str, float]) -> str:
     """``"X ± Y %"``: the slope in percent, +- the half-width of its 95 % confidence interval (when it has one)."""
-    slope = 100.0 * fit["slope"]
+    slope = round(100.0 * fit["slope"]) if math.isfinite(fit["slope"]) else fit["slope"]  # an int: no "-0"
     if math.isnan(fit["se"]):
-        return f"{slope:.0f} %"
-    return f"{slope:.0f} ± {100.0 * (fit['ci_high'] - fit['slope']):.0f} %"
+        return f"{slope} %"
+    return f"{slope} ± {round(100.0 * (fit['ci_high'] - fit['slope']))} %"
 
 
-def copy_fraction_table(fits: Mapping[tuple[str, str], Mapping[str, float]], labels: Mapping[str, str]) -> str:
+def copy_fraction_table(
+    fits: Mapping[tuple[str, str], Mapping[str, float]],
+    labels: Mapping[str, str],
+    within_seeds: Mapping[tuple[str, str], Mapping[str, float]] | None = None,
+) -> str:
+    """Markdown: each (direction, method)'s copy fraction with its 95 % CI, and within seeds where given."""
+
+    def interval(fit: Mapping[str, float]) -> str:
+        return "-" if math.isnan(fit["se"]) else f"{fit['ci_low']:.3f} to {fit['ci_high']:.3f}"
+
+    extra = " slope within seeds | 95 % CI |" if within_seeds else ""
     lines = [
-        "| direction | method | copy fraction (slope) | 95 % CI | intercept (mm) | runs |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        f"| direction | method | copy fraction (slope) | 95 % CI | intercept (mm) | runs |{extra}",
+        "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if within_seeds else ""),
     ]
     for (method, direction), fit in sorted(fits.items(), key=lambda item: (item[0][1], item[0][0])):
-        interval = "-" if math.isnan(fit["se"]) else f"{fit['ci_low']:.3f} to {fit['ci_high']:.3f}"
-        lines.append(
-            f"| {labels[direction]} | {method} | {fit['slope']:.3f} | {interval} | {fit['intercept']:.2f} | "
+        line = (
+            f"| {labels[direction]} | {method} | {fit['slope']:.3f} | {interval(fit)} | {fit['intercept']:.2f} | "
             f"{fit['n']} |"
         )
+        if within_seeds:
+            within = within_seeds[method, direction]
+            line += f" {within['slope']:.3f} | {interval(within)} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -801,6 +831,7 @@ def study(
             rows.append({**row, "method": run.method, "level_mm": run.level_mm, "seed": run.seed})
     labels = {row["direction"]: row["experiment"] for row in rows}
     fits = copy_fractions(rows, applied)
+    within_seeds = copy_fractions(rows, applied, within_seeds=True) if len(seeds) > 1 else None
     suffix = "" if budget == 1 else f"_{budget}x"  # another budget: figures and published section of its own
     figures = {"dose": dose_figure(output / "figures" / f"dose_response{suffix}.png", rows, applied, fits, labels)}
     top = max(levels)
@@ -843,6 +874,7 @@ def study(
         records,
         replicate_levels_mm,
         instrument_text,
+        within_seeds,
     )
     minutes = (time.perf_counter() - start) / 60
     text += f"\nWall time of this call: {minutes:.1f} min (runs trained and measured by earlier calls are reused).\n"
@@ -853,8 +885,9 @@ def study(
         published = reproduce.publish(publish_dir, SECTION + suffix.replace("_", "-"), text, figures.values())
         log(f"published to {published}")
     for (method, direction), fit in sorted(fits.items()):
-        print(f"{labels[direction]}: {method}GAN copies {_percent(fit)} of the distortion")
-    return {"results": str(results), "fits": fits, "rows": rows, "runs": runs}
+        within = f" ({_percent(within_seeds[method, direction])} within seeds)" if within_seeds else ""
+        print(f"{labels[direction]}: {method}GAN copies {_percent(fit)}{within} of the distortion")
+    return {"results": str(results), "fits": fits, "within_seeds": within_seeds, "rows": rows, "runs": runs}
 
 
 def results_markdown(
@@ -871,14 +904,16 @@ def results_markdown(
     records: Sequence[Mapping[str, Any]],
     replicate_levels_mm: Sequence[float],
     instrument_text: str | None = None,
+    within_seeds: Mapping[tuple[str, str], Mapping[str, float]] | None = None,
 ) -> str:
     """The text of the study's ``results.md`` (every figure in it comes from ``rows``, ``applied``, ``fits``,
-    ``spread`` and the instrument check's own text)."""
+    ``within_seeds``, ``spread`` and the instrument check's own text)."""
     training_min = sum(record["seconds"] for record in records) / 60.0
     claim = "; ".join(
         f"{labels[direction]}: "
         + ", ".join(
             f"{method}GAN copies {_percent(fits[method, direction])}"
+            + (f" ({_percent(within_seeds[method, direction])} within seeds)" if within_seeds else "")
             for method in reproduce.METHODS
             if (method, direction) in fits
         )
@@ -914,9 +949,15 @@ def results_markdown(
         "",
         "OLS slope of each run's mean residual displacement against the level's applied mean displacement (one point "
         "per run, the seeds of a replicate level as replicates), 95 % CI from Student's t with n - 2 degrees of "
-        "freedom. The intercept is the residual displacement without any distortion.",
+        "freedom. The intercept is the residual displacement without any distortion."
+        + (
+            " Within seeds: the same slope with one intercept per training seed (analysis of covariance, n - seeds "
+            "- 1 degrees of freedom), so that the offset between seeds' generators does not enter it."
+            if within_seeds
+            else ""
+        ),
         "",
-        copy_fraction_table(fits, labels),
+        copy_fraction_table(fits, labels, within_seeds),
         "",
         f"![dose response](figures/{figures['dose'].name})",
         "",

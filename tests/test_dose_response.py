@@ -18,6 +18,7 @@ import pytest
 import torch
 from bundle.transforms import DomainDistortion
 from monai.data import MetaTensor
+from scipy import stats
 from scripts import dose_response, reproduce
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -77,6 +78,46 @@ def test_copy_fractions_use_one_point_per_run() -> None:
     assert math.isnan(dose_response.copy_fractions(single, {(0.0, "B2A"): 0.0})["Cycle", "B2A"]["slope"])
 
 
+def test_copy_fraction_within_seeds_matches_least_squares_with_one_intercept_per_seed() -> None:
+    x = np.array([0.0, 2.8, 5.5, 11.0, 0.0, 5.5, 11.0, 0.0, 5.5, 11.0])
+    seeds = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    y = np.array([3.0, 1.7, 2.6, 3.6, 1.8, 4.0, 1.6, 2.0, 1.7, 1.9])
+    fit = dose_response.copy_fraction(x, y, groups=seeds)
+    # reference: the design matrix [x, one column per seed] solved by least squares
+    design = np.column_stack([x, *[(np.asarray(seeds) == s).astype(float) for s in (0, 1, 2)]])
+    coefficients, sse, *_ = np.linalg.lstsq(design, y, rcond=None)
+    dof = len(x) - design.shape[1]
+    se = math.sqrt(sse[0] / dof * np.linalg.inv(design.T @ design)[0, 0])
+    assert fit["slope"] == pytest.approx(coefficients[0]) and fit["se"] == pytest.approx(se)
+    assert fit["ci_high"] - fit["slope"] == pytest.approx(stats.t.ppf(0.975, dof) * se)
+    assert fit["intercept"] == pytest.approx(y.mean() - coefficients[0] * x.mean()) and fit["n"] == 10
+    # one group is the plain line
+    assert dose_response.copy_fraction(x, y, groups=[7] * 10) == pytest.approx(dose_response.copy_fraction(x, y))
+    with pytest.raises(ValueError, match="within a group"):
+        dose_response.copy_fraction([0.0, 5.0, 11.0], [1.0, 2.0, 3.0], groups=[0, 1, 2])
+    with pytest.raises(ValueError, match="one length"):
+        dose_response.copy_fraction([0.0, 5.0, 11.0], [1.0, 2.0, 3.0], groups=[0, 1])
+
+
+def test_copy_fractions_within_seeds_remove_the_offset_between_seeds() -> None:
+    # every seed copies 20 % exactly, from its own offset; seed 1 has no run at 5 mm
+    offsets, applied = {0: 3.0, 1: 1.5}, {(0.0, "A2B"): 0.0, (5.0, "A2B"): 2.8, (20.0, "A2B"): 11.0}
+    rows = [
+        {"method": "Cycle", "direction": "A2B", "level_mm": level, "seed": seed, "displacement_mm": offset + 0.2 * x}
+        for seed, offset in offsets.items()
+        for (level, _), x in applied.items()
+        if (seed, level) != (1, 5.0)
+    ]
+    within = dose_response.copy_fractions(rows, applied, within_seeds=True)["Cycle", "A2B"]
+    pooled = dose_response.copy_fractions(rows, applied)["Cycle", "A2B"]
+    assert within["slope"] == pytest.approx(0.2) and within["se"] == pytest.approx(0.0, abs=1e-9)
+    assert pooled["slope"] != pytest.approx(0.2, abs=0.01) and pooled["se"] > 0.01
+    key, labels = ("Cycle", "A2B"), {"A2B": "PD to T2"}
+    table = dose_response.copy_fraction_table({key: pooled}, labels, {key: within})
+    assert table.splitlines()[0].endswith("| runs | slope within seeds | 95 % CI |")
+    assert table.splitlines()[2].endswith(f"| 5 | 0.200 | {within['ci_low']:.3f} to {within['ci_high']:.3f} |")
+
+
 def test_seed_spread_is_each_seeds_two_point_slope_from_the_undistorted_run() -> None:
     rows = [
         {"method": "Cycle", "direction": "A2B", "level_mm": level, "seed": seed, "displacement_mm": value}
@@ -115,6 +156,8 @@ def test_copy_fraction_reads_as_percent_plus_minus_the_ci_half_width() -> None:
     half = 100.0 * (fit["ci_high"] - fit["slope"])
     assert dose_response._percent(fit) == f"{100.0 * fit['slope']:.0f} ± {half:.0f} %"
     assert dose_response._percent(dose_response.copy_fraction([0.0, 2.0], [1.0, 2.0])) == "50 %"
+    # a slope just below zero reads "0", not "-0"
+    assert dose_response._percent(dose_response.copy_fraction([0.0, 5.0, 11.0], [2.0, 2.05, 1.96])).startswith("0 ± ")
 
 
 def test_planned_runs_replicate_only_the_replicate_levels() -> None:
