@@ -72,7 +72,7 @@ def write_tiny_dataset(
         {"A": a["image"], "B": b["image"], "subject": f"sub{i:02d}"}
         for i, (a, b) in enumerate(zip(lists["training_A"], lists["training_B"], strict=True))
     ]
-    datalist = {"domains": {"A": "PD", "B": "T2"}, **lists, "validation": validation}
+    datalist = {"domains": {"A": "PD", "B": "T2"}, **lists, "validation": validation, "test": validation}
     (root / "datalist.json").write_text(json.dumps(datalist, indent=2), encoding="utf-8")
     return root
 
