@@ -33,7 +33,7 @@ per case, a PNG of the source, the ground truth, the synthesis and the absolute 
 
 Example::
 
-    python -m monai.bundle run --config_file "['configs/common.json','configs/evaluate.json']" \\
+    python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']" \\
         --dataset_dir demo_data --output_dir eval
 """
 

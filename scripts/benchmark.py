@@ -241,7 +241,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _parser(preset: str, mode: str, overrides: dict[str, Any] | None = None):
-    """``ConfigParser`` of configs/common.json + train.json, the preset's and the mode's override files; imports run."""
+    """``ConfigParser`` of configs/train.json, the preset's and the mode's override files; imports run."""
     from monai.bundle import ConfigParser
 
     if preset not in PRESETS:
@@ -249,7 +249,6 @@ def _parser(preset: str, mode: str, overrides: dict[str, Any] | None = None):
     if mode not in MODE_CONFIGS:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     files = [
-        CONFIGS / "common.json",
         CONFIGS / "train.json",
         *(CONFIGS / f for f in (*PRESETS[preset], *MODE_CONFIGS[mode])),
     ]

@@ -7,7 +7,7 @@ Usage (from the repository root; ``make demo`` runs it)::
 Steps, each printed with the command it runs:
 
 1. ``scripts/make_demo_data.py`` builds the MNI152-based phantom (skipped when ``DIR/datalist.json`` exists);
-2. ``python -m monai.bundle run`` trains with ``configs/common.json``, ``configs/train.json`` and the demo preset
+2. ``python -m monai.bundle run`` trains with ``configs/train.json`` and the demo preset
    (small networks, 2.4 mm slices) and writes ``models/model.pt`` (G PD -> T2), ``models/model_g_ba.pt`` and
    TensorBoard logs in ``runs/``;
 3. every held-out test subject's PD volume is synthesized into T2 by the bundle's one synthesis path and compared
@@ -43,12 +43,12 @@ def _run(command: list[str]) -> None:
 def evaluate(dataset_dir: str, ckpt_dir: str) -> list[dict]:
     """PSNR of synthesis and of the baseline (the normalised source) for every test subject.
 
-    The synthesis is the one of ``configs/common.json`` (``synthesis``: the generator and both domains'
+    The synthesis is the one of ``configs/inference.json`` (``synthesis``: the generator and both domains'
     preprocessing rebuilt from ``ckpt_dir/settings.json``), so any preset works: CycleGAN without offsets, a CT
     target, ...
     """
     parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "common.json"))
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
     parser.update({"bundle_root": str(ROOT), "ckpt_dir": ckpt_dir})
     synthesis, settings = parser.get_parsed_content("synthesis"), parser.get_parsed_content("settings")
     synthesis.network.load_state_dict(torch.load(Path(ckpt_dir) / "model.pt", map_location="cpu", weights_only=True))
@@ -87,7 +87,7 @@ def main(
             "monai.bundle",
             "run",
             "--config_file",
-            f"['configs/common.json','configs/train.json','{preset}']",
+            f"['configs/train.json','{preset}']",
             "--dataset_dir",
             dataset_dir,
             "--seed",
@@ -95,7 +95,7 @@ def main(
         ]
     )
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / f) for f in ("common.json", "train.json")] + [str(ROOT / preset)])
+    parser.read_config([str(ROOT / "configs" / "train.json"), str(ROOT / preset)])
     parser["bundle_root"] = str(ROOT)
     ckpt_dir = parser.get_parsed_content("ckpt_dir")
     rows = evaluate(str(ROOT / dataset_dir), ckpt_dir)

@@ -332,7 +332,7 @@ def _pixdim(configs: Sequence[str], overrides: Mapping[str, Any]) -> list[float]
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(ROOT / name) for name in ["configs/common.json", "configs/evaluate.json", *configs]])
+    parser.read_config([str(ROOT / name) for name in ["configs/train.json", *configs]])
     parser.update({name: value for name, value in overrides.items() if name in parser.get("", {})})
     return [float(v) for v in parser.get_parsed_content("pixdim")]
 

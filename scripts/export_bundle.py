@@ -12,9 +12,8 @@ Usage (from the repository root)::
 ``export`` writes ``dist/<name>/`` and ``dist/<name>_v<version>.zip`` (the folder at the top of the zip, as zoo
 releases are laid out):
 
-- ``configs/``: every config of the repository; ``train.json``, ``inference.json`` and ``evaluate.json`` are
-  written merged with ``common.json``, the base they overlay here, because the zoo's CI reads
-  ``configs/inference.json`` alone; ``metadata.json`` gets the new version and its changelog entry (newest first),
+- ``configs/``: every config of the repository as it is (``train.json`` and ``inference.json`` stand alone, the
+  rest are overlays on ``train.json``, as in the zoo); ``metadata.json`` gets the new version and its changelog entry (newest first),
   and ``--overrides`` are written into every config that declares the id;
 - ``models/``: ``model.pt``, ``model.ts`` built in the folder by ``monai.bundle.ckpt_export`` (the zoo's default:
   ``torch.jit.script``), and the same for ``model_g_ba.pt`` (direction B2A) when it exists;
@@ -64,20 +63,17 @@ COPIED_DIRS = ("configs", "bundle", "docs")
 COPIED_FILES = ("LICENSE",)
 REQUIRED_SOURCES = (
     "configs/metadata.json",
-    "configs/common.json",
+    "configs/train.json",
     "configs/inference.json",
     "LICENSE",
     "docs/README.md",
     "docs/data_license.txt",
     "bundle",
 )
-# workflow configs that overlay configs/common.json in this repository; the export writes each one merged with it,
-# because the model zoo's CI reads configs/inference.json alone (common.json stays for the repository's commands)
-WORKFLOW_CONFIGS = ("train.json", "inference.json", "evaluate.json")
 # the inference config as the zoo's CI reads it
 INFERENCE_CONFIGS = ("inference.json",)
 # configs whose ids ``--overrides`` sets (the ones that load models/model.pt); an override must match one of them
-OVERRIDE_CONFIGS = ("common.json", "inference.json", "evaluate.json")
+OVERRIDE_CONFIGS = ("inference.json", "evaluate.json")
 # (network id in configs/inference.json, checkpoint, TorchScript file); the first is required
 MODEL_FILES = (("network_def", "model.pt", "model.ts"), ("network_ba_def", "model_g_ba.pt", "model_g_ba.ts"))
 SIDE_FILES = ("intensity_reference.json", "settings.json")
@@ -86,7 +82,6 @@ REQUIRED_FILES = (
     "configs/metadata.json",
     "LICENSE",
     "models/model.pt",
-    "configs/common.json",
     "configs/inference.json",
     "docs/README.md",
     "models/model.ts",
@@ -288,17 +283,13 @@ def _assemble(
 ) -> list[str]:
     """Copy the sources into ``out``, write the versioned metadata, overridden configs and ``large_files.yml``;
     export the TorchScript files in place. Returns the model files written."""
-    from monai.bundle import ConfigParser, ckpt_export
+    from monai.bundle import ckpt_export
 
     for name in COPIED_DIRS:
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, out / name, ignore=_IGNORED)
     for name in COPIED_FILES:
         shutil.copy2(ROOT / name, out / name)
-
-    for name in WORKFLOW_CONFIGS:
-        merged = ConfigParser.load_config_files([str(out / "configs" / "common.json"), str(out / "configs" / name)])
-        _write_json(out / "configs" / name, merged)
 
     meta_file = out / "configs" / "metadata.json"
     metadata = json.loads(meta_file.read_text(encoding="utf-8"))
@@ -386,7 +377,7 @@ def export(
         changelog: the changelog entry of the new version; default: a line naming the export.
         models_dir: folder with ``model.pt`` (required), ``model_g_ba.pt`` and ``intensity_reference.json``
             (optional), relative to the repository root.
-        overrides: config ids and values written into ``configs/common.json`` (or the overlay declaring them), e.g.
+        overrides: config ids and values written into ``configs/inference.json`` and ``configs/evaluate.json``, e.g.
             ``{"ngf": 16, "n_blocks": 4}`` for a model trained with ``configs/demo.json``.
         base_url: where the model files will be uploaded; fills the URLs of ``large_files.yml``.
         schema: local copy of the metadata schema (default: ``tests/data/<file named in metadata.json>``).

@@ -333,7 +333,7 @@ def _env() -> dict[str, str]:
 
 
 def _bundle_args(config_files: list[str], overrides: Mapping[str, str]) -> list[str]:
-    files = "[" + ",".join(f"'{ROOT / 'configs' / f}'" for f in ["common.json", *config_files]) + "]"
+    files = "[" + ",".join(f"'{ROOT / 'configs' / f}'" for f in config_files) + "]"
     args = ["-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", str(ROOT)]
     for key, value in overrides.items():
         args += [f"--{key}", str(value)]
@@ -458,12 +458,13 @@ def inference(models: Path, source: Path, work: Path, copies: int) -> dict[str, 
     for i in range(copies):
         shutil.copy(source, inputs / f"volume{i}_PD.nii.gz")
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / f) for f in ("common.json", "inference.json")])
+    parser.read_config([str(ROOT / "configs" / f) for f in ("inference.json",)])
     parser.update(
         {"bundle_root": str(ROOT), "ckpt_dir": str(models), "input_dir": str(inputs), "output_dir": str(outputs)}
     )
-    for section in ("imports", "initialize"):
-        parser.get_parsed_content(section)
+    parser.get_parsed_content("imports")
+    for step in range(len(parser["run"]) - 1):  # the setup steps before the evaluator runs
+        parser.get_parsed_content(f"run#{step}")
     evaluator = parser.get_parsed_content("evaluator")
     stamps = [time.perf_counter()]
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda _: stamps.append(time.perf_counter()))

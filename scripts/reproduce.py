@@ -270,7 +270,7 @@ def train(
         log(f"{experiment.key} {method}: trained before ({record_path}), not retrained")
         return json.loads(record_path.read_text(encoding="utf-8"))
     cyclegan = ["configs/cyclegan.json"] if method == "Cycle" else []
-    files = ["configs/common.json", "configs/train.json", *configs, *cyclegan]
+    files = ["configs/train.json", *configs, *cyclegan]
     checkpoint = run_dir / "models" / "checkpoint.pt"
     resumed = checkpoint.is_file()
     command = [
@@ -313,7 +313,7 @@ def budget_epochs(configs: Sequence[str], overrides: Mapping[str, Any], budget: 
     if budget == 1:
         return {}
     parser = ConfigParser()
-    parser.read_config([str(ROOT / name) for name in ["configs/common.json", "configs/train.json", *configs]])
+    parser.read_config([str(ROOT / name) for name in ["configs/train.json", *configs]])
     parser.update(dict(overrides))
     return {name: int(parser.get(name)) * budget for name in ("n_epochs", "n_epochs_decay")}
 
@@ -326,8 +326,8 @@ def evaluation_parser(
     dataset_dir: Path,
     run_dir: Path,
 ) -> ConfigParser:
-    """``configs/common.json`` + ``configs/evaluate.json`` set up for one run, residual displacement on, figures off."""
-    files = [ROOT / "configs" / "common.json", ROOT / "configs" / "evaluate.json", *(ROOT / name for name in configs)]
+    """``configs/train.json`` + ``configs/evaluate.json`` set up for one run, residual displacement on, figures off."""
+    files = [ROOT / "configs" / "train.json", ROOT / "configs" / "evaluate.json", *(ROOT / name for name in configs)]
     if method == "Cycle":
         files.append(ROOT / "configs" / "cyclegan.json")
     parser = ConfigParser()
@@ -836,7 +836,7 @@ def main(
             trained_at = (run_dir / "run.json").stat().st_mtime
             rows += evaluate(parsers[method], output / "metrics" / f"{key}_{method}.csv", trained_at)
         if key == "deformed":
-            pixdim = parsers["Dicycle"].get_parsed_content("pixdim")
+            pixdim = parsers["Dicycle"].get_parsed_content("settings")["pixdim"]
             rows += distortion_reference(experiment, data_dir, pixdim, output / "metrics" / f"{key}_reference.csv")
         rows_by_experiment[key] = rows
         figure = comparison_figure(output / "figures" / f"fig4_{key}.png", experiment, parsers)

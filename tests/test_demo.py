@@ -25,7 +25,7 @@ def test_demo_evaluation_serves_a_cyclegan_preset_with_a_ct_target(tmp_path):
     tiny = {key: json.loads(value) for key, value in TINY_OVERRIDES.items()} | {"ngf": 4, "n_blocks": 2}
     run(
         run_id="training",
-        config_file=[str(BUNDLE_ROOT / "configs" / f) for f in ("common.json", "train.json", "cyclegan.json")],
+        config_file=[str(BUNDLE_ROOT / "configs" / f) for f in ("train.json", "cyclegan.json")],
         bundle_root=str(BUNDLE_ROOT),
         dataset_dir=str(dataset),
         ckpt_dir=str(models),

@@ -122,7 +122,7 @@ def run_evaluate(dataset: Path, output_dir: Path, ckpt_dir: Path, *extra: str) -
         "monai.bundle",
         "run",
         "--config_file",
-        "['configs/common.json','configs/evaluate.json']",
+        "['configs/train.json','configs/evaluate.json']",
     ]
     command += ["--dataset_dir", str(dataset), "--output_dir", str(output_dir), "--ckpt_dir", str(ckpt_dir)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -134,7 +134,7 @@ def evaluate_in_process(dataset: Path, output_dir: Path, ckpt_dir: Path, **overr
     tiny = {"ngf": 4, "n_blocks": 1, "pixdim": [2.0, 2.0, 2.0], "sw_batch_size": 4, "device": "cpu"}
     paths = {"dataset_dir": str(dataset), "output_dir": str(output_dir), "ckpt_dir": str(ckpt_dir)}
     bundle_run(
-        config_file=[str(ROOT / "configs" / f) for f in ("common.json", "evaluate.json")], **paths, **tiny, **overrides
+        config_file=[str(ROOT / "configs" / f) for f in ("train.json", "evaluate.json")], **paths, **tiny, **overrides
     )
 
 

@@ -16,7 +16,7 @@ from bundle.networks import DicycleGenerator
 from monai.bundle import ConfigParser, ckpt_export, onnx_export, verify_net_in_out
 
 ROOT = Path(__file__).resolve().parents[1]
-INFERENCE = [str(ROOT / "configs" / "common.json"), str(ROOT / "configs" / "inference.json")]
+INFERENCE = [str(ROOT / "configs" / "inference.json")]
 METADATA = ROOT / "configs" / "metadata.json"
 TINY = {"ngf": 4, "n_blocks": 1}
 SHAPES = [(1, 1, 128, 128), (2, 1, 50, 70)]  # the metadata's slice size, and one that is not a multiple of 4
@@ -106,10 +106,10 @@ def test_ckpt_export_torchscript_equals_the_eager_undeformed_pass(tiny_models, t
         **trace,
         **TINY,
     )
-    extra = {"metadata.json": "", "common.json": "", "inference.json": ""}
+    extra = {"metadata.json": "", "inference.json": ""}
     scripted = torch.jit.load(str(ts_file), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["version"] == json.loads(METADATA.read_text(encoding="utf-8"))["version"]
-    assert json.loads(extra["common.json"])["network_def"]["_target_"] == "bundle.networks.DicycleGenerator"
+    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "bundle.networks.DicycleGenerator"
     _assert_undeformed_pass(scripted, _reference(tiny_models / "model.pt"))
 
 
@@ -180,11 +180,13 @@ def test_export_writes_the_zoo_layout_with_a_new_version(exported):
     assert meta["version"] == exported["version"] == f"{major}.{minor}.{patch + 1}"
     assert next(iter(meta["changelog"].items())) == (meta["version"], "tiny test export")  # newest first
     assert json.loads(METADATA.read_text(encoding="utf-8")) == source_meta  # the repository's metadata is untouched
-    common = json.loads((folder / "configs" / "common.json").read_text(encoding="utf-8"))
-    assert (common["ngf"], common["n_blocks"]) == (4, 1)
+    # what ships is what the repository runs: every config copied as it is, but for the overridden ids
+    assert not (folder / "configs" / "common.json").exists()
+    for name in ("train.json", "demo.json", "cyclegan.json"):
+        assert (folder / "configs" / name).read_bytes() == (ROOT / "configs" / name).read_bytes()
     # the zoo's CI reads configs/inference.json alone: it declares the networks and their settings itself
     inference = json.loads((folder / "configs" / "inference.json").read_text(encoding="utf-8"))
-    assert inference["network_def"] == common["network_def"]
+    assert inference["network_def"]["_target_"] == "bundle.networks.DicycleGenerator"
     assert (inference["ngf"], inference["n_blocks"]) == (4, 1)
     assert "evaluator" in inference and "settings" in inference
     for path in (

@@ -4,7 +4,7 @@ One distributed run (module fixture) is inspected from several angles through a 
 to ``finalize``: it saves the rank's final weights, the sample ids its sampler gave, its iteration count, the
 handlers attached to its trainer and its validation metrics. A single-process run with the global batch (2) is the
 reference that data-parallel training must reproduce. Two further tests need no training: the override keeps every
-``initialize``/``finalize`` step of train.json, and the paper schedule's early-stop decisions agree across ranks.
+``training``/``finalize`` step of train.json, and the paper schedule's early-stop decisions agree across ranks.
 
 The trainer itself is also run in two gloo processes (``torch.multiprocessing``, no config): its steps are wrapped in
 ``DistributedDataParallel``, it equals one process with the global batch, a resumed run restores every rank's image
@@ -101,7 +101,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One 2-rank torchrun of train.json + multi_gpu_train.json, and the same training in one process, batch 2."""
     tmp = tmp_path_factory.mktemp("multi_gpu")
     write_tiny_dataset(tmp / "data")
-    common, train = str(BUNDLE_ROOT / "configs/common.json"), str(BUNDLE_ROOT / "configs/train.json")
+    train = str(BUNDLE_ROOT / "configs/train.json")
     multi_gpu = str(BUNDLE_ROOT / "configs/multi_gpu_train.json")
 
     ddp_cwd = tmp / "ddp_cwd"  # the working directory: anything written outside the configured folders shows up here
@@ -110,13 +110,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (tmp / "ddp_probe").mkdir()
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
     _run(
-        [*torchrun, *bundle_command([common, train, multi_gpu, str(probe)], _overrides(tmp, "ddp", val_interval="1"))],
+        [*torchrun, *bundle_command([train, multi_gpu, str(probe)], _overrides(tmp, "ddp", val_interval="1"))],
         cwd=ddp_cwd,
     )
 
     probe_single = _probe_config(tmp / "probe_single.json", tmp / "single_probe")
     (tmp / "single_probe").mkdir()
-    _run(bundle_command([common, train, str(probe_single)], _overrides(tmp, "single", batch_size="2")), cwd=tmp)
+    _run(bundle_command([train, str(probe_single)], _overrides(tmp, "single", batch_size="2")), cwd=tmp)
 
     def load(path: Path) -> dict[str, Any]:
         return torch.load(path, weights_only=True)
@@ -208,17 +208,17 @@ def test_validation_is_sharded_and_its_metrics_agree_across_ranks(runs):
     assert rank0["val_metrics"] and rank0["val_metrics"] == rank1["val_metrics"]
 
 
-def test_multi_gpu_initialize_and_finalize_keep_every_step_of_train_json():
-    """The override replaces ``initialize`` and ``finalize`` (the process group must exist first): every step of
+def test_multi_gpu_training_and_finalize_keep_every_step_of_train_json():
+    """The override replaces ``training`` and ``finalize`` (the process group must exist first): every step of
     train.json must still be there, in the same order."""
     train = json.loads((BUNDLE_ROOT / "configs/train.json").read_text(encoding="utf-8"))
     multi_gpu = json.loads((BUNDLE_ROOT / "configs/multi_gpu_train.json").read_text(encoding="utf-8"))
-    for section in ("initialize", "finalize"):
+    for section in ("training", "finalize"):
         steps = iter(multi_gpu[section])
         missing = [step for step in train[section] if step not in steps]  # `in` consumes: an ordered subsequence
         assert not missing, f"multi_gpu_train.json {section} lacks (or reorders) {missing}"
-    assert multi_gpu["initialize"].index("$dist.is_initialized() or dist.init_process_group(backend=@backend)") < (
-        multi_gpu["initialize"].index(train["initialize"][0])
+    assert multi_gpu["training"].index("$dist.is_initialized() or dist.init_process_group(backend=@backend)") < (
+        multi_gpu["training"].index(train["training"][0])
     )
 
 

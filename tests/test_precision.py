@@ -32,13 +32,13 @@ class _Probe(nn.Module):
 
 def _inferer(overlay: str, amp: str, item: str):
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / overlay)])
+    parser.read_config([str(CONFIGS / name) for name in (["train.json"] if overlay == "evaluate.json" else []) + [overlay]])
     parser.update({"amp": amp, "device": "cpu", "ckpt_dir": "/nonexistent", "dataset_dir": "/nonexistent"})
     return parser.get_parsed_content(item)
 
 
 @pytest.mark.parametrize(
-    "overlay, item", [("inference.json", "synthesis"), ("train.json", "synthesis"), ("evaluate.json", "A2B#synthesis")]
+    "overlay, item", [("inference.json", "synthesis"), ("train.json", "validate#inferer"), ("evaluate.json", "A2B#synthesis")]
 )
 @pytest.mark.parametrize("amp", ["true", "false"])
 def test_every_stage_synthesizes_in_the_precision_of_amp(overlay, item, amp):
@@ -54,8 +54,10 @@ def test_every_stage_synthesizes_in_the_precision_of_amp(overlay, item, amp):
 def test_validation_uses_the_synthesis_inferer_and_no_engine_autocast():
     train = json.loads((CONFIGS / "train.json").read_text(encoding="utf-8"))
     inference = json.loads((CONFIGS / "inference.json").read_text(encoding="utf-8"))
+    assert train["validate"]["inferer"]["_target_"] == "bundle.inference.AxialSliceInferer"
+    assert train["validate"]["evaluator"]["inferer"] == train["train"]["inferer"] == "@validate#inferer"
+    assert inference["evaluator"]["inferer"] == "@inferer" and inference["inferer"] == "$@synthesis.inferer"
     for evaluator in (train["validate"]["evaluator"], inference["evaluator"]):
-        assert evaluator["inferer"] == "$@synthesis.inferer"
         assert "amp" not in evaluator  # MONAI's engine amp is float16 CUDA autocast: left off
 
 
@@ -83,6 +85,6 @@ def test_training_autocasts_with_the_same_setting(amp):
 
 def test_bf16_is_an_alias_of_amp_for_inference():
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / "inference.json")])
+    parser.read_config(str(CONFIGS / "inference.json"))
     parser.update({"amp": False, "bf16": "true", "device": "cpu", "ckpt_dir": "/nonexistent"})
     assert parser.get_parsed_content("synthesis").inferer.amp is True

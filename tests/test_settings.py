@@ -17,9 +17,10 @@ from tests.bundle_fixtures import BUNDLE_ROOT, TINY_OVERRIDES, bundle_command, b
 CONFIGS = BUNDLE_ROOT / "configs"
 
 
-def _configs(overlay: str) -> list[str]:
-    """configs/common.json and an overlay on it, as the README's commands merge them."""
-    return [str(CONFIGS / "common.json"), str(CONFIGS / overlay)]
+def _configs(workflow: str) -> list[str]:
+    """The config files of a workflow as the README's commands name them: train.json and inference.json alone,
+    evaluate.json as an overlay on train.json."""
+    return [str(CONFIGS / name) for name in (["train.json"] if workflow == "evaluate.json" else []) + [workflow]]
 
 
 # a preset unlike the paper's network and geometry, so that nothing passes by matching the defaults
@@ -152,7 +153,7 @@ def test_a_contradicting_ngf_on_the_command_line_fails_in_one_line(trained, tmp_
         "input_file": str(trained["dataset"] / "sub00-PD.nii.gz"),
         "ngf": "8",
     }
-    command = [sys.executable, *bundle_command(["configs/common.json", "configs/inference.json"], overrides)]
+    command = [sys.executable, *bundle_command(["configs/inference.json"], overrides)]
     result = subprocess.run(command, cwd=BUNDLE_ROOT, env=bundle_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert f"ValueError: ngf: the weights in {trained['models']} were trained with 4, not 8" in result.stderr

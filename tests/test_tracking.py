@@ -20,8 +20,8 @@ from tests.bundle_fixtures import BUNDLE_ROOT, TINY_OVERRIDES, write_tiny_datase
 # MLflow's SQLite store uses a loader strategy that SQLAlchemy 2.1 deprecates; nothing for this bundle to act on
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
 
-TRAIN = [str(BUNDLE_ROOT / "configs" / "common.json"), str(BUNDLE_ROOT / "configs" / "train.json")]
-LR = json.loads(Path(TRAIN[1]).read_text(encoding="utf-8"))["lr"]  # both optimizers start at the base rate
+TRAIN = [str(BUNDLE_ROOT / "configs" / "train.json")]
+LR = json.loads(Path(TRAIN[0]).read_text(encoding="utf-8"))["lr"]  # both optimizers start at the base rate
 SAMPLES = int(TINY_OVERRIDES["samples_per_epoch"])  # batch size 1: one iteration per sample
 
 

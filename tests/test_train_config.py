@@ -13,7 +13,7 @@ import torch
 from monai.bundle import ConfigParser, run
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON, TRAIN = str(ROOT / "configs" / "common.json"), str(ROOT / "configs" / "train.json")
+TRAIN = str(ROOT / "configs" / "train.json")
 TINY = {
     "ngf": 4,
     "n_blocks": 1,
@@ -63,7 +63,7 @@ def make_dataset(root: Path, domains=("PD", "T2"), subjects: int = 3) -> Path:
     return root
 
 
-def train(tmp_path: Path, dataset: Path, config_files=(COMMON, TRAIN), **overrides) -> None:
+def train(tmp_path: Path, dataset: Path, config_files=(TRAIN,), **overrides) -> None:
     settings = {**TINY, **overrides}
     run(
         run_id="training",
@@ -76,7 +76,7 @@ def train(tmp_path: Path, dataset: Path, config_files=(COMMON, TRAIN), **overrid
     )
 
 
-def _network(config_files=(COMMON, TRAIN), **overrides):
+def _network(config_files=(TRAIN,), **overrides):
     parser = ConfigParser()
     parser.read_config(list(config_files))
     parser.update({**TINY, **overrides})
@@ -158,7 +158,7 @@ def _chain(error: BaseException):
 
 
 def test_cyclegan_preset_trains_the_same_code_without_offsets(tmp_path):
-    cyclegan = (COMMON, TRAIN, str(ROOT / "configs" / "cyclegan.json"))
+    cyclegan = (TRAIN, str(ROOT / "configs" / "cyclegan.json"))
     train(tmp_path, make_dataset(tmp_path / "data"), config_files=cyclegan)
     network = _network(cyclegan)
     assert network.deformable is False
@@ -168,7 +168,7 @@ def test_cyclegan_preset_trains_the_same_code_without_offsets(tmp_path):
 
 
 def test_abdominal_preset_synthesizes_range_scaled_ct(tmp_path):
-    abdomen = (COMMON, TRAIN, str(ROOT / "configs" / "abdomen.json"))
+    abdomen = (TRAIN, str(ROOT / "configs" / "abdomen.json"))
     train(tmp_path, make_dataset(tmp_path / "data", domains=("T1", "CT")), config_files=abdomen, pixdim=[4, 4, 5])
     network = _network(abdomen)
     assert isinstance(network.model[-1], torch.nn.Tanh)  # G MR -> CT ends in tanh, G CT -> MR is linear
@@ -195,7 +195,7 @@ def test_training_without_a_validation_list(tmp_path):
 
 
 def test_pseudo_ct_preset_trains_on_misaligned_pairs_with_shared_offsets(tmp_path):
-    preset = (COMMON, TRAIN, str(ROOT / "configs" / "pseudo_ct.json"))
+    preset = (TRAIN, str(ROOT / "configs" / "pseudo_ct.json"))
     dataset = make_dataset(tmp_path / "data", domains=("T1", "CT"))
     # without a training_pairs list the preset stops before training, naming the datalist and the list (the
     # KeyError in the chain MONAI's config error prints)

@@ -411,7 +411,7 @@ def _train_config(tmp_path, **overrides) -> ConfigParser:
     datalist["training_pairs"] = [{"A": pair["A"], "B": pair["B"]} for pair in datalist["validation"]]
     (root / "datalist.json").write_text(json.dumps(datalist), encoding="utf-8")
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / "train.json")])
+    parser.read_config(str(CONFIGS / "train.json"))
     parser.update(
         {
             "bundle_root": str(CONFIGS.parent),
