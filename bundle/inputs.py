@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from bundle.datalist import IMAGE_SUFFIXES, dicom_series, load_datalist, volume_problem, volume_stem
+from bundle.dicom import save_dicom_series
 from monai.config import KeysCollection
 from monai.data import Dataset, ITKReader
 from monai.engines import SupervisedEvaluator
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 FAILURE_KEY = "failure"
 SOURCE_KEY = "source"
 OUTPUT_KEY = "output"
+DICOM_FILES_KEY = "dicom_files"  # the slice files of a DICOM series input, for a DICOM output of its study
 
 
 def _reason(error: BaseException) -> str:
@@ -115,7 +117,8 @@ def _series_entries(folder: Path, name: str) -> tuple[list[dict[str, Any]], list
     """One entry per DICOM series of ``folder`` (found by content), named after ``name``; and every file used."""
     series = dicom_series(folder)
     if len(series) == 1:  # a whole folder is read by MONAI's ITKReader as it is
-        return [{"image": str(folder), SOURCE_KEY: str(folder), "stem": name}], list(series[0].files)
+        files = list(series[0].files)
+        return [{"image": str(folder), SOURCE_KEY: str(folder), "stem": name, DICOM_FILES_KEY: files}], files
     # outputs named by series number; series sharing a number (or without one) by their rank among them
     counts = Counter(s.number for s in series)
     seen: Counter = Counter()
@@ -125,7 +128,12 @@ def _series_entries(folder: Path, name: str) -> tuple[list[dict[str, Any]], list
         tag = f"s{s.number if s.number is not None else 'x'}" + (f"-{seen[s.number]}" if counts[s.number] > 1 else "")
         description = f", {s.description}" if s.description else ""
         entries.append(
-            {"image": list(s.files), SOURCE_KEY: f"{folder} [series {s.uid}{description}]", "stem": f"{name}_{tag}"}
+            {
+                "image": list(s.files),
+                SOURCE_KEY: f"{folder} [series {s.uid}{description}]",
+                "stem": f"{name}_{tag}",
+                DICOM_FILES_KEY: list(s.files),
+            }
         )
         used += s.files
     return entries, used
@@ -241,7 +249,7 @@ def find_inputs(
         problem = volume_problem(entry["image"])
         if problem is None and out is not None:
             target = out / f"{stem}{'_' + output_postfix if output_postfix else ''}{output_ext}"
-            if target.resolve() in inputs_here:
+            if target.resolve() in inputs_here or any(target.resolve() in p.parents for p in inputs_here):
                 problem = f"its output {target} is an input of this run; choose another output_dir"
             elif target in planned:
                 problem = f"its output {target} would also be the output of {planned[target]}; rename one of them"
@@ -389,13 +397,19 @@ class SaveSynthesisd(MapTransform):
     unless ``overwrite``.
 
     The volume is written by MONAI's ``SaveImage`` to a hidden temporary file in the output folder, then linked
-    to its name, which fails if a file appeared there meanwhile; so no existing file is ever truncated.
+    to its name, which fails if a file appeared there meanwhile; so no existing file is ever truncated. With
+    ``output_format="dicom"`` the output path is a folder and the volume becomes a DICOM series in it
+    (:func:`bundle.dicom.save_dicom_series`, written to a temporary folder and renamed), in the study of the DICOM
+    series it was synthesized from (``data["dicom_files"]``, set by :func:`find_inputs`) where there is one.
 
     Args:
         keys: the synthesized image's key.
-        output_dtype: data type of the saved volume.
+        output_dtype: data type of the saved volume (NIfTI and the other image files).
         overwrite: replace an existing output.
         output_key: the key of the output path.
+        output_format: ``"nifti"`` (an image file named by the output path's extension) or ``"dicom"``.
+        dicom: :func:`bundle.dicom.write_dicom_series`'s ``modality``, ``series_description`` and patient
+            attributes, for ``"dicom"``.
     """
 
     def __init__(
@@ -404,14 +418,24 @@ class SaveSynthesisd(MapTransform):
         output_dtype: torch.dtype | np.dtype | None = torch.float32,
         overwrite: bool | str = False,
         output_key: str = OUTPUT_KEY,
+        output_format: str = "nifti",
+        dicom: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(keys)
         self.output_dtype, self.overwrite, self.output_key = output_dtype, _flag(overwrite, "overwrite"), output_key
+        if output_format not in ("nifti", "dicom"):
+            raise ValueError(f"output_format must be 'nifti' or 'dicom', got {output_format!r}.")
+        self.output_format, self.dicom = output_format, dict(dicom or {})
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         target = Path(d[self.output_key])
         for key in self.key_iterator(d):
+            if self.output_format == "dicom":
+                files = d.get(DICOM_FILES_KEY)
+                save_dicom_series(d[key], target, overwrite=self.overwrite, source_files=files, **self.dicom)
+                logger.info(f"wrote {target}")
+                continue
             ext = next((s for s in (".nii.gz", ".nii", ".nrrd", ".mha") if target.name.endswith(s)), target.suffix)
             temporary = target.with_name(f".{target.name[: -len(ext)]}.{uuid.uuid4().hex}.partial")
             saver = SaveImage(
