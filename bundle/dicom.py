@@ -89,11 +89,12 @@ _PARTIAL = ".partial-"  # <output dir>/.<series name>.partial-<host>-<pid>-<rand
 _REPLACED = ".replaced-"  # an old output moved aside while its replacement is renamed into place
 
 
-def model_version(metadata_file: str | os.PathLike) -> str:
+def model_version(metadata_file: str | os.PathLike | None = None) -> str:
     """The bundle's version, from its ``configs/metadata.json``.
 
     Args:
-        metadata_file: the bundle's metadata file.
+        metadata_file: the bundle's metadata file; default the one beside this package (``bundle/`` and ``configs/``
+            are siblings in the repository and in the exported bundle), whatever ``bundle_root`` says.
 
     Returns:
         Its ``"version"``, e.g. ``"0.4.2"``.
@@ -102,6 +103,8 @@ def model_version(metadata_file: str | os.PathLike) -> str:
         FileNotFoundError: if the file does not exist.
         KeyError: if it has no version.
     """
+    if metadata_file is None:
+        metadata_file = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
     metadata = json.loads(Path(metadata_file).read_text(encoding="utf-8"))
     if "version" not in metadata:
         raise KeyError(f"{metadata_file} has no 'version'.")

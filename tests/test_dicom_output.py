@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = [str(ROOT / "configs" / "inference.json")]
 TINY = {"ngf": 4, "n_blocks": 1, "pixdim": [2.0, 2.0, 2.0], "sw_batch_size": 8}
 PSEUDO_CT = {"domain_b": "CT", "name_b": "CT", "hu_window": [-1000, 2000]}
-VERSION = model_version(ROOT / "configs" / "metadata.json")
+VERSION = json.loads((ROOT / "configs" / "metadata.json").read_text(encoding="utf-8"))["version"]
 MR2 = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892003" / "MR2"  # tri-planar pilots
 
 
@@ -64,10 +64,9 @@ def infer(tmp_path: Path, output_dir: Path, **overrides) -> str:
     try:
         run(
             config_file=INFERENCE,
-            bundle_root=str(ROOT),
             ckpt_dir=str(tmp_path / "models"),
             output_dir=str(output_dir),
-            **{**TINY, **PSEUDO_CT, **overrides},
+            **{"bundle_root": str(ROOT), **TINY, **PSEUDO_CT, **overrides},
         )
     except Exception as error:
         return str(_root_error(error))
@@ -254,7 +253,8 @@ def test_dicom_outputs_are_replaced_only_with_overwrite_and_patient_flags_never_
     _pydicom_mr_series(scans / "mr_small")
     _nifti_mr(scans / "mr_nifti.nii.gz")
     flags = {"patient_id": "12345", "patient_name": "Doe^Jane"}
-    message = infer(tmp_path, out, input_dir=str(scans), output_format="dicom", **flags)
+    # a bundle_root without configs/ (models elsewhere): the model version comes from the bundle's own metadata
+    message = infer(tmp_path, out, input_dir=str(scans), output_format="dicom", bundle_root=str(tmp_path), **flags)
     # the NIfTI source takes the flags; the DICOM source keeps its patient and is named with the contradiction
     assert "1 of 2 inputs could not be synthesized (1 written)" in message
     assert f"{scans / 'mr_small'}: inverting or saving failed: ValueError: " in message
@@ -262,6 +262,11 @@ def test_dicom_outputs_are_replaced_only_with_overwrite_and_patient_flags_never_
     assert sorted(p.name for p in out.iterdir()) == ["mr_nifti_CT"]  # no temporary folder left
     headers = _headers(out / "mr_nifti_CT")
     assert {(h.PatientID, str(h.PatientName)) for h in headers} == {("12345", "Doe^Jane")}
+    assert (
+        headers[0].SeriesDescription
+        == f"pseudo-CT (DicycleGAN, {VERSION})"
+        == f"pseudo-CT (DicycleGAN, {model_version()})"
+    )
 
     assert infer(tmp_path, out, input_dir=str(scans), output_format="dicom") == (
         f"1 of 2 inputs could not be synthesized (1 written):\n  {scans / 'mr_nifti.nii.gz'}: output "
