@@ -7,7 +7,7 @@
 - :func:`discriminator_loss`: the LSGAN discriminator loss, halved as in CycleGAN.
 - :func:`local_normalized_mutual_information`: NMI per image patch, averaged (an opt-in alignment measure).
 
-Opt-in terms beyond the paper (issue 11; every default is the paper's objective): an LSGAN term on the undeformed
+Opt-in terms beyond the paper (every default is the paper's objective): an LSGAN term on the undeformed
 outputs (``lambda_gan_aligned``), local NMI in place of global NMI (``alignment="local_nmi"``) and, for pairs of
 images of one subject that do not overlay, an L1 term between the deformed output and the paired target
 (``lambda_paired``).
@@ -342,13 +342,13 @@ class DicycleGANLoss(nn.Module):
     Gradients also reach the discriminators' parameters through the GAN terms; freeze them or zero their gradients
     before the discriminator step, as CycleGAN does.
 
-    Opt-in terms beyond the paper (issue 11: the undeformed pass, the one inference serves, kept the source's
-    contrast); with their defaults the objective, its terms and its value are exactly the paper's:
+    Opt-in terms beyond the paper (in the pseudo-CT study the undeformed pass, the one inference serves,
+    kept the source's contrast); with their defaults the objective, its terms and its value are exactly the paper's:
 
     - ``lambda_gan_aligned * gan_aligned``, ``gan_aligned = mean (D_B(G^AB(x_A)) - 1)^2 + mean (D_A(G^BA(x_B)) - 1)^2``:
       the discriminators also judge the undeformed outputs. :attr:`discriminate_aligned` is then True, and
       :class:`bundle.trainer.DicycleGANTrainer` shows the undeformed fakes to the discriminators as well (through
-      the same image pool), as the exploratory run of issue 11 did: otherwise D would never learn to reject them;
+      the same image pool), as the exploratory pseudo-CT run did: otherwise D would never learn to reject them;
     - ``alignment="local_nmi"``: ``align`` (and ``nmi_a``, ``nmi_b``) use
       :func:`local_normalized_mutual_information` over ``alignment_patch_size`` patches instead of global NMI;
     - ``lambda_paired * paired``, ``paired = |G_T^AB(x_A) - y_B|_1`` (mean absolute error) for a target ``y_B`` of

@@ -1,4 +1,4 @@
-"""Does CycleGAN copy the distortion? A dose-response study of the paper's central claim (issue 14).
+"""Does CycleGAN copy the distortion? A dose-response study of the paper's central claim.
 
 Usage (from the repository root)::
 
@@ -922,7 +922,7 @@ def results_markdown(
     seeds = sorted({run.seed for run in runs})
     at_budget = "" if budget == 1 else f" at {budget}x the preset's budget"
     lines = [
-        f"## Dose-response study (issue 14){at_budget}: how much of a T2 distortion do the syntheses copy?",
+        f"## Dose-response study{at_budget}: how much of a T2 distortion do the syntheses copy?",
         "",
         "```bash",
         command,

@@ -1,4 +1,4 @@
-"""Pseudo-CT study (issue 11): which training setting makes the aligned pass, the one inference serves, a CT?
+"""Pseudo-CT study: which training setting makes the aligned pass, the one inference serves, a CT?
 
 Usage (from the repository root)::
 
@@ -59,7 +59,7 @@ __all__ = ["VARIANTS", "Variant", "pairs_datalist", "study"]
 PAIRS_SPACING_MM = 40.0
 PAIRS_SEED_OFFSET = 1000  # distortion seed of a pair: this plus the subject's number (phantom007 -> 1007)
 SECTION = "pseudo-ct-study"  # marker of the section in results.md; "-3x" etc. for another --budget
-# issue 11's targets on the undeformed pass, T1 -> CT: (bone Dice at least, MAE at most, residual displacement at
+# the study's targets on the undeformed pass, T1 -> CT: (bone Dice at least, MAE at most, residual displacement at
 # most; None: no worse than the paper's DicycleGAN measured in the same study)
 TARGETS = {"unpaired": (0.70, 150.0, None), "misaligned pairs": (0.85, 100.0, 1.5)}
 
@@ -322,9 +322,9 @@ def study_markdown(
     n_test = len({row["subject"] for row in rows[variants[0].key]})
     return "\n".join(
         [
-            "## Pseudo-CT study (issue 11): which setting makes the aligned pass a CT?"
+            "## Pseudo-CT study: which setting makes the aligned pass a CT?"
             if budget == 1
-            else f"## Pseudo-CT study (issue 11) at {budget}x the CPU budget",
+            else f"## Pseudo-CT study at {budget}x the CPU budget",
             "",
             "The Table 3 analogue (phantom T1 <-> CT, MR positioning pad against CT head holder) trained once per "
             "variant with the same data, seed and budget, every variant evaluated on the undeformed pass that "
@@ -350,7 +350,7 @@ def study_markdown(
             "",
             study_table(rows, variants),
             "",
-            "Targets of issue 11 (T1 to CT, undeformed pass):",
+            "Targets (T1 to CT, undeformed pass):",
             "",
             *target_lines(rows, variants),
             "",

@@ -54,8 +54,8 @@ def write_tiny_dataset(
         seed: seed of the random shapes and noise.
 
     Returns:
-        ``root`` as a ``Path``; its ``datalist.json`` has ``training_A`` (contrast "PD"), ``training_B`` ("T2")
-        and ``validation`` (pairs of the i-th volumes).
+        ``root`` as a ``Path``; its ``datalist.json`` has ``training_A`` (contrast "PD"), ``training_B`` ("T2"),
+        and the i-th volumes of both as ``training_pairs``, ``validation`` and ``test``.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,9 @@ def write_tiny_dataset(
         {"A": a["image"], "B": b["image"], "subject": f"sub{i:02d}"}
         for i, (a, b) in enumerate(zip(lists["training_A"], lists["training_B"], strict=True))
     ]
-    datalist = {"domains": {"A": "PD", "B": "T2"}, **lists, "validation": validation, "test": validation}
+    pairs = [{"A": entry["A"], "B": entry["B"]} for entry in validation]  # same grid: a misaligned-pairs list
+    datalist = {"domains": {"A": "PD", "B": "T2"}, **lists, "training_pairs": pairs, "validation": validation}
+    datalist["test"] = validation
     (root / "datalist.json").write_text(json.dumps(datalist, indent=2), encoding="utf-8")
     return root
 

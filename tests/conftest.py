@@ -15,3 +15,10 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir = tmp_path_factory.mktemp("phantom_smoke")
     reproduce.build_data(data_dir, reproduce.PRESETS["smoke"]["data"], seed=0)
     return data_dir
+
+
+@pytest.fixture(autouse=True)
+def _outside_the_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own empty folder. The configs' default paths (``./models``, ``./runs``, ``./demo_data``
+    under ``bundle_root`` ".") then never reach what the demo or a user's training left in the repository."""
+    monkeypatch.chdir(tmp_path)

@@ -330,7 +330,7 @@ def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path)
     again = dose_response.study(replicate_levels_mm=10.0, skip_instrument_check=True, publish_dir=str(docs), **kwargs)
     published = (docs / "results.md").read_text(encoding="utf-8")
     assert "\nold\n" not in published and other in published and published.startswith("# Results")
-    assert "## Copy fraction" in published and "## Dose-response study (issue 14): how much" in published
+    assert "## Copy fraction" in published and "## Dose-response study: how much" in published
     assert "### Spread between seeds" not in published  # one seed: no spread to show
     # the published command reproduces the call: every flag that is not the default is named
     assert "dose_response.py study --output_dir" in published and "--levels 0,10 --seeds 0 --preset smoke" in published

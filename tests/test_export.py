@@ -81,7 +81,7 @@ def test_scripted_generator_loads_the_checkpoint_and_is_the_undeformed_pass(tiny
 def test_inference_config_declares_the_undeformed_generator(tiny_models):
     parser = ConfigParser()
     parser.read_config(INFERENCE)
-    parser.update(TINY)
+    parser.update({**TINY, "ckpt_dir": str(tiny_models)})
     for net_id, checkpoint in (("network_def", "model.pt"), ("network_ba_def", "model_g_ba.pt")):
         network = parser.get_parsed_content(net_id)
         assert type(network) is DicycleGenerator, f"{net_id} of configs/inference.json"
@@ -104,6 +104,7 @@ def test_ckpt_export_torchscript_equals_the_eager_undeformed_pass(tiny_models, t
         meta_file=str(METADATA),
         config_file=INFERENCE,
         **trace,
+        ckpt_dir=str(tiny_models),
         **TINY,
     )
     extra = {"metadata.json": "", "inference.json": ""}
@@ -137,6 +138,7 @@ def test_onnx_export_equals_the_eager_undeformed_pass(tiny_models, tmp_path):
             "output_names": ["pred"],
             "dynamic_axes": {"image": dynamic, "pred": dynamic},
         },
+        ckpt_dir=str(tiny_models),
         **TINY,
     )
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
@@ -149,8 +151,9 @@ def test_onnx_export_equals_the_eager_undeformed_pass(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("net_id", ["network_def", "network_ba_def"])
-def test_verify_net_in_out_on_the_inference_config(net_id):
-    verify_net_in_out(net_id=net_id, meta_file=str(METADATA), config_file=INFERENCE, device="cpu", **TINY)
+def test_verify_net_in_out_on_the_inference_config(net_id, tmp_path):
+    overrides = {**TINY, "ckpt_dir": str(tmp_path)}  # no settings.json: the paper's settings and the overrides
+    verify_net_in_out(net_id=net_id, meta_file=str(METADATA), config_file=INFERENCE, device="cpu", **overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -331,8 +331,10 @@ def _pools(state: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
 
 
 def _train_on_rank(rank: int, tmp: Path) -> None:
-    """Per rank: 2 epochs straight; 1 epoch, checkpoint, then new objects resumed for epoch 2; 2 epochs without pool."""
+    """Per rank: 2 epochs straight; 1 epoch, checkpoint, then new objects resumed for epoch 2; 2 epochs without pool.
+    In float64, so that comparisons with one process see the arithmetic, not float32 rounding of another order."""
     _init_rank(rank, tmp)
+    torch.set_default_dtype(torch.float64)
     try:
         straight, straight_state = _tiny_trainer(_shard_loader(rank, WORLD_SIZE), 2, pool_size=2, rank=rank)
         straight.run()
@@ -377,31 +379,43 @@ def test_trainer_wraps_its_steps_in_ddp_and_every_rank_ends_with_the_same_weight
 
 def test_trainer_under_ddp_equals_one_process_with_the_global_batch(trainer_runs):
     """2 ranks x batch 1 (no pool: each rank has its own) against 1 process x batch 2, same samples; compared by the
-    networks' outputs (conv biases in front of InstanceNorm have no true gradient and follow rounding noise)."""
-    loader = torch.utils.data.DataLoader(_shard_loader(0, 1).dataset, batch_size=WORLD_SIZE, shuffle=False)
-    single, single_state = _tiny_trainer(loader, 2, pool_size=0)
-    initial = _tiny_trainer(loader, 2, pool_size=0)[1]
-    # one thread, as the ranks: a multi-threaded reduction rounds differently, and Adam amplifies that over the
-    # steps (found in CI, where pytest runs on 2 threads: 3e-3 apart instead of 2e-6)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    networks' outputs (conv biases in front of InstanceNorm have no true gradient and follow rounding noise). Both
+    train in float64: the ranks sum the gradients in another order than one process, and Adam turns the rounding of
+    near-zero gradients into steps of the full learning rate, so in float32 the two end 1.2e-2 apart on an AMD EPYC
+    (2e-6 on an Intel Xeon); in float64 they end 2.1e-15 apart there, and 1e-8 leaves a wide margin above that."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
     try:
-        single.run()
+        loader = torch.utils.data.DataLoader(_shard_loader(0, 1).dataset, batch_size=WORLD_SIZE, shuffle=False)
+        single, single_state = _tiny_trainer(loader, 2, pool_size=0)
+        initial = _tiny_trainer(loader, 2, pool_size=0)[1]
+        # one thread, as the ranks: a multi-threaded reduction rounds differently, and Adam amplifies that over the
+        # steps (found in CI, where pytest runs on 2 threads: 3e-3 apart instead of 2e-6)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            single.run()
+        finally:
+            torch.set_num_threads(threads)
+        assert type(single.generator_objective).__name__ == "GeneratorObjective"  # no process group: no DDP
+        torch.manual_seed(1)
+        x = torch.randn(2, 1, 32, 32)
+        for name in NETWORKS:
+            ddp, reference = _build(name), single_state[name]
+            ddp.load_state_dict(trainer_runs["ranks"][0]["no_pool"][name])
+            passes = (
+                [lambda g: g(x, deform=False), lambda g: g(x, deform=True)] if name[0] == "g" else [lambda d: d(x)[-1]]
+            )
+            with torch.no_grad():
+                for forward in passes:
+                    torch.testing.assert_close(
+                        forward(ddp), forward(reference), atol=1e-8, rtol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+                    )
+                    assert (forward(ddp) - forward(initial[name])).abs().max() > 1e-3, f"{name} did not train"
+        # the last step's generator loss of rank 0 is that of its own sample, of the same magnitude as the batch's
+        assert 0.2 < trainer_runs["ranks"][0]["no_pool_loss"] / float(single.state.output[0]["loss"]) < 5.0
     finally:
-        torch.set_num_threads(threads)
-    assert type(single.generator_objective).__name__ == "GeneratorObjective"  # no process group: no DDP
-    torch.manual_seed(1)
-    x = torch.randn(2, 1, 32, 32)
-    for name in NETWORKS:
-        ddp, reference = _build(name), single_state[name]
-        ddp.load_state_dict(trainer_runs["ranks"][0]["no_pool"][name])
-        passes = [lambda g: g(x, deform=False), lambda g: g(x, deform=True)] if name[0] == "g" else [lambda d: d(x)[-1]]
-        with torch.no_grad():
-            for forward in passes:
-                torch.testing.assert_close(forward(ddp), forward(reference), atol=1e-5, rtol=1e-4, msg=name)
-                assert (forward(ddp) - forward(initial[name])).abs().max() > 1e-3, f"{name} did not train"
-    # the last step's generator loss of rank 0 is that of its own sample, of the same magnitude as the batch's
-    assert 0.2 < trainer_runs["ranks"][0]["no_pool_loss"] / float(single.state.output[0]["loss"]) < 5.0
+        torch.set_default_dtype(dtype)
 
 
 def test_resumed_ddp_run_equals_an_uninterrupted_one_with_every_rank_pool(trainer_runs):

@@ -32,13 +32,16 @@ class _Probe(nn.Module):
 
 def _inferer(overlay: str, amp: str, item: str):
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / name) for name in (["train.json"] if overlay == "evaluate.json" else []) + [overlay]])
+    parser.read_config(
+        [str(CONFIGS / name) for name in (["train.json"] if overlay == "evaluate.json" else []) + [overlay]]
+    )
     parser.update({"amp": amp, "device": "cpu", "ckpt_dir": "/nonexistent", "dataset_dir": "/nonexistent"})
     return parser.get_parsed_content(item)
 
 
 @pytest.mark.parametrize(
-    "overlay, item", [("inference.json", "synthesis"), ("train.json", "validate#inferer"), ("evaluate.json", "A2B#synthesis")]
+    "overlay, item",
+    [("inference.json", "synthesis"), ("train.json", "validate#inferer"), ("evaluate.json", "A2B#synthesis")],
 )
 @pytest.mark.parametrize("amp", ["true", "false"])
 def test_every_stage_synthesizes_in_the_precision_of_amp(overlay, item, amp):
