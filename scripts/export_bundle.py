@@ -13,8 +13,8 @@ Usage (from the repository root)::
 releases are laid out):
 
 - ``configs/``: every config of the repository as it is (``train.json`` and ``inference.json`` stand alone, the
-  rest are overlays on ``train.json``, as in the zoo); ``metadata.json`` gets the new version and its changelog entry (newest first),
-  and ``--overrides`` are written into every config that declares the id;
+  rest are overlays on ``train.json``, as in the zoo); ``metadata.json`` gets the new version and its changelog
+  entry (newest first), and ``--overrides`` are written into every config that declares the id;
 - ``models/``: ``model.pt``, ``model.ts`` built in the folder by ``monai.bundle.ckpt_export`` (the zoo's default:
   ``torch.jit.script``), and the same for ``model_g_ba.pt`` (direction B2A) when it exists;
   ``intensity_reference.json`` (the intensity scales inference uses to write HU / MR units) and ``settings.json``
