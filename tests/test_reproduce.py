@@ -28,15 +28,20 @@ OTHER_SECTION = "<!-- other-study -->\n## Another study\n\nits table\n<!-- /othe
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def study(tmp_path_factory: pytest.TempPathFactory, phantom: Path) -> dict:
+    """The smoke study of the deformed experiment on the session's phantom (built once for every study test)."""
     output = tmp_path_factory.mktemp("study")
     # a published results file that already holds another study's section (pseudo_ct_study.py, dose_response.py)
     (output / "docs").mkdir()
     (output / "docs" / "results.md").write_text("# old results\n\n" + OTHER_SECTION + "\n", encoding="utf-8")
     result = reproduce.main(
-        output_dir=str(output), preset="smoke", experiments="deformed", publish_dir=str(output / "docs")
+        output_dir=str(output),
+        preset="smoke",
+        experiments="deformed",
+        dataset_dir=str(phantom),
+        publish_dir=str(output / "docs"),
     )
-    return {"output": output, **result}
+    return {"output": output, "dataset_dir": phantom, **result}
 
 
 def _csv(path: Path) -> list[dict]:
@@ -112,7 +117,9 @@ def test_a_repeated_command_reuses_finished_runs_and_resumes_an_interrupted_one(
     )
     interrupted = output / "runs" / "deformed_Dicycle" / "run.json"
     interrupted.unlink()  # as if training had stopped after its last checkpoint
-    reproduce.main(output_dir=str(output), preset="smoke", experiments="deformed")
+    reproduce.main(
+        output_dir=str(output), preset="smoke", experiments="deformed", dataset_dir=str(study["dataset_dir"])
+    )
     assert (
         cycle_record.read_text(encoding="utf-8"),
         (output / "runs" / "deformed_Cycle" / "models" / "model.pt").stat().st_mtime,
