@@ -52,6 +52,7 @@ __all__ = [
     "find_volumes",
     "load_datalist",
     "read_datalist",
+    "screen_volume",
     "synthesis_pair",
     "validate_datalist",
     "volume_problem",
@@ -277,21 +278,47 @@ def volume_problem(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str
         path: a NIfTI/Analyze, NRRD, MetaImage file, a DICOM series folder, or the slice files of one DICOM series.
 
     Returns:
-        ``"missing"``, ``"empty file (0 bytes)"``, ``"unreadable: ..."``, ``"is 2-D ..."``,
-        ``"is 4-D with N volumes ..."``, ``"contains N NaN ..."``, ``"is empty: every voxel is V"``,
+        ``"missing"``, ``"empty file (0 bytes)"``, ``"unreadable: ..."``, ``"has voxels of type ... unsupported"``,
+        ``"is 2-D ..."``, ``"is 4-D with N volumes ..."``, ``"contains N NaN ..."``, ``"is empty: every voxel is V"``,
         ``"has a singular / non-finite voxel-to-world affine ..."`` or None.
+    """
+    return screen_volume(path)[0]
+
+
+def screen_volume(path: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[str | None, np.ndarray | None]:
+    """:func:`volume_problem` and the voxel-to-world affine read on the way (one read of the volume).
+
+    Args:
+        path: as for :func:`volume_problem`.
+
+    Returns:
+        ``(problem or None, affine or None where the file could not be read)``.
     """
     files = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
     missing = [p for p in files if not p.exists()]
     if missing:
-        return "missing" if len(files) == 1 else f"missing slice files: {', '.join(str(p) for p in missing[:3])}"
+        return (
+            "missing" if len(files) == 1 else f"missing slice files: {', '.join(str(p) for p in missing[:3])}"
+        ), None
     if files[0].is_file() and files[0].stat().st_size == 0:
-        return "empty file (0 bytes)"
+        return "empty file (0 bytes)", None
     try:
         data, affine = _read_array(files[0] if len(files) == 1 else files)
     except Exception as error:  # any reader failure means "not an image we can read"
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return f"unreadable, not an image ({message})"
+        return f"unreadable, not an image ({message})", None
+    # RGB24/RGBA32 NIfTI read as structured arrays (no arithmetic at all), complex numbers have no order
+    if data.dtype.fields is not None or not (
+        np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating) or data.dtype == bool
+    ):
+        fields = list(data.dtype.names or ())
+        kind = f"{len(fields)} components per voxel ({', '.join(fields)}: colour)" if fields else f"type {data.dtype}"
+        return f"has voxels of {kind}: unsupported, expected a scalar (grey-value) volume", affine
+    return _array_problem(data, affine), affine
+
+
+def _array_problem(data: np.ndarray, affine: np.ndarray) -> str | None:
+    """What makes a scalar voxel array and its affine unusable, or None."""
     shape = list(data.shape)
     while len(shape) > 3 and shape[-1] == 1:  # NIfTI stores 3-D volumes as 4-D with one time point
         shape.pop()
@@ -309,7 +336,7 @@ def volume_problem(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str
             return f"contains {n_nan} NaN and {n_inf} infinite voxels"
     low, high = data.min(), data.max()
     if low == high:
-        return f"is empty: every voxel is {low.item():g}"
+        return f"is empty: every voxel is {np.asarray(low).item():g}"
     return _geometry_problem(affine)
 
 
@@ -338,6 +365,28 @@ def check_volume(path: str | os.PathLike) -> None:
     _raise_for({str(path): problem} if problem else {}, f"volume {path}")
 
 
+def _list_problems(dataset_dir: str | os.PathLike, content: Mapping[str, Any], keys: Sequence[str]) -> dict[str, str]:
+    """Empty training lists (training would fail on them later) and volumes listed more than once in one list (they
+    would weigh more than the others); keyed by the list's name."""
+    problems = {}
+    for key in keys:
+        if key in TRAINING_KEYS and not content[key]:
+            problems[f'"{key}"'] = f"the training list of domain {key[-1]} is empty: nothing to train on"
+        # masks may be shared by several entries; the volumes themselves may not
+        for name in ("image", "A", "B"):
+            where: dict[str, list[int]] = {}
+            for index, entry in enumerate(content[key]):
+                if name in entry:
+                    where.setdefault(str(_resolve(dataset_dir, entry[name])), []).append(index)
+            for path, indices in where.items():
+                if len(indices) > 1:
+                    field = f'["{name}"]' if key in PAIRED_KEYS else ""
+                    problems[f'"{key}"{field}: {path}'] = (
+                        f"listed {len(indices)} times (entries {', '.join(map(str, indices))}); list each volume once"
+                    )
+    return problems
+
+
 def validate_datalist(
     dataset_dir: str | os.PathLike,
     datalist: str | os.PathLike = "datalist.json",
@@ -357,8 +406,9 @@ def validate_datalist(
 
     Raises:
         FileNotFoundError: if the datalist is missing, or if every unusable volume is missing.
-        ValueError: if the datalist is malformed or a volume is unusable; every bad file is listed with its
-            path and problem (missing, unreadable, not 3-D, NaN/Inf, empty).
+        ValueError: if the datalist is malformed, a training list is empty, a list names a volume more than once,
+            or a volume is unusable; every problem is listed with its path (missing, unreadable, not 3-D, NaN/Inf,
+            empty, unsupported voxel type).
         KeyError: if one of ``keys`` is not a list of the datalist.
     """
     content = read_datalist(dataset_dir, datalist)
@@ -373,14 +423,22 @@ def validate_datalist(
         for name in PATH_KEYS
         if name in entry
     )
-    problems = {}
+    in_lists = _list_problems(dataset_dir, content, keys)
+    problems: dict[str, str] = {}
     for index, path in enumerate(paths, 1):
         problem = volume_problem(path)
         if problem:
             problems[path] = problem
         if progress and (index % 25 == 0 or index == len(paths)):
             progress(f"checked {index}/{len(paths)} volumes, {len(problems)} unusable")
-    _raise_for(problems, f"datalist {_resolve(dataset_dir, datalist)}")
+    what = f"datalist {_resolve(dataset_dir, datalist)}"
+    if in_lists:  # reported with the unusable files, if any, in one error
+        files = f" and {len(problems)} unusable file{'s' if len(problems) > 1 else ''}" if problems else ""
+        lines = "\n".join(f"  {where}: {problem}" for where, problem in {**in_lists, **problems}.items())
+        raise ValueError(
+            f"{what}: {len(in_lists)} problem{'s' if len(in_lists) > 1 else ''} in its lists{files}:\n{lines}"
+        )
+    _raise_for(problems, what)
     return len(paths)
 
 

@@ -17,8 +17,12 @@ import functools
 import json
 import logging
 import os
+import pickle
+import sys
+import traceback
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -35,8 +39,12 @@ __all__ = [
     "DenormalizeIntensityd",
     "InferenceInputs",
     "Synthesis",
+    "check_model_folder",
     "find_inputs",
+    "load_weights",
     "raise_for_failures",
+    "read_intensity_reference",
+    "report_errors_briefly",
     "write_intensity_reference",
 ]
 
@@ -174,6 +182,173 @@ def write_intensity_reference(
     return reference
 
 
+def _root(error: BaseException) -> BaseException:
+    """The innermost cause: MONAI's config parser wraps an expression's error in "Failed to evaluate" layers."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def _brief_excepthook(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:
+    """Print an uncaught error as its reason alone; the traceback goes to the log at DEBUG level."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, trace)
+        return
+    root = _root(error)
+    logger.debug("".join(traceback.format_exception(kind, error, trace)))
+    text = str(root).strip()
+    print(f"{type(root).__name__}: {text}" if text else type(root).__name__, file=sys.stderr)
+    print("(run again with --debug true for the traceback)", file=sys.stderr)
+
+
+def report_errors_briefly(debug: bool | str = False, command_line_only: bool = True) -> None:
+    """Make an error that ends a command-line run print its one-line reason alone, without tracebacks.
+
+    The reasons of this bundle's errors name the file and what is wrong; the tracebacks of the config parser and
+    the engines around them (dozens of lines each) only hide them. With ``debug`` Python's own report is kept; the
+    traceback is also logged at DEBUG level, for a log file configured to keep it (``--logging_file``).
+
+    Args:
+        debug: keep Python's traceback (``--debug true``).
+        command_line_only: change nothing unless the process runs ``python -m monai.bundle`` (a script or a test
+            calling ``monai.bundle.run`` keeps its own error handling).
+    """
+    if as_bool(debug, "debug"):
+        sys.excepthook = sys.__excepthook__
+        return
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if command_line_only and getattr(spec, "name", None) not in ("monai.bundle.__main__", "monai.bundle"):
+        return
+    sys.excepthook = _brief_excepthook
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def read_intensity_reference(path: str | os.PathLike | None, domain: str, kind: str) -> dict[str, Any] | None:
+    """The intensity reference of one domain, checked: what :class:`DenormalizeIntensityd` maps outputs back with.
+
+    Args:
+        path: the JSON written by :func:`write_intensity_reference`.
+        domain: the domain's key in it (``"A"`` or ``"B"``).
+        kind: the domain's kind from the model's settings, ``"MR"`` or ``"CT"``.
+
+    Returns:
+        The domain's entry, or None where there is no file (MR outputs then stay z-scored).
+
+    Raises:
+        ValueError: in one line naming the file, if it is not valid JSON, has no entry for ``domain``, or the entry
+            contradicts ``kind`` or lacks a finite ``mean`` and positive ``std`` (MR) or a ``hu_window`` (CT).
+    """
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        reference = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not a readable intensity reference ({type(error).__name__}: {error}).") from None
+    entry = reference.get(domain) if isinstance(reference, dict) else None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: no intensity reference for domain {domain} (expected an object under {domain!r}).")
+    if entry.get("kind", kind) != kind:
+        raise ValueError(
+            f"{path}: domain {domain} is {entry.get('kind')!r} there but {kind!r} in the model's settings."
+        )
+    if kind == "CT":
+        window = entry.get("hu_window")
+        if window is not None and not (
+            isinstance(window, list) and len(window) == 2 and all(map(_number, window)) and window[0] < window[1]
+        ):
+            raise ValueError(f"{path}: domain {domain}: 'hu_window' must be [low, high] in HU, got {window!r}.")
+    elif not (_number(entry.get("mean")) and _number(entry.get("std")) and entry["std"] > 0):
+        raise ValueError(
+            f"{path}: domain {domain}: expected a finite 'mean' and a positive 'std', got "
+            f"mean={entry.get('mean')!r}, std={entry.get('std')!r}."
+        )
+    return entry
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A generator's state_dict, loaded with ``weights_only=True``; any problem is one line naming the file.
+
+    Args:
+        path: a bare state_dict (what training writes as ``model.pt``), or ``{"model": state_dict}``.
+
+    Returns:
+        The state_dict.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if it is truncated or corrupted, holds objects ``weights_only`` loading refuses, or is not a
+            state_dict of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist (train first, or set ckpt_dir to a trained model).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text would advise weights_only=False, i.e. running the file's code
+        raise ValueError(
+            f"model file {path} holds Python objects other than tensors and plain containers and is refused (it is "
+            "loaded with weights_only=True, which never runs code from the file); save the generator's bare "
+            "state_dict: torch.save(generator.state_dict(), path)."
+        ) from None
+    except Exception as error:  # zip reader, EOF, unpickler: every one means a damaged file
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        detail = f"{type(error).__name__}{': ' + text.split('. ')[0] if text else ''}"
+        size = path.stat().st_size
+        raise ValueError(
+            f"model file {path} ({size} bytes) is truncated or corrupted, not a complete PyTorch checkpoint ({detail});"
+            " copy it again from the training run."
+        ) from None
+    if isinstance(state, dict) and set(state) == {"model"} and isinstance(state["model"], dict):
+        state = state["model"]  # as MONAI's CheckpointLoader accepts it
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ValueError(f"model file {path} is not a state_dict of tensors (got {type(state).__name__}).")
+    return state
+
+
+def check_model_folder(
+    model_file: str | os.PathLike,
+    network: nn.Module,
+    reference_file: str | os.PathLike | None = None,
+    target_domain: str = "B",
+    target_kind: str = "MR",
+) -> None:
+    """Check the trained model before any input is touched: the weights load (``weights_only=True``) and fit the
+    network built from ``settings.json``, and the intensity reference is readable.
+
+    Args:
+        model_file: the direction's generator weights.
+        network: the generator built from the settings; the weights are loaded into it.
+        reference_file: the intensity reference; a missing one is allowed (MR outputs then stay z-scored).
+        target_domain: the target's key in the reference.
+        target_kind: the target's kind in the settings.
+
+    Raises:
+        FileNotFoundError, ValueError: in one line naming the file and what is wrong.
+    """
+    state = load_weights(model_file)
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        counts = ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of another shape"))
+        parts = [f"{len(keys)} {what}" for keys, what in counts if keys]
+        example = (
+            f"{shapes[0]} is {list(state[shapes[0]].shape)}, the network's {list(expected[shapes[0]].shape)}"
+            if shapes
+            else (missing or unexpected)[0]
+        )
+        raise ValueError(
+            f"model file {model_file} does not fit the network built from settings.json (tensors: "
+            f"{', '.join(parts)}; e.g. {example}): the weights and settings.json come from different trainings."
+        )
+    network.load_state_dict(state)
+    read_intensity_reference(reference_file, target_domain, target_kind)
+
+
 class DenormalizeIntensityd(MapTransform):
     """Map synthesized intensities from the network's scale to the target domain's units.
 
@@ -205,9 +380,7 @@ class DenormalizeIntensityd(MapTransform):
     @functools.cached_property
     def _scale_shift(self) -> tuple[float, float]:
         # read on first use: training builds this transform before it writes the reference
-        reference = {}
-        if self.reference_file is not None and Path(self.reference_file).is_file():
-            reference = json.loads(Path(self.reference_file).read_text(encoding="utf-8")).get(self.domain, {})
+        reference = read_intensity_reference(self.reference_file, self.domain, self.kind) or {}
         if self.kind == "CT":
             low, high = reference.get("hu_window", self.hu_window)
             return (high - low) / 2.0, (high + low) / 2.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import uuid
 from collections import Counter
@@ -22,10 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from bundle.datalist import IMAGE_SUFFIXES, dicom_series, load_datalist, volume_problem, volume_stem
+from bundle.datalist import IMAGE_SUFFIXES, dicom_series, load_datalist, screen_volume, volume_stem
 from bundle.dicom import save_dicom_series
 from monai.config import KeysCollection
-from monai.data import Dataset, ITKReader
+from monai.data import Dataset, ITKReader, NibabelWriter
+from monai.data.utils import to_affine_nd
 from monai.engines import SupervisedEvaluator
 from monai.transforms import Compose, LoadImaged, MapTransform, SaveImage
 from monai.utils import optional_import
@@ -63,11 +65,13 @@ class InferenceInputs:
     """The inputs of an inference run.
 
     ``good``: entries ``{"image": path (or the slice files of a DICOM series), "source": what the user gave,
-    "output": the file to write}``; ``failures``: source -> problem, filled by screening and during the run.
+    "output": the file to write}``; ``failures``: source -> problem, filled by screening and during the run;
+    ``existing``: source -> its output, already there and left as it is (``skip_existing``), counted as done.
     """
 
     good: list[dict[str, Any]] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
+    existing: dict[str, str] = field(default_factory=dict)
 
     def record(self, source: str, problem: str) -> None:
         """Set ``source`` aside with its problem (logged at once, listed again by :func:`raise_for_failures`)."""
@@ -76,7 +80,10 @@ class InferenceInputs:
 
 
 def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
-    """Create ``output_dir`` if needed and check that a file can be written in it, before any work.
+    """Check, before any work, that ``output_dir`` can be written, or created where it does not exist yet.
+
+    Nothing is created: :class:`SaveSynthesisd` creates the folder with the first output, so a run that writes
+    nothing leaves no empty folder behind.
 
     Args:
         output_dir: the output folder.
@@ -89,18 +96,17 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
         PermissionError: if it cannot be created or written to.
     """
     folder = Path(output_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as error:  # the path itself is a file
-        raise NotADirectoryError(f"output_dir {folder} is not a folder: {error.strerror}.") from None
-    except OSError as error:
-        kind = NotADirectoryError if isinstance(error, NotADirectoryError) else PermissionError
-        raise kind(f"output_dir {folder} cannot be created: {error.strerror} ({error.filename}).") from None
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"output_dir {folder} is not a folder: File exists.")
+    existing = folder if folder.exists() else next(p for p in Path(os.path.abspath(folder)).parents if p.exists())
+    if not existing.is_dir():  # a parent of the folder to create is a file
+        raise NotADirectoryError(f"output_dir {folder} cannot be created: Not a directory ({existing}).")
     try:  # a real write: permission bits alone say nothing for root or on read-only mounts
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise PermissionError(f"output_dir {folder} is not writable: {error.strerror}.") from None
+        what = "is not writable" if existing == folder else f"cannot be created in {existing}"
+        raise PermissionError(f"output_dir {folder} {what}: {error.strerror}.") from None
     return folder
 
 
@@ -150,6 +156,8 @@ def find_inputs(
     output_postfix: str = "",
     output_ext: str = ".nii.gz",
     overwrite: bool | str = False,
+    skip_existing: bool | str = False,
+    pixdim: Sequence[float] | None = None,
 ) -> InferenceInputs:
     """Collect and screen the volumes to synthesize and plan their outputs; unusable ones are set aside.
 
@@ -159,9 +167,10 @@ def find_inputs(
     ``ITKReader`` splits them), whatever the files' extensions. Every series is an input of its own.
 
     Outputs: ``<output_dir>/<input name>_<output_postfix><output_ext>`` (a series of a folder holding several:
-    ``<folder>_s<series number>_...``). An output that exists is not replaced unless ``overwrite``; one that is an
-    input of this run never is; ``output_dir`` may not be ``input_dir`` itself (outputs would be taken as inputs by
-    the next run), and a sub-folder of ``input_dir`` used as ``output_dir`` is not scanned.
+    ``<folder>_s<series number>_...``). An output that exists is not replaced unless ``overwrite``; with
+    ``skip_existing`` it is left as it is and its input counted as done (a rerun after an interruption finishes the
+    batch); one that is an input of this run never is; ``output_dir`` may not be ``input_dir`` itself (outputs
+    would be taken as inputs by the next run), and a sub-folder of ``input_dir`` used as ``output_dir`` is not scanned.
 
     Args:
         input_dir: folder of volumes, or a DICOM series folder.
@@ -174,6 +183,8 @@ def find_inputs(
         output_postfix: appended to each input's name, e.g. the target contrast ``"T2"``.
         output_ext: the outputs' extension.
         overwrite: replace existing outputs (never inputs).
+        skip_existing: leave existing outputs as they are and count their inputs as done.
+        pixdim: the voxel size the model was trained at (mm); inputs with voxels much thicker get a warning.
 
     Returns:
         :class:`InferenceInputs`.
@@ -188,7 +199,9 @@ def find_inputs(
     ]
     if len(given) != 1:
         raise ValueError(f"give exactly one of input_dir, input_file, datalist (got {given or 'none'}).")
-    overwrite = _flag(overwrite, "overwrite")
+    overwrite, skip_existing = _flag(overwrite, "overwrite"), _flag(skip_existing, "skip_existing")
+    if overwrite and skip_existing:
+        raise ValueError("--overwrite true replaces existing outputs, --skip_existing true keeps them: give one.")
     out = Path(output_dir).resolve() if output_dir else None
     entries: list[dict[str, Any]] = []
     unknown: list[str] = []
@@ -246,23 +259,100 @@ def find_inputs(
     planned: dict[Path, str] = {}
     for entry in entries:
         source, stem = entry[SOURCE_KEY], entry.pop("stem")
-        problem = volume_problem(entry["image"])
+        problem, affine = screen_volume(entry["image"])
+        if problem is None and pixdim is not None and affine is not None:
+            _warn_if_thick(source, affine, pixdim)
         if problem is None and out is not None:
             target = out / f"{stem}{'_' + output_postfix if output_postfix else ''}{output_ext}"
             if target.resolve() in inputs_here or any(target.resolve() in p.parents for p in inputs_here):
                 problem = f"its output {target} is an input of this run; choose another output_dir"
             elif target in planned:
                 problem = f"its output {target} would also be the output of {planned[target]}; rename one of them"
-            elif target.exists() and not overwrite:
-                problem = f"output {target} exists and is not replaced; pass --overwrite true to replace it"
             else:
-                planned[target] = source
-                entry[OUTPUT_KEY] = str(target)
+                _remove_stale_partials(target)  # left by an interrupted run writing this very output
+                if target.exists() and skip_existing:
+                    logger.info(f"{source}: output {target} exists, left as it is (--skip_existing true)")
+                    inputs.existing[str(source)] = str(target)
+                    planned[target] = source
+                    continue
+                if target.exists() and not overwrite:
+                    problem = (
+                        f"output {target} exists and is not replaced; pass --overwrite true to replace it, or "
+                        "--skip_existing true to keep it and synthesize the rest"
+                    )
+                else:
+                    planned[target] = source
+                    entry[OUTPUT_KEY] = str(target)
         if problem:
             inputs.record(source, problem)
         else:
             inputs.good.append(entry)
     return inputs
+
+
+# the temporary name of an output being written: ".<name>.<pid>-<random>.partial<ext>" (before: ".<name>.<hex>.partial")
+_PARTIAL = r"\.{name}\.(?:(?P<pid>\d+)-[0-9a-f]{{8}}|[0-9a-f]{{32}})\.partial{ext}"
+
+
+def _partial_name(target: Path, ext: str) -> Path:
+    """Where :class:`SaveSynthesisd` writes ``target`` before linking it to its name: hidden, and naming this
+    process, so that a later run can tell a partial file left by a killed run from one being written."""
+    return target.with_name(
+        f".{target.name[: len(target.name) - len(ext)]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{ext}"
+    )
+
+
+def _output_ext(target: Path) -> str:
+    """The image-file extension of an output path ("" for another name, e.g. a DICOM output folder)."""
+    return next((s for s in (".nii.gz", ".nii", ".nrrd", ".mha") if target.name.endswith(s)), "")
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Remove the partial files of ``target`` whose writer is no longer running (SIGKILL, power loss while saving).
+
+    Only files named as :func:`_partial_name` names this very output are considered, and only those of a process
+    that does not exist any more on this machine (or of the older naming without a process id).
+    """
+    ext = _output_ext(target)
+    if not ext or not target.parent.is_dir():  # DICOM folders are written and renamed by bundle.dicom
+        return
+    pattern = re.compile(_PARTIAL.format(name=re.escape(target.name[: -len(ext)]), ext=re.escape(ext)))
+    for path in target.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match is None or (match["pid"] is not None and _running(int(match["pid"]))):
+            continue
+        try:
+            path.unlink()
+            logger.info(f"removed {path}, a partial output left by an interrupted run")
+        except OSError as error:
+            logger.warning(f"could not remove the stale partial output {path}: {error.strerror}")
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (where that cannot be told: assume it does)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only the existence is checked
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _warn_if_thick(source: str, affine: np.ndarray, pixdim: Sequence[float]) -> None:
+    """Warn where an input's voxels are more than twice as thick as the trained spacing along some axis: the
+    network sees slices interpolated between distant acquired slices."""
+    spacing = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+    trained = float(max(pixdim))
+    if spacing.max() > 2.0 * trained:
+        sizes = " x ".join(f"{v:.3g}" for v in spacing)
+        logger.warning(
+            f"{source}: voxels of {sizes} mm, up to {spacing.max() / trained:.1f} times thicker than the trained "
+            f"spacing of {' x '.join(f'{float(v):.3g}' for v in pixdim)} mm: the synthesis is resampled between "
+            "distant slices and may be blurred or show stair steps."
+        )
 
 
 def raise_for_failures(inputs: InferenceInputs) -> None:
@@ -274,13 +364,17 @@ def raise_for_failures(inputs: InferenceInputs) -> None:
     Raises:
         RuntimeError: if any input failed (so the command exits non-zero).
     """
+    total = len({e[SOURCE_KEY] for e in inputs.good} | set(inputs.failures) | set(inputs.existing))
+    written = total - len(inputs.failures) - len(inputs.existing)
+    kept = f", {len(inputs.existing)} already there" if inputs.existing else ""
     if inputs.failures:
         lines = "\n".join(f"  {path}: {problem}" for path, problem in inputs.failures.items())
-        total = len({e[SOURCE_KEY] for e in inputs.good} | set(inputs.failures))
-        written = total - len(inputs.failures)
-        message = f"{len(inputs.failures)} of {total} inputs could not be synthesized ({written} written):\n{lines}"
+        message = (
+            f"{len(inputs.failures)} of {total} inputs could not be synthesized ({written} written{kept}):\n{lines}"
+        )
         logger.error(message)  # printed plainly, above the traceback of the bundle runner
         raise RuntimeError(message)
+    logger.info(f"all {total} inputs have an output ({written} written{kept})")
 
 
 class DicomSeriesReader(ITKReader):
@@ -392,6 +486,49 @@ class TolerantEvaluator(SupervisedEvaluator):
             return {}
 
 
+class _GeometryNiftiWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` that keeps the input's NIfTI header geometry and shape.
+
+    MONAI writes sform and qform both with code 1, and the qform of a sheared affine is only an approximation of it
+    (up to centimetres away at the corners), so tools reading one or the other place the output differently. Here
+    the sform is the affine with the input's ``sform_code``; the qform is the same affine with the input's
+    ``qform_code`` where a qform can hold it (no shear), else it is left out (code 0) with a warning. A NIfTI input
+    stored as 4-D with one time point gives a 4-D output with one time point.
+    """
+
+    def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options: Any) -> None:
+        """Keep the header fields of ``meta_dict`` for :meth:`write`, then as ``NibabelWriter``."""
+        self._source_header = dict(meta_dict or {})
+        super().set_metadata(meta_dict, resample=resample, **options)
+
+    def write(self, filename: os.PathLike | str, verbose: bool = False, **obj_kwargs: Any) -> None:
+        """Write ``filename`` with the input's geometry codes (see the class)."""
+        import nibabel as nib
+
+        header = getattr(self, "_source_header", {})
+        dim = np.asarray(header.get("dim", [])).ravel()
+        data = np.asarray(self.data_obj)
+        if dim.size > 4 and int(dim[0]) == 4 and int(dim[4]) == 1 and data.ndim == 3:
+            data = data[..., None]  # the input's trailing time point of one
+        affine = np.eye(4) if self.affine is None else np.asarray(self.affine, dtype=float)
+        affine = to_affine_nd(3, affine)
+        image = self.create_backend_obj(data, affine=affine, dtype=self.output_dtype, **obj_kwargs)
+        # MONAI's default (1, scanner) for inputs without NIfTI codes (DICOM, NRRD, MetaImage)
+        sform_code = int(np.asarray(header.get("sform_code", 1)))
+        qform_code = int(np.asarray(header.get("qform_code", 1)))
+        image.set_sform(affine, code=sform_code)
+        columns = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+        if np.allclose(columns.T @ columns, np.eye(3), atol=1e-5):
+            image.set_qform(affine, code=qform_code)
+        else:
+            image.set_qform(None, code=0)
+            logger.warning(
+                f"{header.get('filename_or_obj', filename)}: its voxel-to-world affine is sheared, which a NIfTI "
+                f"qform cannot hold: the output has it exactly in the sform (code {sform_code}), no qform (code 0)"
+            )
+        nib.save(image, filename)
+
+
 class SaveSynthesisd(MapTransform):
     """Save ``key`` to the path in ``data["output"]`` (planned by :func:`find_inputs`), never replacing a file
     unless ``overwrite``.
@@ -430,20 +567,26 @@ class SaveSynthesisd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         target = Path(d[self.output_key])
+        target.parent.mkdir(parents=True, exist_ok=True)  # here, not before the run: nothing written, no folder
         for key in self.key_iterator(d):
             if self.output_format == "dicom":
                 files = d.get(DICOM_FILES_KEY)
                 save_dicom_series(d[key], target, overwrite=self.overwrite, source_files=files, **self.dicom)
                 logger.info(f"wrote {target}")
                 continue
-            ext = next((s for s in (".nii.gz", ".nii", ".nrrd", ".mha") if target.name.endswith(s)), target.suffix)
-            temporary = target.with_name(f".{target.name[: -len(ext)]}.{uuid.uuid4().hex}.partial")
+            ext = _output_ext(target) or target.suffix
+            written = _partial_name(target, ext)
+            nifti = ext in (".nii", ".nii.gz")
             saver = SaveImage(
-                output_ext=ext, output_dtype=self.output_dtype, resample=False, separate_folder=False, print_log=False
+                output_ext=ext,
+                output_dtype=self.output_dtype,
+                resample=False,
+                separate_folder=False,
+                print_log=False,
+                writer=_GeometryNiftiWriter if nifti else None,  # the input's header geometry and shape
             )
-            written = Path(f"{temporary}{ext}")
             try:
-                saver(d[key], filename=str(temporary))
+                saver(d[key], filename=str(written)[: len(str(written)) - len(ext)])
                 if self.overwrite:
                     os.replace(written, target)
                 else:

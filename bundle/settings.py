@@ -152,9 +152,21 @@ def resolve_settings(ckpt_dir: str | os.PathLike, **given: Any) -> dict[str, Any
         ``out_activation`` per domain.
 
     Raises:
-        ValueError: in one line, for an explicit setting that contradicts the weights.
+        ValueError: in one line, for an explicit setting that contradicts the weights, or a ``settings.json`` that
+            lacks a key of :data:`DEFAULTS` not given explicitly.
     """
     stored = read_settings(ckpt_dir)
+    if stored is not None:
+        # a trained model's folder must say everything: a default in place of a trained value (e.g. the paper's
+        # 1.8 mm instead of the 2.4 mm trained on) synthesizes silently wrong outputs
+        missing = [key for key in DEFAULTS if key not in stored and given.get(key) is None]
+        if missing:
+            path = Path(ckpt_dir) / SETTINGS_FILE
+            keys = ", ".join(repr(key) for key in missing)
+            raise ValueError(
+                f"{path} is incomplete: no {keys} (the value{'s' if len(missing) > 1 else ''} the weights were "
+                f"trained with); restore the file written by training, or give --{missing[0]} explicitly."
+            )
     settings = dict(DEFAULTS if stored is None else {**DEFAULTS, **stored})
     for key, value in given.items():
         if value is None:

@@ -212,9 +212,10 @@ def test_dicom_series_folders(tmp_path) -> None:
 
 def test_validation_lists_every_bad_file_at_once(bad_files, tmp_path) -> None:
     good = write_nifti(tmp_path / "good.nii.gz", volume(9))
-    paired = [{"A": str(good), "B": str(path), "subject": key} for key, (path, _) in bad_files.items()]
+    paired = [{"A": str(path), "B": str(path), "subject": key} for key, (path, _) in bad_files.items()]
+    training = [{"image": "good.nii.gz"}]
     datalist = datasets.write_datalist(
-        tmp_path / "bad.json", tmp_path, {"A": "PD", "B": "T2"}, [{"image": "good.nii.gz"}], [], test=paired
+        tmp_path / "bad.json", tmp_path, {"A": "PD", "B": "T2"}, training, training, test=paired
     )
     with pytest.raises(ValueError) as error:
         dl.validate_datalist(tmp_path, datalist)
@@ -228,6 +229,61 @@ def test_validation_lists_every_bad_file_at_once(bad_files, tmp_path) -> None:
     )
     with pytest.raises(FileNotFoundError, match=r"2 unusable files:\n.*a.nii.gz: missing\n.*b.nii.gz: missing"):
         dl.validate_datalist(tmp_path, only_missing)
+
+
+def _rgb24(path: Path) -> Path:
+    """A true RGB24 NIfTI (datatype 128): nibabel reads it as a structured array of R, G, B bytes."""
+    rgb = np.zeros((8, 8, 5), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["G"] = volume(11).astype(np.uint8)
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), path)
+    assert nib.load(path).header["datatype"] == 128
+    return path
+
+
+def test_an_rgb_volume_is_named_as_unsupported_and_validation_lists_it_with_the_others(tmp_path, capsys) -> None:
+    """Issue 23: the screening crashed with numpy's UFuncNoLoopError and named no file."""
+    rgb = _rgb24(tmp_path / "colour.nii.gz")
+    assert dl.volume_problem(rgb) == (
+        "has voxels of 3 components per voxel (R, G, B: colour): unsupported, expected a scalar (grey-value) volume"
+    )
+    write_nifti(tmp_path / "good.nii.gz", volume(9))
+    write_nifti(tmp_path / "good_b.nii.gz", volume(10))
+    datasets.write_datalist(
+        tmp_path / "list.json",
+        tmp_path,
+        {"A": "PD", "B": "T2"},
+        [{"image": "good.nii.gz"}, {"image": "colour.nii.gz"}],
+        [{"image": "good_b.nii.gz"}],
+    )
+    cli = _load_cli()
+    with pytest.raises(ValueError, match=rf"1 unusable file:\n  {rgb}: has voxels of 3 components per voxel"):
+        cli.validate(str(tmp_path), "list.json")
+
+
+def test_validate_refuses_an_empty_training_list_and_reports_duplicates(tmp_path, monkeypatch, capsys) -> None:
+    """Issue 23: an empty training_A, or one volume listed three times, passed as "all volumes are readable"."""
+    for name, seed in (("a.nii.gz", 1), ("b.nii.gz", 2), ("c.nii.gz", 3)):
+        write_nifti(tmp_path / name, volume(seed))
+    domains = {"A": "PD", "B": "T2"}
+    datasets.write_datalist(tmp_path / "empty.json", tmp_path, domains, [], [{"image": "b.nii.gz"}])
+    monkeypatch.setattr(sys, "argv", ["make_datalist.py", "validate", "--dataset_dir", str(tmp_path), "--datalist",
+                                      "empty.json"])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        _load_cli().main()
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "all" not in error
+    assert '"training_A": the training list of domain A is empty: nothing to train on' in error
+    three = [{"image": "a.nii.gz"}, {"image": "c.nii.gz"}, {"image": "a.nii.gz"}, {"image": "a.nii.gz"}]
+    pairs = [{"A": "a.nii.gz", "B": "b.nii.gz"}, {"A": "c.nii.gz", "B": "b.nii.gz", "mask": "a.nii.gz"}]
+    datasets.write_datalist(tmp_path / "dup.json", tmp_path, domains, three, [{"image": "b.nii.gz"}], test=pairs)
+    with pytest.raises(ValueError) as caught:
+        dl.validate_datalist(tmp_path, "dup.json")
+    message = str(caught.value)
+    assert "2 problems in its lists" in message and "unusable" not in message
+    assert f'"training_A": {tmp_path / "a.nii.gz"}: listed 3 times (entries 0, 2, 3)' in message
+    assert f'"test"["B"]: {tmp_path / "b.nii.gz"}: listed 2 times (entries 0, 1)' in message
+    assert "c.nii.gz" not in message  # listed once per list (and a mask may repeat a volume)
+    assert dl.validate_datalist(tmp_path, "dup.json", keys=["training_B"]) == 1  # the lists not asked for: unchecked
 
 
 def test_malformed_datalist_lists_every_structural_problem(tmp_path) -> None:

@@ -16,7 +16,7 @@ from bundle.networks import DicycleGenerator
 from monai.bundle import run
 
 ROOT = Path(__file__).resolve().parents[1]
-INFERENCE = [str(ROOT / "configs" / "common.json"), str(ROOT / "configs" / "inference.json")]
+INFERENCE = [str(ROOT / "configs" / "inference.json")]
 TINY = {"ngf": 4, "n_blocks": 1, "pixdim": [2.0, 2.0, 2.0], "sw_batch_size": 8}
 REFERENCE = {"A": {"kind": "MR", "mean": 100.0, "std": 20.0}, "B": {"kind": "MR", "mean": 500.0, "std": 50.0}}
 
@@ -40,7 +40,11 @@ def _models(ckpt_dir: Path, target_kinds=("MR", "MR")) -> dict[str, DicycleGener
                 p.normal_(0, 0.1)
         torch.save(g.state_dict(), ckpt_dir / name)
         generators[name] = g
-    (ckpt_dir / "intensity_reference.json").write_text(json.dumps(REFERENCE), encoding="utf-8")
+    reference = {
+        domain: REFERENCE[domain] if kind == "MR" else {"kind": "CT", "hu_window": [-1000.0, 2000.0]}
+        for domain, kind in zip(("B", "A"), target_kinds, strict=True)  # model.pt's target is B
+    }
+    (ckpt_dir / "intensity_reference.json").write_text(json.dumps(reference), encoding="utf-8")
     return generators
 
 

@@ -71,6 +71,21 @@ def test_an_override_that_contradicts_the_weights_fails_in_one_line(tmp_path):
         resolve_settings(tmp_path, deformable="false")
 
 
+def test_a_settings_file_without_a_key_is_refused_in_one_line_naming_the_file_and_the_key(tmp_path):
+    """A missing pixdim silently preprocessed at the paper's 1.8 mm instead of the trained spacing."""
+    write_settings(tmp_path, {**resolve_settings(tmp_path / "none"), "ngf": 16, "pixdim": [2.4, 2.4, 2.4]})
+    stored = json.loads((tmp_path / "settings.json").read_text(encoding="utf-8"))
+    del stored["pixdim"], stored["n_blocks"]
+    (tmp_path / "settings.json").write_text(json.dumps(stored), encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        resolve_settings(tmp_path, pixdim=None)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'settings.json'} is incomplete: no 'n_blocks', 'pixdim'")
+    assert "\n" not in message
+    settings = resolve_settings(tmp_path, pixdim=[2.4, 2.4, 2.4], n_blocks=9)  # given explicitly: complete again
+    assert settings["pixdim"] == [2.4, 2.4, 2.4] and settings["ngf"] == 16
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """A tiny training with string booleans as python-fire passes them; an unreadable checkpoint.pt is already in
