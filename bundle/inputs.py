@@ -276,10 +276,7 @@ def find_inputs(
                     planned[target] = source
                     continue
                 if target.exists() and not overwrite:
-                    problem = (
-                        f"output {target} exists and is not replaced; pass --overwrite true to replace it, or "
-                        "--skip_existing true to keep it and synthesize the rest"
-                    )
+                    problem = f"output {target} exists and is not replaced; pass --overwrite true to replace it"
                 else:
                     planned[target] = source
                     entry[OUTPUT_KEY] = str(target)

@@ -272,7 +272,7 @@ def test_skip_existing_keeps_finished_outputs_synthesizes_the_rest_and_exits_zer
     out.mkdir()
     (out / "a_T2.nii.gz").write_bytes(b"written by the interrupted run")
     message = infer_failing(tmp_path, out, input_dir=str(scans))  # the default: refuse to replace, and say so
-    assert "1 of 2 inputs could not be synthesized (1 written)" in message and "--skip_existing true" in message
+    assert "1 of 2 inputs could not be synthesized (1 written)" in message and "exists and is not replaced" in message
     (out / "b_T2.nii.gz").unlink()
     infer(tmp_path, out, input_dir=str(scans), skip_existing="true")  # no error: every input has its output
     assert (out / "a_T2.nii.gz").read_bytes() == b"written by the interrupted run"
