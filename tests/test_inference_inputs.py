@@ -27,7 +27,7 @@ from bundle.networks import DicycleGenerator
 from monai.bundle import run
 
 ROOT = Path(__file__).resolve().parents[1]
-INFERENCE = [str(ROOT / "configs" / "common.json"), str(ROOT / "configs" / "inference.json")]
+INFERENCE = [str(ROOT / "configs" / "inference.json")]
 TINY = {"ngf": 4, "n_blocks": 1, "pixdim": [2.0, 2.0, 2.0], "sw_batch_size": 8}
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 
