@@ -11,7 +11,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom.data as pydicom_data  # test-only dependency (requirements-dev.txt): real scanner DICOM
+import pydicom.data as pydicom_data  # its test data holds real scanner DICOM
 import pytest
 import torch
 from bundle.inputs import (
