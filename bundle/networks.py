@@ -61,6 +61,13 @@ def torchvision_deform_conv2d_problem(device_type: str) -> str | None:
     return None
 
 
+@torch._dynamo.assume_constant_result
+def _torchvision_problem(device_type: str) -> str | None:
+    """:func:`torchvision_deform_conv2d_problem`; under ``torch.compile`` run eagerly once while tracing (it runs a
+    real kernel) and kept as a constant of the graph."""
+    return torchvision_deform_conv2d_problem(device_type)
+
+
 def deform_conv2d_torch(
     x: torch.Tensor,
     offset: torch.Tensor,
@@ -147,11 +154,12 @@ def sampling_grid(
     offset_y, offset_x = offset.to(dtype).view(n, taps, 2, h_out, w_out).unbind(2)
     sample_x = torch.add(base_x, offset_x, alpha=scale_x)
     sample_y = torch.add(base_y, offset_y, alpha=scale_y)
-    if offset.device.type == "cpu":
+    if offset.device.type == "cpu" and not torch.compiler.is_compiling():
         # the complex number x + iy viewed as real is the interleaved (x, y) pair, written in one pass
         # (torch.stack(..., dim=-1) interleaves several times slower on one CPU thread)
         grid = torch.view_as_real(torch.complex(sample_x, sample_y))
     else:
+        # a compiled graph fuses this interleave into its producers (and inductor has no complex kernels)
         grid = torch.stack((sample_x, sample_y), dim=-1)
     return grid.view(n, taps * h_out, w_out, 2)
 
@@ -171,6 +179,13 @@ def _contract(weight: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | 
     return torch.bmm(weight, columns) if bias is None else torch.baddbmm(bias.view(1, -1, 1), weight, columns)
 
 
+@torch._dynamo.assume_constant_result
+def _cpu_threads() -> int:
+    """``torch.get_num_threads()``; under ``torch.compile`` read once while tracing and kept as a constant (the call
+    itself returns no tensor and would break the graph), so a compiled step splits its sampling like an eager one."""
+    return torch.get_num_threads()
+
+
 def _grid_sample_all_threads(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """``F.grid_sample`` (bilinear, zeros, ``align_corners=True``) that keeps every CPU thread busy.
 
@@ -181,7 +196,7 @@ def _grid_sample_all_threads(x: torch.Tensor, grid: torch.Tensor) -> torch.Tenso
     """
     n, rows, cols, _ = grid.shape
     channels = x.shape[1]
-    parts = torch.get_num_threads() // n if x.device.type == "cpu" else 1
+    parts = _cpu_threads() // n if x.device.type == "cpu" else 1
     if parts >= 2 and channels % parts == 0:
         x_parts = x.reshape(n * parts, channels // parts, *x.shape[2:])
         grid_parts = grid.unsqueeze(1).expand(n, parts, rows, cols, 2).reshape(n * parts, rows, cols, 2)
@@ -348,7 +363,7 @@ class OffsetConv2d(nn.Module):
     def _uses_torchvision(self, x: torch.Tensor) -> bool:
         if self.backend == "torch" or (self.backend == "auto" and x.device.type != "cuda"):
             return False
-        problem = torchvision_deform_conv2d_problem(x.device.type)
+        problem = _torchvision_problem(x.device.type)
         if problem is None:
             return True
         if self.backend == "torchvision":

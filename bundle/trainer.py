@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +25,8 @@ __all__ = [
     "DiscriminatorObjective",
     "GeneratorObjective",
     "ImagePool",
+    "compile_options",
+    "compile_problem",
     "prepare_paired_batch",
     "prepare_unpaired_batch",
 ]
@@ -30,6 +35,67 @@ __all__ = [
 def _world_size() -> int:
     """Ranks of the initialised ``torch.distributed`` process group, 1 without one."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def compile_problem(device: str | torch.device) -> str | None:
+    """Why ``torch.compile``'s default backend (inductor) cannot build kernels for ``device`` here, or None.
+
+    Inductor writes C++ for CPU kernels and compiles it with the compiler named by ``CXX`` (default ``g++``,
+    ``clang++`` on macOS), and writes Triton for CUDA kernels: without them a compiled step fails at its first call.
+
+    Args:
+        device: the device the compiled step runs on.
+
+    Returns:
+        None when the toolchain is present, else a one-line reason.
+    """
+    kind = torch.device(device).type
+    if kind == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton, inductor's GPU code generator, is not installed"
+        return None
+    if kind == "cpu":
+        compiler = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+        if shutil.which(compiler) is None:
+            return f"no C++ compiler ({compiler!r}, from CXX or the default) to build inductor's CPU kernels"
+    return None
+
+
+def compile_options(
+    device: str | torch.device, compile: bool, cuda_graphs: bool = False, backend: str = "inductor"
+) -> dict[str, Any] | None:
+    """``torch.compile`` keyword arguments of the training step, or None for the eager step (the default).
+
+    Args:
+        device: training device.
+        compile: compile the generator and discriminator objectives (inductor, default mode).
+        cuda_graphs: on CUDA, compile with ``mode="reduce-overhead"``: the fixed-shape step is captured as CUDA graphs
+            and replayed, so the host no longer launches each kernel (implies ``compile``).
+        backend: ``torch.compile`` backend; ``"inductor"`` (default) generates fused kernels, ``"aot_eager"`` only
+            captures the graphs (forward and backward) and runs them with PyTorch's kernels, for debugging.
+
+    Returns:
+        ``torch.compile`` arguments (``dynamic=False``: a training step has one shape; ``mode="reduce-overhead"`` for
+        CUDA graphs), or None.
+
+    Raises:
+        ValueError: ``cuda_graphs`` on a device other than CUDA.
+        RuntimeError: compiling asked for where inductor has no toolchain (see :func:`compile_problem`).
+    """
+    if cuda_graphs and torch.device(device).type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}; use compile=True alone there.")
+    if not (compile or cuda_graphs):
+        return None
+    if cuda_graphs and backend != "inductor":
+        raise ValueError(f"cuda_graphs=True needs the inductor backend, got {backend!r}.")
+    problem = compile_problem(device) if backend == "inductor" else None
+    if problem is not None:
+        raise RuntimeError(f"compile=True cannot run here: {problem}. Train eagerly (compile=False, the default).")
+    # one shape per run: a differently sized batch (a short last batch) recompiles instead of every kernel
+    # being generated for symbolic sizes
+    return {"backend": backend, "dynamic": False, **({"mode": "reduce-overhead"} if cuda_graphs else {})}
 
 
 class ImagePool:
@@ -301,6 +367,12 @@ class DicycleGANTrainer(Trainer):
         distributed: wrap the steps in ``DistributedDataParallel``; ``None`` (default): when :meth:`run` finds an
             initialised ``torch.distributed`` process group of more than one rank.
         ddp_kwargs: further arguments of ``DistributedDataParallel`` (``device_ids`` defaults to the CUDA device).
+        compile: ``torch.compile`` the generator and discriminator objectives (opt-in, beyond the paper; the eager
+            step is the default). They are compiled at the first iteration, around DDP when it is used; the first
+            iterations then take the compile time. See :func:`compile_options`.
+        cuda_graphs: on CUDA, compile with ``mode="reduce-overhead"`` (CUDA graphs; implies ``compile``); a
+            ``ValueError`` on other devices.
+        compile_backend: ``torch.compile`` backend of ``compile`` (``"inductor"``; ``"aot_eager"`` to debug).
 
     Example::
 
@@ -331,6 +403,9 @@ class DicycleGANTrainer(Trainer):
         to_kwargs: dict | None = None,
         distributed: bool | None = None,
         ddp_kwargs: dict | None = None,
+        compile: bool = False,
+        cuda_graphs: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__(
             device=device,
@@ -355,6 +430,10 @@ class DicycleGANTrainer(Trainer):
         self.discriminator_objective: nn.Module = DiscriminatorObjective(d_a, d_b)
         self.distributed = distributed
         self.ddp_kwargs = dict(ddp_kwargs or {})
+        # checked here, so a contradicting setting fails before any data is loaded
+        self.compile_options = compile_options(device, compile, cuda_graphs, compile_backend)
+        self.cuda_graphs = cuda_graphs
+        self._compiled = False
 
     def _wrap_distributed(self) -> None:
         """Wrap both steps in DDP once, when a process group of several ranks exists (or ``distributed=True``)."""
@@ -364,6 +443,10 @@ class DicycleGANTrainer(Trainer):
             return
         if not dist.is_initialized():
             raise RuntimeError("distributed=True needs an initialised torch.distributed process group.")
+        if self._compiled:  # compiled by an iteration before run(): compile around DDP instead, as torch advises
+            self.generator_objective = self.generator_objective._orig_mod
+            self.discriminator_objective = self.discriminator_objective._orig_mod
+            self._compiled = False
         device = torch.device(self.state.device)
         kwargs = {"device_ids": [device.index] if device.type == "cuda" else None, **self.ddp_kwargs}
         _set_requires_grad((self.d_a, self.d_b), True)  # DDP registers only parameters that require gradients
@@ -375,6 +458,15 @@ class DicycleGANTrainer(Trainer):
         self.scaler = None
         self._wrap_distributed()
         Workflow.run(self)
+
+    def _compile(self) -> None:
+        """Compile both objectives once (:attr:`compile_options`), after any DDP wrapping: dynamo then splits the
+        graph at DDP's gradient buckets so the all-reduce still overlaps the backward pass."""
+        if self.compile_options is None or self._compiled:
+            return
+        self.generator_objective = torch.compile(self.generator_objective, **self.compile_options)
+        self.discriminator_objective = torch.compile(self.discriminator_objective, **self.compile_options)
+        self._compiled = True
 
     def _autocast(self) -> torch.autocast:
         return autocast(self.amp, self.state.device)
@@ -413,6 +505,10 @@ class DicycleGANTrainer(Trainer):
         Returns:
             ``[{"loss": ..., "losses": {...}, "images": {...}}]``, see the class docstring.
         """
+        engine._compile()
+        if engine.cuda_graphs:
+            # a new step: the graphs may now overwrite the outputs of the previous replay
+            torch.compiler.cudagraph_mark_step_begin()
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         real_a, real_b = batch[:2]
         paired_b = batch[2] if len(batch) > 2 else None  # misaligned-pairs mode (prepare_paired_batch)
@@ -458,6 +554,11 @@ class DicycleGANTrainer(Trainer):
             "cycle_b": generated.cycle_b,
             "paired_b": paired_b,
         }
+        if engine.cuda_graphs:
+            # outputs of a CUDA graph live in its memory pool and are overwritten by the next replay: handlers may
+            # keep them (e.g. the last images of an epoch), so they get copies
+            losses = {k: v.clone() for k, v in losses.items()}
+            images = {k: None if v is None else v.clone() for k, v in images.items()}
         # "loss" (the generator objective) is what MONAI's default tracking handlers read, as
         # from_engine(["loss"], first=True)(output), which needs a list of dicts (a bare dict gives a 1-tuple)
         return [

@@ -6,6 +6,8 @@ Usage (from the repository root)::
     python scripts/benchmark.py offset_conv     # OffsetConv2d against the plain convolution
     python scripts/benchmark.py generator       # deformed against undeformed generator pass, paper size
     python scripts/benchmark.py iteration       # DicycleGAN against CycleGAN training iteration, paper and demo size
+    python scripts/benchmark.py compiled        # eager against torch.compile'd DicycleGAN iteration, fp32 and bf16
+    python scripts/benchmark.py explain         # torch._dynamo.explain graph and graph-break counts of the step
     python scripts/benchmark.py memory          # peak memory of a paper-size iteration in each mode
     python scripts/benchmark.py loader [--dataset_dir DIR]  # samples/s of the training data pipeline
 
@@ -54,6 +56,8 @@ PRESET_LABELS = {"paper": "paper size", "demo": "demo size"}
 TARGET_MODE_RATIO = 2.0  # DicycleGAN iteration / CycleGAN iteration
 TARGET_LOADER_SPEEDUP = 5.0  # loader samples/s / iteration samples/s
 TARGET_PEAK_MB = 4096.0  # paper-size iteration on CPU
+TARGET_COMPILE_SPEEDUP = 1.3  # eager / compiled DicycleGAN iteration, CPU paper size
+TARGET_COMPILED_MODE_RATIO = 1.5  # compiled DicycleGAN / eager CycleGAN iteration
 
 
 def _median_seconds(steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
@@ -248,10 +252,7 @@ def _parser(preset: str, mode: str, overrides: dict[str, Any] | None = None):
         raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}.")
     if mode not in MODE_CONFIGS:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    files = [
-        CONFIGS / "train.json",
-        *(CONFIGS / f for f in (*PRESETS[preset], *MODE_CONFIGS[mode])),
-    ]
+    files = [CONFIGS / "train.json", *(CONFIGS / f for f in (*PRESETS[preset], *MODE_CONFIGS[mode]))]
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
     parser.update({"bundle_root": str(ROOT), **(overrides or {})})
@@ -288,6 +289,8 @@ class _Iteration:
             pool_a=get("train#pool_a"),
             pool_b=get("train#pool_b"),
             amp=get("amp"),
+            compile=get("compile"),
+            cuda_graphs=get("cuda_graphs"),
         )
         self.device = torch.device(self.trainer.state.device)
         self.description = (
@@ -362,6 +365,163 @@ def iteration(
             f"{flop_ratio:.2f}x, is the time ratio the DicycleGAN mode cannot beat at equal arithmetic efficiency."
         )
         results[name] = timed
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compiled training step
+
+
+def cpu_bf16_problem() -> str | None:
+    """Why bfloat16 would be emulated on this CPU (no AVX512-BF16 or AMX-BF16 units), or None where it has them.
+
+    Returns:
+        None, or a one-line reason; timing bfloat16 without the units measures the emulation, not the method.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return "CPU flags unreadable (no /proc/cpuinfo)"
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"no avx512_bf16 or amx_bf16 among the CPU flags (torch's CPU capability: {capability})"
+
+
+def compiled(
+    preset: str | Sequence[str] = "paper,demo",
+    precision: str | Sequence[str] | None = None,
+    repeats: int | None = None,
+    warmup: int = 2,
+    threads: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Seconds per DicycleGAN training iteration, eager against ``--compile true`` (``torch.compile`` of the
+    generator and discriminator objectives, inductor), side by side with the eager CycleGAN iteration, each precision
+    its own round-robin. The compile time is reported apart: the first compiled iterations (until the timing is within
+    2x of the steady state) minus as many steady-state iterations.
+
+    Args:
+        preset: ``"paper"``, ``"demo"`` or both, comma-separated (see :func:`iteration`).
+        precision: ``"fp32"``, ``"bf16"`` (``--amp true``) or both; default fp32, and bf16 where the CPU (or a GPU)
+            has bfloat16 units (:func:`cpu_bf16_problem`).
+        repeats: timed iterations per contender (median); default 3 at paper size, 10 at demo size.
+        warmup: untimed iterations per contender after the compile.
+        threads: CPU threads.
+        overrides: further config values.
+
+    Returns:
+        ``{preset: {precision: {"eager", "compiled", "cyclegan", "compile_s", "speedup", ...}}}`` (targets at paper
+        size: speed-up >= 1.3x, compiled DicycleGAN <= 1.5x eager CycleGAN).
+    """
+    _set_threads(threads)
+    if precision is None:
+        problem = cpu_bf16_problem() if not torch.cuda.is_available() else None
+        precision = "fp32" if problem else "fp32,bf16"
+        if problem:
+            print(f"(bf16 not timed: {problem})")
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for name in _names(preset):
+        n = repeats if repeats is not None else (3 if name == "paper" else 10)
+        results[name] = {}
+        for dtype in _names(precision):
+            settings = {**(overrides or {}), "amp": dtype == "bf16"}
+            runs = {
+                "eager": _Iteration(name, "DicycleGAN", settings),
+                "compiled": _Iteration(name, "DicycleGAN", {**settings, "compile": True}),
+                "cyclegan": _Iteration(name, "CycleGAN", settings),
+            }
+            steady = _median_seconds({"eager": runs["eager"]}, 1, warmup=1)["eager"]
+            first: list[float] = []
+            while len(first) < 8:  # compile (and any recompile) happen in the first calls
+                start = time.perf_counter()
+                runs["compiled"]()
+                first.append(time.perf_counter() - start)
+                if len(first) >= 2 and first[-1] < 2 * steady:
+                    break
+            timed = _median_seconds(dict(runs), n, warmup)
+            compile_s = sum(first) - len(first) * timed["compiled"]
+            row = {
+                **timed,
+                "compile_s": compile_s,
+                "first_s": first[0],
+                "speedup": timed["eager"] / timed["compiled"],
+                "compiled_vs_cyclegan": timed["compiled"] / timed["cyclegan"],
+            }
+            results[name][dtype] = row
+            _header(
+                f"Compiled training iteration, {PRESET_LABELS[name]} ({runs['eager'].description}), {dtype}, "
+                f"median of {n}"
+            )
+            print(f"{'step':>22} | {'s/iteration':>11} | {'x eager DicycleGAN':>18} | {'x eager CycleGAN':>16}")
+            for key, label in (
+                ("cyclegan", "CycleGAN, eager"),
+                ("eager", "DicycleGAN, eager"),
+                ("compiled", "DicycleGAN, compiled"),
+            ):
+                print(
+                    f"{label:>22} | {timed[key]:11.3f} | {timed[key] / timed['eager']:18.2f} | "
+                    f"{timed[key] / timed['cyclegan']:16.2f}"
+                )
+            print(
+                f"compile: {compile_s:.0f} s over the first {len(first)} compiled iterations (the first took "
+                f"{first[0]:.0f} s); it pays after {compile_s / max(timed['eager'] - timed['compiled'], 1e-9):.0f} "
+                "iterations"
+                if timed["eager"] > timed["compiled"]
+                else f"compile: {compile_s:.0f} s, and never pays"
+            )
+            if name == "paper":
+                print(
+                    f"targets: compiled >= {TARGET_COMPILE_SPEEDUP}x faster than eager: {row['speedup']:.2f}x, "
+                    f"{_verdict(row['speedup'] >= TARGET_COMPILE_SPEEDUP)}; compiled DicycleGAN <= "
+                    f"{TARGET_COMPILED_MODE_RATIO}x eager CycleGAN: {row['compiled_vs_cyclegan']:.2f}x, "
+                    f"{_verdict(row['compiled_vs_cyclegan'] <= TARGET_COMPILED_MODE_RATIO)}",
+                    flush=True,
+                )
+    return results
+
+
+def explain(size: int = 32, ngf: int = 4, n_blocks: int = 1) -> dict[str, dict[str, int]]:
+    """Graphs and graph breaks ``torch._dynamo.explain`` finds in the generator's passes and in both objectives of
+    the training step (pure-PyTorch offset convolutions, CPU); the counts do not depend on the network's size.
+
+    Args:
+        size: slice size (at least 32: the PatchGAN's last instance norm needs 2 x 2 logits).
+        ngf: generator width.
+        n_blocks: residual blocks.
+
+    Returns:
+        ``{what: {"graphs", "graph_breaks"}}`` (target: 0 graph breaks everywhere).
+    """
+    from bundle.losses import DicycleGANLoss
+    from bundle.networks import patch_discriminator
+    from bundle.trainer import DiscriminatorObjective, GeneratorObjective
+
+    torch.manual_seed(0)
+    g_ab, g_ba = (DicycleGenerator(ngf=ngf, n_blocks=n_blocks, backend="torch") for _ in range(2))
+    d_a, d_b = patch_discriminator(channels=ngf), patch_discriminator(channels=ngf)
+    x = torch.randn(1, 1, size, size)
+    checks: dict[str, Callable[[], Any]] = {
+        "undeformed pass G(x)": lambda: torch._dynamo.explain(g_ab)(x),
+        "deformed pass G_T(x)": lambda: torch._dynamo.explain(g_ab)(x, deform=True),
+        "both passes (forward_both)": lambda: torch._dynamo.explain(g_ab.forward_both)(x),
+        "generator objective": lambda: torch._dynamo.explain(
+            GeneratorObjective(g_ab, g_ba, d_a, d_b, DicycleGANLoss())
+        )(x, x.flip(-1)),
+        "discriminator objective": lambda: torch._dynamo.explain(DiscriminatorObjective(d_a, d_b))(x, x, x, x),
+    }
+    _header(f"torch._dynamo.explain, ngf {ngf}, {n_blocks} blocks, 1x1x{size}x{size}, OffsetConv2d backend torch")
+    print(f"{'function':>28} | {'graphs':>6} | {'graph breaks':>12}")
+    results = {}
+    for what, check in checks.items():
+        torch._dynamo.reset()
+        found = check()
+        results[what] = {"graphs": found.graph_count, "graph_breaks": found.graph_break_count}
+        print(f"{what:>28} | {found.graph_count:6d} | {found.graph_break_count:12d}")
+        for reason in found.break_reasons:
+            print(f"    break: {str(reason.reason).splitlines()[0]}")
+    torch._dynamo.reset()
     return results
 
 
@@ -711,6 +871,8 @@ if __name__ == "__main__":
         "offset_conv": offset_conv,
         "generator": generator,
         "iteration": iteration,
+        "compiled": compiled,
+        "explain": explain,
         "memory": memory,
         "memory_probe": memory_probe,
         "loader": loader,
