@@ -61,11 +61,23 @@ class AxialSliceInferer(SliceInferer):
     Args:
         sw_batch_size: axial slices per forward pass.
         amp: bfloat16 autocast.
+        compile: run the network through ``torch.compile`` (opt-in; compiled once per network, and again for each
+            new slice shape, e.g. the last, shorter batch of slices; then dynamic sizes).
     """
 
-    def __init__(self, sw_batch_size: int = 16, amp: bool | str = False) -> None:
+    def __init__(self, sw_batch_size: int = 16, amp: bool | str = False, compile: bool | str = False) -> None:
         super().__init__(roi_size=(-1, -1), sw_batch_size=sw_batch_size, spatial_dim=2, progress=False)
         self.amp = as_bool(amp, "amp")
+        self.compile = as_bool(compile, "compile")
+        self._compiled: tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None = None
+
+    def _network(self, network: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``network``, or its compiled module (kept, so later volumes reuse its kernels) when :attr:`compile`."""
+        if not self.compile:
+            return network
+        if self._compiled is None or self._compiled[0] is not network:
+            self._compiled = (network, torch.compile(network))
+        return self._compiled[1]
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         """
@@ -77,7 +89,7 @@ class AxialSliceInferer(SliceInferer):
             The synthesized batch, float32.
         """
         with autocast(self.amp, inputs.device):
-            return super().__call__(inputs.float(), network, *args, **kwargs).float()
+            return super().__call__(inputs.float(), self._network(network), *args, **kwargs).float()
 
 
 class Synthesis:
@@ -96,6 +108,8 @@ class Synthesis:
         hu_window: the CT window of the preprocessing.
         sw_batch_size: axial slices per forward pass.
         amp: bfloat16 autocast (:func:`bundle.settings.autocast`).
+        compile: ``torch.compile`` the aligned pass (opt-in; pays when many volumes of one shape are synthesized on a
+            GPU, see the README); an error where inductor has no toolchain (:func:`bundle.trainer.compile_problem`).
     """
 
     def __init__(
@@ -108,10 +122,17 @@ class Synthesis:
         hu_window: Sequence[float] = (-1000.0, 2000.0),
         sw_batch_size: int = 16,
         amp: bool | str = False,
+        compile: bool | str = False,
     ) -> None:
         self.network = network
         self.preprocessing = preprocessing
-        self.inferer = AxialSliceInferer(sw_batch_size, amp)
+        if as_bool(compile, "compile"):
+            from bundle.trainer import compile_problem
+
+            problem = compile_problem(next(network.parameters()).device)
+            if problem is not None:
+                raise RuntimeError(f"compile=True cannot run here: {problem}. Leave compile false (eager).")
+        self.inferer = AxialSliceInferer(sw_batch_size, amp, compile)
         self.postprocessing = Compose(
             [
                 Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
