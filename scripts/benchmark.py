@@ -265,7 +265,14 @@ class _Iteration:
     loss and the image pools of the config in a ``DicycleGANTrainer``, fed one fixed unpaired batch of random
     slices (no data loader in the timing); calling it runs one ``trainer._iteration``."""
 
-    def __init__(self, preset: str, mode: str, overrides: dict[str, Any] | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        preset: str,
+        mode: str,
+        overrides: dict[str, Any] | None = None,
+        seed: int = 0,
+        trainer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         from bundle.trainer import DicycleGANTrainer
 
         parser = _parser(preset, mode, overrides)
@@ -291,6 +298,7 @@ class _Iteration:
             amp=get("amp"),
             compile=get("compile"),
             cuda_graphs=get("cuda_graphs"),
+            **(trainer_kwargs or {}),
         )
         self.device = torch.device(self.trainer.state.device)
         self.description = (

@@ -15,7 +15,11 @@ Sections, each on the device the machine has (CUDA when available, else CPU):
    checkpoint, resumed to the end, then resumed again (a finished run must touch nothing);
 4. inference of an IXI-sized volume (256 x 256 x 130) through ``configs/inference.json``: seconds per volume;
 5. DistributedDataParallel through ``configs/multi_gpu_train.json`` under ``torchrun`` (nccl on GPUs, gloo on CPUs),
-   world size 1.
+   world size 1;
+6. the compiled training step (``--compile true``, inductor) and, on CUDA, CUDA graphs (``--cuda_graphs true``,
+   ``mode="reduce-overhead"``) against the eager step: fp32 and AMP, batch 1 and 8, compile time apart, and the
+   first iteration's losses of each against eager's. On a CPU (``--size tiny``) only the code path runs: fp32, batch 1,
+   the ``aot_eager`` backend (inductor's C++ build takes minutes on 2 cores), no CUDA graphs.
 
 ``--size tiny`` shrinks every network, image and epoch so the whole check runs in about a minute on 2 CPU cores;
 ``tests/test_gpu_check.py`` runs it that way, so the script cannot rot between GPU sessions.
@@ -59,6 +63,10 @@ TARGET_MODE_RATIO = 2.0  # DicycleGAN / CycleGAN iteration time
 TARGET_AMP_SPEEDUP = 1.5  # fp32 / AMP iteration time, DicycleGAN
 TARGET_INFERENCE_S = 2.0  # one IXI-sized volume
 TARGET_TRAIN_MEMORY_GB = 4.0  # peak GPU memory of a training iteration, batch 1
+TARGET_GRAPHS_SPEEDUP = 2.0  # eager / CUDA-graphs DicycleGAN iteration
+# first-iteration losses of a compiled step against the eager step from the same weights and batch, relative:
+# fused kernels round differently (and cuDNN may use TF32); bfloat16 keeps 8 bits, a rounding of 2^-8 = 0.4 %
+COMPILED_LOSS_TOLERANCE = {"fp32": 1e-2, "AMP": 5e-2}
 EQUALITY_TOLERANCE = 1e-4  # OffsetConv2d backends, relative to the reference's largest magnitude
 
 # every size-dependent setting of the check
@@ -536,6 +544,86 @@ def ddp(dataset_dir: Path, work: Path, overrides: Mapping[str, str]) -> dict[str
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 6. compiled training step
+
+
+def compiled(device: torch.device, preset: str, overrides: Mapping[str, Any], repeats: int) -> dict[str, Any]:
+    """Eager, compiled and (CUDA) CUDA-graph DicycleGAN iterations, fp32 and AMP, batch 1 and 8.
+
+    Args:
+        device: training device.
+        preset: ``scripts/benchmark.py`` size preset.
+        overrides: further config values.
+        repeats: timed iterations per contender (median, round-robin within each precision and batch).
+
+    Returns:
+        ``{"seconds": {run: s}, "compile_s": {run: s}, "loss_difference": {run: relative}, "ok": bool, "lines": ...}``.
+    """
+    cuda = device.type == "cuda"
+    # on a CPU only the code path is exercised: inductor's C++ build of a whole step takes minutes on 2 cores
+    backend = {} if cuda else {"compile_backend": "aot_eager"}
+    variants = {"eager": {}, "compiled": {"compile": True}, **({"graphs": {"cuda_graphs": True}} if cuda else {})}
+    cases = [(p, b) for p in ("fp32", "AMP") for b in (1, 8)] if cuda else [("fp32", 1)]
+    seconds: dict[str, float] = {}
+    compile_s: dict[str, float] = {}
+    difference: dict[str, float] = {}
+    ok = True
+    rows = []
+    for precision, batch in cases:
+        settings = {**overrides, "device": str(device), "amp": precision == "AMP", "batch_size": batch}
+        runs = {
+            name: _Iteration(preset, "DicycleGAN", {**settings, **switches}, trainer_kwargs=backend)
+            for name, switches in variants.items()
+        }
+        first_losses = {}
+        for name, run in runs.items():  # the first call compiles; same weights and batch in every run (seed 0)
+            start = time.perf_counter()
+            first_losses[name] = run.trainer._iteration(run.trainer, run.batch)[0]["losses"]
+            if cuda:
+                torch.cuda.synchronize(device)
+            compile_s[f"{name} {precision} batch {batch}"] = time.perf_counter() - start
+        timed = _median_seconds(dict(runs), repeats, warmup=2)
+        for name in runs:
+            key = f"{name} {precision} batch {batch}"
+            seconds[key] = timed[name]
+            compile_s[key] -= timed[name]
+            difference[key] = max(
+                float((value - first_losses["eager"][term]).abs() / first_losses["eager"][term].abs().clamp_min(1e-6))
+                for term, value in first_losses[name].items()
+            )
+            finite = all(bool(torch.isfinite(value)) for value in first_losses[name].values())
+            ok &= finite and difference[key] <= COMPILED_LOSS_TOLERANCE[precision]
+            rows.append(
+                [
+                    key,
+                    timed[name],
+                    timed["eager"] / timed[name],
+                    compile_s[key] if name != "eager" else "-",
+                    difference[key] if name != "eager" else "-",
+                ]
+            )
+    lines = [
+        f"## 6. Compiled training step (DicycleGAN, {runs['eager'].description.split(', batch')[0]})",
+        "",
+        *_table(["run", "s/iteration", "x faster than eager", "compile s", "max rel. loss difference"], rows),
+        "",
+        f"Median of {repeats}, round-robin within each precision and batch, after 2 warm-up iterations; compile s: the "
+        "first iteration minus a timed one. Loss difference: the first iteration's losses against eager's from the "
+        f"same weights and batch (tolerance {COMPILED_LOSS_TOLERANCE['fp32']} fp32, {COMPILED_LOSS_TOLERANCE['AMP']} "
+        f"AMP): {_verdict(ok)}."
+        + ("" if cuda else " On this CPU: the aot_eager backend (the code path only), no CUDA graphs."),
+    ]
+    if cuda:
+        speedup = seconds["eager fp32 batch 1"] / seconds["graphs fp32 batch 1"]
+        lines += [
+            "",
+            f"- CUDA graphs speed-up, fp32 batch 1: {speedup:.2f}x (target >= {TARGET_GRAPHS_SPEEDUP}x: "
+            f"{_verdict(speedup >= TARGET_GRAPHS_SPEEDUP)})",
+        ]
+    return {"seconds": seconds, "compile_s": compile_s, "loss_difference": difference, "ok": ok, "lines": lines}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _phantom(work: Path, options: Mapping[str, Any]) -> Path:
@@ -559,7 +647,7 @@ def _source_volume(dataset_dir: Path) -> Path:
 def run_check(
     output: str = "gpu_check.md", size: str | None = None, dataset_dir: str | None = None, work_dir: str | None = None
 ) -> dict[str, Any]:
-    """Run all five checks and write the report.
+    """Run all six checks and write the report.
 
     Args:
         output: Markdown report to write (an existing file is replaced: it is this script's own output).
@@ -581,7 +669,7 @@ def run_check(
     (work / "logs").mkdir(exist_ok=True)
     started = time.perf_counter()
     results: dict[str, Any] = {}
-    keys = ("offset_conv", "iterations", "training", "inference", "ddp")
+    keys = ("offset_conv", "iterations", "training", "inference", "ddp", "compiled")
 
     def write_report() -> str:
         # written after every section, so a run cut short by a time limit still leaves what it measured
@@ -635,6 +723,13 @@ def run_check(
             lambda: inference(work / "models", _source_volume(dataset), work, preset["inference_copies"]),
         )
         section("ddp", "5. DistributedDataParallel", lambda: ddp(dataset, work, training))
+        section(
+            "compiled",
+            "6. Compiled training step",
+            lambda: compiled(
+                device, preset["iteration_preset"], preset["iteration_overrides"], preset["iteration_repeats"]
+            ),
+        )
     finally:
         if not work_dir:
             shutil.rmtree(work, ignore_errors=True)

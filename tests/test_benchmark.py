@@ -100,3 +100,15 @@ def test_inference_prints_its_stages(benchmark, capsys, monkeypatch, tmp_path):
     assert set(figures["fp32"]) >= {"load", "preprocess", "network", "invert", "save", "total"}
     assert figures["fp32"]["total"] >= figures["fp32"]["network"] > 0
     assert "net GFLOP/s" in capsys.readouterr().out
+
+
+def test_explain_counts_no_graph_break_in_the_step(benchmark, capsys):
+    counts = benchmark.explain(size=32, ngf=2, n_blocks=1)
+    assert set(counts) >= {"undeformed pass G(x)", "deformed pass G_T(x)", "generator objective"}
+    assert all(c == {"graphs": 1, "graph_breaks": 0} for c in counts.values()), counts
+    assert "graph breaks" in capsys.readouterr().out
+
+
+def test_bf16_is_timed_only_where_the_cpu_has_bf16_units(benchmark):
+    problem = benchmark.cpu_bf16_problem()
+    assert problem is None or "avx512_bf16" in problem
