@@ -76,6 +76,9 @@ class AxialSliceInferer(SliceInferer):
         if not self.compile:
             return network
         if self._compiled is None or self._compiled[0] is not network:
+            from bundle.trainer import load_inductor
+
+            load_inductor()
             self._compiled = (network, torch.compile(network))
         return self._compiled[1]
 

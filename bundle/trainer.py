@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import logging
 import os
 import shutil
@@ -61,6 +62,24 @@ def compile_problem(device: str | torch.device) -> str | None:
         if shutil.which(compiler) is None:
             return f"no C++ compiler ({compiler!r}, from CXX or the default) to build inductor's CPU kernels"
     return None
+
+
+def load_inductor() -> None:
+    """Import ``torch.compile``'s code generator now, with a UTF-8 character type.
+
+    Torch reads inductor's kernel templates in the locale's encoding, and some of them hold non-ASCII text: where the C
+    locale is in force (set by the environment, or by a library during the run, as seen in the test suite) the first
+    compile fails with a UnicodeDecodeError. Importing them once under C.UTF-8 avoids that; the locale is restored.
+    """
+    previous = locale.setlocale(locale.LC_CTYPE)
+    try:
+        try:
+            locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+        except locale.Error:  # no such locale: import as the locale is
+            pass
+        import torch._inductor.lowering  # noqa: F401
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
 
 
 def compile_options(
@@ -464,6 +483,7 @@ class DicycleGANTrainer(Trainer):
         graph at DDP's gradient buckets so the all-reduce still overlaps the backward pass."""
         if self.compile_options is None or self._compiled:
             return
+        load_inductor()
         self.generator_objective = torch.compile(self.generator_objective, **self.compile_options)
         self.discriminator_objective = torch.compile(self.discriminator_objective, **self.compile_options)
         self._compiled = True

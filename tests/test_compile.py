@@ -168,3 +168,36 @@ def test_compiled_synthesis_gives_the_eager_volume():
     compiled_error = (compiled.double() - reference).abs().max()
     assert compiled_error <= 4 * eager_error + 64 * EPS32 * reference.abs().max(), (compiled_error, eager_error)
     assert not torch.equal(compiled, torch.zeros_like(compiled))
+
+
+# torch reads inductor's kernel templates in the locale's encoding; in the C locale (UTF-8 mode off) that is ASCII
+_COMPILE_IN_THE_C_LOCALE = """
+import locale
+import torch
+from bundle.trainer import load_inductor
+locale.setlocale(locale.LC_CTYPE, "C")
+assert locale.getpreferredencoding(False) == "ANSI_X3.4-1968"
+load_inductor()
+assert locale.setlocale(locale.LC_CTYPE) == "C", "load_inductor must restore the locale"
+square = torch.compile(lambda x: (x * x).sum(), backend="aot_eager")
+x = torch.arange(4.0, requires_grad=True)
+square(x).backward()
+assert x.grad.tolist() == [0.0, 2.0, 4.0, 6.0]
+print("compiled")
+"""
+
+
+def test_compile_works_where_a_library_set_the_c_locale():
+    """Found in the suite: once the C locale was in force, the first compile failed with a UnicodeDecodeError on
+    inductor's templates (and the next with "duplicate template name")."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONUTF8": "0", "PYTHONPATH": str(root)}
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_IN_THE_C_LOCALE], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-2000:]
