@@ -447,6 +447,9 @@ def _nan_on_rank1(rank: int, tmp: Path) -> None:
         ended["iteration"] = trainer.state.iteration
         ended["weights"] = _weights(state)
         torch.save(ended, tmp / f"nan{rank}.pt")
+        # both ranks leave together: a rank that exits while the other still tears down its gloo pairs aborted it
+        # (rank 0 ended with SIGABRT once, in a full run on a loaded machine)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
