@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["BUNDLE_ROOT", "TINY_OVERRIDES", "bundle_command", "bundle_env", "write_tiny_dataset"]
+__all__ = ["BUNDLE_ROOT", "TINY_OVERRIDES", "bundle_command", "bundle_env", "root_error", "write_tiny_dataset"]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,3 +104,11 @@ def bundle_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BUNDLE_ROOT), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def root_error(error: BaseException) -> BaseException:
+    """The error a bundle expression raised, under the ``RuntimeError("Failed to evaluate ...")`` wrappers of MONAI's
+    config runner."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error

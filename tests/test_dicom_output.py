@@ -33,6 +33,7 @@ from monai.bundle import run
 from monai.data import MetaTensor
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
+from tests.bundle_fixtures import root_error
 
 ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = [str(ROOT / "configs" / "inference.json")]
@@ -53,12 +54,6 @@ def _models(ckpt_dir: Path) -> None:
     (ckpt_dir / "intensity_reference.json").write_text(json.dumps(reference), encoding="utf-8")
 
 
-def _root_error(error: BaseException) -> BaseException:
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
-
-
 def infer(tmp_path: Path, output_dir: Path, **overrides) -> str:
     """Run inference; returns "" or, if it fails, the root error's message (the list of failed inputs)."""
     try:
@@ -69,7 +64,7 @@ def infer(tmp_path: Path, output_dir: Path, **overrides) -> str:
             **{"bundle_root": str(ROOT), **TINY, **PSEUDO_CT, **overrides},
         )
     except Exception as error:
-        return str(_root_error(error))
+        return str(root_error(error))
     return ""
 
 

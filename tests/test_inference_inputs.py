@@ -25,6 +25,7 @@ from bundle.inputs import (
 )
 from bundle.networks import DicycleGenerator
 from monai.bundle import run
+from tests.bundle_fixtures import root_error
 
 ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = [str(ROOT / "configs" / "inference.json")]
@@ -61,12 +62,6 @@ def _md5s(folder: Path) -> dict[str, str]:
     }
 
 
-def _root_error(error: BaseException) -> BaseException:
-    while error.__cause__ is not None:  # the bundle runner wraps errors of its expressions
-        error = error.__cause__
-    return error
-
-
 def infer(tmp_path: Path, output_dir: Path, **overrides) -> None:
     run(
         config_file=INFERENCE,
@@ -81,7 +76,7 @@ def infer_failing(tmp_path: Path, output_dir: Path, **overrides) -> str:
     """Run inference that must fail; returns the root error's message."""
     with pytest.raises(Exception) as caught:
         infer(tmp_path, output_dir, **overrides)
-    return str(_root_error(caught.value))
+    return str(root_error(caught.value))
 
 
 # ------------------------------------------------------------------------------------ item 1: nothing overwritten

@@ -22,6 +22,7 @@ from bundle.inputs import find_inputs
 from bundle.networks import DicycleGenerator
 from bundle.settings import DEFAULTS, write_settings
 from monai.bundle import run
+from tests.bundle_fixtures import root_error
 
 ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = [str(ROOT / "configs" / "inference.json")]
@@ -75,12 +76,6 @@ def logged() -> Iterator[list[str]]:
     logging.getLogger("bundle").removeHandler(handler)
 
 
-def _root_error(error: BaseException) -> BaseException:
-    while error.__cause__ is not None:  # the bundle runner wraps errors of its expressions
-        error = error.__cause__
-    return error
-
-
 def infer(tmp_path: Path, output_dir: Path, **overrides) -> None:
     """Inference with the model folder's own settings (no network flags)."""
     run(
@@ -97,7 +92,7 @@ def infer_failing(tmp_path: Path, output_dir: Path, **overrides) -> str:
     """Run inference that must fail; returns the root error's message."""
     with pytest.raises(Exception) as caught:
         infer(tmp_path, output_dir, **overrides)
-    return str(_root_error(caught.value))
+    return str(root_error(caught.value))
 
 
 def _model_folder_refused(tmp_path: Path) -> str:
