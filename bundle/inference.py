@@ -76,7 +76,7 @@ class AxialSliceInferer(SliceInferer):
         if not self.compile:
             return network
         if self._compiled is None or self._compiled[0] is not network:
-            from bundle.trainer import load_inductor
+            from bundle.compilation import load_inductor
 
             load_inductor()
             self._compiled = (network, torch.compile(network))
@@ -112,7 +112,7 @@ class Synthesis:
         sw_batch_size: axial slices per forward pass.
         amp: bfloat16 autocast (:func:`bundle.settings.autocast`).
         compile: ``torch.compile`` the aligned pass (opt-in; pays when many volumes of one shape are synthesized on a
-            GPU, see the README); an error where inductor has no toolchain (:func:`bundle.trainer.compile_problem`).
+            GPU, see the README); an error where inductor has no toolchain (:func:`bundle.compilation.compile_problem`).
     """
 
     def __init__(
@@ -130,7 +130,7 @@ class Synthesis:
         self.network = network
         self.preprocessing = preprocessing
         if as_bool(compile, "compile"):
-            from bundle.trainer import compile_problem
+            from bundle.compilation import compile_problem
 
             problem = compile_problem(next(network.parameters()).device)
             if problem is not None:

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import locale
 import logging
-import os
-import shutil
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ignite.distributed as idist
 import torch
 import torch.distributed as dist
-from bundle.losses import DicycleGANGeneratorOutput, DicycleGANLoss, discriminator_loss
+from bundle.compilation import compile_options, load_inductor
+from bundle.dicyclegan import DicycleGANLoss, DiscriminatorObjective, GeneratorObjective
 from bundle.settings import autocast
 from monai.engines import Trainer
 from monai.engines.workflow import Workflow
@@ -21,100 +18,12 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-__all__ = [
-    "DicycleGANTrainer",
-    "DiscriminatorObjective",
-    "GeneratorObjective",
-    "ImagePool",
-    "compile_options",
-    "compile_problem",
-    "prepare_paired_batch",
-    "prepare_unpaired_batch",
-]
+__all__ = ["DicycleGANTrainer", "ImagePool", "prepare_paired_batch", "prepare_unpaired_batch"]
 
 
 def _world_size() -> int:
     """Ranks of the initialised ``torch.distributed`` process group, 1 without one."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def compile_problem(device: str | torch.device) -> str | None:
-    """Why ``torch.compile``'s default backend (inductor) cannot build kernels for ``device`` here, or None.
-
-    Inductor writes C++ for CPU kernels and compiles it with the compiler named by ``CXX`` (default ``g++``,
-    ``clang++`` on macOS), and writes Triton for CUDA kernels: without them a compiled step fails at its first call.
-
-    Args:
-        device: the device the compiled step runs on.
-
-    Returns:
-        None when the toolchain is present, else a one-line reason.
-    """
-    kind = torch.device(device).type
-    if kind == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "triton, inductor's GPU code generator, is not installed"
-        return None
-    if kind == "cpu":
-        compiler = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
-        if shutil.which(compiler) is None:
-            return f"no C++ compiler ({compiler!r}, from CXX or the default) to build inductor's CPU kernels"
-    return None
-
-
-def load_inductor() -> None:
-    """Import ``torch.compile``'s code generator now, with a UTF-8 character type.
-
-    Torch reads inductor's kernel templates in the locale's encoding, and some of them hold non-ASCII text: where the C
-    locale is in force (set by the environment, or by a library during the run, as seen in the test suite) the first
-    compile fails with a UnicodeDecodeError. Importing them once under C.UTF-8 avoids that; the locale is restored.
-    """
-    previous = locale.setlocale(locale.LC_CTYPE)
-    try:
-        try:
-            locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
-        except locale.Error:  # no such locale: import as the locale is
-            pass
-        import torch._inductor.lowering  # noqa: F401
-    finally:
-        locale.setlocale(locale.LC_CTYPE, previous)
-
-
-def compile_options(
-    device: str | torch.device, compile: bool, cuda_graphs: bool = False, backend: str = "inductor"
-) -> dict[str, Any] | None:
-    """``torch.compile`` keyword arguments of the training step, or None for the eager step (the default).
-
-    Args:
-        device: training device.
-        compile: compile the generator and discriminator objectives (inductor, default mode).
-        cuda_graphs: on CUDA, compile with ``mode="reduce-overhead"``: the fixed-shape step is captured as CUDA graphs
-            and replayed, so the host no longer launches each kernel (implies ``compile``).
-        backend: ``torch.compile`` backend; ``"inductor"`` (default) generates fused kernels, ``"aot_eager"`` only
-            captures the graphs (forward and backward) and runs them with PyTorch's kernels, for debugging.
-
-    Returns:
-        ``torch.compile`` arguments (``dynamic=False``: a training step has one shape; ``mode="reduce-overhead"`` for
-        CUDA graphs), or None.
-
-    Raises:
-        ValueError: ``cuda_graphs`` on a device other than CUDA.
-        RuntimeError: compiling asked for where inductor has no toolchain (see :func:`compile_problem`).
-    """
-    if cuda_graphs and torch.device(device).type != "cuda":
-        raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}; use compile=True alone there.")
-    if not (compile or cuda_graphs):
-        return None
-    if cuda_graphs and backend != "inductor":
-        raise ValueError(f"cuda_graphs=True needs the inductor backend, got {backend!r}.")
-    problem = compile_problem(device) if backend == "inductor" else None
-    if problem is not None:
-        raise RuntimeError(f"compile=True cannot run here: {problem}. Train eagerly (compile=False, the default).")
-    # one shape per run: a differently sized batch (a short last batch) recompiles instead of every kernel
-    # being generated for symbolic sizes
-    return {"backend": backend, "dynamic": False, **({"mode": "reduce-overhead"} if cuda_graphs else {})}
 
 
 class ImagePool:
@@ -251,87 +160,6 @@ def _set_requires_grad(networks: Sequence[nn.Module], requires_grad: bool) -> No
             parameter.requires_grad_(requires_grad)
 
 
-class GeneratorObjective(nn.Module):
-    """All generator passes of one step and the generator objective, as one module: the unit that
-    ``DistributedDataParallel`` wraps, so that the gradients of both generators are averaged over the ranks during
-    ``backward`` (one bucketed all-reduce, not one per parameter).
-
-    The discriminators score the deformed fakes but are not submodules: they are frozen in this step, and DDP
-    would otherwise wait for (and synchronise) gradients they never receive.
-
-    Args:
-        g_ab: generator A -> B.
-        g_ba: generator B -> A.
-        d_a: discriminator of domain A.
-        d_b: discriminator of domain B.
-        loss_function: the generator objective, called as ``loss_function(real_a, real_b, g_ab, g_ba, d_a, d_b)``.
-
-    Example::
-
-        objective = GeneratorObjective(g_ab, g_ba, d_a, d_b, DicycleGANLoss())
-        out = objective(real_a, real_b)
-        out.total.backward()
-    """
-
-    def __init__(
-        self, g_ab: nn.Module, g_ba: nn.Module, d_a: nn.Module, d_b: nn.Module, loss_function: Callable
-    ) -> None:
-        super().__init__()
-        self.g_ab, self.g_ba = g_ab, g_ba
-        self.loss_function = loss_function
-        self.discriminators = (d_a, d_b)  # a tuple: not registered as submodules
-
-    def forward(
-        self, real_a: torch.Tensor, real_b: torch.Tensor, paired_b: torch.Tensor | None = None
-    ) -> DicycleGANGeneratorOutput:
-        """
-        Args:
-            real_a: images of domain A, (N, C, H, W).
-            real_b: images of domain B, (M, C, H, W).
-            paired_b: paired (not necessarily aligned) targets of ``real_a`` for the misaligned-pairs term, passed
-                to the loss function only when given.
-
-        Returns:
-            The loss function's output: the objective, its terms and the generated images.
-        """
-        d_a, d_b = self.discriminators
-        if paired_b is None:
-            return self.loss_function(real_a, real_b, self.g_ab, self.g_ba, d_a, d_b)
-        return self.loss_function(real_a, real_b, self.g_ab, self.g_ba, d_a, d_b, paired_b=paired_b)
-
-
-class DiscriminatorObjective(nn.Module):
-    """The LSGAN losses of both discriminators, as one module for ``DistributedDataParallel``.
-
-    Args:
-        d_a: discriminator of domain A.
-        d_b: discriminator of domain B.
-
-    Example::
-
-        loss_d_a, loss_d_b = DiscriminatorObjective(d_a, d_b)(real_a, real_b, fake_a, fake_b)
-    """
-
-    def __init__(self, d_a: nn.Module, d_b: nn.Module) -> None:
-        super().__init__()
-        self.d_a, self.d_b = d_a, d_b
-
-    def forward(
-        self, real_a: torch.Tensor, real_b: torch.Tensor, fake_a: torch.Tensor, fake_b: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Args:
-            real_a: real images of domain A.
-            real_b: real images of domain B.
-            fake_a: synthesized images of domain A (detached inside the loss).
-            fake_b: synthesized images of domain B.
-
-        Returns:
-            ``(loss_d_a, loss_d_b)``, scalars.
-        """
-        return discriminator_loss(self.d_a, real_a, fake_a), discriminator_loss(self.d_b, real_b, fake_b)
-
-
 class DicycleGANTrainer(Trainer):
     """Trains DicycleGAN (Wang et al. 2018) or, with non-deformable generators and the alignment and deformed-cycle
     weights at 0, CycleGAN (Zhu et al. 2017), as an Ignite engine that MONAI handlers attach to.
@@ -341,10 +169,9 @@ class DicycleGANTrainer(Trainer):
     1. updates G_AB and G_BA on the objective of eq. (4) (``loss_function``), discriminators frozen;
     2. updates D_A and D_B on LSGAN losses of real images against deformed fakes drawn from an image pool each.
 
-    Opt-in variants beyond the paper (see :class:`~bundle.losses.DicycleGANLoss`): when the loss function's
-    ``discriminate_aligned`` is True (an adversarial term on the undeformed outputs), the undeformed fakes join the
-    deformed ones in the image pool query, so each discriminator is trained on both (the batch of fakes doubles);
-    with ``prepare_batch=``:func:`prepare_paired_batch` (misaligned pairs) the batch's ``B_paired`` reaches the loss
+    Which passes run and which fakes the discriminators see is :mod:`bundle.dicyclegan` (the loss function's
+    :meth:`~bundle.dicyclegan.DicycleGANLoss.discriminator_fakes` go through the image pools). With
+    ``prepare_batch=``:func:`prepare_paired_batch` (misaligned pairs) the batch's ``B_paired`` reaches the loss
     function as ``paired_b`` and is logged as the image ``paired_b``.
 
     ``engine.state.output`` is ``[{"loss": total, "losses": {name: scalar}, "images": {name: (N, C, H, W)}}]``, a
@@ -372,7 +199,7 @@ class DicycleGANTrainer(Trainer):
         d_b: discriminator of domain B.
         g_optimizer: optimizer of both generators' parameters.
         d_optimizer: optimizer of both discriminators' parameters.
-        loss_function: the generator objective; :class:`~bundle.losses.DicycleGANLoss` with the paper's weights
+        loss_function: the generator objective; :class:`~bundle.dicyclegan.DicycleGANLoss` with the paper's weights
             by default.
         pool_a: image pool of D_A's fakes (default: ``ImagePool(50, seed=0)``, the paper's and CycleGAN's size).
         pool_b: image pool of D_B's fakes (default: ``ImagePool(50, seed=1)``).
@@ -410,7 +237,7 @@ class DicycleGANTrainer(Trainer):
         d_b: nn.Module,
         g_optimizer: Optimizer,
         d_optimizer: Optimizer,
-        loss_function: Callable | None = None,
+        loss_function: DicycleGANLoss | None = None,
         pool_a: ImagePool | None = None,
         pool_b: ImagePool | None = None,
         epoch_length: int | None = None,
@@ -547,11 +374,7 @@ class DicycleGANTrainer(Trainer):
 
         _set_requires_grad(discriminators, True)
         engine.d_optimizer.zero_grad(set_to_none=True)
-        fake_b, fake_a = generated.fake_b, generated.fake_a
-        if getattr(engine.loss_function, "discriminate_aligned", False):
-            # the generator is pushed to fool D on the undeformed outputs too, so D must learn to reject them
-            fake_b = torch.cat((fake_b, generated.aligned_b))
-            fake_a = torch.cat((fake_a, generated.aligned_a))
+        fake_a, fake_b = engine.loss_function.discriminator_fakes(generated)
         fake_b = engine.pool_b.query(fake_b)
         fake_a = engine.pool_a.query(fake_a)
         with engine._autocast():

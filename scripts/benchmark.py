@@ -502,9 +502,8 @@ def explain(size: int = 32, ngf: int = 4, n_blocks: int = 1) -> dict[str, dict[s
     Returns:
         ``{what: {"graphs", "graph_breaks"}}`` (target: 0 graph breaks everywhere).
     """
-    from bundle.losses import DicycleGANLoss
+    from bundle.dicyclegan import DicycleGANLoss, DiscriminatorObjective, GeneratorObjective
     from bundle.networks import patch_discriminator
-    from bundle.trainer import DiscriminatorObjective, GeneratorObjective
 
     torch.manual_seed(0)
     g_ab, g_ba = (DicycleGenerator(ngf=ngf, n_blocks=n_blocks, backend="torch") for _ in range(2))

@@ -11,17 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bundle.compilation import compile_options, compile_problem
+from bundle.dicyclegan import DicycleGANLoss, DiscriminatorObjective, GeneratorObjective
 from bundle.inference import Synthesis
-from bundle.losses import DicycleGANLoss
 from bundle.networks import DicycleGenerator, patch_discriminator
-from bundle.trainer import (
-    DicycleGANTrainer,
-    DiscriminatorObjective,
-    GeneratorObjective,
-    ImagePool,
-    compile_options,
-    compile_problem,
-)
+from bundle.trainer import DicycleGANTrainer, ImagePool
 from monai.transforms import Compose
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -45,7 +39,7 @@ def test_compile_options_select_the_code_path(monkeypatch):
     with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
         compile_options("cpu", compile=True, cuda_graphs=True)
     # on CUDA (decided from the device alone, so testable here): CUDA graphs are inductor's reduce-overhead mode
-    monkeypatch.setattr("bundle.trainer.compile_problem", lambda device: None)
+    monkeypatch.setattr("bundle.compilation.compile_problem", lambda device: None)
     assert compile_options("cuda:0", compile=False, cuda_graphs=True) == {
         "backend": "inductor",
         "dynamic": False,
@@ -174,7 +168,7 @@ def test_compiled_synthesis_gives_the_eager_volume():
 _COMPILE_IN_THE_C_LOCALE = """
 import locale
 import torch
-from bundle.trainer import load_inductor
+from bundle.compilation import load_inductor
 locale.setlocale(locale.LC_CTYPE, "C")
 assert locale.getpreferredencoding(False) == "ANSI_X3.4-1968"
 load_inductor()

@@ -1,4 +1,4 @@
-"""Tests of bundle.losses: the differentiable NMI and the DicycleGAN objective (paper eq. 1-4)."""
+"""Tests of bundle.losses (differentiable NMI, LSGAN criteria) and bundle.dicyclegan (the objective, eq. 1-4)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from bundle.losses import DicycleGANLoss, alignment_loss, discriminator_loss, normalized_mutual_information
+from bundle.dicyclegan import DicycleGANLoss, DiscriminatorObjective, GeneratorObjective
+from bundle.losses import alignment_loss, discriminator_loss, normalized_mutual_information
 from bundle.networks import DicycleGenerator, OffsetConv2d, patch_discriminator
 from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
@@ -178,7 +179,8 @@ def make_discriminator(seed: int = 0) -> nn.Module:
 
 
 class RecordingGenerator(nn.Module):
-    """Delegates to a generator and records each call: ("forward", deform, input) or ("both", input)."""
+    """Delegates to a generator and records each call: ("forward", deform, input), ("both", input) or
+    ("mixed", num_deformed, input)."""
 
     def __init__(self, g: DicycleGenerator) -> None:
         super().__init__()
@@ -193,6 +195,10 @@ class RecordingGenerator(nn.Module):
     def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls.append(("both", x))
         return self.g.forward_both(x)
+
+    def forward_mixed(self, x: torch.Tensor, num_deformed: int) -> torch.Tensor:
+        self.calls.append(("mixed", num_deformed, x))
+        return self.g.forward_mixed(x, num_deformed)
 
 
 class RecordingDiscriminator(nn.Module):
@@ -280,14 +286,14 @@ def test_objective_wiring_gan_sees_deformed_outputs(images):
     d_a, d_b = RecordingDiscriminator(make_discriminator(seed=3)), RecordingDiscriminator(make_discriminator(seed=4))
     out = DicycleGANLoss()(x_a, x_b, g_ab, g_ba, d_a, d_b)
 
-    # first translation: one batched call for both passes; cycles: one undeformed and one deformed pass
-    assert [c[0] for c in g_ab.calls] == ["both", "forward", "forward"]
+    # first translation: one batched call for both passes; cycles: one batch, deformed items first
+    assert [c[0] for c in g_ab.calls] == ["both", "mixed"]
     assert g_ab.calls[0][1] is x_a
-    assert sorted(c[1] for c in g_ab.calls[1:]) == [False, True]
-    cycle_inputs = {deform: x for _, deform, x in g_ab.calls[1:]}
-    torch.testing.assert_close(cycle_inputs[False].detach(), out.aligned_a)  # G^AB(G^BA(x_B))
-    torch.testing.assert_close(cycle_inputs[True].detach(), out.fake_a)  # G_T^AB(G_T^BA(x_B))
-    assert len(g_ba.calls) == 3
+    _, n, cycle_input = g_ab.calls[1]
+    assert n == len(x_b)
+    torch.testing.assert_close(cycle_input[:n].detach(), out.fake_a)  # G_T^AB(G_T^BA(x_B))
+    torch.testing.assert_close(cycle_input[n:].detach(), out.aligned_a)  # G^AB(G^BA(x_B))
+    assert [c[0] for c in g_ba.calls] == ["both", "mixed"]
 
     assert len(d_b.inputs) == len(d_a.inputs) == 1
     torch.testing.assert_close(d_b.inputs[0].detach(), out.fake_b)
@@ -302,9 +308,10 @@ def test_cyclegan_mode_runs_each_generator_minimum_times(images):
     d_a, d_b = RecordingDiscriminator(make_discriminator(seed=3)), RecordingDiscriminator(make_discriminator(seed=4))
     out = DicycleGANLoss(lambda_cyc=10.0, lambda_dicyc=0.0, lambda_align=0.0)(x_a, x_b, g_ab, g_ba, d_a, d_b)
 
-    # one translation and one cycle per generator, no batched double pass
+    # one translation (forward_both of a non-deformable generator is one pass) and one cycle per generator
     for g in (g_ab, g_ba):
-        assert [c[0] for c in g.calls] == ["forward", "forward"]
+        assert [c[0] for c in g.calls] == ["both", "forward"]
+        assert g.calls[0][1] is (x_a if g is g_ab else x_b)  # the input itself, not a batch of two copies
     assert len(d_a.inputs) == len(d_b.inputs) == 1
     assert out.fake_b is out.aligned_b or torch.equal(out.fake_b, out.aligned_b)
 
@@ -365,32 +372,46 @@ def test_offset_parameters_learn_only_from_deformed_terms(images):
     assert touched(offset_grads(g_ab)) and touched(offset_grads(g_ba))
 
 
-def test_discriminator_loss_value_and_no_generator_gradient(images):
+def test_discriminator_loss_value():
+    real, fake = torch.tensor([[0.5, 1.5]]), torch.tensor([[0.25, -1.0]])
+    expected = 0.5 * (((0.5 - 1) ** 2 + (1.5 - 1) ** 2) / 2 + (0.25**2 + 1.0**2) / 2)
+    assert discriminator_loss(real, fake).item() == pytest.approx(expected)
+
+
+def test_discriminator_step_value_and_no_generator_gradient(images):
     x_a, x_b = images
-    g_ab, d_b = make_generator(seed=1), make_discriminator(seed=4)
-    fake_b = g_ab(x_a, deform=True)
-    loss = discriminator_loss(d_b, x_b, fake_b)
+    g_ab, g_ba = make_generator(seed=1), make_generator(seed=2)
+    d_a, d_b = make_discriminator(seed=3), make_discriminator(seed=4)
+    fake_b, fake_a = g_ab(x_a, deform=True), g_ba(x_b, deform=True)
+    loss_d_a, loss_d_b = DiscriminatorObjective(d_a, d_b)(x_a, x_b, fake_a, fake_b)
     with torch.no_grad():
         expected = 0.5 * (((d_b(x_b)[-1] - 1) ** 2).mean() + (d_b(fake_b)[-1] ** 2).mean())
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    loss.backward()
-    assert all(p.grad is None for p in g_ab.parameters())
-    assert touched([p.grad for p in d_b.parameters()])
+    assert loss_d_b.item() == pytest.approx(expected.item(), rel=1e-5)
+    (loss_d_a + loss_d_b).backward()
+    assert all(p.grad is None for p in itertools.chain(g_ab.parameters(), g_ba.parameters()))
+    assert touched([p.grad for p in d_b.parameters()]) and touched([p.grad for p in d_a.parameters()])
 
 
-def test_plain_tensor_discriminator_and_generator(images):
-    """A discriminator returning a tensor and a generator without ``deformable`` (called as g(x)) also work."""
+def test_plain_tensor_discriminator(images):
+    """A discriminator returning a tensor (not PatchDiscriminator's list of features) also works."""
     x_a, x_b = images
     torch.manual_seed(0)
     d_a, d_b = nn.Conv2d(1, 1, 4, stride=2), nn.Conv2d(1, 1, 4, stride=2)
-    g_ab, g_ba = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1)
+    g_ab, g_ba = make_generator(deformable=False, seed=1), make_generator(deformable=False, seed=2)
     out = DicycleGANLoss(lambda_dicyc=0.0, lambda_align=0.0)(x_a, x_b, g_ab, g_ba, d_a, d_b)
+    _, loss_d_b = DiscriminatorObjective(d_a, d_b)(x_a, x_b, out.fake_a, out.fake_b)
     with torch.no_grad():
         expected = ((d_b(g_ab(x_a)) - 1) ** 2).mean()
         assert out.terms["gan_ab"].item() == pytest.approx(expected.item(), rel=1e-5)
-        assert discriminator_loss(d_b, x_b, g_ab(x_a)).item() == pytest.approx(
+        assert loss_d_b.item() == pytest.approx(
             0.5 * (((d_b(x_b) - 1) ** 2).mean() + (d_b(g_ab(x_a)) ** 2).mean()).item(), rel=1e-5
         )
+
+
+def test_a_generator_without_the_passes_is_refused_by_name():
+    d = make_discriminator()
+    with pytest.raises(TypeError, match=r"g_ba \(Conv2d\) must provide the passes of bundle.dicyclegan.Generator"):
+        GeneratorObjective(make_generator(), nn.Conv2d(1, 1, 3, padding=1), d, d, DicycleGANLoss())
 
 
 def test_negative_weight_is_rejected():

@@ -290,8 +290,8 @@ def _tiny_trainer(
 ) -> tuple[Any, dict[str, Any]]:
     """A tiny DicycleGAN trainer (same initial weights on every rank), optionally saving to / resuming from
     ``ckpt_dir``; returns the trainer and its resumable state."""
+    from bundle.dicyclegan import DicycleGANLoss
     from bundle.handlers import AtomicCheckpointer, ResumeCheckpointLoader
-    from bundle.losses import DicycleGANLoss
     from bundle.trainer import DicycleGANTrainer, ImagePool
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from bundle.handlers import AtomicCheckpointer, PaperSchedule, ResumeCheckpointLoader, TensorBoardImageGrid
-from bundle.losses import DicycleGANLoss
+from bundle.dicyclegan import DicycleGANLoss
 from bundle.networks import DicycleGenerator, patch_discriminator
 from bundle.trainer import DicycleGANTrainer, ImagePool, prepare_unpaired_batch
 from ignite.engine import Engine, Events

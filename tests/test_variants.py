@@ -18,12 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bundle.data import PairedSliceDataset, UnpairedSliceDataset, slice_augmentation
-from bundle.losses import (
-    DicycleGANLoss,
-    discriminator_loss,
-    local_normalized_mutual_information,
-    normalized_mutual_information,
-)
+from bundle.dicyclegan import DicycleGANLoss, discriminator_logits
+from bundle.losses import discriminator_loss, local_normalized_mutual_information, normalized_mutual_information
 from bundle.networks import DicycleGenerator, OffsetConv2d, patch_discriminator
 from bundle.trainer import DicycleGANTrainer, ImagePool, prepare_paired_batch, prepare_unpaired_batch
 from monai.bundle import ConfigParser
@@ -164,6 +160,9 @@ class _Generator(nn.Module):
 
     def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self(x, deform=True), self(x)
+
+    def forward_mixed(self, x: torch.Tensor, num_deformed: int) -> torch.Tensor:
+        return torch.cat((self(x[:num_deformed], deform=True), self(x[num_deformed:])))
 
 
 class _Discriminator(nn.Module):
@@ -323,6 +322,10 @@ class _Slices(torch.utils.data.Dataset):
         return item
 
 
+def _d_loss(d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return discriminator_loss(discriminator_logits(d, real), discriminator_logits(d, fake))
+
+
 def _one_step(loss: DicycleGANLoss, paired: bool) -> tuple[dict, nn.Module, nn.Module]:
     """One training iteration of tiny networks; the discriminators' learning rate is 0, so they stay as judged."""
     torch.manual_seed(0)
@@ -357,15 +360,15 @@ def test_with_the_aligned_term_the_discriminators_also_judge_the_aligned_fakes()
     both_b = torch.cat((images["fake_b"], images["aligned_b"]))
     both_a = torch.cat((images["fake_a"], images["aligned_a"]))
     with torch.no_grad():
-        torch.testing.assert_close(losses["d_b"], discriminator_loss(d_b, images["real_b"], both_b))
-        torch.testing.assert_close(losses["d_a"], discriminator_loss(d_a, images["real_a"], both_a))
-        assert abs(float(losses["d_b"] - discriminator_loss(d_b, images["real_b"], images["fake_b"]))) > 1e-6
+        torch.testing.assert_close(losses["d_b"], _d_loss(d_b, images["real_b"], both_b))
+        torch.testing.assert_close(losses["d_a"], _d_loss(d_a, images["real_a"], both_a))
+        assert abs(float(losses["d_b"] - _d_loss(d_b, images["real_b"], images["fake_b"]))) > 1e-6
     assert "gan_aligned" in losses
 
     off, d_a, d_b = _one_step(DicycleGANLoss(), paired=False)  # the paper: deformed fakes only
     images, losses = off["images"], off["losses"]
     with torch.no_grad():
-        torch.testing.assert_close(losses["d_b"], discriminator_loss(d_b, images["real_b"], images["fake_b"]))
+        torch.testing.assert_close(losses["d_b"], _d_loss(d_b, images["real_b"], images["fake_b"]))
     assert "gan_aligned" not in losses and "paired_b" not in images
 
 
