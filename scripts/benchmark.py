@@ -111,7 +111,7 @@ def offset_conv(repeats: int = 10, backend: str = "torch") -> list[dict]:
     Returns:
         One row per size with the times (ms) and the ratios to the plain convolution (target: ratio <= 3).
     """
-    from bundle.networks import _contract, _grid_sample_all_threads, sampling_grid
+    from bundle.deform_conv import contract_columns, grid_sample_all_threads, sampling_grid
 
     _header(f"OffsetConv2d ({backend}) vs plain conv, 3x3, batch 1, forward + backward")
     print(
@@ -143,13 +143,13 @@ def offset_conv(repeats: int = 10, backend: str = "torch") -> list[dict]:
             sampled: torch.Tensor = sampled, grid: torch.Tensor = grid, grad: torch.Tensor = grad_columns
         ) -> None:
             sampled.grad = grid.grad = None
-            _grid_sample_all_threads(sampled, grid).backward(grad)
+            grid_sample_all_threads(sampled, grid).backward(grad)
 
         def contraction(
             weight: torch.Tensor = weight, columns: torch.Tensor = columns, grad: torch.Tensor = grad_out
         ) -> None:
             weight.grad = columns.grad = None
-            _contract(weight, columns, None).backward(grad)
+            contract_columns(weight, columns, None).backward(grad)
 
         steps = {
             "plain": plain,

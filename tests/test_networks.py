@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from bundle.networks import DicycleGenerator, OffsetConv2d, deform_conv2d_torch, patch_discriminator, sampling_grid
+from bundle.deform_conv import deform_conv2d_torch, sampling_grid
+from bundle.networks import DicycleGenerator, OffsetConv2d, patch_discriminator
 from torch import nn
 
 # (kernel_size, stride, padding, dilation)
@@ -159,7 +160,7 @@ def test_sampling_split_across_threads_is_exact(threads):
 
 
 def test_torchvision_backend_matches_torch_backend():
-    from bundle.networks import torchvision_deform_conv2d_problem
+    from bundle.deform_conv import torchvision_deform_conv2d_problem
 
     problem = torchvision_deform_conv2d_problem("cpu")
     if problem is not None:

@@ -7,7 +7,8 @@ import types
 
 import pytest
 import torch
-from bundle.networks import OffsetConv2d, torchvision_deform_conv2d_problem
+from bundle.deform_conv import torchvision_deform_conv2d_problem
+from bundle.networks import OffsetConv2d
 
 
 def _fake_torchvision(monkeypatch: pytest.MonkeyPatch, deform_conv2d) -> None:
