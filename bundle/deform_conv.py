@@ -11,9 +11,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = [
     "contract_columns",
+    "conv2d_im2col",
     "deform_conv2d_torch",
     "grid_sample_all_threads",
     "sampling_grid",
@@ -191,3 +193,23 @@ def grid_sample_all_threads(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor
     )
     sampled = sampled.view(n, parts, channels, chunk, cols).transpose(1, 2).reshape(n, channels, parts * chunk, cols)
     return sampled[:, :, :rows]
+
+
+def conv2d_im2col(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)`` computed as im2col (``F.unfold``) and one matrix product with the weights (C_out, C * kh * kw).
+
+    Args:
+        x: input of shape (N, C, H, W).
+        conv: a convolution without groups.
+
+    Returns:
+        ``conv(x)``, shape (N, C_out, H_out, W_out).
+    """
+    kernel_size, stride, padding, dilation = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    h_out, w_out = (
+        (size + 2 * pad - dil * (k - 1) - 1) // step + 1
+        for size, pad, dil, k, step in zip(x.shape[-2:], padding, dilation, kernel_size, stride, strict=True)
+    )
+    columns = F.unfold(x, kernel_size, dilation, padding, stride)  # (N, C * kh * kw, L)
+    out = contract_columns(conv.weight.view(conv.out_channels, -1), columns, conv.bias)
+    return out.view(x.shape[0], conv.out_channels, h_out, w_out)

@@ -10,12 +10,11 @@ aligned with ``x`` (what inference, validation and export run), ``G(x, deform=Tr
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from bundle.deform_conv import contract_columns, deform_conv2d_torch, torchvision_deform_conv2d_problem
+from bundle.deform_conv import conv2d_im2col, deform_conv2d_torch, torchvision_deform_conv2d_problem
 from monai.networks.layers.factories import Act
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
@@ -165,20 +164,11 @@ class OffsetConv2d(nn.Module):
         return offset
 
     def _predicted_offsets(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.offset_conv
+        # one input channel on CPU (the generator's input block): oneDNN's backward to a one-channel input is
+        # several times slower than the same convolution as im2col + matrix product
         if self.in_channels > 1 or x.device.type != "cpu":
-            return conv(x)
-        # One input channel (the generator's input block): oneDNN's convolution backward to a one-channel input
-        # is several times slower than this im2col + matrix product, which computes the same convolution.
-        h_out, w_out = (
-            (size + 2 * pad - dil * (k - 1) - 1) // step + 1
-            for size, pad, dil, k, step in zip(
-                x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride, strict=True
-            )
-        )
-        columns = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, kh * kw, L)
-        offset = contract_columns(conv.weight.view(conv.out_channels, -1), columns, conv.bias)
-        return offset.view(x.shape[0], conv.out_channels, h_out, w_out)
+            return self.offset_conv(x)
+        return conv2d_im2col(x, self.offset_conv)
 
     def _uses_torchvision(self, x: torch.Tensor) -> bool:
         if self.backend == "torch" or (self.backend == "auto" and x.device.type != "cuda"):
@@ -444,60 +434,9 @@ class DicycleGenerator(nn.Module):
         The deformed pass (bilinear sampling, an optional torchvision kernel) is training-only and not scriptable;
         the result has this module's ``state_dict`` keys, so ``monai.bundle ckpt_export`` works on ``models/model.pt``.
         """
-        return _AlignedPass(_plain_layers(self.model))
+        from bundle.scripting import aligned_pass  # imports this module
 
-
-class _PlainOffsetConv2d(nn.Module):
-    """The undeformed pass of an :class:`OffsetConv2d` (``F.conv2d`` with its weights), holding its very parameters
-    (the unused ``offset_conv`` included, so the ``state_dict`` keys are those of the source)."""
-
-    def __init__(self, source: OffsetConv2d) -> None:
-        super().__init__()
-        self.weight, self.bias, self.offset_conv = source.weight, source.bias, source.offset_conv
-        self.stride: tuple[int, int] = tuple(source.stride)
-        self.padding: tuple[int, int] = tuple(source.padding)
-        self.dilation: tuple[int, int] = tuple(source.dilation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-
-
-class _PlainResnetBlock(nn.Module):
-    """A :class:`ResnetBlock` (identity plus ``block``) of plain layers."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.block(x)
-
-
-def _plain_layers(module: nn.Module) -> nn.Module:
-    """The undeformed pass of a generator's layers as plain (scriptable) modules sharing the source's parameters."""
-    if isinstance(module, OffsetConv2d):
-        return _PlainOffsetConv2d(module)
-    if isinstance(module, ResnetBlock):
-        return _PlainResnetBlock(_plain_layers(module.block))
-    if isinstance(module, nn.Sequential):
-        return nn.Sequential(OrderedDict((name, _plain_layers(child)) for name, child in module.named_children()))
-    return module
-
-
-class _AlignedPass(nn.Module):
-    """``DicycleGenerator.forward(x)`` with plain layers: pad to a multiple of 4, run, crop back (sizes read at run
-    time, so a scripted module takes any slice size)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError("DicycleGenerator expects 2-D slices of shape (N, C, H, W).")
-        h, w = x.shape[2], x.shape[3]
-        out = self.model(F.pad(x, [0, (4 - w % 4) % 4, 0, (4 - h % 4) % 4], mode="replicate"))  # last axis first
-        return out[:, :, :h, :w]
+        return aligned_pass(self.model)
 
 
 def patch_discriminator(
