@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,6 +23,7 @@ __all__ = [
     "PaperSchedule",
     "ResumeCheckpointLoader",
     "TensorBoardImageGrid",
+    "TimeBudget",
     "atomic_save",
 ]
 
@@ -198,6 +200,47 @@ class PaperSchedule:
         self.stale_epochs = int(state_dict["stale_epochs"])
         self.stopped = str(state_dict.get("stopped", ""))  # checkpoints of earlier versions have no stop decision
         self.stopped_epoch = int(state_dict.get("stopped_epoch", 0))
+
+
+class TimeBudget:
+    """Ends training once ``limit_s`` seconds of wall time have passed since the run started (a training budget).
+
+    The engine terminates after the iteration that crosses the limit; ``COMPLETED`` handlers still run, so
+    :class:`AtomicCheckpointer` saves the models of that iteration. Under ``torch.distributed`` rank 0's clock decides
+    for every rank (a broadcast each iteration), so all ranks stop at the same iteration.
+
+    Args:
+        limit_s: seconds of training (the time of this run: a resumed run gets the budget again).
+        clock: seconds of a monotonic clock.
+    """
+
+    def __init__(self, limit_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if not limit_s > 0:
+            raise ValueError(f"time_limit_s must be a positive number of seconds, got {limit_s}.")
+        self.limit_s = float(limit_s)
+        self.clock = clock
+        self._start = 0.0
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        """Register with ``engine``."""
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def started(self, engine: Engine) -> None:
+        """Start the clock."""
+        self._start = self.clock()
+
+    def __call__(self, engine: Engine) -> None:
+        over = float(self.clock() - self._start >= self.limit_s)
+        if idist.get_world_size() > 1:
+            over = float(idist.broadcast(torch.tensor(over), src=0))
+        if over:
+            self.logger.info(
+                f"time budget of {self.limit_s:g} s reached at epoch {engine.state.epoch}, iteration "
+                f"{engine.state.iteration}: training stops"
+            )
+            engine.terminate()
 
 
 class AtomicCheckpointer:

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-from bundle.handlers import AtomicCheckpointer, PaperSchedule, ResumeCheckpointLoader, TensorBoardImageGrid
 from bundle.dicyclegan import DicycleGANLoss
+from bundle.handlers import AtomicCheckpointer, PaperSchedule, ResumeCheckpointLoader, TensorBoardImageGrid, TimeBudget
 from bundle.networks import DicycleGenerator, patch_discriminator
 from bundle.trainer import DicycleGANTrainer, ImagePool, prepare_unpaired_batch
 from ignite.engine import Engine, Events
@@ -164,6 +164,22 @@ def test_two_epochs_equal_one_epoch_resume_and_one_more(tmp_path):
     expected, got = _parameters(straight_state), _parameters(second_state)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_time_budget_stops_after_the_iteration_that_crosses_it_and_saves_that_iteration(tmp_path):
+    readings = iter(float(t) for t in range(100))  # each reading of the clock is one second later
+    trainer, state = build(tmp_path, max_epochs=5)
+    TimeBudget(limit_s=3, clock=lambda: next(readings)).attach(trainer)
+    trainer.run()
+    # started at t=0; iterations end at t=1, 2, 3: the third reaches the budget, mid-way through epoch 2
+    assert (trainer.state.iteration, trainer.state.epoch) == (3, 2)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["trainer"]["iteration"] == 3
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    for key, value in state["g_ab"].state_dict().items():
+        torch.testing.assert_close(saved[key], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="time_limit_s must be a positive number of seconds, got 0"):
+        TimeBudget(0)
 
 
 def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(tmp_path):

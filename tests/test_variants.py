@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from bundle.data import PairedSliceDataset, UnpairedSliceDataset, slice_augmentation
 from bundle.dicyclegan import DicycleGANLoss, discriminator_logits
+from bundle.handlers import TimeBudget
 from bundle.losses import discriminator_loss, local_normalized_mutual_information, normalized_mutual_information
 from bundle.networks import DicycleGenerator, OffsetConv2d, patch_discriminator
 from bundle.trainer import DicycleGANTrainer, ImagePool, prepare_paired_batch, prepare_unpaired_batch
@@ -446,9 +447,11 @@ def test_train_json_defaults_are_the_paper_and_each_switch_reaches_its_component
     assert paper.get_parsed_content("g_ab").offsets == paper.get_parsed_content("g_ba").offsets == "per_tap"
     assert type(paper.get_parsed_content("train#training_dataset")) is UnpairedSliceDataset
     assert paper.get_parsed_content("train#trainer#prepare_batch") is prepare_unpaired_batch
+    assert not any(isinstance(h, TimeBudget) for h in paper.get_parsed_content("train#handlers"))  # no wall-clock stop
 
     variant = _train_config(
         tmp_path / "variant",
+        time_limit_s=60,
         offsets="shared",
         lambda_gan_aligned=0.5,
         alignment="local_nmi",
@@ -467,3 +470,5 @@ def test_train_json_defaults_are_the_paper_and_each_switch_reaches_its_component
     assert isinstance(dataset, PairedSliceDataset)
     assert sorted(dataset[0]) == ["A", "B", "B_paired"] and dataset[0]["B_paired"].shape == (1, 16, 16)
     assert variant.get_parsed_content("train#trainer#prepare_batch") is prepare_paired_batch
+    budgets = [h for h in variant.get_parsed_content("train#handlers") if isinstance(h, TimeBudget)]
+    assert [b.limit_s for b in budgets] == [60.0]
