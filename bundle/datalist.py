@@ -36,7 +36,7 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -46,10 +46,7 @@ __all__ = [
     "PAIRED_KEYS",
     "PATH_KEYS",
     "TRAINING_KEYS",
-    "DicomSeries",
     "check_volume",
-    "dicom_series",
-    "find_volumes",
     "load_datalist",
     "read_datalist",
     "screen_volume",
@@ -440,93 +437,3 @@ def validate_datalist(
         )
     _raise_for(problems, what)
     return len(paths)
-
-
-# ------------------------------------------------------------------------------------------------ user folders
-
-
-class DicomSeries(NamedTuple):
-    """One DICOM series of a folder: its series UID (as ITK/GDCM splits series), slice files in reading order,
-    and the series number and description of its first slice (None / "" where absent)."""
-
-    uid: str
-    files: tuple[str, ...]
-    number: int | None
-    description: str
-
-
-_NOT_DICOM_SUFFIXES = (*IMAGE_SUFFIXES, ".img", ".img.gz", ".json", ".txt", ".csv", ".md", ".pt", ".png", ".jpg")
-
-
-def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
-    """The DICOM series among the files directly inside ``folder``, found by content, whatever the extensions.
-
-    Series are split as MONAI's ``ITKReader`` splits them (``itk.GDCMSeriesFileNames`` with series details and the
-    series date), so each one is what ``LoadImage`` reads from a folder holding only it.
-
-    Args:
-        folder: the folder.
-
-    Returns:
-        The series, sorted by series number then UID; empty if there is none.
-    """
-    folder = Path(folder)
-    if not any(p.is_file() and not p.name.lower().endswith(_NOT_DICOM_SUFFIXES) for p in folder.iterdir()):
-        return []  # only known non-DICOM files: spare GDCM the scan (and its warning)
-    import itk
-    import SimpleITK
-
-    names = itk.GDCMSeriesFileNames.New()
-    names.SetUseSeriesDetails(True)
-    names.AddSeriesRestriction("0008|0021")  # series date, as monai.data.ITKReader
-    names.SetDirectory(str(folder))
-    series = []
-    for uid in names.GetSeriesUIDs():
-        files = tuple(str(f) for f in names.GetFileNames(uid))
-        if not files:
-            continue
-        reader = SimpleITK.ImageFileReader()
-        reader.SetFileName(files[0])
-        number, description = None, ""
-        try:
-            reader.ReadImageInformation()
-            if reader.HasMetaDataKey("0020|0011") and reader.GetMetaData("0020|0011").strip().isdigit():
-                number = int(reader.GetMetaData("0020|0011").strip())
-            if reader.HasMetaDataKey("0008|103e"):
-                description = reader.GetMetaData("0008|103e").strip()
-        except RuntimeError:  # unreadable header: the screening will name the problem
-            pass
-        series.append(DicomSeries(str(uid), files, number, description))
-    return sorted(series, key=lambda s: (s.number is None, s.number or 0, s.uid))
-
-
-def find_volumes(folder: str | os.PathLike) -> list[Path]:
-    """Volumes directly inside ``folder``: image files (NIfTI, NRRD, MetaImage) and DICOM series sub-folders.
-
-    A sub-folder is a DICOM series folder when it holds DICOM series (found by content, see :func:`dicom_series`),
-    whatever its files' extensions.
-
-    Args:
-        folder: the folder.
-
-    Returns:
-        sorted paths.
-
-    Raises:
-        FileNotFoundError: if the folder does not exist.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"folder {folder} does not exist.")
-    volumes = []
-    for path in sorted(folder.iterdir()):
-        # an Analyze/NIfTI pair is listed once, by its header (.hdr)
-        if (
-            path.is_file()
-            and path.name.lower().endswith(IMAGE_SUFFIXES)
-            and not path.name.lower().endswith((".img", ".img.gz"))
-        ):
-            volumes.append(path)
-        elif path.is_dir() and dicom_series(path):
-            volumes.append(path)
-    return volumes

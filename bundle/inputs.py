@@ -1,10 +1,10 @@
-"""Inference inputs and outputs: what to synthesize, where it goes, and what could not be done.
+"""Inference inputs: what to synthesize, where each output goes, and what could not be done.
 
 - :func:`prepare_output_dir` makes sure the output folder can be written before any work starts;
 - :func:`find_inputs` finds the volumes (image files, DICOM series found by content), screens them and plans an
   output name for each that never replaces an existing file unless asked;
-- :class:`TolerantDataset`, :class:`TolerantEvaluator` and :class:`SaveSynthesisd` record a failure while
-  preprocessing, synthesizing or saving one volume against that volume and go on with the next;
+- :class:`TolerantDataset` and :class:`TolerantEvaluator` record a failure while preprocessing or synthesizing one
+  volume against that volume and go on with the next (saving: :class:`bundle.outputs.SaveSynthesisd`);
 - :func:`raise_for_failures` lists every failure once the good volumes are written, so the command exits non-zero.
 """
 
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
-import uuid
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,33 +21,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from bundle.datalist import IMAGE_SUFFIXES, dicom_series, load_datalist, screen_volume, volume_stem
-from bundle.dicom import save_dicom_series
-from monai.config import KeysCollection
-from monai.data import Dataset, ITKReader, NibabelWriter
-from monai.data.utils import to_affine_nd
+from bundle.datalist import IMAGE_SUFFIXES, load_datalist, screen_volume, volume_stem
+from bundle.outputs import DICOM_FILES_KEY, OUTPUT_KEY, remove_stale_partials
+from bundle.settings import as_bool
+from bundle.volumes import dicom_series
+from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
-from monai.transforms import Compose, LoadImaged, MapTransform, SaveImage
-from monai.utils import optional_import
 
 __all__ = [
-    "DicomSeriesReader",
+    "FAILURE_KEY",
+    "SOURCE_KEY",
     "InferenceInputs",
-    "SaveSynthesisd",
     "TolerantDataset",
     "TolerantEvaluator",
     "find_inputs",
     "prepare_output_dir",
     "raise_for_failures",
-    "with_dicom_series_reader",
 ]
 
 logger = logging.getLogger(__name__)
 
-FAILURE_KEY = "failure"
-SOURCE_KEY = "source"
-OUTPUT_KEY = "output"
-DICOM_FILES_KEY = "dicom_files"  # the slice files of a DICOM series input, for a DICOM output of its study
+FAILURE_KEY = "failure"  # an item that failed to load or preprocess: its reason
+SOURCE_KEY = "source"  # what the user gave, naming the input in every message
 
 
 def _reason(error: BaseException) -> str:
@@ -82,8 +75,8 @@ class InferenceInputs:
 def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
     """Check, before any work, that ``output_dir`` can be written, or created where it does not exist yet.
 
-    Nothing is created: :class:`SaveSynthesisd` creates the folder with the first output, so a run that writes
-    nothing leaves no empty folder behind.
+    Nothing is created: :class:`bundle.outputs.SaveSynthesisd` creates the folder with the first output, so a run
+    that writes nothing leaves no empty folder behind.
 
     Args:
         output_dir: the output folder.
@@ -108,15 +101,6 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
         what = "is not writable" if existing == folder else f"cannot be created in {existing}"
         raise PermissionError(f"output_dir {folder} {what}: {error.strerror}.") from None
     return folder
-
-
-def _flag(value: bool | str, name: str) -> bool:
-    """A boolean setting given as a bool or, from the command line, as true/false in any case."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 
 def _series_entries(folder: Path, name: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -199,7 +183,7 @@ def find_inputs(
     ]
     if len(given) != 1:
         raise ValueError(f"give exactly one of input_dir, input_file, datalist (got {given or 'none'}).")
-    overwrite, skip_existing = _flag(overwrite, "overwrite"), _flag(skip_existing, "skip_existing")
+    overwrite, skip_existing = as_bool(overwrite, "overwrite"), as_bool(skip_existing, "skip_existing")
     if overwrite and skip_existing:
         raise ValueError("--overwrite true replaces existing outputs, --skip_existing true keeps them: give one.")
     out = Path(output_dir).resolve() if output_dir else None
@@ -269,7 +253,7 @@ def find_inputs(
             elif target in planned:
                 problem = f"its output {target} would also be the output of {planned[target]}; rename one of them"
             else:
-                _remove_stale_partials(target)  # left by an interrupted run writing this very output
+                remove_stale_partials(target)  # left by an interrupted run writing this very output
                 if target.exists() and skip_existing:
                     logger.info(f"{source}: output {target} exists, left as it is (--skip_existing true)")
                     inputs.existing[str(source)] = str(target)
@@ -285,57 +269,6 @@ def find_inputs(
         else:
             inputs.good.append(entry)
     return inputs
-
-
-# the temporary name of an output being written: ".<name>.<pid>-<random>.partial<ext>" (before: ".<name>.<hex>.partial")
-_PARTIAL = r"\.{name}\.(?:(?P<pid>\d+)-[0-9a-f]{{8}}|[0-9a-f]{{32}})\.partial{ext}"
-
-
-def _partial_name(target: Path, ext: str) -> Path:
-    """Where :class:`SaveSynthesisd` writes ``target`` before linking it to its name: hidden, and naming this
-    process, so that a later run can tell a partial file left by a killed run from one being written."""
-    return target.with_name(
-        f".{target.name[: len(target.name) - len(ext)]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{ext}"
-    )
-
-
-def _output_ext(target: Path) -> str:
-    """The image-file extension of an output path ("" for another name, e.g. a DICOM output folder)."""
-    return next((s for s in (".nii.gz", ".nii", ".nrrd", ".mha") if target.name.endswith(s)), "")
-
-
-def _remove_stale_partials(target: Path) -> None:
-    """Remove the partial files of ``target`` whose writer is no longer running (SIGKILL, power loss while saving).
-
-    Only files named as :func:`_partial_name` names this very output are considered, and only those of a process
-    that does not exist any more on this machine (or of the older naming without a process id).
-    """
-    ext = _output_ext(target)
-    if not ext or not target.parent.is_dir():  # DICOM folders are written and renamed by bundle.dicom
-        return
-    pattern = re.compile(_PARTIAL.format(name=re.escape(target.name[: -len(ext)]), ext=re.escape(ext)))
-    for path in target.parent.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match is None or (match["pid"] is not None and _running(int(match["pid"]))):
-            continue
-        try:
-            path.unlink()
-            logger.info(f"removed {path}, a partial output left by an interrupted run")
-        except OSError as error:
-            logger.warning(f"could not remove the stale partial output {path}: {error.strerror}")
-
-
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (where that cannot be told: assume it does)."""
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: nothing is sent, only the existence is checked
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        return True
-    return True
 
 
 def _warn_if_thick(source: str, affine: np.ndarray, pixdim: Sequence[float]) -> None:
@@ -372,45 +305,6 @@ def raise_for_failures(inputs: InferenceInputs) -> None:
         logger.error(message)  # printed plainly, above the traceback of the bundle runner
         raise RuntimeError(message)
     logger.info(f"all {total} inputs have an output ({written} written{kept})")
-
-
-class DicomSeriesReader(ITKReader):
-    """MONAI ``ITKReader`` that reads a list of DICOM slice files as one series (one volume), not as channels.
-
-    :func:`find_inputs` gives each series of a folder holding several as the list of its files;
-    :func:`with_dicom_series_reader` registers this reader in a preprocessing's ``LoadImaged``.
-    """
-
-    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
-        """True for two or more files none of which has an image-file extension (a DICOM series)."""
-        names = [str(f) for f in filename] if isinstance(filename, (list, tuple)) else [str(filename)]
-        return len(names) > 1 and not any(n.lower().endswith(IMAGE_SUFFIXES) for n in names)
-
-    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs: Any) -> Any:
-        """Read the files as one series."""
-        import itk
-
-        return itk.imread([str(f) for f in data], **{**self.kwargs, **kwargs})
-
-
-def with_dicom_series_reader(transform: Compose) -> Compose:
-    """Register :class:`DicomSeriesReader` in every ``LoadImaged`` of ``transform`` (in place).
-
-    Without ``itk`` nothing is registered: NIfTI, NRRD and MetaImage files still load, and a DICOM series fails as
-    that one input's problem (MONAI's ``ITKReader`` refuses to be built without ``itk``).
-
-    Args:
-        transform: a preprocessing, e.g. :func:`bundle.data.volume_preprocessing`.
-
-    Returns:
-        The same transform.
-    """
-    if not optional_import("itk")[1]:
-        return transform
-    for t in transform.flatten().transforms:
-        if isinstance(t, LoadImaged):
-            t.register(DicomSeriesReader())
-    return transform
 
 
 class TolerantDataset(Dataset):
@@ -481,121 +375,3 @@ class TolerantEvaluator(SupervisedEvaluator):
             self.inputs.record(source, f"synthesis failed: {_reason(error)}")
             engine.state.output = {}
             return {}
-
-
-class _GeometryNiftiWriter(NibabelWriter):
-    """MONAI's ``NibabelWriter`` that keeps the input's NIfTI header geometry and shape.
-
-    MONAI writes sform and qform both with code 1, and the qform of a sheared affine is only an approximation of it
-    (up to centimetres away at the corners), so tools reading one or the other place the output differently. Here
-    the sform is the affine with the input's ``sform_code``; the qform is the same affine with the input's
-    ``qform_code`` where a qform can hold it (no shear), else it is left out (code 0) with a warning. A NIfTI input
-    stored as 4-D with one time point gives a 4-D output with one time point.
-    """
-
-    def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options: Any) -> None:
-        """Keep the header fields of ``meta_dict`` for :meth:`write`, then as ``NibabelWriter``."""
-        self._source_header = dict(meta_dict or {})
-        super().set_metadata(meta_dict, resample=resample, **options)
-
-    def write(self, filename: os.PathLike | str, verbose: bool = False, **obj_kwargs: Any) -> None:
-        """Write ``filename`` with the input's geometry codes (see the class)."""
-        import nibabel as nib
-
-        header = getattr(self, "_source_header", {})
-        dim = np.asarray(header.get("dim", [])).ravel()
-        data = np.asarray(self.data_obj)
-        if dim.size > 4 and int(dim[0]) == 4 and int(dim[4]) == 1 and data.ndim == 3:
-            data = data[..., None]  # the input's trailing time point of one
-        affine = np.eye(4) if self.affine is None else np.asarray(self.affine, dtype=float)
-        affine = to_affine_nd(3, affine)
-        image = self.create_backend_obj(data, affine=affine, dtype=self.output_dtype, **obj_kwargs)
-        # MONAI's default (1, scanner) for inputs without NIfTI codes (DICOM, NRRD, MetaImage)
-        sform_code = int(np.asarray(header.get("sform_code", 1)))
-        qform_code = int(np.asarray(header.get("qform_code", 1)))
-        image.set_sform(affine, code=sform_code)
-        columns = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
-        if np.allclose(columns.T @ columns, np.eye(3), atol=1e-5):
-            image.set_qform(affine, code=qform_code)
-        else:
-            image.set_qform(None, code=0)
-            logger.warning(
-                f"{header.get('filename_or_obj', filename)}: its voxel-to-world affine is sheared, which a NIfTI "
-                f"qform cannot hold: the output has it exactly in the sform (code {sform_code}), no qform (code 0)"
-            )
-        nib.save(image, filename)
-
-
-class SaveSynthesisd(MapTransform):
-    """Save ``key`` to the path in ``data["output"]`` (planned by :func:`find_inputs`), never replacing a file
-    unless ``overwrite``.
-
-    The volume is written by MONAI's ``SaveImage`` to a hidden temporary file in the output folder, then linked
-    to its name, which fails if a file appeared there meanwhile; so no existing file is ever truncated. With
-    ``output_format="dicom"`` the output path is a folder and the volume becomes a DICOM series in it
-    (:func:`bundle.dicom.save_dicom_series`, written to a temporary folder and renamed), in the study of the DICOM
-    series it was synthesized from (``data["dicom_files"]``, set by :func:`find_inputs`) where there is one.
-
-    Args:
-        keys: the synthesized image's key.
-        output_dtype: data type of the saved volume (NIfTI and the other image files).
-        overwrite: replace an existing output.
-        output_key: the key of the output path.
-        output_format: ``"nifti"`` (an image file named by the output path's extension) or ``"dicom"``.
-        dicom: :func:`bundle.dicom.write_dicom_series`'s ``modality``, ``series_description`` and patient
-            attributes, for ``"dicom"``.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        output_dtype: torch.dtype | np.dtype | None = torch.float32,
-        overwrite: bool | str = False,
-        output_key: str = OUTPUT_KEY,
-        output_format: str = "nifti",
-        dicom: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(keys)
-        self.output_dtype, self.overwrite, self.output_key = output_dtype, _flag(overwrite, "overwrite"), output_key
-        if output_format not in ("nifti", "dicom"):
-            raise ValueError(f"output_format must be 'nifti' or 'dicom', got {output_format!r}.")
-        self.output_format, self.dicom = output_format, dict(dicom or {})
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        target = Path(d[self.output_key])
-        target.parent.mkdir(parents=True, exist_ok=True)  # here, not before the run: nothing written, no folder
-        for key in self.key_iterator(d):
-            if self.output_format == "dicom":
-                files = d.get(DICOM_FILES_KEY)
-                save_dicom_series(d[key], target, overwrite=self.overwrite, source_files=files, **self.dicom)
-                logger.info(f"wrote {target}")
-                continue
-            ext = _output_ext(target) or target.suffix
-            written = _partial_name(target, ext)
-            nifti = ext in (".nii", ".nii.gz")
-            saver = SaveImage(
-                output_ext=ext,
-                output_dtype=self.output_dtype,
-                resample=False,
-                separate_folder=False,
-                print_log=False,
-                writer=_GeometryNiftiWriter if nifti else None,  # the input's header geometry and shape
-            )
-            try:
-                saver(d[key], filename=str(written)[: len(str(written)) - len(ext)])
-                if self.overwrite:
-                    os.replace(written, target)
-                else:
-                    try:
-                        os.link(written, target)  # fails if the name exists: no race replaces a file
-                    except FileExistsError:
-                        raise FileExistsError(f"{target} appeared during the run; it is not replaced") from None
-                    except OSError:  # a file system without hard links
-                        if target.exists():
-                            raise FileExistsError(f"{target} appeared during the run; it is not replaced") from None
-                        os.replace(written, target)
-            finally:
-                written.unlink(missing_ok=True)
-            logger.info(f"wrote {target}")
-        return d

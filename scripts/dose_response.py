@@ -52,8 +52,10 @@ sys.path.insert(0, str(ROOT))
 
 from bundle.data import volume_preprocessing  # noqa: E402
 from bundle.datalist import load_datalist, read_datalist  # noqa: E402
-from bundle.evaluation import mask_preprocessing, mean_sd, voxel_size  # noqa: E402
+from bundle.metrics import voxel_size  # noqa: E402
+from bundle.pairing import mask_preprocessing  # noqa: E402
 from bundle.registration import residual_displacement  # noqa: E402
+from bundle.reports import mean_sd  # noqa: E402
 from bundle.transforms import BSplineField, DomainDistortion  # noqa: E402
 from scripts import reproduce  # noqa: E402
 from scripts.tooling.datasets import make_distorted_datalist  # noqa: E402

@@ -48,8 +48,9 @@ sys.path.insert(0, str(ROOT))
 
 from bundle.data import volume_preprocessing  # noqa: E402
 from bundle.datalist import load_datalist, read_datalist  # noqa: E402
-from bundle.evaluation import mask_preprocessing, mean_sd  # noqa: E402
 from bundle.losses import local_normalized_mutual_information, normalized_mutual_information  # noqa: E402
+from bundle.pairing import mask_preprocessing  # noqa: E402
+from bundle.reports import mean_sd  # noqa: E402
 from bundle.transforms import DomainDistortion  # noqa: E402
 from scripts import reproduce  # noqa: E402
 from scripts.dose_response import applied_displacement  # noqa: E402

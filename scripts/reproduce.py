@@ -57,17 +57,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bundle.datalist import load_datalist, read_datalist  # noqa: E402
-from bundle.evaluation import (  # noqa: E402
-    METRICS,
-    display_range,
-    mask_preprocessing,
-    mean_sd,
-    read_csv,
-    volume_metrics,
-    voxel_size,
-    write_csv,
-)
+from bundle.metrics import volume_metrics, voxel_size  # noqa: E402
+from bundle.pairing import mask_preprocessing  # noqa: E402
 from bundle.registration import residual_displacement  # noqa: E402
+from bundle.reports import METRICS, display_range, mean_sd, read_csv, write_csv  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

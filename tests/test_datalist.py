@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK
 from bundle import datalist as dl
+from bundle import volumes
 from scripts.tooling import datasets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +204,7 @@ def write_dicom_series(folder: Path, data: np.ndarray) -> Path:
 def test_dicom_series_folders(tmp_path) -> None:
     series = write_dicom_series(tmp_path / "unpaired" / "scan01", volume(6, (4, 8, 8)))
     assert dl.volume_problem(series) is None
-    assert dl.find_volumes(tmp_path / "unpaired") == [series]
+    assert volumes.find_volumes(tmp_path / "unpaired") == [series]
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "x.dcm").write_text("not DICOM", encoding="utf-8")

@@ -27,8 +27,9 @@ from bundle.dicom import (
     series_description,
     write_dicom_series,
 )
-from bundle.inputs import DICOM_FILES_KEY, SaveSynthesisd, find_inputs
+from bundle.inputs import find_inputs
 from bundle.networks import DicycleGenerator
+from bundle.outputs import DICOM_FILES_KEY, SaveSynthesisd
 from monai.bundle import run
 from monai.data import MetaTensor
 from pydicom.data import get_testdata_file

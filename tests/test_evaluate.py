@@ -1,4 +1,5 @@
-"""configs/evaluate.json and bundle.evaluation: paired metrics per volume, masks, the paper's tables, figures.
+"""configs/evaluate.json (bundle.pairing, bundle.metrics, bundle.reports): paired metrics per volume, masks, the
+paper's tables, figures.
 
 The command runs on tiny NIfTI volumes with tiny generators whose last convolution is zeroed and biased, so the
 synthesis is a known constant and every metric has a reference computed here by hand (numpy, from the files).
@@ -20,22 +21,11 @@ import numpy as np
 import pytest
 import torch
 from bundle.data import volume_preprocessing
-from bundle.evaluation import (
-    CSV_COLUMNS,
-    CaseFigures,
-    VolumeMetricsSaver,
-    metric_handlers,
-    paired_cases,
-    paired_loader,
-    parse_directions,
-    read_csv,
-    summary_markdown,
-    volume_metrics,
-    write_results,
-)
 from bundle.inference import AxialSliceInferer
-from bundle.metrics import BoneDiceMetric, windowed_ssim
+from bundle.metrics import BoneDiceMetric, metric_handlers, volume_metrics, windowed_ssim
 from bundle.networks import DicycleGenerator
+from bundle.pairing import paired_cases, paired_loader, parse_directions
+from bundle.reports import CSV_COLUMNS, CaseFigures, VolumeMetricsSaver, read_csv, summary_markdown, write_results
 from monai.bundle import run as bundle_run
 from monai.engines import SupervisedEvaluator
 from monai.handlers import CheckpointLoader

@@ -16,7 +16,6 @@ import pytest
 import torch
 from bundle.inputs import (
     InferenceInputs,
-    SaveSynthesisd,
     TolerantDataset,
     TolerantEvaluator,
     find_inputs,
@@ -24,6 +23,7 @@ from bundle.inputs import (
     raise_for_failures,
 )
 from bundle.networks import DicycleGenerator
+from bundle.outputs import SaveSynthesisd
 from monai.bundle import run
 from tests.bundle_fixtures import root_error
 
@@ -433,7 +433,7 @@ def test_preprocessing_without_itk_still_loads_nifti(tmp_path, monkeypatch):
     import nibabel as nib
     import numpy as np
     from bundle.data import volume_preprocessing
-    from bundle.inputs import DicomSeriesReader, with_dicom_series_reader
+    from bundle.volumes import DicomSeriesReader, with_dicom_series_reader
     from monai.transforms import LoadImaged
 
     monkeypatch.setitem(sys.modules, "itk", None)  # as if itk were not installed

@@ -232,7 +232,7 @@ def test_the_output_folder_is_created_only_when_an_output_is_written(tmp_path):
 _KILLED_WHILE_SAVING = """
 import os, signal, sys
 import torch
-from bundle.inputs import SaveSynthesisd
+from bundle.outputs import SaveSynthesisd
 os.link = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # killed once the partial file is written
 SaveSynthesisd("pred")({"pred": torch.rand(1, 8, 8, 4), "output": sys.argv[1]})
 """

@@ -24,11 +24,11 @@ from bundle.datalist import (
     TRAINING_KEYS,
     _resolve,
     _structure_problems,
-    find_volumes,
     read_datalist,
     volume_stem,
 )
 from bundle.transforms import DomainDistortion
+from bundle.volumes import find_volumes
 
 __all__ = [
     "IXI_CONTRASTS",

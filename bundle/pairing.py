@@ -1,0 +1,234 @@
+"""Case pairing of the paired evaluation: which source, ground truth and mask each synthesis is measured on.
+
+:func:`paired_cases` turns the paired entries of a datalist's ``test`` (or ``validation``) list into one item per
+entry and direction (the ground truth and mask of a direction: :func:`bundle.datalist.synthesis_pair`);
+:func:`paired_loader` preprocesses each item's source, ground truth and mask onto one grid (:class:`PairedVolumesd`
+refuses a ground truth or mask off its source's grid) and hands the mask to the metrics as the ground truth's last
+channel (:func:`bundle.metrics.metric_handlers`, ``masked=True``).
+
+Example::
+
+    cases = paired_cases("demo_data", "datalist.json", "test", parse_directions("both"))
+    loader = paired_loader(cases, "A2B", source_preprocessing, target_preprocessing, pixdim=(1.8, 1.8, 1.8))
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from bundle.datalist import load_datalist, read_datalist, synthesis_pair, volume_stem
+from monai.data import DataLoader, Dataset
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform, Orientationd, Spacingd
+
+__all__ = [
+    "DIRECTIONS",
+    "PairedVolumesd",
+    "check_same_grid",
+    "mask_preprocessing",
+    "paired_cases",
+    "paired_loader",
+    "parse_directions",
+]
+
+DIRECTIONS = ("A2B", "B2A")
+
+
+def parse_directions(direction: str) -> list[str]:
+    """The synthesis directions of a run.
+
+    Args:
+        direction: ``"A2B"``, ``"B2A"`` or ``"both"``.
+
+    Returns:
+        ``["A2B"]``, ``["B2A"]`` or ``["A2B", "B2A"]``.
+
+    Raises:
+        ValueError: for any other value.
+    """
+    if direction == "both":
+        return list(DIRECTIONS)
+    if direction in DIRECTIONS:
+        return [direction]
+    raise ValueError(f'direction must be "A2B", "B2A" or "both", got {direction!r}.')
+
+
+def paired_cases(
+    dataset_dir: str | os.PathLike,
+    datalist: str | os.PathLike = "datalist.json",
+    key: str = "test",
+    directions: Sequence[str] = DIRECTIONS,
+) -> list[dict[str, Any]]:
+    """The evaluation items of a paired list: one per entry and direction, direction by direction.
+
+    Args:
+        dataset_dir: the dataset folder the datalist's paths are relative to.
+        datalist: the datalist JSON, absolute or relative to ``dataset_dir``.
+        key: the paired list (``"test"`` or ``"validation"``).
+        directions: ``"A2B"`` and/or ``"B2A"``.
+
+    Returns:
+        ``{"image": source, "label": ground truth, "mask", "subject", "direction", "experiment", "source_name",
+        "target_name"}`` per item (absolute paths; no ``mask`` when the entry has none). ``subject`` is the entry's
+        ``subject``, else the name of its ``A`` file; the names are the datalist's ``domains`` (e.g. ``"PD"``).
+
+    Raises:
+        KeyError: if the datalist has no such list.
+        ValueError: if the list is empty or unpaired, a direction is unknown, or two entries have the same subject.
+    """
+    entries = load_datalist(dataset_dir, datalist, key)
+    if not entries:
+        raise ValueError(f"the {key!r} list of datalist {datalist} (in {dataset_dir}) is empty: nothing to evaluate.")
+    unpaired = [index for index, entry in enumerate(entries) if not {"A", "B"} <= set(entry)]
+    if unpaired:
+        raise ValueError(
+            f'the {key!r} list of datalist {datalist} is not paired: entries {unpaired[:5]} have no "A" and "B" '
+            '(evaluate a paired list such as "test" or "validation"; training lists are unpaired).'
+        )
+    subjects = [str(entry.get("subject") or volume_stem(entry["A"])) for entry in entries]
+    repeated = sorted({s for s in subjects if subjects.count(s) > 1})
+    if repeated:
+        raise ValueError(
+            f"the {key!r} list of datalist {datalist} names subjects {repeated} more than once; give each entry a "
+            'distinct "subject" (it keys the CSV rows and the figures).'
+        )
+    names = {"A": "A", "B": "B", **read_datalist(dataset_dir, datalist).get("domains", {})}
+    cases = []
+    for direction in directions:
+        source, target = ("A", "B") if direction == "A2B" else ("B", "A")
+        for subject, entry in zip(subjects, entries, strict=True):
+            pair = synthesis_pair(entry, direction)
+            case = {"image": pair["source"], "label": pair["ground_truth"], "subject": subject, "direction": direction}
+            case |= {"experiment": f"{names[source]} to {names[target]}", "source_name": names[source]}
+            case |= {"target_name": names[target], **({"mask": pair["mask"]} if pair["mask"] else {})}
+            cases.append(case)
+    return cases
+
+
+def mask_preprocessing(
+    keys: str | Sequence[str] = "image", pixdim: Sequence[float] = (1.8, 1.8, 1.8), allow_missing_keys: bool = False
+) -> Compose:
+    """Geometry of :func:`bundle.data.volume_preprocessing` for masks: load, channel first, RAS, nearest resampling.
+
+    Args:
+        keys: keys of the masks.
+        pixdim: voxel size in mm, the same as the volumes'.
+        allow_missing_keys: skip items without a mask.
+
+    Returns:
+        The composed transform; the mask keeps its values (non-zero voxels are inside).
+    """
+    return Compose(
+        [
+            LoadImaged(keys, image_only=True, allow_missing_keys=allow_missing_keys),
+            EnsureChannelFirstd(keys, allow_missing_keys=allow_missing_keys),
+            Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
+            Spacingd(keys, pixdim=pixdim, mode="nearest", allow_missing_keys=allow_missing_keys),
+        ]
+    )
+
+
+def check_same_grid(
+    reference: torch.Tensor,
+    other: torch.Tensor,
+    reference_file: str | os.PathLike,
+    other_file: str | os.PathLike,
+    what: str = "ground truth",
+    atol_mm: float = 1e-3,
+) -> None:
+    """Raise unless two preprocessed volumes lie on the same voxel grid (shape and affine).
+
+    Paired volumes share the source's geometry by construction (:mod:`bundle.datalist`), so after the same
+    orientation and resampling they must have the same shape and affine; anything else is a datalist error.
+
+    Args:
+        reference: the preprocessed source, channel first (a MetaTensor carries its affine).
+        other: the preprocessed ground truth or mask.
+        reference_file: the source's file (for the message).
+        other_file: the other volume's file (for the message).
+        what: what ``other`` is (for the message).
+        atol_mm: tolerance on the affines' entries.
+
+    Raises:
+        ValueError: naming both files, their grids and what to do.
+    """
+    shapes = tuple(reference.shape[1:]), tuple(other.shape[1:])
+    affines = [torch.as_tensor(getattr(v, "affine", torch.eye(4)), dtype=torch.float64) for v in (reference, other)]
+    if shapes[0] == shapes[1] and torch.allclose(affines[0], affines[1], atol=atol_mm):
+        return
+
+    def grid(volume: torch.Tensor, shape: tuple[int, ...], affine: torch.Tensor) -> str:
+        original = getattr(volume, "meta", {}).get("spatial_shape")
+        size = "x".join(str(int(n)) for n in shape)
+        file_size = "" if original is None else f" (file: {'x'.join(str(int(n)) for n in original)})"
+        origin = ", ".join(f"{float(v):.2f}" for v in affine[:3, 3])
+        spacing = ", ".join(f"{float(v):.2f}" for v in affine[:3, :3].norm(dim=0))
+        return f"{size} voxels{file_size}, spacing ({spacing}) mm, origin ({origin})"
+
+    raise ValueError(
+        f"{what} {other_file} is not on the grid of its source {reference_file}:\n"
+        f"  source: {grid(reference, shapes[0], affines[0])}\n"
+        f"  {what}: {grid(other, shapes[1], affines[1])}\n"
+        f"paired volumes must share the source's geometry (bundle.datalist: ground truth and masks are in the "
+        f"source's geometry); resample the {what} onto the source before evaluating."
+    )
+
+
+class PairedVolumesd(MapTransform):
+    """Check that the preprocessed ground truth (``label``) and ``mask`` lie on the source's (``image``) grid, and
+    append the mask (all voxels where the item has none) to ``label`` as its last channel, the channel the masked
+    metrics (:mod:`bundle.metrics`, ``masked=True``) read.
+
+    Raises:
+        ValueError: naming both files (:func:`check_same_grid`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(("label", "mask"), allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        source, target = d["image"], d["label"]
+        files = {key: getattr(d[key], "meta", {}).get("filename_or_obj", key) for key in self.key_iterator(d)}
+        source_file = source.meta.get("filename_or_obj", "image") if hasattr(source, "meta") else "image"
+        check_same_grid(source, target, source_file, files["label"], "ground truth")
+        if "mask" in d:
+            check_same_grid(source, d["mask"], source_file, files["mask"], "mask")
+        d["masked"] = "mask" in d
+        mask = (d.pop("mask")[:1] > 0) if "mask" in d else torch.ones_like(torch.as_tensor(target)[:1], dtype=bool)
+        d["label"] = torch.cat([target, mask.to(target.dtype)])  # a MetaTensor keeps the ground truth's affine
+        return d
+
+
+def paired_loader(
+    cases: Sequence[Mapping[str, Any]],
+    direction: str,
+    source_preprocessing: Compose,
+    target_preprocessing: Compose,
+    pixdim: Sequence[float],
+) -> DataLoader:
+    """The data loader of one direction's evaluator: its items of :func:`paired_cases`, source (``image``), ground
+    truth (``label``) and mask preprocessed, :class:`PairedVolumesd`, one volume per batch.
+
+    Args:
+        cases: what :func:`paired_cases` returns.
+        direction: ``"A2B"`` or ``"B2A"``.
+        source_preprocessing: the source domain's preprocessing with key ``"image"`` (``Synthesis.preprocessing``).
+        target_preprocessing: the target domain's preprocessing with key ``"label"``.
+        pixdim: voxel size in mm (for the masks).
+
+    Returns:
+        A MONAI ``DataLoader``.
+    """
+    transform = Compose(
+        [
+            source_preprocessing,
+            target_preprocessing,
+            mask_preprocessing("mask", pixdim, allow_missing_keys=True),
+            PairedVolumesd(),
+        ]
+    )
+    items = [dict(case) for case in cases if case["direction"] == direction]
+    return DataLoader(Dataset(items, transform), batch_size=1, shuffle=False, num_workers=0)
