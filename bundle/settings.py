@@ -1,10 +1,16 @@
 """Settings that travel with the weights, and boolean flags as typed on the command line.
 
 Training writes ``models/settings.json`` beside ``models/model.pt``: everything needed to rebuild and feed its
-networks (domain kinds and names, width, depth, ``deformable``, output activation per domain, voxel size, slice
-size, HU window). Inference, evaluation and ``ckpt_export``/``onnx_export`` read it through :func:`resolve_settings`,
-so a model trained with any preset is served with no network flags, and an explicit setting that contradicts the
-weights fails in one line naming the setting and both values.
+networks (:data:`SETTINGS_KEYS`: domain kinds and names, width, depth, ``deformable``, voxel size, slice size, HU
+window; the values are the running training config's, ``configs/train.json`` with its preset and flags), plus the
+output activation per domain. Inference, evaluation and ``ckpt_export``/``onnx_export`` read it through
+:func:`resolve_settings`, so a model trained with any preset is served with no network flags, and an explicit setting
+that contradicts the weights fails in one line naming the setting and both values.
+
+Only where a folder holds no ``settings.json`` (no trained model yet: the model zoo's ``verify_net_in_out`` on a
+fresh clone, or weights saved without it) are the networks built from the running config's own values: the
+``paper_settings`` of ``configs/inference.json`` (:func:`paper_settings`). This module holds the names of the settings,
+never their values.
 
 Example::
 
@@ -24,11 +30,14 @@ from typing import Any
 import torch
 
 __all__ = [
-    "DEFAULTS",
+    "INFERENCE_CONFIG",
+    "PAPER_SETTINGS_ID",
     "SETTINGS_FILE",
+    "SETTINGS_KEYS",
     "as_bool",
     "autocast",
     "out_activation",
+    "paper_settings",
     "read_settings",
     "resolve_settings",
     "write_settings",
@@ -36,21 +45,25 @@ __all__ = [
 
 SETTINGS_FILE = "settings.json"
 
-# the paper's settings (configs/train.json without a preset): used where no trained model says otherwise
-DEFAULTS: dict[str, Any] = {
-    "domain_a": "MR",
-    "domain_b": "MR",
-    "name_a": "PD",
-    "name_b": "T2",
-    "in_channels": 1,
-    "out_channels": 1,
-    "ngf": 64,
-    "n_blocks": 9,
-    "deformable": True,
-    "pixdim": [1.8, 1.8, 1.8],
-    "spatial_size": [128, 128],
-    "hu_window": [-1000.0, 2000.0],
-}
+# what settings.json holds (besides the output activation it derives): the settings that rebuild and feed the networks
+SETTINGS_KEYS = (
+    "domain_a",
+    "domain_b",
+    "name_a",
+    "name_b",
+    "in_channels",
+    "out_channels",
+    "ngf",
+    "n_blocks",
+    "deformable",
+    "pixdim",
+    "spatial_size",
+    "hu_window",
+)
+_BOOLEAN_KEYS = ("deformable",)
+# the standalone inference config declares the values an untrained bundle builds its networks with
+INFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "inference.json"
+PAPER_SETTINGS_ID = "paper_settings"
 
 _TRUE, _FALSE = "true", "false"
 
@@ -101,12 +114,12 @@ def write_settings(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any]) -> 
 
     Args:
         ckpt_dir: the folder of ``model.pt``.
-        settings: at least the keys of :data:`DEFAULTS`; booleans may be given as ``"true"``/``"false"``.
+        settings: at least :data:`SETTINGS_KEYS`; booleans may be given as ``"true"``/``"false"``.
 
     Returns:
         The settings written.
     """
-    missing = sorted(set(DEFAULTS) - set(settings))
+    missing = sorted(set(SETTINGS_KEYS) - set(settings))
     if missing:
         raise ValueError(f"settings for {ckpt_dir}: missing {missing}.")
     written = {key: _plain(value) for key, value in settings.items()}
@@ -140,38 +153,62 @@ def read_settings(ckpt_dir: str | os.PathLike) -> dict[str, Any] | None:
     return settings
 
 
-def resolve_settings(ckpt_dir: str | os.PathLike, **given: Any) -> dict[str, Any]:
+def paper_settings(config_file: str | os.PathLike = INFERENCE_CONFIG) -> dict[str, Any]:
+    """The settings an untrained bundle builds its networks with: the ``paper_settings`` of the inference config.
+
+    Args:
+        config_file: the config declaring them (default: this bundle's ``configs/inference.json``).
+
+    Returns:
+        The settings (:data:`SETTINGS_KEYS`), the paper's PD -> T2 network and geometry.
+
+    Raises:
+        ValueError: if the config has no ``paper_settings`` object.
+    """
+    config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    settings = config.get(PAPER_SETTINGS_ID)
+    if not isinstance(settings, dict):
+        raise ValueError(f"{config_file}: no {PAPER_SETTINGS_ID!r} object (the settings of an untrained bundle).")
+    return settings
+
+
+def resolve_settings(
+    ckpt_dir: str | os.PathLike, defaults: Mapping[str, Any] | None = None, **given: Any
+) -> dict[str, Any]:
     """The settings to rebuild and feed the trained networks: the weights' own, checked against explicit ones.
 
     Args:
         ckpt_dir: the folder of ``model.pt`` and ``settings.json``.
+        defaults: the running config's settings, used only where ``ckpt_dir`` has no ``settings.json`` (default:
+            :func:`paper_settings`).
         given: settings given explicitly (a config override or a command-line flag); None means "from the weights".
 
     Returns:
-        ``settings.json`` (or :data:`DEFAULTS` where there is none) with the explicit settings applied, plus
+        ``settings.json`` (or ``defaults`` where there is none) with the explicit settings applied, plus
         ``out_activation`` per domain.
 
     Raises:
-        ValueError: in one line, for an explicit setting that contradicts the weights, or a ``settings.json`` that
-            lacks a key of :data:`DEFAULTS` not given explicitly.
+        ValueError: in one line, for an explicit setting that contradicts the weights, or a ``settings.json`` (or
+            ``defaults``) that lacks a key of :data:`SETTINGS_KEYS` not given explicitly.
     """
     stored = read_settings(ckpt_dir)
-    if stored is not None:
-        # a trained model's folder must say everything: a default in place of a trained value (e.g. the paper's
-        # 1.8 mm instead of the 2.4 mm trained on) synthesizes silently wrong outputs
-        missing = [key for key in DEFAULTS if key not in stored and given.get(key) is None]
-        if missing:
-            path = Path(ckpt_dir) / SETTINGS_FILE
-            keys = ", ".join(repr(key) for key in missing)
-            raise ValueError(
-                f"{path} is incomplete: no {keys} (the value{'s' if len(missing) > 1 else ''} the weights were "
-                f"trained with); restore the file written by training, or give --{missing[0]} explicitly."
-            )
-    settings = dict(DEFAULTS if stored is None else {**DEFAULTS, **stored})
+    base = stored if stored is not None else dict(paper_settings() if defaults is None else defaults)
+    # a trained model's folder must say everything: a default in place of a trained value (e.g. the paper's
+    # 1.8 mm instead of the 2.4 mm trained on) synthesizes silently wrong outputs
+    missing = [key for key in SETTINGS_KEYS if key not in base and given.get(key) is None]
+    if missing:
+        keys = ", ".join(repr(key) for key in missing)
+        if stored is None:
+            raise ValueError(f"no settings.json in {ckpt_dir} and no {keys} in the config's defaults; give them.")
+        raise ValueError(
+            f"{Path(ckpt_dir) / SETTINGS_FILE} is incomplete: no {keys} (the value{'s' if len(missing) > 1 else ''} "
+            f"the weights were trained with); restore the file written by training, or give --{missing[0]} explicitly."
+        )
+    settings = dict(base)
     for key, value in given.items():
         if value is None:
             continue
-        value = as_bool(value, key) if isinstance(DEFAULTS.get(key), bool) else _plain(value)
+        value = as_bool(value, key) if key in _BOOLEAN_KEYS else _plain(value)
         if stored is not None and key in stored and not _same(stored[key], value):
             raise ValueError(
                 f"{key}: the weights in {ckpt_dir} were trained with {stored[key]!r}, not {value!r} "

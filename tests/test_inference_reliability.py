@@ -20,7 +20,7 @@ import pytest
 import torch
 from bundle.inputs import find_inputs
 from bundle.networks import DicycleGenerator
-from bundle.settings import DEFAULTS, write_settings
+from bundle.settings import paper_settings, write_settings
 from monai.bundle import run
 from tests.bundle_fixtures import root_error
 
@@ -46,7 +46,7 @@ def _models(ckpt_dir: Path, **drop: bool) -> Path:
     for seed, name in enumerate(("model.pt", "model_g_ba.pt")):
         torch.manual_seed(seed)
         torch.save(DicycleGenerator(ngf=4, n_blocks=1, backend="torch").state_dict(), ckpt_dir / name)
-    write_settings(ckpt_dir, {**DEFAULTS, **TINY})
+    write_settings(ckpt_dir, {**paper_settings(), **TINY})
     settings = json.loads((ckpt_dir / "settings.json").read_text(encoding="utf-8"))
     (ckpt_dir / "settings.json").write_text(
         json.dumps({k: v for k, v in settings.items() if k not in drop}), encoding="utf-8"
