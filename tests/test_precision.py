@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bundle.networks import DicycleGenerator
 from bundle.settings import autocast
 from bundle.trainer import DicycleGANTrainer
 from monai.bundle import ConfigParser
@@ -67,12 +68,13 @@ def test_validation_uses_the_synthesis_inferer_and_no_engine_autocast():
 @pytest.mark.parametrize("amp", [True, False])
 def test_training_autocasts_with_the_same_setting(amp):
     probe = _Probe()
+    generator = DicycleGenerator(ngf=4, n_blocks=1, backend="torch")
     trainer = DicycleGANTrainer(
         device="cpu",
         max_epochs=1,
         train_data_loader=[],
-        g_ab=probe,
-        g_ba=probe,
+        g_ab=generator,
+        g_ba=generator,
         d_a=probe,
         d_b=probe,
         g_optimizer=torch.optim.SGD(probe.parameters(), lr=0.1),
