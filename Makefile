@@ -28,10 +28,10 @@ venv-gpu:
 	touch $(VENV)/.installed
 
 gpu-check: venv
-	$(PY) scripts/gpu_check.py --output docs/gpu_check.md
+	$(PY) -m scripts.gpu_check --output docs/gpu_check.md
 
 demo: venv
-	$(PY) scripts/demo.py
+	$(PY) -m scripts.demo
 
 test: venv
 	$(PY) -m pytest -q tests
@@ -45,7 +45,7 @@ format: venv
 	$(VENV)/bin/ruff format .
 
 benchmark: venv
-	$(PY) scripts/benchmark.py
+	$(PY) -m scripts.benchmark
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

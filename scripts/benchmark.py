@@ -2,14 +2,14 @@
 
 Usage (from the repository root)::
 
-    python scripts/benchmark.py                 # everything below, then the targets (a few minutes on 2 CPU cores)
-    python scripts/benchmark.py offset_conv     # OffsetConv2d against the plain convolution
-    python scripts/benchmark.py generator       # deformed against undeformed generator pass, paper size
-    python scripts/benchmark.py iteration       # DicycleGAN against CycleGAN training iteration, paper and demo size
-    python scripts/benchmark.py compiled        # eager against torch.compile'd DicycleGAN iteration, fp32 and bf16
-    python scripts/benchmark.py explain         # torch._dynamo.explain graph and graph-break counts of the step
-    python scripts/benchmark.py memory          # peak memory of a paper-size iteration in each mode
-    python scripts/benchmark.py loader [--dataset_dir DIR]  # samples/s of the training data pipeline
+    python -m scripts.benchmark                 # everything below, then the targets (a few minutes on 2 CPU cores)
+    python -m scripts.benchmark offset_conv     # OffsetConv2d against the plain convolution
+    python -m scripts.benchmark generator       # deformed against undeformed generator pass, paper size
+    python -m scripts.benchmark iteration       # DicycleGAN against CycleGAN training iteration, paper and demo size
+    python -m scripts.benchmark compiled        # eager against torch.compile'd DicycleGAN iteration, fp32 and bf16
+    python -m scripts.benchmark explain         # torch._dynamo.explain graph and graph-break counts of the step
+    python -m scripts.benchmark memory          # peak memory of a paper-size iteration in each mode
+    python -m scripts.benchmark loader [--dataset_dir DIR]  # samples/s of the training data pipeline
 
 Every comparison is timed round-robin (the contenders alternate, so each sees the same machine load) and reported
 as a median; each table's title gives the load average, because other processes on the machine slow a multi-threaded
@@ -40,11 +40,9 @@ from typing import Any
 import fire
 import torch
 import torch.nn.functional as F
+from bundle.networks import DicycleGenerator, OffsetConv2d
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bundle.networks import DicycleGenerator, OffsetConv2d  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 MODES = ("DicycleGAN", "CycleGAN")
@@ -60,7 +58,7 @@ TARGET_COMPILE_SPEEDUP = 1.3  # eager / compiled DicycleGAN iteration, CPU paper
 TARGET_COMPILED_MODE_RATIO = 1.5  # compiled DicycleGAN / eager CycleGAN iteration
 
 
-def _median_seconds(steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+def median_seconds(steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
     """Median wall time of each step, run round-robin so that every step sees the same machine load."""
     for _ in range(warmup):
         for step in steps.values():
@@ -158,7 +156,7 @@ def offset_conv(repeats: int = 10, backend: str = "torch") -> list[dict]:
             "sampling": sampling,
             "contraction": contraction,
         }
-        ms = {name: 1e3 * seconds for name, seconds in _median_seconds(steps, repeats).items()}
+        ms = {name: 1e3 * seconds for name, seconds in median_seconds(steps, repeats).items()}
         kernels = ms["offset_conv"] + ms["sampling"] + ms["contraction"]
         row = {
             "input": f"{channels}x{size}x{size}",
@@ -214,7 +212,7 @@ def generator(repeats: int = 5, size: int = 128, ngf: int = 64, n_blocks: int = 
         net.zero_grad(set_to_none=True)
         (net(x, deform=True).square().mean() + net(x, deform=False).square().mean()).backward()
 
-    timed = _median_seconds(
+    timed = median_seconds(
         {
             "undeformed": _forward_backward(net, x, deform=False),
             "deformed": _forward_backward(net, x, deform=True),
@@ -260,7 +258,7 @@ def _parser(preset: str, mode: str, overrides: dict[str, Any] | None = None):
     return parser
 
 
-class _Iteration:
+class Iteration:
     """One training configuration as the configs build it: ``g_ab``, ``g_ba``, ``d_a``, ``d_b``, the optimizers, the
     loss and the image pools of the config in a ``DicycleGANTrainer``, fed one fixed unpaired batch of random
     slices (no data loader in the timing); calling it runs one ``trainer._iteration``."""
@@ -334,7 +332,7 @@ def iteration(
 ) -> dict[str, dict[str, float]]:
     """Seconds per training iteration (generator step + discriminator step with image pools) of the DicycleGAN and
     CycleGAN modes of the same code, timed round-robin, and each mode's matrix FLOP per iteration
-    (:meth:`_Iteration.matrix_flop`): their ratio is the floor of the time ratio at equal arithmetic efficiency.
+    (:meth:`Iteration.matrix_flop`): their ratio is the floor of the time ratio at equal arithmetic efficiency.
 
     Args:
         preset: ``"paper"`` (configs/train.json: ngf 64, 9 blocks, 128 x 128, batch 1, d_channels 64), ``"demo"``
@@ -350,9 +348,9 @@ def iteration(
     _set_threads(threads)
     results = {}
     for name in _names(preset):
-        runs = {mode: _Iteration(name, mode, overrides) for mode in MODES}
+        runs = {mode: Iteration(name, mode, overrides) for mode in MODES}
         n = repeats if repeats is not None else (3 if name == "paper" else 10)
-        timed = _median_seconds(dict(runs), n, warmup)
+        timed = median_seconds(dict(runs), n, warmup)
         _header(f"Training iteration, {PRESET_LABELS[name]} ({runs['DicycleGAN'].description}), median of {n}")
         slices = 2 * runs["DicycleGAN"].batch_size  # a sample is one domain-A and one domain-B slice
         ratio = timed["DicycleGAN"] / timed["CycleGAN"]
@@ -436,11 +434,11 @@ def compiled(
         for dtype in _names(precision):
             settings = {**(overrides or {}), "amp": dtype == "bf16"}
             runs = {
-                "eager": _Iteration(name, "DicycleGAN", settings),
-                "compiled": _Iteration(name, "DicycleGAN", {**settings, "compile": True}),
-                "cyclegan": _Iteration(name, "CycleGAN", settings),
+                "eager": Iteration(name, "DicycleGAN", settings),
+                "compiled": Iteration(name, "DicycleGAN", {**settings, "compile": True}),
+                "cyclegan": Iteration(name, "CycleGAN", settings),
             }
-            steady = _median_seconds({"eager": runs["eager"]}, 1, warmup=1)["eager"]
+            steady = median_seconds({"eager": runs["eager"]}, 1, warmup=1)["eager"]
             first: list[float] = []
             while len(first) < 8:  # compile (and any recompile) happen in the first calls
                 start = time.perf_counter()
@@ -448,7 +446,7 @@ def compiled(
                 first.append(time.perf_counter() - start)
                 if len(first) >= 2 and first[-1] < 2 * steady:
                     break
-            timed = _median_seconds(dict(runs), n, warmup)
+            timed = median_seconds(dict(runs), n, warmup)
             compile_s = sum(first) - len(first) * timed["compiled"]
             row = {
                 **timed,
@@ -563,7 +561,7 @@ def memory_probe(
     """Run ``iterations`` training iterations in this process and print its memory as JSON on the last line (used by
     :func:`memory`, which runs it in a fresh process per mode)."""
     baseline = _status_mb("VmRSS")
-    run = _Iteration(preset, mode, overrides)
+    run = Iteration(preset, mode, overrides)
     built = _status_mb("VmRSS")
     for _ in range(iterations):
         run()
@@ -800,7 +798,7 @@ def inference(dataset_dir: str | None = "demo_data", repeats: int = 2, sw_batch_
     flops = counter.get_total_flops() * slices
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    matmul = _median_seconds({"mm": lambda: a @ b}, repeats=10)["mm"]
+    matmul = median_seconds({"mm": lambda: a @ b}, repeats=10)["mm"]
     matmul_gflops = 2 * 2048**3 / matmul / 1e9
 
     stages = ("load", "preprocess", "network", "invert", "save", "total")

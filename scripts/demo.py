@@ -2,7 +2,7 @@
 
 Usage (from the repository root; ``make demo`` runs it)::
 
-    python scripts/demo.py [--dataset_dir demo_data] [--preset configs/demo.json]
+    python -m scripts.demo [--dataset_dir demo_data] [--preset configs/demo.json]
 
 Steps, each printed with the command it runs:
 
@@ -25,14 +25,12 @@ from pathlib import Path
 import fire
 import numpy as np
 import torch
+from bundle.datalist import load_datalist, synthesis_pair
+from bundle.metrics import volume_psnr
+from bundle.settings import resolve_settings
 from monai.bundle import ConfigParser
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bundle.datalist import load_datalist, synthesis_pair  # noqa: E402
-from bundle.metrics import volume_psnr  # noqa: E402
-from bundle.settings import resolve_settings  # noqa: E402
 
 
 def _run(command: list[str]) -> None:
@@ -79,7 +77,7 @@ def main(
     start = time.perf_counter()
     python = sys.executable
     if not (ROOT / dataset_dir / "datalist.json").exists():
-        _run([python, "scripts/make_demo_data.py", "--output_dir", dataset_dir, "--seed", str(seed)])
+        _run([python, "-m", "scripts.make_demo_data", "--output_dir", dataset_dir, "--seed", str(seed)])
     _run(
         [
             python,

@@ -2,8 +2,8 @@
 
 Usage (from the repository root)::
 
-    python scripts/dose_response.py instrument --output_dir study_dose   # the measuring instrument first
-    python scripts/dose_response.py study --output_dir study_dose --budget 1 [--dry_run]
+    python -m scripts.dose_response instrument --output_dir study_dose   # the measuring instrument first
+    python -m scripts.dose_response study --output_dir study_dose --budget 1 [--dry_run]
 
 The T2 volumes of the phantom are distorted by one fixed smooth field (:class:`bundle.transforms.DomainDistortion`)
 scaled to peak magnitudes of 0, 5, 10 and 20 mm; the field's shape is the same at every level (same seed and
@@ -16,12 +16,13 @@ evaluation's directions) is run on the ground truth against its distorted copy, 
 is compared with the applied one, evaluated analytically from the distortion's B-spline field on the mask's voxels.
 
 ``study``: CycleGAN (``configs/cyclegan.json``) and DicycleGAN (paper settings) are trained on PD <-> T2 at every
-level (plus two more training seeds at 10 mm, or at the ``--replicate_levels_mm``) with ``reproduce.py``'s runner
-functions and preset, evaluated on the held-out phantom subjects, and the copy fraction (the OLS slope of the
-residual displacement against the applied mean displacement, with its 95 % confidence interval) is reported per
-method and direction, beside PSNR/SSIM at every level, a figure of residual against applied displacement and a
-Fig. 4-style panel at 20 mm. Finished runs are not retrained and metrics measured after a run's training are read
-back, so the command can be repeated (e.g. after an interruption, or in the background with ``nohup ... &``).
+level (plus two more training seeds at 10 mm, or at the ``--replicate_levels_mm``) at one of
+:mod:`scripts.tooling.study`'s presets, evaluated on the held-out phantom subjects, and the copy fraction (the OLS
+slope of the residual displacement against the applied mean displacement, with its 95 % confidence interval) is
+reported per method and direction, beside PSNR/SSIM at every level, a figure of residual against applied
+displacement and a Fig. 4-style panel at 20 mm. Finished runs are not retrained and metrics measured after a run's
+training are read back, so the command can be repeated (e.g. after an interruption, or in the background with
+``nohup ... &``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,22 +43,30 @@ import fire
 import nibabel as nib
 import numpy as np
 import torch
+from bundle.datalist import load_datalist, read_datalist
+from bundle.pairing import mask_preprocessing
+from bundle.reports import mean_sd
+from bundle.transforms import BSplineField, DomainDistortion
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bundle.data import volume_preprocessing  # noqa: E402
-from bundle.datalist import load_datalist, read_datalist  # noqa: E402
-from bundle.metrics import voxel_size  # noqa: E402
-from bundle.pairing import mask_preprocessing  # noqa: E402
-from bundle.registration import residual_displacement  # noqa: E402
-from bundle.reports import mean_sd  # noqa: E402
-from bundle.transforms import BSplineField, DomainDistortion  # noqa: E402
-from scripts import reproduce  # noqa: E402
-from scripts.tooling.datasets import make_distorted_datalist  # noqa: E402
+from scripts.tooling.datasets import make_distorted_datalist
+from scripts.tooling.report import command_line, comparison_figure, publish
+from scripts.tooling.study import (
+    DIRECTIONS,
+    METHOD_COLOURS,
+    METHODS,
+    PRESETS,
+    Experiment,
+    as_list,
+    distorted_copies,
+    log,
+    on_device,
+    prepare_data,
+    select_preset,
+    train_and_evaluate,
+)
+from scripts.tooling.study import Run as StudyRun
 
 __all__ = ["applied_displacement", "copy_fraction", "field_at_points", "instrument", "inverse_displacement", "study"]
 
@@ -69,18 +77,12 @@ SEEDS = (0, 1, 2)
 DISTORTION_SPACING_MM = 80.0
 DISTORTION_SEED = 0
 INSTRUMENT_TOLERANCE = 0.10
-# the study's marked section of docs/results.md (reproduce.publish_section)
+# the study's marked section of docs/results.md (scripts.tooling.report.publish_section)
 SECTION = "dose-response-study"
 # wall time of one cpu-preset run on the 2-core reference machine (docs/results.md: 6 runs trained in 44.5 min,
 # evaluated with registration in 7.8 min); used for the estimate until this study has finished runs of its own
 DEFAULT_TRAIN_S = 445.0
 DEFAULT_EVALUATE_S = 78.0
-# directions of the evaluation: (direction, moved key, ground-truth key, mask key); see reproduce.distortion_reference
-DIRECTIONS = (("A2B", "B", "gt_A2B", "mask"), ("B2A", "A", "gt_B2A", "mask_B"))
-
-
-def log(message: str) -> None:
-    print(f"[dose_response {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ the applied field
@@ -260,38 +262,32 @@ def applied_means(data_dir: Path, datalist: str, pixdim: Sequence[float]) -> dic
 def measure_instrument(
     data_dir: Path, datalist: str, pixdim: Sequence[float], registration: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """Register each test subject's ground truth against its distorted copy as the evaluation does, beside the
-    analytic displacement: one row per subject and direction."""
+    """Register each test subject's ground truth against its distorted copy as the evaluation does
+    (:func:`scripts.tooling.study.distorted_copies`), beside the analytic displacement: one row per subject and
+    direction."""
     names = read_datalist(data_dir, datalist)["domains"]
     level = float(read_datalist(data_dir, datalist)["distortion"]["max_displacement_mm"])
-    preprocess = volume_preprocessing("image", "MR", pixdim)
-    masks = mask_preprocessing("image", pixdim)
     applied = applied_means(data_dir, datalist, pixdim)
     rows = []
-    for entry in load_datalist(data_dir, datalist, "test"):
-        for direction, moved, truth, mask_key in DIRECTIONS:
-            moving = preprocess({"image": entry[moved]})["image"]
-            fixed = preprocess({"image": entry[truth]})["image"]
-            region = masks({"image": entry[mask_key]})["image"][0] > 0
-            start = time.perf_counter()
-            result = residual_displacement(moving[0], fixed[0], voxel_size(fixed), region, **(registration or {}))
-            source, target = ("A", "B") if direction == "A2B" else ("B", "A")
-            rows.append(
-                {
-                    "level_mm": level,
-                    "subject": entry["subject"],
-                    "direction": direction,
-                    "experiment": f"{names[source]} to {names[target]}",
-                    "applied_mm": applied[entry["subject"], direction],
-                    "recovered_mm": result["mean_mm"],
-                    "recovered_p95_mm": result["p95_mm"],
-                    "seconds": time.perf_counter() - start,
-                }
-            )
-            log(
-                f"{level:g} mm {entry['subject']} {rows[-1]['experiment']}: applied {rows[-1]['applied_mm']:.3f} mm, "
-                f"recovered {result['mean_mm']:.3f} mm ({rows[-1]['seconds']:.1f} s)"
-            )
+    for copy in distorted_copies(data_dir, datalist, pixdim, **(registration or {})):
+        subject, direction, result = copy["entry"]["subject"], copy["direction"], copy["displacement"]
+        source, target = ("A", "B") if direction == "A2B" else ("B", "A")
+        rows.append(
+            {
+                "level_mm": level,
+                "subject": subject,
+                "direction": direction,
+                "experiment": f"{names[source]} to {names[target]}",
+                "applied_mm": applied[subject, direction],
+                "recovered_mm": result["mean_mm"],
+                "recovered_p95_mm": result["p95_mm"],
+                "seconds": copy["seconds"],
+            }
+        )
+        log(
+            f"{level:g} mm {subject} {rows[-1]['experiment']}: applied {rows[-1]['applied_mm']:.3f} mm, "
+            f"recovered {result['mean_mm']:.3f} mm ({rows[-1]['seconds']:.1f} s)"
+        )
     return rows
 
 
@@ -321,42 +317,8 @@ def instrument_table(rows: Sequence[Mapping[str, Any]], tolerance: float = INSTR
     return "\n".join(lines)
 
 
-def _preset_settings(preset: str) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
-    """``(config files, overrides, data settings)`` of one of ``reproduce.py``'s presets."""
-    if preset not in reproduce.PRESETS:
-        raise ValueError(f"preset must be one of {sorted(reproduce.PRESETS)}, got {preset!r}.")
-    settings = reproduce.PRESETS[preset]
-    return list(settings["configs"]), dict(settings.get("overrides", {})), dict(settings["data"])
-
-
-def _pixdim(configs: Sequence[str], overrides: Mapping[str, Any]) -> list[float]:
-    """The evaluation's voxel size under a preset (its config files, then its overrides)."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / name) for name in ["configs/train.json", *configs]])
-    parser.update({name: value for name, value in overrides.items() if name in parser.get("", {})})
-    return [float(v) for v in parser.get_parsed_content("pixdim")]
-
-
-def _prepare_data(output: Path, preset: str, dataset_dir: str | None) -> Path:
-    _, _, data_settings = _preset_settings(preset)
-    data_dir = Path(dataset_dir).resolve() if dataset_dir else output / "data"
-    if not dataset_dir:
-        reproduce.build_data(data_dir, data_settings, seed=0)
-    return data_dir
-
-
 def _mm_list(levels: Sequence[float], separator: str = ",") -> str:
     return separator.join(f"{v:g}" for v in levels)
-
-
-def _levels(levels: str | float | Sequence[float]) -> list[float]:
-    if isinstance(levels, str):
-        return [float(v) for v in levels.split(",") if v.strip()]
-    if isinstance(levels, (int, float)):
-        return [float(levels)]
-    return [float(v) for v in levels]
 
 
 def instrument(
@@ -375,7 +337,7 @@ def instrument(
 
     Args:
         output_dir: the study folder (its ``data/`` is shared with ``study``).
-        preset: ``reproduce.py`` preset giving the phantom geometry and the evaluation's voxel size.
+        preset: a preset of :data:`scripts.tooling.study.PRESETS`: the phantom and the evaluation's voxel size.
         levels: peak distortions in mm (comma-separated or a list).
         dataset_dir: an existing phantom folder to use instead of ``OUTPUT_DIR/data``.
         control_spacing_mm: control-point spacing of the distortion.
@@ -387,11 +349,12 @@ def instrument(
     """
     start = time.perf_counter()
     output = Path(output_dir).resolve()
-    configs, overrides, _ = _preset_settings(preset)
-    data_dir = _prepare_data(output, preset, dataset_dir)
-    pixdim = _pixdim(configs, overrides)
+    settings = select_preset(preset)
+    data_dir, _ = prepare_data(output, settings, dataset_dir, seed=0)
+    pixdim = settings.pixdim()
+    levels = as_list(levels, float)
     rows = []
-    for level in _levels(levels):
+    for level in levels:
         rows += measure_instrument(data_dir, level_datalist(data_dir, level, control_spacing_mm), pixdim)
     table = instrument_table(rows, tolerance)
     (output / "metrics").mkdir(parents=True, exist_ok=True)
@@ -411,7 +374,7 @@ def instrument(
     )
     (output / "instrument.md").write_text(text, encoding="utf-8")
     (output / "instrument.json").write_text(
-        json.dumps({"passed": passed, "tolerance": tolerance, "levels": _levels(levels)}), encoding="utf-8"
+        json.dumps({"passed": passed, "tolerance": tolerance, "levels": levels}), encoding="utf-8"
     )
     print(text)
     print("instrument check " + ("PASSED" if passed else "FAILED") + f" (tolerance {tolerance:.0%})")
@@ -498,8 +461,8 @@ class Run:
     def name(self) -> str:
         return f"{self.level_mm:g}mm_seed{self.seed}_{self.method}"
 
-    def experiment(self, datalist: str) -> reproduce.Experiment:
-        return reproduce.Experiment(
+    def experiment(self, datalist: str) -> Experiment:
+        return Experiment(
             f"dose_{self.level_mm:g}mm", "Table 2", f"PD <-> T2, T2 distorted by {self.level_mm:g} mm (peak)", datalist
         )
 
@@ -508,7 +471,7 @@ def planned_runs(
     levels: Sequence[float],
     seeds: Sequence[int],
     replicate_levels_mm: Sequence[float],
-    methods: Sequence[str] = reproduce.METHODS,
+    methods: Sequence[str] = METHODS,
 ) -> list[Run]:
     """Each method at every level with the first seed, and with every seed at the ``replicate_levels_mm``."""
     return [
@@ -694,7 +657,7 @@ def dose_figure(
     for ax, direction in zip(axes, directions, strict=True):
         top = max(applied[level, d] for level, d in applied if d == direction)
         ax.plot([0, top], [0, top], color="grey", linestyle=":", label="full copy (slope 1)")
-        for method in reproduce.METHODS:
+        for method in METHODS:
             by_level: dict[float, list[float]] = {}
             for (m, d, level, _), value in means.items():
                 if m == method and d == direction:
@@ -705,7 +668,7 @@ def dose_figure(
             x = [applied[level, direction] for level in levels]
             y = [statistics.fmean(by_level[level]) for level in levels]
             sd = [statistics.stdev(by_level[level]) if len(by_level[level]) > 1 else 0.0 for level in levels]
-            colour = reproduce.METHOD_COLOURS[method]
+            colour = METHOD_COLOURS[method]
             ax.errorbar(x, y, yerr=sd, fmt="o", color=colour, capsize=4)
             fit = fits[method, direction]
             ax.plot(
@@ -738,13 +701,21 @@ def study(
     dry_run: bool = False,
     skip_instrument_check: bool = False,
     publish_dir: str | None = None,
-    methods: str | Sequence[str] = reproduce.METHODS,
+    methods: str | Sequence[str] = METHODS,
+    device: str | None = None,
+    concurrent: int = 1,
+    time_limit_s: float | None = None,
+    check_instrument: bool = False,
 ) -> dict[str, Any]:
     """Train CycleGAN and DicycleGAN at every distortion level, evaluate them and report the copy fractions.
 
+    On one GPU, e.g. ``--preset gpu --device cuda --concurrent 8 --time_limit_s 240 --check_instrument``: the
+    instrument is checked, eight runs at the paper's width train side by side for four minutes each, then all are
+    evaluated.
+
     Args:
         output_dir: where the data, runs, metrics, figures and ``results.md`` go.
-        preset: ``reproduce.py`` preset (``cpu``: its widths and budget; ``smoke``: tests).
+        preset: a preset of :data:`scripts.tooling.study.PRESETS` (``cpu``: its widths and budget; ``smoke``: tests).
         levels: peak distortions of T2 in mm (comma-separated or a list).
         seeds: training seeds used at the ``replicate_levels_mm``; the other levels use the first.
         replicate_levels_mm: the levels trained with every seed (comma-separated or a list).
@@ -758,6 +729,11 @@ def study(
             to ``PUBLISH_DIR/figures``.
         methods: the methods to train (``Cycle``, ``Dicycle``; comma-separated or a list), e.g. one method at
             another budget.
+        device: train and evaluate on this device (e.g. ``cuda``); None: the config's (CUDA when present).
+        concurrent: runs trained side by side, each in its own process (its output in ``runs/<run>/train.log``).
+        time_limit_s: stop each run's training after this many seconds (its epochs otherwise).
+        check_instrument: run the instrument check first (``instrument`` at the study's levels) when this output
+            folder holds none that passed; the study trains only if it passes.
 
     Returns:
         ``{"results", "fits", "rows", "runs"}``; ``results`` is None for a dry run.
@@ -767,22 +743,21 @@ def study(
             an unknown method.
         RuntimeError: if the instrument check has not passed at every level (unless ``skip_instrument_check``).
     """
-    if not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be a whole number of times the preset's epochs (>= 1), got {budget!r}.")
-    levels = _levels(levels)
-    seeds = [int(s) for s in (seeds.split(",") if isinstance(seeds, str) else np.atleast_1d(seeds))]
+    settings = on_device(select_preset(preset, budget), device, time_limit_s)
+    levels = as_list(levels, float)
+    seeds = as_list(seeds, int)
     if len(set(levels)) < 2:
         raise ValueError(f"a slope needs at least two distortion levels, got {levels}.")
-    replicate_levels_mm = _levels(replicate_levels_mm)
+    replicate_levels_mm = as_list(replicate_levels_mm, float)
     if not replicate_levels_mm or not set(replicate_levels_mm) <= set(levels):
         raise ValueError(f"replicate_levels_mm={replicate_levels_mm} must be some of the levels {levels}.")
-    methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
-    if not methods or not set(methods) <= set(reproduce.METHODS):
-        raise ValueError(f"methods must be some of {list(reproduce.METHODS)}, got {methods}.")
+    methods = as_list(methods)
+    if not methods or not set(methods) <= set(METHODS):
+        raise ValueError(f"methods must be some of {list(METHODS)}, got {methods}.")
+    if not isinstance(concurrent, int) or concurrent < 1:
+        raise ValueError(f"concurrent must be a whole number of runs trained at once (>= 1), got {concurrent!r}.")
     start = time.perf_counter()
     output = Path(output_dir).resolve()
-    configs, overrides, _ = _preset_settings(preset)
-    overrides = {**overrides, **reproduce.budget_epochs(configs, overrides, budget)}
     runs = planned_runs(levels, seeds, replicate_levels_mm, methods)
     runs_dir = output / "runs"
     seconds, left = estimate_seconds(runs, runs_dir, budget)
@@ -794,62 +769,55 @@ def study(
         return {"results": None, "fits": {}, "rows": [], "runs": runs}
     record = output / "instrument.json"
     check = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+    if check_instrument and not (check.get("passed") and set(levels) <= set(check.get("levels", []))):
+        instrument(output_dir, preset, levels, dataset_dir)
+        check = json.loads(record.read_text(encoding="utf-8"))
     if not skip_instrument_check and not (check.get("passed") and set(levels) <= set(check.get("levels", []))):
         raise RuntimeError(
-            f"the instrument check has not passed at levels {levels} ({record}): run `python scripts/dose_response.py "
+            f"the instrument check has not passed at levels {levels} ({record}): run `python -m scripts.dose_response "
             f"instrument --output_dir {output_dir}` first and fix the registration if it fails, or pass "
             "--skip_instrument_check to train anyway."
         )
 
-    data_dir = _prepare_data(output, preset, dataset_dir)
+    data_dir, _ = prepare_data(output, settings, dataset_dir, seed=0)
     datalists = {level: level_datalist(data_dir, level) for level in levels}
-    for run in runs:
-        reproduce.train(
-            runs_dir / run.name,
-            run.experiment(datalists[run.level_mm]),
-            run.method,
-            configs,
-            overrides,
-            data_dir,
-            run.seed,
-        )
-
-    (output / "metrics").mkdir(exist_ok=True)
-    pixdim = _pixdim(configs, overrides)
+    trained = train_and_evaluate(
+        output,
+        [StudyRun(run.name, run.experiment(datalists[run.level_mm]), run.method, run.seed) for run in runs],
+        settings,
+        data_dir,
+        concurrent,
+    )
+    rows = [
+        {**row, "method": run.method, "level_mm": run.level_mm, "seed": run.seed}
+        for run in runs
+        for row in trained.rows[run.name]
+    ]
+    pixdim = settings.pixdim()
     applied: dict[tuple[float, str], float] = {}
     for level in levels:
         by_subject = applied_means(data_dir, datalists[level], pixdim)
         for direction, *_ in DIRECTIONS:
             applied[level, direction] = statistics.fmean(v for (_, d), v in by_subject.items() if d == direction)
-    rows: list[dict[str, Any]] = []
-    parsers: dict[Run, Any] = {}
-    for run in runs:
-        run_dir = runs_dir / run.name
-        experiment = run.experiment(datalists[run.level_mm])
-        parsers[run] = reproduce.evaluation_parser(experiment, run.method, configs, overrides, data_dir, run_dir)
-        log(f"{run.name}: evaluating")
-        trained_at = (run_dir / "run.json").stat().st_mtime
-        for row in reproduce.evaluate(parsers[run], output / "metrics" / f"{run.name}.csv", trained_at):
-            rows.append({**row, "method": run.method, "level_mm": run.level_mm, "seed": run.seed})
     labels = {row["direction"]: row["experiment"] for row in rows}
     fits = copy_fractions(rows, applied)
     within_seeds = copy_fractions(rows, applied, within_seeds=True) if len(seeds) > 1 else None
     suffix = "" if budget == 1 else f"_{budget}x"  # another budget: figures and published section of its own
     figures = {"dose": dose_figure(output / "figures" / f"dose_response{suffix}.png", rows, applied, fits, labels)}
     top = max(levels)
-    panel = {run.method: parsers[run] for run in runs if run.level_mm == top and run.seed == seeds[0]}
-    if set(panel) == set(reproduce.METHODS):
-        figures["fig4"] = reproduce.comparison_figure(
+    panel = {run.method: trained.parsers[run.name] for run in runs if run.level_mm == top and run.seed == seeds[0]}
+    if set(panel) == set(METHODS):
+        figures["fig4"] = comparison_figure(
             output / "figures" / f"fig4_{top:g}mm{suffix}.png",
             Run(top, seeds[0], "Dicycle").experiment(datalists[top]),
             panel,
         )
     spread = seed_spread(rows, applied, replicate_levels_mm, (min(levels), seeds[0]))
-    records = [json.loads((runs_dir / run.name / "run.json").read_text(encoding="utf-8")) for run in runs]
+    records = [trained.records[run.name] for run in runs]
     flags = {  # the study's own flags, those left at their defaults omitted
         "output_dir": output_dir,
         "dataset_dir": dataset_dir,
-        "methods": ",".join(methods) if methods != list(reproduce.METHODS) else None,
+        "methods": ",".join(methods) if methods != list(METHODS) else None,
         "levels": _mm_list(levels) if levels != list(LEVELS_MM) else None,
         "seeds": ",".join(map(str, seeds)) if seeds != list(SEEDS) else None,
         "replicate_levels_mm": _mm_list(replicate_levels_mm)
@@ -857,8 +825,12 @@ def study(
         else None,
         "preset": preset,
         "budget": budget,
+        "device": device,
+        "concurrent": concurrent if concurrent != 1 else None,
+        "time_limit_s": f"{time_limit_s:g}" if time_limit_s is not None else None,
+        "check_instrument": True if check_instrument else None,
     }
-    command = reproduce.command_line("scripts/dose_response.py study", flags)
+    command = command_line("scripts.dose_response study", flags)
     instrument_text = (
         (output / "instrument.md").read_text(encoding="utf-8") if (output / "instrument.md").is_file() else None
     )
@@ -877,6 +849,7 @@ def study(
         replicate_levels_mm,
         instrument_text,
         within_seeds,
+        hardware(settings.value("device"), concurrent),
     )
     minutes = (time.perf_counter() - start) / 60
     text += f"\nWall time of this call: {minutes:.1f} min (runs trained and measured by earlier calls are reused).\n"
@@ -884,12 +857,20 @@ def study(
     results.write_text(text, encoding="utf-8")
     log(f"wrote {results}")
     if publish_dir:
-        published = reproduce.publish(publish_dir, SECTION + suffix.replace("_", "-"), text, figures.values())
-        log(f"published to {published}")
+        publish(publish_dir, text, figures.values(), section=SECTION + suffix.replace("_", "-"))
     for (method, direction), fit in sorted(fits.items()):
         within = f" ({_percent(within_seeds[method, direction])} within seeds)" if within_seeds else ""
         print(f"{labels[direction]}: {method}GAN copies {_percent(fit)}{within} of the distortion")
     return {"results": str(results), "fits": fits, "within_seeds": within_seeds, "rows": rows, "runs": runs}
+
+
+def hardware(device: torch.device | str, concurrent: int = 1) -> str:
+    """Where the runs trained, for the results: the GPU's name on CUDA, else the CPU architecture and cores."""
+    device = torch.device(device)
+    side_by_side = f", {concurrent} runs at a time" if concurrent > 1 else ""
+    if device.type == "cuda":
+        return f"one {torch.cuda.get_device_name(device)} with {os.cpu_count()} CPU cores{side_by_side}"
+    return f"{platform.machine()} with {os.cpu_count()} CPU cores{side_by_side}"
 
 
 def results_markdown(
@@ -907,6 +888,7 @@ def results_markdown(
     replicate_levels_mm: Sequence[float],
     instrument_text: str | None = None,
     within_seeds: Mapping[tuple[str, str], Mapping[str, float]] | None = None,
+    machine: str = "",
 ) -> str:
     """The text of the study's ``results.md`` (every figure in it comes from ``rows``, ``applied``, ``fits``,
     ``within_seeds``, ``spread`` and the instrument check's own text)."""
@@ -916,7 +898,7 @@ def results_markdown(
         + ", ".join(
             f"{method}GAN copies {_percent(fits[method, direction])}"
             + (f" ({_percent(within_seeds[method, direction])} within seeds)" if within_seeds else "")
-            for method in reproduce.METHODS
+            for method in METHODS
             if (method, direction) in fits
         )
         for direction in sorted(labels)
@@ -930,10 +912,10 @@ def results_markdown(
         command,
         "```",
         "",
-        f"Preset `{preset}` ({reproduce.PRESETS[preset]['description']}), budget {budget}; {len(runs)} runs "
+        f"Preset `{preset}` ({PRESETS[preset].description}), budget {budget}; {len(runs)} runs "
         f"(seeds {', '.join(map(str, seeds))} at {_mm_list(replicate_levels_mm, ', ')} mm, the "
-        f"first seed elsewhere), training {training_min:.1f} min in all on {platform.machine()} with "
-        f"{os.cpu_count()} CPU cores (runs may share the cores: then each takes longer). T2 distorted by one "
+        f"first seed elsewhere), training {training_min:.1f} min in all on {machine or platform.machine()} "
+        "(runs may share it: then each takes longer). T2 distorted by one "
         f"smooth field ({DISTORTION_SPACING_MM:g} mm lattice, seed {DISTORTION_SEED}) scaled to each peak; applied "
         "mean displacement evaluated analytically on the evaluation's mask. Every run is evaluated on the held-out "
         "subjects by `configs/evaluate.json`.",
@@ -943,7 +925,7 @@ def results_markdown(
         "### The measuring instrument",
         "",
         "Each test subject's undistorted ground truth registered against its distorted copy exactly as the "
-        "evaluation registers a synthesis (`python scripts/dose_response.py instrument`, same output folder):",
+        "evaluation registers a synthesis (`python -m scripts.dose_response instrument`, same output folder):",
         "",
         instrument_text.strip() if instrument_text else "Not run in this output folder.",
         "",
@@ -975,6 +957,17 @@ def results_markdown(
             "",
         ]
     lines += [
+        "### Runs",
+        "",
+        "Training wall time and iterations (slice pairs) of each run, from its `run.json` and checkpoint.",
+        "",
+        "| run | training (s) | iterations |",
+        "| --- | ---: | ---: |",
+        *(
+            f"| {run.name} | {record['seconds']:.0f} | {record.get('iterations') or 'n/a'} |"
+            for run, record in zip(runs, records, strict=True)
+        ),
+        "",
         "### Table 2 at every level",
         "",
         "Mean (sd) over the test volumes (at a replicate level, the volumes of every seed together); MSE, PSNR and "

@@ -3,11 +3,11 @@
 Usage (from the repository root)::
 
     # after training: models/model.pt (G A->B), optionally models/model_g_ba.pt and models/intensity_reference.json
-    python scripts/export_bundle.py export --changelog "first trained release"      # version: patch bump
-    python scripts/export_bundle.py export --version 0.2.0 --changelog "..."  # network settings: models/settings.json
+    python -m scripts.export_bundle export --changelog "first trained release"      # version: patch bump
+    python -m scripts.export_bundle export --version 0.2.0 --changelog "..."  # network settings: models/settings.json
 
     # check an exported bundle folder again (a clean copy of it, in a fresh interpreter)
-    python scripts/export_bundle.py verify dist/dicyclegan_cross_domain_synthesis
+    python -m scripts.export_bundle verify dist/dicyclegan_cross_domain_synthesis
 
 ``export`` writes ``dist/<name>/`` and ``dist/<name>_v<version>.zip`` (the folder at the top of the zip, as zoo
 releases are laid out):
@@ -390,8 +390,6 @@ def export(
     Raises:
         BundleExportError: naming the source or exported file at fault.
     """
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))  # the repository's ``bundle`` package, for building the networks
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise BundleExportError(f"bundle name {name!r}: use letters, digits and underscores (zoo folder names).")
     missing = [p for p in REQUIRED_SOURCES if not (ROOT / p).exists()]

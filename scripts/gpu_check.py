@@ -2,8 +2,8 @@
 
 Usage (from the repository root)::
 
-    python scripts/gpu_check.py --output docs/gpu_check.md             # on a CUDA machine: paper size, ~5 min
-    python scripts/gpu_check.py --size tiny --output /tmp/gpu_check.md  # anywhere; CI runs this on CPU
+    python -m scripts.gpu_check --output docs/gpu_check.md             # on a CUDA machine: paper size, ~5 min
+    python -m scripts.gpu_check --size tiny --output /tmp/gpu_check.md  # anywhere; CI runs this on CPU
 
 Sections, each on the device the machine has (CUDA when available, else CPU):
 
@@ -50,14 +50,11 @@ from typing import Any
 import fire
 import torch
 import torch.nn.functional as F
+from bundle.deform_conv import torchvision_deform_conv2d_problem
+from bundle.networks import OffsetConv2d
+from scripts.benchmark import Iteration, median_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from benchmark import _Iteration, _median_seconds  # noqa: E402
-from bundle.deform_conv import torchvision_deform_conv2d_problem  # noqa: E402
-from bundle.networks import OffsetConv2d  # noqa: E402
 
 # GPU targets of the issue that asked for this check, on the card used
 TARGET_MODE_RATIO = 2.0  # DicycleGAN / CycleGAN iteration time
@@ -205,7 +202,7 @@ def offset_conv(device: torch.device, inputs: tuple[tuple[int, int], ...], repea
 
         steps = {"plain": plain, **{name: deformed(layer) for name, layer in contenders.items()}}
         steps = {name: _synchronized(step, device) for name, step in steps.items()}
-        ms = {name: 1e3 * seconds for name, seconds in _median_seconds(steps, repeats).items()}
+        ms = {name: 1e3 * seconds for name, seconds in median_seconds(steps, repeats).items()}
         rows.append(
             {
                 "input": f"{channels}x{size}x{size}",
@@ -272,7 +269,7 @@ def iterations(device: torch.device, preset: str, overrides: Mapping[str, Any], 
         ``{"seconds": {run: s}, "peak_gb": {run: GB}, "finite": bool, "lines": Markdown}``.
     """
     runs = {
-        f"{mode} {'AMP' if amp else 'fp32'}": _Iteration(preset, mode, {**overrides, "device": str(device), "amp": amp})
+        f"{mode} {'AMP' if amp else 'fp32'}": Iteration(preset, mode, {**overrides, "device": str(device), "amp": amp})
         for mode in ("CycleGAN", "DicycleGAN")
         for amp in (False, True)
     }
@@ -287,7 +284,7 @@ def iterations(device: torch.device, preset: str, overrides: Mapping[str, Any], 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             peak_gb[name] = torch.cuda.max_memory_allocated(device) / 1e9
-    seconds = _median_seconds(dict(runs), repeats, warmup=2)
+    seconds = median_seconds(dict(runs), repeats, warmup=2)
     description = runs["DicycleGAN fp32"].description
     mode_ratio = {amp: seconds[f"DicycleGAN {amp}"] / seconds[f"CycleGAN {amp}"] for amp in ("fp32", "AMP")}
     amp_speedup = seconds["DicycleGAN fp32"] / seconds["DicycleGAN AMP"]
@@ -299,8 +296,8 @@ def iterations(device: torch.device, preset: str, overrides: Mapping[str, Any], 
     # at batch 1 a GPU iteration is bound by kernel launches, not arithmetic; a larger batch shows what AMP buys
     # once the arithmetic dominates
     batch8 = {**overrides, "device": str(device), "batch_size": 8}
-    larger = {amp: _Iteration(preset, "DicycleGAN", {**batch8, "amp": amp == "AMP"}) for amp in ("fp32", "AMP")}
-    larger_seconds = _median_seconds(dict(larger), repeats, warmup=2)
+    larger = {amp: Iteration(preset, "DicycleGAN", {**batch8, "amp": amp == "AMP"}) for amp in ("fp32", "AMP")}
+    larger_seconds = median_seconds(dict(larger), repeats, warmup=2)
     larger_speedup = larger_seconds["fp32"] / larger_seconds["AMP"]
     lines = [
         f"## 2. Training iterations ({description})",
@@ -573,7 +570,7 @@ def compiled(device: torch.device, preset: str, overrides: Mapping[str, Any], re
     for precision, batch in cases:
         settings = {**overrides, "device": str(device), "amp": precision == "AMP", "batch_size": batch}
         runs = {
-            name: _Iteration(preset, "DicycleGAN", {**settings, **switches}, trainer_kwargs=backend)
+            name: Iteration(preset, "DicycleGAN", {**settings, **switches}, trainer_kwargs=backend)
             for name, switches in variants.items()
         }
         first_losses = {}
@@ -583,7 +580,7 @@ def compiled(device: torch.device, preset: str, overrides: Mapping[str, Any], re
             if cuda:
                 torch.cuda.synchronize(device)
             compile_s[f"{name} {precision} batch {batch}"] = time.perf_counter() - start
-        timed = _median_seconds(dict(runs), repeats, warmup=2)
+        timed = median_seconds(dict(runs), repeats, warmup=2)
         for name in runs:
             key = f"{name} {precision} batch {batch}"
             seconds[key] = timed[name]
@@ -629,7 +626,7 @@ def compiled(device: torch.device, preset: str, overrides: Mapping[str, Any], re
 
 def _phantom(work: Path, options: Mapping[str, Any]) -> Path:
     dataset = work / "phantom"
-    args = [sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "--output_dir", str(dataset)]
+    args = [sys.executable, "-m", "scripts.make_demo_data", "--output_dir", str(dataset)]
     for key, value in options.items():
         args += [f"--{key}", str(value)]
     rc, _ = _run(args, work / "logs" / "phantom.log")
@@ -681,7 +678,7 @@ def run_check(
         header = [
             f"# GPU check: {name}",
             "",
-            f"`python scripts/gpu_check.py --size {size}` on {datetime.date.today().isoformat()}: {size} size, "
+            f"`python -m scripts.gpu_check --size {size}` on {datetime.date.today().isoformat()}: {size} size, "
             f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), torchvision "
             + ("kernel runs" if problem is None else f"kernel not used ({problem})")
             + f", Python {platform.python_version()}; the check took {time.perf_counter() - started:.0f} s. "

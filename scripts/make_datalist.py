@@ -5,18 +5,18 @@ The format and its validation are in bundle/datalist.py, the builders in scripts
 Usage (from the repository root)::
 
     # IXI: PD and T2 files (IXI012-HH-1211-PD.nii.gz, ...-T2.nii.gz) anywhere under /data/IXI, split 38/28
-    python scripts/make_datalist.py ixi --dataset_dir /data/IXI [--n_train 38 --n_test 28 --n_validation 0 --seed 0]
+    python -m scripts.make_datalist ixi --dataset_dir /data/IXI [--n_train 38 --n_test 28 --n_validation 0 --seed 0]
 
     # your own unpaired folders (NIfTI, NRRD, MetaImage or DICOM series sub-folders), optional paired folders
-    python scripts/make_datalist.py folders --dataset_dir /data/pelvis --dir_a mr --dir_b ct --name_a MR --name_b CT \\
+    python -m scripts.make_datalist folders --dataset_dir /data/pelvis --dir_a mr --dir_b ct --name_a MR --name_b CT \\
         [--paired_dir_a eval/mr --paired_dir_b eval/ct --paired_mask_dir eval/body --n_validation 2]
 
     # the paper's deformed-T2 experiment: distort every domain-B volume (new files, new datalist)
-    python scripts/make_datalist.py distort --dataset_dir /data/IXI --datalist datalist.json \\
+    python -m scripts.make_datalist distort --dataset_dir /data/IXI --datalist datalist.json \\
         --output datalist_deformed_t2.json [--max_displacement_mm 8 --seed 0]
 
     # check every file of a datalist (missing, unreadable, not 3-D, NaN/Inf, empty) before training
-    python scripts/make_datalist.py validate --dataset_dir /data/IXI --datalist datalist.json
+    python -m scripts.make_datalist validate --dataset_dir /data/IXI --datalist datalist.json
 
 Every command writes paths relative to ``--dataset_dir`` and never overwrites an existing file without
 ``--overwrite``.
@@ -29,12 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import fire
+from bundle import datalist as dl
+from scripts.tooling import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the bundle root, when run without PYTHONPATH
-
-from bundle import datalist as dl  # noqa: E402
-from scripts.tooling import datasets  # noqa: E402
 
 
 def _write_and_check(content: dict[str, Any], dataset_dir: str, output: str, overwrite: bool, validate: bool) -> str:

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    PYTHONPATH=. python scripts/make_demo_data.py --output_dir demo_data [--subjects 12] [--seed 0]
+    python -m scripts.make_demo_data --output_dir demo_data [--subjects 12] [--seed 0]
 
 Writes ``DIR/phantomNNN/*.nii.gz`` and three datalists: ``datalist.json`` (PD <-> T2), ``datalist_deformed_t2.json``
 (PD <-> T2 under a fixed domain-specific distortion) and ``datalist_mr_ct.json`` (T1 <-> CT with differing scanner
@@ -23,11 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import fire
+from scripts.tooling.phantom import write_phantom_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the bundle root, when run without PYTHONPATH
-
-from scripts.tooling.phantom import write_phantom_dataset  # noqa: E402
 
 DEFAULT_OUTPUT_DIR = str(REPO / "demo_data")  # git-ignored
 

@@ -2,9 +2,9 @@
 
 Usage (from the repository root)::
 
-    python scripts/reproduce.py --output_dir study                    # CPU budget: about an hour on 2 cores
-    python scripts/reproduce.py --output_dir study --preset paper     # the paper's settings (a GPU job)
-    python scripts/reproduce.py --output_dir study --publish_dir docs # also copy results.md and figures to docs/
+    python -m scripts.reproduce --output_dir study                    # CPU budget: about an hour on 2 cores
+    python -m scripts.reproduce --output_dir study --preset paper     # the paper's settings (a GPU job)
+    python -m scripts.reproduce --output_dir study --publish_dir docs # also copy results.md and figures to docs/
 
 Three experiments, each trained twice by ``configs/train.json`` with the same seed, data and budget: once as
 DicycleGAN and once as CycleGAN (``configs/cyclegan.json``: no offset convolutions, no alignment or deformed-cycle
@@ -24,80 +24,44 @@ distortion would score.
 Writes ``OUTPUT_DIR/results.md`` (tables in the paper's layout beside the paper's own figures, the headline, the
 command, budget and timings), ``OUTPUT_DIR/figures/`` (Fig. 4 analogue per experiment, training curves), and keeps
 the data set (``data/``), each run's models and TensorBoard logs (``runs/<experiment>_<method>/``) and per-volume
-CSVs (``metrics/``). Finished runs are not retrained and a run interrupted mid-way resumes from its checkpoint, so
-the command can simply be repeated.
+CSVs (``metrics/``), as :mod:`scripts.tooling.study` lays a study out. Finished runs are not retrained and a run
+interrupted mid-way resumes from its checkpoint, so the command can simply be repeated.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import platform
-import re
-import shutil
-import statistics
-import subprocess
-import sys
-import textwrap
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import fire
-import numpy as np
 import torch
+from bundle.datalist import read_datalist
+from bundle.metrics import volume_metrics
+from bundle.reports import METRICS, mean_sd, read_csv, write_csv
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from monai.bundle import ConfigParser
+from scripts.tooling.report import command_line, comparison_figure, mean_of, publish
+from scripts.tooling.study import (
+    EXPERIMENTS,
+    METHOD_COLOURS,
+    METHODS,
+    PRESETS,
+    Experiment,
+    Run,
+    as_list,
+    distorted_copies,
+    log,
+    prepare_data,
+    record_seconds,
+    select_preset,
+    train_and_evaluate,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bundle.datalist import load_datalist, read_datalist  # noqa: E402
-from bundle.metrics import volume_metrics, voxel_size  # noqa: E402
-from bundle.pairing import mask_preprocessing  # noqa: E402
-from bundle.registration import residual_displacement  # noqa: E402
-from bundle.reports import METRICS, display_range, mean_sd, read_csv, write_csv  # noqa: E402
-
-
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-    """One of the paper's experiments on the phantom.
-
-    Args:
-        key: short name (run folders, command line).
-        table: the paper's table it reproduces.
-        title: what it is.
-        datalist: datalist file written by ``scripts/make_demo_data.py``.
-        domain_a: ``"MR"`` or ``"CT"``.
-        domain_b: ``"MR"`` or ``"CT"``.
-        mask: what the metrics are computed inside.
-    """
-
-    key: str
-    table: str
-    title: str
-    datalist: str
-    domain_a: str = "MR"
-    domain_b: str = "MR"
-    mask: str = "brain mask"
-
-
-EXPERIMENTS: dict[str, Experiment] = {
-    experiment.key: experiment
-    for experiment in (
-        Experiment("undeformed", "Table 1", "PD <-> T2, undeformed T2", "datalist.json"),
-        Experiment("deformed", "Table 2", "PD <-> T2, domain-specific distortion of T2", "datalist_deformed_t2.json"),
-        Experiment(
-            "mr_ct", "Table 3", "T1 <-> CT, differing scanner beds", "datalist_mr_ct.json", "MR", "CT", "head mask"
-        ),
-    )
-}
-METHODS = ("Cycle", "Dicycle")
-METHOD_COLOURS = {"Cycle": "tab:blue", "Dicycle": "tab:orange"}
 # TensorBoard tags of configs/train.json's logs plotted as training curves, with their titles
 CURVE_PANELS = (
     ("total", "generator loss (eq. 4)"),
@@ -105,42 +69,6 @@ CURVE_PANELS = (
     ("val_psnr", "validation PSNR, A to B (dB)"),
 )
 REFERENCE_METHOD = "Distortion only"
-
-# data set and training overrides of each budget; training/evaluation defaults (configs/train.json) are the paper's
-PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {
-        "configs": ["configs/reproduce_cpu.json"],
-        "data": {"subjects": 16, "n_validation": 1, "n_test": 4, "distortion_mm": 10.0},
-        "description": "CPU budget: generators of width 16 with 4 residual blocks (paper: 64, 9), discriminators of "
-        "width 16, 2.4 mm isotropic voxels and 96 x 96 training slices (paper: 1.8 mm, 128 x 128), 10 epochs of 200 "
-        "slice pairs (5 constant, 5 decaying; paper: 100 + 100 epochs), no early stop",
-    },
-    "smoke": {
-        "configs": ["configs/reproduce_cpu.json"],
-        "overrides": {
-            "ngf": 4,
-            "n_blocks": 1,
-            "d_channels": 4,
-            "pixdim": [4.8, 4.8, 4.8],
-            "spatial_size": [48, 48],
-            "samples_per_epoch": 4,
-            "n_epochs": 1,
-            "n_epochs_decay": 1,
-            "val_interval": 1,
-            "log_interval": 2,
-        },
-        "data": {"subjects": 4, "n_validation": 1, "n_test": 1, "downsample": 4, "distortion_mm": 10.0},
-        "description": "smoke test of the pipeline (tests use it; says nothing about the method): width 4, one "
-        "residual block, 4.8 mm voxels, 2 epochs of 4 slice pairs",
-    },
-    "paper": {
-        "configs": [],
-        "data": {"subjects": 66, "n_validation": 0, "n_test": 28, "distortion_mm": 10.0},
-        "description": "the paper's settings: generators of width 64 with 9 residual blocks, 70 x 70 PatchGAN, 1.8 mm "
-        "voxels, 128 x 128 slices, 100 + 100 epochs of 1000 slice pairs with the early-stop rule, 38 training and "
-        "28 test subjects",
-    },
-}
 
 # the paper's Tables 1-3 (IXI and the private abdominal data), MSE / PSNR / SSIM as "mean (sd)"
 PAPER_TABLES: dict[str, dict[tuple[str, str], tuple[str, str, str]]] = {
@@ -177,332 +105,45 @@ TABLE_METRICS = tuple(
 CT_ONLY_METRICS = ("MAE_HU", "bone_dice")
 
 
-def marked_sections(text: str) -> list[str]:
-    """The ``<!-- name -->`` ... ``<!-- /name -->`` blocks of a results file: other studies' sections."""
-    return [match.group(0) for match in re.finditer(r"<!-- ([\w-]+) -->\n.*?\n<!-- /\1 -->", text, flags=re.S)]
-
-
-def publish_section(path: Path, section: str, text: str) -> None:
-    """Replace the text between ``<!-- section -->`` and ``<!-- /section -->`` in ``path`` (appended when absent)."""
-    begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
-    block = f"{begin}\n{text.strip()}\n{end}"
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
-    else:
-        new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
-    path.write_text(new, encoding="utf-8")
-
-
-def publish(publish_dir: str | os.PathLike, section: str, text: str, figures: Iterable[Path]) -> Path:
-    """Put a study's ``text`` into its ``section`` of ``PUBLISH_DIR/results.md`` (:func:`publish_section`) and copy
-    its ``figures`` to ``PUBLISH_DIR/figures``.
-
-    Returns:
-        The published results file.
-    """
-    publish_dir = Path(publish_dir)
-    (publish_dir / "figures").mkdir(parents=True, exist_ok=True)
-    for figure in figures:
-        shutil.copy2(figure, publish_dir / "figures" / Path(figure).name)
-    publish_section(publish_dir / "results.md", section, text)
-    return publish_dir / "results.md"
-
-
-def command_line(script: str, flags: Mapping[str, Any]) -> str:
-    """The published command: ``python <script>`` and ``--name value`` for every flag whose value is not None."""
-    return " ".join([f"python {script}", *(f"--{name} {value}" for name, value in flags.items() if value is not None)])
-
-
-def log(message: str) -> None:
-    print(f"[reproduce {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def run_command(command: Sequence[str]) -> float:
-    """Run a command from the repository root, streaming its output; returns its wall time (s)."""
-    print("$ " + " ".join(command), flush=True)
-    start = time.perf_counter()
-    subprocess.run(list(command), cwd=ROOT, check=True)
-    return time.perf_counter() - start
-
-
-# ----------------------------------------------------------------------------------------------------- steps
-
-
-def build_data(dataset_dir: Path, settings: Mapping[str, Any], seed: int) -> float:
-    """The phantom data set (``scripts/make_demo_data.py``; it returns at once if the folder already holds it)."""
-    command = [sys.executable, "scripts/make_demo_data.py", "--output_dir", str(dataset_dir), "--seed", str(seed)]
-    for name, value in settings.items():
-        command += [f"--{name}", str(value)]
-    return run_command(command)
-
-
-def _cli_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-
-
-def train(
-    run_dir: Path,
-    experiment: Experiment,
-    method: str,
-    configs: Sequence[str],
-    overrides: Mapping[str, Any],
-    dataset_dir: Path,
-    seed: int,
-) -> dict[str, Any]:
-    """Train one method on one experiment with ``configs/train.json``, unless it has finished before.
-
-    A run interrupted after its first epoch resumes from ``models/checkpoint.pt``. ``run.json`` records the
-    command and the wall time once training has finished.
-
-    Returns:
-        The run record: ``{"command", "seconds", "resumed"}``.
-    """
-    record_path = run_dir / "run.json"
-    if record_path.is_file():
-        log(f"{experiment.key} {method}: trained before ({record_path}), not retrained")
-        return json.loads(record_path.read_text(encoding="utf-8"))
-    cyclegan = ["configs/cyclegan.json"] if method == "Cycle" else []
-    files = ["configs/train.json", *configs, *cyclegan]
-    checkpoint = run_dir / "models" / "checkpoint.pt"
-    resumed = checkpoint.is_file()
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "[" + ",".join(f"'{name}'" for name in files) + "]",
-        "--dataset_dir",
-        str(dataset_dir),
-        "--datalist",
-        experiment.datalist,
-        "--domain_a",
-        experiment.domain_a,
-        "--domain_b",
-        experiment.domain_b,
-        "--ckpt_dir",
-        str(run_dir / "models"),
-        "--output_dir",
-        str(run_dir / "logs"),
-        "--seed",
-        str(seed),
-    ]
-    for name, value in overrides.items():
-        command += [f"--{name}", _cli_value(value)]
-    if resumed:
-        command += ["--resume", "True"]
-        log(f"{experiment.key} {method}: resuming from {checkpoint}")
-    log(f"{experiment.key} {method}: training")
-    seconds = run_command(command)
-    record = {"command": " ".join(command), "seconds": seconds, "resumed": resumed}
-    record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    return record
-
-
-def budget_epochs(configs: Sequence[str], overrides: Mapping[str, Any], budget: int) -> dict[str, int]:
-    """``n_epochs`` and ``n_epochs_decay`` of configs/train.json under the preset's files and overrides, times
-    ``budget``; empty for a budget of 1, so the preset's own commands (and their finished runs) stay as they are."""
-    if budget == 1:
-        return {}
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / name) for name in ["configs/train.json", *configs]])
-    parser.update(dict(overrides))
-    return {name: int(parser.get(name)) * budget for name in ("n_epochs", "n_epochs_decay")}
-
-
-def evaluation_parser(
-    experiment: Experiment,
-    method: str,
-    configs: Sequence[str],
-    overrides: Mapping[str, Any],
-    dataset_dir: Path,
-    run_dir: Path,
-) -> ConfigParser:
-    """``configs/train.json`` + ``configs/evaluate.json`` set up for one run, residual displacement on, figures off."""
-    files = [ROOT / "configs" / "train.json", ROOT / "configs" / "evaluate.json", *(ROOT / name for name in configs)]
-    if method == "Cycle":
-        files.append(ROOT / "configs" / "cyclegan.json")
-    parser = ConfigParser()
-    parser.read_config([str(path) for path in files])
-    parser.update(
-        {
-            "bundle_root": str(ROOT),
-            "dataset_dir": str(dataset_dir),
-            "datalist": experiment.datalist,
-            "domain_a": experiment.domain_a,
-            "domain_b": experiment.domain_b,
-            "ckpt_dir": str(run_dir / "models"),
-            "output_dir": str(run_dir / "evaluation"),
-            "save_figures": False,
-            "residual_displacement": True,
-            **{name: value for name, value in overrides.items() if name in parser.get("", {})},
-        }
-    )
-    return parser
-
-
-def evaluate(parser: ConfigParser, csv_path: Path, trained_at: float) -> list[dict[str, Any]]:
-    """Per-volume metrics of one run (read back from ``csv_path`` when it is newer than the run's models); the
-    measuring time is kept beside the CSV (:func:`measured_seconds`)."""
-    if csv_path.is_file() and csv_path.stat().st_mtime > trained_at:
-        log(f"metrics of {csv_path.stem} measured before: {csv_path}")
-        return read_csv(csv_path)
-    start = time.perf_counter()
-    for direction in parser.get_parsed_content("directions"):
-        parser.get_parsed_content(f"{direction}#evaluator").run()
-    shutil.copyfile(parser.get_parsed_content("metrics_saver").path, csv_path)
-    _record_seconds(csv_path, time.perf_counter() - start)
-    return read_csv(csv_path)
-
-
-def _record_seconds(csv_path: Path, seconds: float) -> None:
-    csv_path.with_suffix(".json").write_text(json.dumps({"seconds": seconds}), encoding="utf-8")
-
-
-def measured_seconds(metrics_dir: Path) -> float:
-    """Total time spent measuring the CSVs of ``metrics_dir``, whichever call measured them."""
-    return sum(json.loads(path.read_text(encoding="utf-8"))["seconds"] for path in metrics_dir.glob("*.json"))
-
-
 def distortion_reference(
     experiment: Experiment, dataset_dir: Path, pixdim: Sequence[float], csv_path: Path
 ) -> list[dict[str, Any]]:
     """The scores of a synthesis that renders the target perfectly but copies the domain distortion.
 
     For every test subject of the deformed experiment: PD -> T2 compares the distorted T2 with the real T2 (the
-    ground truth), T2 -> PD the undistorted PD with the distorted PD (the ground truth), on the evaluation's grid.
+    ground truth), T2 -> PD the undistorted PD with the distorted PD (the ground truth), on the evaluation's grid
+    (:func:`scripts.tooling.study.distorted_copies`).
     """
     if csv_path.is_file():
         return read_csv(csv_path)
-    from bundle.data import volume_preprocessing
-
     start = time.perf_counter()
-
     names = read_datalist(dataset_dir, experiment.datalist)["domains"]
-    preprocess = volume_preprocessing("image", experiment.domain_a, pixdim)
-    masks = mask_preprocessing("image", pixdim)
     rows = []
-    for direction, moved, truth, mask, (source, target) in (
-        ("A2B", "B", "gt_A2B", "mask", ("A", "B")),
-        ("B2A", "A", "gt_B2A", "mask_B", ("B", "A")),
-    ):
-        for entry in load_datalist(dataset_dir, experiment.datalist, "test"):
-            prediction = preprocess({"image": entry[moved]})["image"]
-            target_volume = preprocess({"image": entry[truth]})["image"]
-            region = masks({"image": entry[mask]})["image"][0] > 0
-            metrics = volume_metrics(prediction, target_volume, region[None])
-            displacement = residual_displacement(prediction[0], target_volume[0], voxel_size(prediction), region)
-            metrics["displacement_mm"], metrics["displacement_p95_mm"] = displacement["mean_mm"], displacement["p95_mm"]
-            rows.append(
-                {
-                    "subject": entry.get("subject", Path(entry["A"]).name),
-                    "direction": direction,
-                    "experiment": f"{names[source]} to {names[target]}",
-                    "method": REFERENCE_METHOD,
-                    **metrics,
-                    "masked": True,
-                    "source": entry[moved],
-                    "ground_truth": entry[truth],
-                    "mask": entry[mask],
-                }
-            )
-            log(f"reference {rows[-1]['subject']} {rows[-1]['experiment']}: {displacement['mean_mm']:.2f} mm")
+    for copy in distorted_copies(dataset_dir, experiment.datalist, pixdim):
+        entry, (moved, truth, mask), displacement = copy["entry"], copy["keys"], copy["displacement"]
+        metrics = volume_metrics(copy["moving"], copy["fixed"], copy["region"][None])
+        metrics["displacement_mm"], metrics["displacement_p95_mm"] = displacement["mean_mm"], displacement["p95_mm"]
+        source, target = ("A", "B") if copy["direction"] == "A2B" else ("B", "A")
+        rows.append(
+            {
+                "subject": entry.get("subject", Path(entry["A"]).name),
+                "direction": copy["direction"],
+                "experiment": f"{names[source]} to {names[target]}",
+                "method": REFERENCE_METHOD,
+                **metrics,
+                "masked": True,
+                "source": entry[moved],
+                "ground_truth": entry[truth],
+                "mask": entry[mask],
+            }
+        )
+        log(f"reference {rows[-1]['subject']} {rows[-1]['experiment']}: {displacement['mean_mm']:.2f} mm")
     write_csv(rows, csv_path)
-    _record_seconds(csv_path, time.perf_counter() - start)
+    record_seconds(csv_path, time.perf_counter() - start)
     return read_csv(csv_path)
 
 
 # --------------------------------------------------------------------------------------------------- figures
-
-
-def comparison_figure(
-    path: Path,
-    experiment: Experiment,
-    parsers: Mapping[str, ConfigParser],
-    labels: Mapping[str, str] | None = None,
-    title: str | None = None,
-) -> Path:
-    """The paper's Fig. 4 for one experiment: per direction, the source, the ground truth and each method's
-    synthesis in one row, their absolute errors below, on the middle axial slice of the mask of the first test
-    subject; the ground truth's mask outline is drawn on every panel so a displacement shows against it.
-
-    Args:
-        path: the PNG to write.
-        experiment: the experiment the runs belong to.
-        parsers: evaluation parsers (:func:`evaluation_parser`) by method, in column order.
-        labels: column titles by method (default: the method names, CycleGAN and DicycleGAN spelled out).
-        title: the figure's title (default: the experiment's table and title).
-
-    Returns:
-        ``path``.
-    """
-    labels = {"Cycle": "CycleGAN", "Dicycle": "DicycleGAN", **(labels or {})}
-    first = next(iter(parsers.values()))
-    cases = first.get_parsed_content("cases")
-    directions = list(dict.fromkeys(case["direction"] for case in cases))
-    first_subject = cases[0]["subject"]
-    columns = 2 + len(parsers)
-    figure = Figure(figsize=(3.0 * columns, 6.0 * len(directions)), dpi=90)
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(2 * len(directions), columns, squeeze=False)
-    for index, direction in enumerate(directions):
-        predictions = {}
-        for method, parser in parsers.items():  # the evaluator's first item, synthesized by its Synthesis
-            evaluator = parser.get_parsed_content(f"{direction}#evaluator")
-            parser.get_parsed_content(f"{direction}#loader")(evaluator)
-            item = evaluator.data_loader.dataset[0]
-            predictions[method] = parser.get_parsed_content(f"{direction}#synthesis").synthesize(item["image"])
-            predictions[method] = predictions[method][0].cpu().numpy()
-        source, target = item["image"], item["label"][0].numpy()
-        mask = item["label"][-1].numpy() > 0 if item["masked"] else None
-        z_extent = np.nonzero(mask.any(axis=(0, 1)))[0] if mask is not None else [0, target.shape[-1] - 1]
-        z = int((z_extent[0] + z_extent[-1]) // 2)
-
-        def axial(volume: np.ndarray, z: int = z) -> np.ndarray:
-            return np.rot90(np.asarray(volume, dtype=np.float32)[..., z])
-
-        target_range = display_range(target)
-        errors = {method: np.abs(prediction - target) for method, prediction in predictions.items()}
-        error_max = max(display_range(error)[1] for error in errors.values())
-        images = [
-            (f"source ({item['source_name']})", axial(source[0].numpy()), "gray", display_range(source[0].numpy())),
-            (f"ground truth ({item['target_name']})", axial(target), "gray", target_range),
-            *((labels.get(m, m), axial(p), "gray", target_range) for m, p in predictions.items()),
-        ]
-        error_panels = [
-            None,
-            None,
-            *((f"|{labels.get(m, m)} - truth|", axial(e), "magma", (0.0, error_max)) for m, e in errors.items()),
-        ]
-        for row, panels in zip(axes[2 * index : 2 * index + 2], (images, error_panels), strict=True):
-            for ax, panel in zip(row, panels, strict=True):
-                ax.axis("off")
-                if panel is None:
-                    continue
-                label, image, cmap, (vmin, vmax) = panel
-                ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-                if mask is not None:
-                    ax.contour(axial(mask), levels=[0.5], colors="cyan", linewidths=0.7)
-                ax.set_title(textwrap.fill(label, 28), fontsize=10)  # long variant names wrap
-        axes[2 * index][0].text(
-            -0.08,
-            0.5,
-            item["experiment"],
-            transform=axes[2 * index][0].transAxes,
-            rotation=90,
-            va="center",
-            ha="right",
-            fontsize=11,
-        )
-    figure.suptitle(
-        f"{title or f'{experiment.table} analogue, {experiment.title}'}: test subject {first_subject}, axial slice "
-        f"{z}; cyan: the ground truth's {experiment.mask}",
-        fontsize=11,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, bbox_inches="tight")
-    return path
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -557,12 +198,6 @@ def group_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[Ma
     for row in sorted(rows, key=lambda r: (r["direction"], order.get(r["method"], 99))):
         groups.setdefault(row["experiment"], {}).setdefault(row["method"], []).append(row)
     return groups
-
-
-def mean_of(rows: Sequence[Mapping[str, Any]], metric: str) -> float:
-    values = [float(r.get(metric, "nan")) for r in rows]
-    values = [v for v in values if not math.isnan(v)]
-    return statistics.fmean(values) if values else float("nan")
 
 
 def experiment_table(experiment: Experiment, rows: Sequence[Mapping[str, Any]]) -> str:
@@ -650,7 +285,6 @@ def distortion_effect(rows_by_experiment: Mapping[str, Sequence[Mapping[str, Any
 def results_markdown(
     command: str,
     preset: str,
-    data_settings: Mapping[str, Any],
     rows_by_experiment: Mapping[str, Sequence[Mapping[str, Any]]],
     records: Mapping[tuple[str, str], Mapping[str, Any]],
     figures: Mapping[str, str],
@@ -671,7 +305,7 @@ def results_markdown(
         command,
         "```",
         "",
-        f"Budget (`--preset {preset}`): {PRESETS[preset]['description']}"
+        f"Budget (`--preset {preset}`): {PRESETS[preset].description}"
         + (
             f"; here stretched by `--budget`: {budget_overrides['n_epochs']} constant + "
             f"{budget_overrides['n_epochs_decay']} decaying epochs"
@@ -679,7 +313,7 @@ def results_markdown(
             else ""
         )
         + ". Data: "
-        + ", ".join(f"{name} {value}" for name, value in data_settings.items())
+        + ", ".join(f"{name} {value}" for name, value in PRESETS[preset].data.items())
         + f" (`scripts/make_demo_data.py`). Machine: {platform.machine()}, {os.cpu_count()} CPU cores"
         + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
         + f", torch {torch.__version__}, {torch.get_num_threads()} threads. Wall time of the whole study "
@@ -768,6 +402,7 @@ def main(
     seed: int = 0,
     publish_dir: str | None = None,
     budget: int = 1,
+    concurrent: int = 1,
 ) -> dict[str, Any]:
     """Build the phantom, train CycleGAN and DicycleGAN on each experiment, evaluate, and write ``results.md``.
 
@@ -778,9 +413,11 @@ def main(
         experiments: any of ``undeformed``, ``deformed``, ``mr_ct`` (comma-separated or a list).
         dataset_dir: an existing phantom folder to use instead of building ``OUTPUT_DIR/data``.
         seed: seed of the data set and of every training run.
-        publish_dir: also copy ``results.md`` and its figures there (``docs`` updates ``docs/results.md``).
+        publish_dir: also copy ``results.md`` and its figures there (``docs`` updates ``docs/results.md``; the other
+            studies' marked sections of it stay).
         budget: train ``budget`` times the preset's epochs (both the constant and the decay stage), the same
             schedule stretched: does a result change with longer training?
+        concurrent: runs trained side by side, each in its own process (its output in ``runs/<run>/train.log``).
 
     Returns:
         ``{"results": path of results.md, "rows": {experiment: per-volume rows}}``.
@@ -788,62 +425,39 @@ def main(
     Raises:
         ValueError: for an unknown preset or experiment, or a budget below 1.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
-    if not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be a whole number of times the preset's epochs (>= 1), got {budget!r}.")
-    keys = [k.strip() for k in experiments.split(",")] if isinstance(experiments, str) else list(experiments)
+    settings = select_preset(preset, budget)
+    keys = as_list(experiments)
     unknown = [key for key in keys if key not in EXPERIMENTS]
     if unknown or not keys:
         raise ValueError(f"unknown experiments {unknown}; choose from {sorted(EXPERIMENTS)}.")
     output = Path(output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    settings = PRESETS[preset]
-    configs = settings["configs"]
-    overrides = {**settings.get("overrides", {}), **budget_epochs(configs, settings.get("overrides", {}), budget)}
-    data_dir = Path(dataset_dir).resolve() if dataset_dir else output / "data"
-    timings = {"data": 0.0 if dataset_dir else build_data(data_dir, settings["data"], seed)}
+    data_dir, data_s = prepare_data(output, settings, dataset_dir, seed)
+    runs = [Run(f"{key}_{method}", EXPERIMENTS[key], method, seed) for key in keys for method in METHODS]
+    study = train_and_evaluate(output, runs, settings, data_dir, concurrent)
 
-    records = {}
-    run_dirs = {}
-    for key in keys:
-        for method in METHODS:
-            run_dirs[key, method] = output / "runs" / f"{key}_{method}"
-            records[key, method] = train(
-                run_dirs[key, method], EXPERIMENTS[key], method, configs, overrides, data_dir, seed
-            )
-
-    evaluation_start = time.perf_counter()
-    (output / "metrics").mkdir(exist_ok=True)
-    measured_before = measured_seconds(output / "metrics")
+    start = time.perf_counter()
     rows_by_experiment: dict[str, list[dict[str, Any]]] = {}
     figures: dict[str, str] = {}
     for key in keys:
-        experiment = EXPERIMENTS[key]
-        parsers = {}
-        rows = []
-        for method in METHODS:
-            run_dir = run_dirs[key, method]
-            parsers[method] = evaluation_parser(experiment, method, configs, overrides, data_dir, run_dir)
-            log(f"{key} {method}: evaluating")
-            trained_at = (run_dir / "run.json").stat().st_mtime
-            rows += evaluate(parsers[method], output / "metrics" / f"{key}_{method}.csv", trained_at)
+        rows_by_experiment[key] = [row for method in METHODS for row in study.rows[f"{key}_{method}"]]
         if key == "deformed":
-            pixdim = parsers["Dicycle"].get_parsed_content("settings")["pixdim"]
-            rows += distortion_reference(experiment, data_dir, pixdim, output / "metrics" / f"{key}_reference.csv")
-        rows_by_experiment[key] = rows
-        figure = comparison_figure(output / "figures" / f"fig4_{key}.png", experiment, parsers)
+            csv_path = output / "metrics" / f"{key}_reference.csv"
+            rows_by_experiment[key] += distortion_reference(EXPERIMENTS[key], data_dir, settings.pixdim(), csv_path)
+        parsers = {method: study.parsers[f"{key}_{method}"] for method in METHODS}
+        figure = comparison_figure(output / "figures" / f"fig4_{key}.png", EXPERIMENTS[key], parsers)
         figures[key] = figure.relative_to(output).as_posix()
+    run_dirs = {(key, method): output / "runs" / f"{key}_{method}" for key in keys for method in METHODS}
     figures["curves"] = (
         training_curves(output / "figures" / "training_curves.png", run_dirs).relative_to(output).as_posix()
     )
     # runs trained and metrics measured by an earlier call count with their own recorded wall times
-    timings["evaluation"] = measured_before + time.perf_counter() - evaluation_start
-    timings["training"] = sum(record["seconds"] for record in records.values())
+    timings = {"data": data_s, "training": study.training_s}
+    timings["evaluation"] = study.evaluation_s + time.perf_counter() - start
     timings["total"] = timings["data"] + timings["training"] + timings["evaluation"]
 
     command = command_line(
-        "scripts/reproduce.py",
+        "scripts.reproduce",
         {
             "output_dir": output_dir,
             "preset": preset,
@@ -851,35 +465,18 @@ def main(
             "dataset_dir": dataset_dir or None,
             "seed": seed or None,
             "budget": budget if budget != 1 else None,
+            "concurrent": concurrent if concurrent != 1 else None,
         },
     )
-    text = results_markdown(
-        command,
-        preset,
-        settings["data"],
-        rows_by_experiment,
-        records,
-        figures,
-        timings,
-        overrides if budget != 1 else {},
-    )
+    records = {(key, method): study.records[f"{key}_{method}"] for key in keys for method in METHODS}
+    budget_overrides = settings.overrides if budget != 1 else {}
+    text = results_markdown(command, preset, rows_by_experiment, records, figures, timings, budget_overrides)
     results = output / "results.md"
     results.write_text(text, encoding="utf-8")
     log(f"wrote {results}")
     print("\n".join(headline(rows_by_experiment)))
     if publish_dir:
-        publish = Path(publish_dir)
-        (publish / "figures").mkdir(parents=True, exist_ok=True)
-        for name in figures.values():
-            shutil.copy2(output / name, publish / name)
-        # the other studies' sections of the published file (pseudo_ct_study.py, dose_response.py) stay
-        published = publish / "results.md"
-        kept = marked_sections(published.read_text(encoding="utf-8")) if published.is_file() else []
-        published.write_text(
-            results.read_text(encoding="utf-8").rstrip() + "".join(f"\n\n{block}" for block in kept) + "\n",
-            encoding="utf-8",
-        )
-        log(f"published to {publish / 'results.md'}")
+        publish(publish_dir, text, [output / name for name in figures.values()])
     return {"results": str(results), "rows": rows_by_experiment}
 
 

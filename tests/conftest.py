@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from scripts import reproduce
+from scripts.tooling.study import PRESETS, build_data
 
 
 @pytest.fixture(scope="session")
@@ -13,7 +13,7 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke preset's tiny phantom data set (4 subjects, 4.8 mm), built once for the session; the studies
     add their derived datalists and volumes to it."""
     data_dir = tmp_path_factory.mktemp("phantom_smoke")
-    reproduce.build_data(data_dir, reproduce.PRESETS["smoke"]["data"], seed=0)
+    build_data(data_dir, PRESETS["smoke"].data, seed=0)
     return data_dir
 
 

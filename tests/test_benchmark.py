@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 
@@ -16,10 +16,7 @@ TINY = {"ngf": 4, "n_blocks": 1, "d_channels": 4, "spatial_size": [32, 32]}
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("scripts.benchmark")
 
 
 def test_offset_conv_prints_its_table(benchmark, capsys):
@@ -50,16 +47,16 @@ def test_iteration_times_both_modes_of_both_presets(benchmark, capsys):
 
 def test_matrix_flop_of_the_dicyclegan_mode_exceeds_twice_the_generators(benchmark):
     """The deformed passes double every generator convolution and add the offset convolutions on top."""
-    dicycle = benchmark._Iteration("demo", "DicycleGAN", TINY)
-    cyclegan = benchmark._Iteration("demo", "CycleGAN", TINY)
+    dicycle = benchmark.Iteration("demo", "DicycleGAN", TINY)
+    cyclegan = benchmark.Iteration("demo", "CycleGAN", TINY)
     flop_dicycle, flop_cyclegan = dicycle.matrix_flop(), cyclegan.matrix_flop()
     assert flop_dicycle > flop_cyclegan > 0
     assert dicycle.matrix_flop() == flop_dicycle  # a count, not a timing: the same every iteration
 
 
 def test_iteration_is_the_configs_training_step(benchmark):
-    dicycle = benchmark._Iteration("demo", "DicycleGAN", TINY)
-    cyclegan = benchmark._Iteration("demo", "CycleGAN", TINY)
+    dicycle = benchmark.Iteration("demo", "DicycleGAN", TINY)
+    cyclegan = benchmark.Iteration("demo", "CycleGAN", TINY)
     assert dicycle.trainer.g_ab.deformable and not cyclegan.trainer.g_ab.deformable
     assert cyclegan.trainer.loss_function.lambda_align == 0 and cyclegan.trainer.loss_function.lambda_dicyc == 0
     assert dicycle.trainer.loss_function.lambda_align == 0.9 and dicycle.trainer.loss_function.lambda_dicyc == 10

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import itertools
 import json
 import sys
@@ -447,10 +447,7 @@ def test_distorted_datalist_never_touches_its_inputs(folder_dataset) -> None:
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("make_datalist", REPO / "scripts" / "make_datalist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("scripts.make_datalist")
 
 
 def test_cli_ixi_validate_and_clear_errors(ixi_dir, tmp_path, monkeypatch, capsys) -> None:

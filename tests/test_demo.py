@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 
 from monai.bundle import run
@@ -10,10 +10,7 @@ from tests.bundle_fixtures import BUNDLE_ROOT, TINY_OVERRIDES, write_tiny_datase
 
 
 def _demo():
-    spec = importlib.util.spec_from_file_location("demo", BUNDLE_ROOT / "scripts" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("scripts.demo")
 
 
 def test_demo_evaluation_serves_a_cyclegan_preset_with_a_ct_target(tmp_path):

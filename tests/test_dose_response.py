@@ -19,7 +19,8 @@ import torch
 from bundle.transforms import DomainDistortion
 from monai.data import MetaTensor
 from scipy import stats
-from scripts import dose_response, reproduce
+from scripts import dose_response
+from scripts.tooling.study import METHODS, PRESETS
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -221,7 +222,7 @@ def test_instrument_recovers_the_applied_displacement_at_a_tiny_size(phantom: Pa
     result = dose_response.instrument(
         output_dir=str(tmp_path), preset="smoke", levels="0,10", dataset_dir=str(phantom), tolerance=0.5
     )
-    n_test = reproduce.PRESETS["smoke"]["data"]["n_test"]
+    n_test = PRESETS["smoke"].data["n_test"]
     assert len(result["rows"]) == 2 * 2 * n_test
     for row in result["rows"]:
         if row["level_mm"] == 0.0:
@@ -276,6 +277,31 @@ def test_study_dry_run_plans_and_estimates(tmp_path: Path, capsys) -> None:
     ]
 
 
+def test_check_instrument_measures_it_first_and_trains_only_if_it_passed(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+
+    def failing_instrument(output_dir, preset, levels, dataset_dir):
+        calls.append((output_dir, preset, levels, dataset_dir))
+        Path(output_dir, "instrument.json").write_text(json.dumps({"passed": False, "levels": levels}), "utf-8")
+
+    monkeypatch.setattr(dose_response, "instrument", failing_instrument)
+    with pytest.raises(RuntimeError, match="instrument check has not passed"):
+        dose_response.study(output_dir=str(tmp_path), levels="0,20", replicate_levels_mm=20, check_instrument=True)
+    assert calls == [(str(tmp_path), "cpu", [0.0, 20.0], None)]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+    (tmp_path / "instrument.json").write_text(json.dumps({"passed": True, "levels": [0.0, 20.0]}), "utf-8")
+
+    def data_reached(*args, **kwargs):
+        raise LookupError("past the instrument check")
+
+    monkeypatch.setattr(dose_response, "prepare_data", data_reached)
+    with pytest.raises(LookupError, match="past the instrument check"):  # passed before: not measured again
+        dose_response.study(output_dir=str(tmp_path), levels="0,20", replicate_levels_mm=20, check_instrument=True)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="concurrent must be a whole number"):
+        dose_response.study(output_dir=str(tmp_path), concurrent=0, dry_run=True)
+
+
 def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path) -> None:
     kwargs = {
         "output_dir": str(tmp_path),
@@ -283,11 +309,19 @@ def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path)
         "levels": "0,10",
         "seeds": "0",
         "dataset_dir": str(phantom),
+        # the GPU study's command on the CPU: two runs side by side, each stopped by the wall-clock limit
+        "device": "cpu",
+        "concurrent": 2,
+        "time_limit_s": 0.001,
     }
     result = dose_response.study(replicate_levels_mm=10.0, skip_instrument_check=True, **kwargs)
-    runs = [f"{level}mm_seed0_{method}" for level in (0, 10) for method in reproduce.METHODS]
+    runs = [f"{level}mm_seed0_{method}" for level in (0, 10) for method in METHODS]
     for name in runs:
         assert (tmp_path / "runs" / name / "models" / "model.pt").is_file()
+        assert "training stops" in (tmp_path / "runs" / name / "train.log").read_text(encoding="utf-8")
+        record = json.loads((tmp_path / "runs" / name / "run.json").read_text(encoding="utf-8"))
+        assert record["iterations"] == 1  # the first iteration crosses the limit; the smoke preset has 8
+        assert "--device $torch.device('cpu')" in record["command"] and "--time_limit_s 0.001" in record["command"]
     # the copy fraction from the per-volume CSVs by hand: two levels, so the slope through the two run means
     applied = {}
     for level in (0.0, 10.0):
@@ -295,7 +329,7 @@ def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path)
         for direction in ("A2B", "B2A"):
             applied[level, direction] = statistics.fmean(v for (_, d), v in by_subject.items() if d == direction)
     assert applied[0.0, "A2B"] == 0.0 and applied[10.0, "A2B"] > 1.0
-    for method in reproduce.METHODS:
+    for method in METHODS:
         for direction in ("A2B", "B2A"):
             # a registration of a tiny network's synthesis may fail (NaN): such volumes are left out
             means = []
@@ -315,6 +349,10 @@ def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path)
     text = Path(result["results"]).read_text(encoding="utf-8")
     assert "## Copy fraction" in text and "## Table 2 at every level" in text and "**Headline**" in text
     assert "| 10 |" in text and "| 0 |" in text
+    assert all(
+        f"| {name} | " in text and text.split(f"| {name} | ")[1].split("\n")[0].endswith("| 1 |") for name in runs
+    )
+    assert "CPU cores, 2 runs at a time" in text
     for figure in ("dose_response.png", "fig4_10mm.png"):
         assert (tmp_path / "figures" / figure).read_bytes()[:8] == PNG_SIGNATURE
     # a second call trains nothing and measures nothing again
@@ -333,7 +371,11 @@ def test_study_pipeline_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path)
     assert "## Copy fraction" in published and "## Dose-response study: how much" in published
     assert "### Spread between seeds" not in published  # one seed: no spread to show
     # the published command reproduces the call: every flag that is not the default is named
-    assert "dose_response.py study --output_dir" in published and "--levels 0,10 --seeds 0 --preset smoke" in published
+    assert (
+        "python -m scripts.dose_response study --output_dir" in published
+        and "--levels 0,10 --seeds 0 --preset smoke" in published
+        and "--device cpu --concurrent 2 --time_limit_s 0.001" in published
+    )
     for figure in ("dose_response.png", "fig4_10mm.png"):
         assert (docs / "figures" / figure).read_bytes() == (tmp_path / "figures" / figure).read_bytes()
     assert stamps == {name: (tmp_path / "runs" / name / "run.json").stat().st_mtime for name in runs}

@@ -3,7 +3,7 @@ configs/inference.json, and scripts/export_bundle.py builds a model-zoo bundle t
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -24,10 +24,7 @@ TOLERANCE = 1e-5
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("export_bundle", ROOT / "scripts" / "export_bundle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("scripts.export_bundle")
 
 
 def _tiny_generator(seed: int) -> DicycleGenerator:
@@ -291,7 +288,7 @@ def test_export_names_a_checkpoint_of_another_size(tiny_models, tmp_path):
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path):
-    command = [sys.executable, str(ROOT / "scripts" / "export_bundle.py"), "export", "--models_dir", str(tmp_path)]
+    command = [sys.executable, "-m", "scripts.export_bundle", "export", "--models_dir", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "model.pt: model file not found" in result.stderr

@@ -3,10 +3,9 @@ sessions that have a GPU."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import re
-import sys
 from pathlib import Path
 
 from tests.bundle_fixtures import write_tiny_dataset
@@ -15,11 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("scripts.gpu_check")
 
 
 def test_gpu_check_runs_every_section_at_tiny_size(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import builtins
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -300,9 +300,7 @@ def test_missing_nilearn_names_the_install_command(monkeypatch) -> None:
 
 
 def test_cli_builds_and_reports_time_and_memory(tmp_path, capsys) -> None:
-    spec = importlib.util.spec_from_file_location("make_demo_data", REPO / "scripts" / "make_demo_data.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = importlib.import_module("scripts.make_demo_data")
     cli.main(output_dir=str(tmp_path), subjects=3, n_validation=1, n_test=1, downsample=16, workers=1)
     printed = capsys.readouterr().out
     assert "[  3/3] phantom003 written" in printed
@@ -311,7 +309,7 @@ def test_cli_builds_and_reports_time_and_memory(tmp_path, capsys) -> None:
 
 
 def test_cli_help_lists_the_phantom_options() -> None:
-    command = [sys.executable, str(REPO / "scripts" / "make_demo_data.py"), "--help"]
+    command = [sys.executable, "-m", "scripts.make_demo_data", "--help"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     printed = result.stdout + result.stderr  # fire writes its help to stderr
     assert result.returncode == 0 and "Traceback" not in printed, printed

@@ -11,7 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from bundle.datalist import load_datalist
-from scripts import pseudo_ct_study, reproduce
+from scripts import pseudo_ct_study
+from scripts.tooling.report import publish, publish_section
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -45,8 +46,8 @@ def test_pairs_are_the_same_subject_misregistered_by_a_distortion_of_their_own(p
 def test_publish_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     results = tmp_path / "results.md"
     results.write_text("# Results\n\nthe reproduction's tables\n", encoding="utf-8")
-    reproduce.publish_section(results, "study", "first version")
-    reproduce.publish_section(results, "study", "second version")
+    publish_section(results, "study", "first version")
+    publish_section(results, "study", "second version")
     text = results.read_text(encoding="utf-8")
     assert text.startswith("# Results\n\nthe reproduction's tables\n")
     assert "second version" in text and "first version" not in text and text.count("<!-- study -->") == 1
@@ -56,7 +57,7 @@ def test_publish_puts_the_section_and_copies_the_figures_into_a_new_folder(tmp_p
     figure = tmp_path / "study" / "figures" / "dose.png"
     figure.parent.mkdir(parents=True)
     figure.write_bytes(b"\x89PNG figure bytes")
-    published = reproduce.publish(tmp_path / "docs", "study", "the study's text", [figure])
+    published = publish(tmp_path / "docs", "the study's text", [figure], section="study")
     assert published == tmp_path / "docs" / "results.md"
     assert published.read_text(encoding="utf-8") == "<!-- study -->\nthe study's text\n<!-- /study -->\n"
     assert (tmp_path / "docs" / "figures" / "dose.png").read_bytes() == figure.read_bytes()
@@ -73,6 +74,7 @@ def test_study_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path) -> None:
         dataset_dir=str(phantom),
         preset="smoke",
         publish_dir=str(docs),
+        concurrent=2,  # the two runs side by side (each in its own process)
     )
     output = tmp_path / "study"
     commands = {

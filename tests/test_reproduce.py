@@ -1,4 +1,5 @@
-"""scripts/reproduce.py: the study pipeline end to end on the smoke preset (tiny phantom, tiny networks).
+"""scripts/reproduce.py and the study library under it (scripts/tooling/study.py, report.py): the study pipeline
+end to end on the smoke preset (tiny phantom, tiny networks).
 
 The smoke preset checks the plumbing (data, two training runs, evaluation with residual displacement, the
 distortion reference, figures, results.md, re-runs), not the method: its networks train for 8 iterations.
@@ -16,11 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from scripts import reproduce
+from scripts.tooling.study import EXPERIMENTS, METHODS, PRESETS, select_preset
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import reproduce  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -40,6 +40,7 @@ def study(tmp_path_factory: pytest.TempPathFactory, phantom: Path) -> dict:
         experiments="deformed",
         dataset_dir=str(phantom),
         publish_dir=str(output / "docs"),
+        concurrent=2,  # CycleGAN and DicycleGAN side by side (each in its own process)
     )
     return {"output": output, "dataset_dir": phantom, **result}
 
@@ -54,7 +55,7 @@ def test_both_methods_are_trained_with_the_same_data_seed_and_budget(study: dict
         method: json.loads((study["output"] / "runs" / f"deformed_{method}" / "run.json").read_text(encoding="utf-8"))[
             "command"
         ]
-        for method in reproduce.METHODS
+        for method in METHODS
     }
     assert "configs/cyclegan.json" in commands["Cycle"] and "configs/cyclegan.json" not in commands["Dicycle"]
 
@@ -67,13 +68,13 @@ def test_both_methods_are_trained_with_the_same_data_seed_and_budget(study: dict
         )
 
     assert normalise(commands["Cycle"]) == normalise(commands["Dicycle"])
-    for method in reproduce.METHODS:
+    for method in METHODS:
         models = study["output"] / "runs" / f"deformed_{method}" / "models"
         assert (models / "model.pt").is_file() and (models / "model_g_ba.pt").is_file()
 
 
 def test_every_test_volume_is_measured_in_both_directions_with_its_displacement(study: dict) -> None:
-    n_test = reproduce.PRESETS["smoke"]["data"]["n_test"]
+    n_test = PRESETS["smoke"].data["n_test"]
     for name in ("deformed_Cycle", "deformed_Dicycle", "deformed_reference"):
         rows = _csv(study["output"] / "metrics" / f"{name}.csv")
         assert len(rows) == 2 * n_test
@@ -94,7 +95,7 @@ def test_results_report_the_measured_means_beside_the_paper(study: dict) -> None
     text = Path(study["results"]).read_text(encoding="utf-8")
     assert "## Table 2 analogue" in text and "Distortion only" in text
     assert "19.52 (1.62)" in text  # the paper's CycleGAN PD -> T2 PSNR of Table 2, in the paper column
-    assert "python scripts/reproduce.py --output_dir" in text and "--preset smoke --experiments deformed" in text
+    assert "python -m scripts.reproduce --output_dir" in text and "--preset smoke --experiments deformed" in text
     cycle = _csv(study["output"] / "metrics" / "deformed_Cycle.csv")
     mean = statistics.fmean(float(r["displacement_mm"]) for r in cycle if r["direction"] == "A2B")
     assert f"residual displacement CycleGAN {mean:.2f} mm" in text
@@ -129,7 +130,7 @@ def test_a_repeated_command_reuses_finished_runs_and_resumes_an_interrupted_one(
 
 
 def test_training_curves_read_the_logged_losses(study: dict) -> None:
-    for method in reproduce.METHODS:
+    for method in METHODS:
         scalars = reproduce.read_scalars(study["output"] / "runs" / f"deformed_{method}" / "logs")
         for tag, _ in reproduce.CURVE_PANELS:
             if tag != "align" or method == "Dicycle":  # CycleGAN has no alignment term
@@ -138,7 +139,7 @@ def test_training_curves_read_the_logged_losses(study: dict) -> None:
 
 def test_unknown_preset_or_experiment_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="preset must be one of"):
-        reproduce.main(output_dir=str(tmp_path), preset="gpu")
+        reproduce.main(output_dir=str(tmp_path), preset="tpu")
     with pytest.raises(ValueError, match="unknown experiments"):
         reproduce.main(output_dir=str(tmp_path), experiments="table4")
 
@@ -193,7 +194,7 @@ def test_ct_tables_add_mae_and_bone_dice() -> None:
     nan = float("nan")
     rows = [row("A2B", "Cycle", 100.0, 0.2), row("A2B", "Cycle", 200.0, 0.4), row("A2B", "Dicycle", 50.0, 0.9)]
     rows += [row("B2A", "Cycle", nan, nan), row("B2A", "Dicycle", nan, nan)]
-    table = reproduce.experiment_table(reproduce.EXPERIMENTS["mr_ct"], rows).splitlines()
+    table = reproduce.experiment_table(EXPERIMENTS["mr_ct"], rows).splitlines()
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
     assert header[5:7] == ["MAE (HU)", "Bone Dice"]
     assert [cell.strip() for cell in table[2].strip("|").split("|")][5:7] == ["150.0 (70.7)", "0.300 (0.141)"]
@@ -201,16 +202,15 @@ def test_ct_tables_add_mae_and_bone_dice() -> None:
     t1_to_ct, ct_to_t1 = reproduce.headline({"mr_ct": rows})
     assert "MAE 150 vs 50 HU, bone Dice 0.300 vs 0.900" in t1_to_ct
     assert "bone Dice" not in ct_to_t1
-    mr_only = reproduce.experiment_table(reproduce.EXPERIMENTS["deformed"], rows[3:])
+    mr_only = reproduce.experiment_table(EXPERIMENTS["deformed"], rows[3:])
     assert "Bone Dice" not in mr_only and "MAE" not in mr_only
 
 
 def test_budget_stretches_the_presets_epochs_and_leaves_budget_1_alone(tmp_path: Path) -> None:
-    cpu = reproduce.PRESETS["cpu"]
-    assert reproduce.budget_epochs(cpu["configs"], {}, 1) == {}  # the preset's own commands and runs stay valid
-    assert reproduce.budget_epochs(cpu["configs"], {}, 3) == {"n_epochs": 15, "n_epochs_decay": 15}
-    smoke = reproduce.PRESETS["smoke"]
-    assert reproduce.budget_epochs(smoke["configs"], smoke["overrides"], 2) == {"n_epochs": 2, "n_epochs_decay": 2}
+    assert select_preset("cpu", 1) == PRESETS["cpu"]  # the preset's own commands and runs stay valid
+    assert select_preset("cpu", 3).overrides == {"n_epochs": 15, "n_epochs_decay": 15}
+    smoke = select_preset("smoke", 2).overrides
+    assert smoke == {**PRESETS["smoke"].overrides, "n_epochs": 2, "n_epochs_decay": 2}
     for bad in (0, 1.5):
         with pytest.raises(ValueError, match="budget must be a whole number"):
             reproduce.main(output_dir=str(tmp_path), budget=bad)
@@ -220,12 +220,12 @@ def test_results_are_written_as_utf8_under_an_ascii_locale(tmp_path: Path) -> No
     # CI's locale is ASCII: the dose-response study's "9 ± 34 %" could not be written there (UnicodeEncodeError)
     path = tmp_path / "results.md"
     script = (
-        "import locale, sys; from pathlib import Path; sys.path.insert(0, 'scripts'); import reproduce; "
+        "import locale; from pathlib import Path; from scripts.tooling.report import publish_section; "
         "encoding = locale.getpreferredencoding(False); "
         "assert encoding.lower() in ('ascii', 'ansi_x3.4-1968'), encoding; "
         f"path = Path({str(path)!r}); "
-        "reproduce.publish_section(path, 'study', 'copies 9 \\u00b1 34 %'); "
-        "reproduce.publish_section(path, 'study', 'copies 2 \\u00b1 3 % \\u2192 1 \\u00b1 1 %')"
+        "publish_section(path, 'study', 'copies 9 \\u00b1 34 %'); "
+        "publish_section(path, 'study', 'copies 2 \\u00b1 3 % \\u2192 1 \\u00b1 1 %')"
     )
     env = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
