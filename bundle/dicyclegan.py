@@ -26,6 +26,7 @@ from bundle.losses import (
     lsgan_loss,
     normalized_mutual_information,
 )
+from bundle.mind import mind_distance
 from torch import nn
 
 __all__ = [
@@ -132,6 +133,9 @@ class DicycleGANLoss(nn.Module):
       undeformed fakes beside the deformed ones (otherwise D would never learn to reject them);
     - ``alignment="local_nmi"``: ``align`` (and ``nmi_a``, ``nmi_b``) use
       :func:`local_normalized_mutual_information` over ``alignment_patch_size`` patches instead of global NMI;
+    - ``alignment="mind"`` or ``"mind_ssc"``: ``nmi_a``, ``nmi_b`` are ``1 - d`` with ``d`` the
+      :func:`bundle.mind.mind_distance` of source and undeformed output (Yang et al. 2018's structural term),
+      so ``align = d_A + d_B``;
     - ``lambda_paired * paired``, ``paired = |G_T^AB(x_A) - y_B|_1`` (mean absolute error) for a target ``y_B`` of
       the same subject as ``x_A`` that need not overlay it (misaligned pairs, ``forward(..., paired_b=y_B)``): the
       deformed pass may absorb the misregistration while the undeformed pass stays aligned with ``x_A``.
@@ -146,7 +150,7 @@ class DicycleGANLoss(nn.Module):
         nmi_bins: number of histogram bins of the NMI.
         nmi_sigma_ratio: Parzen window width of the NMI, in bin widths.
         lambda_gan_aligned: weight of the LSGAN term on the undeformed outputs (paper: 0; beyond the paper).
-        alignment: ``"nmi"`` (paper, eq. 1) or ``"local_nmi"`` (beyond the paper).
+        alignment: ``"nmi"`` (paper, eq. 1), or beyond the paper ``"local_nmi"``, ``"mind"``, ``"mind_ssc"``.
         alignment_patch_size: patch size of the local NMI.
         alignment_patch_stride: step between local NMI patches (default: the patch size, non-overlapping).
         lambda_paired: weight of the L1 term between the deformed output and a paired target (paper: 0; beyond the
@@ -239,6 +243,8 @@ class DicycleGANLoss(nn.Module):
         return cycle, dicycle
 
     def _nmi(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.alignment in ("mind", "mind_ssc"):
+            return 1.0 - mind_distance(x, y, self.alignment).mean()
         if self.alignment == "local_nmi":
             return local_normalized_mutual_information(
                 x, y, self.alignment_patch_size, self.alignment_patch_stride, self.nmi_bins, self.nmi_sigma_ratio

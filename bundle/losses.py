@@ -25,8 +25,9 @@ __all__ = [
     "normalized_mutual_information",
 ]
 
-# the alignment measures of DicycleGANLoss(alignment=...): the paper's global NMI, and local NMI (opt-in)
-ALIGNMENT_MEASURES = ("nmi", "local_nmi")
+# the alignment measures of DicycleGANLoss(alignment=...): the paper's global NMI; local NMI and the structural
+# MIND / MIND-SSC descriptors of bundle.mind (opt-in)
+ALIGNMENT_MEASURES = ("nmi", "local_nmi", "mind", "mind_ssc")
 
 
 def _unit_range(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

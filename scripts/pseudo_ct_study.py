@@ -2,11 +2,12 @@
 
 Usage (from the repository root)::
 
-    python scripts/pseudo_ct_study.py --output_dir study_pct                  # all variants, CPU budget
-    python scripts/pseudo_ct_study.py --output_dir study_pct --publish_dir docs
+    python -m scripts.pseudo_ct_study --output_dir study_pct                  # all variants, CPU budget
+    python -m scripts.pseudo_ct_study --output_dir study_pct --publish_dir docs
 
 The Table 3 analogue (phantom T1 <-> CT, MR positioning pad against CT head holder) is trained with
-``configs/train.json`` at ``reproduce.py``'s CPU preset, with the same data and seed, once per variant:
+``configs/train.json`` at the studies' CPU preset (:data:`scripts.tooling.study.PRESETS`), with the same data and
+seed, once per variant:
 
 - the paper's CycleGAN (``configs/cyclegan.json``) and DicycleGAN (the defaults);
 - the opt-in switches beyond the paper, alone and combined (:data:`VARIANTS`);
@@ -32,7 +33,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,18 +42,14 @@ import fire
 import nibabel as nib
 import numpy as np
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bundle.data import volume_preprocessing  # noqa: E402
-from bundle.datalist import load_datalist, read_datalist  # noqa: E402
-from bundle.losses import local_normalized_mutual_information, normalized_mutual_information  # noqa: E402
-from bundle.pairing import mask_preprocessing  # noqa: E402
-from bundle.reports import mean_sd  # noqa: E402
-from bundle.transforms import DomainDistortion  # noqa: E402
-from scripts import reproduce  # noqa: E402
-from scripts.dose_response import applied_displacement  # noqa: E402
+from bundle.data import volume_preprocessing
+from bundle.datalist import load_datalist, read_datalist
+from bundle.losses import local_normalized_mutual_information, normalized_mutual_information
+from bundle.pairing import mask_preprocessing
+from bundle.transforms import DomainDistortion
+from scripts.dose_response import applied_displacement
+from scripts.tooling.report import column_cell, command_line, comparison_figure, mean_of, publish
+from scripts.tooling.study import EXPERIMENTS, Run, as_list, log, prepare_data, select_preset, train_and_evaluate
 
 __all__ = ["VARIANTS", "Variant", "pairs_datalist", "study"]
 
@@ -101,9 +97,20 @@ VARIANTS: dict[str, Variant] = {
             {"offsets": "shared", "lambda_gan_aligned": 1.0},
         ),
         Variant(
+            "Dicycle_shared_mind",
+            "+ shared offsets + MIND-SSC alignment",
+            {"offsets": "shared", "alignment": "mind_ssc"},
+        ),
+        Variant(
             "Dicycle_misaligned_pairs",
             "+ shared offsets + misaligned pairs",
             {"offsets": "shared", "lambda_paired": 10.0},
+            pairs_mm=10.0,
+        ),
+        Variant(
+            "Dicycle_misaligned_pairs_mind",
+            "+ shared offsets + misaligned pairs + MIND-SSC alignment",
+            {"offsets": "shared", "lambda_paired": 10.0, "alignment": "mind_ssc"},
             pairs_mm=10.0,
         ),
         Variant(
@@ -114,10 +121,6 @@ VARIANTS: dict[str, Variant] = {
         ),
     )
 }
-
-
-def log(message: str) -> None:
-    print(f"[pseudo_ct_study {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------- the pairs
@@ -222,10 +225,6 @@ def alignment_preference(data_dir: Path, pixdim: Sequence[float], patch_size: in
 # ---------------------------------------------------------------------------------------------------- reporting
 
 
-def _cell(rows: Sequence[Mapping[str, Any]], metric: str, decimals: int) -> str:
-    return mean_sd([float(row.get(metric, "nan")) for row in rows], decimals)
-
-
 def study_table(rows: Mapping[str, Sequence[Mapping[str, Any]]], variants: Sequence[Variant]) -> str:
     """One line per variant: T1 -> CT (MAE, bone Dice, displacement, PSNR, SSIM), CT -> T1 (displacement, PSNR,
     SSIM); mean (sd) over the test subjects."""
@@ -238,14 +237,14 @@ def study_table(rows: Mapping[str, Sequence[Mapping[str, Any]]], variants: Seque
         a2b = [r for r in rows[variant.key] if r["direction"] == "A2B"]
         b2a = [r for r in rows[variant.key] if r["direction"] == "B2A"]
         cells = [
-            _cell(a2b, "MAE_HU", 1),
-            _cell(a2b, "bone_dice", 3),
-            _cell(a2b, "displacement_mm", 2),
-            _cell(a2b, "PSNR", 2),
-            _cell(a2b, "SSIM", 3),
-            _cell(b2a, "displacement_mm", 2),
-            _cell(b2a, "PSNR", 2),
-            _cell(b2a, "SSIM", 3),
+            column_cell(a2b, "MAE_HU", 1),
+            column_cell(a2b, "bone_dice", 3),
+            column_cell(a2b, "displacement_mm", 2),
+            column_cell(a2b, "PSNR", 2),
+            column_cell(a2b, "SSIM", 3),
+            column_cell(b2a, "displacement_mm", 2),
+            column_cell(b2a, "PSNR", 2),
+            column_cell(b2a, "SSIM", 3),
         ]
         lines.append(f"| {variant.label} | {variant.group} | " + " | ".join(cells) + f" | {len(a2b)} |")
     return "\n".join(lines)
@@ -260,7 +259,7 @@ def target_lines(rows: Mapping[str, Sequence[Mapping[str, Any]]], variants: Sequ
             continue
 
         def mean(variant: Variant, metric: str) -> float:
-            return reproduce.mean_of([r for r in rows[variant.key] if r["direction"] == "A2B"], metric)
+            return mean_of([r for r in rows[variant.key] if r["direction"] == "A2B"], metric)
 
         best = max(members, key=lambda v: mean(v, "bone_dice"))
         checks = [
@@ -373,6 +372,7 @@ def study(
     budget: int = 1,
     publish_dir: str | None = None,
     preset: str = "cpu",
+    concurrent: int = 1,
 ) -> dict[str, Any]:
     """Train every variant on the phantom's T1 <-> CT, evaluate the undeformed pass, write ``pseudo_ct.md``.
 
@@ -384,7 +384,8 @@ def study(
         seed: seed of the data set and of every training run.
         budget: train ``budget`` times the cpu preset's epochs.
         publish_dir: also put the section into ``PUBLISH_DIR/results.md`` and copy the figure there.
-        preset: ``reproduce.py``'s ``"cpu"`` budget, or ``"smoke"`` (tests only: says nothing about the method).
+        preset: the ``"cpu"`` budget, or ``"smoke"`` (tests only: says nothing about the method).
+        concurrent: runs trained side by side, each in its own process (its output in ``runs/<run>/train.log``).
 
     Returns:
         ``{"results": path of pseudo_ct.md, "rows": {variant: per-volume rows}}``.
@@ -392,73 +393,46 @@ def study(
     Raises:
         ValueError: for an unknown variant or preset, or a budget below 1.
     """
-    keys = [k.strip() for k in variants.split(",")] if isinstance(variants, str) else list(variants)
+    keys = as_list(variants)
     unknown = [key for key in keys if key not in VARIANTS]
     if unknown or not keys:
         raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}.")
-    if not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be a whole number of times the cpu preset's epochs (>= 1), got {budget!r}.")
     if preset not in ("cpu", "smoke"):
         raise ValueError(f"preset must be 'cpu' or 'smoke', got {preset!r}.")
+    settings = select_preset(preset, budget)
     chosen = [VARIANTS[key] for key in keys]
     suffix = "" if budget == 1 else f"_{budget}x"  # another budget: its own figure and results.md section
     output = Path(output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    settings = reproduce.PRESETS[preset]
-    configs = settings["configs"]
-    preset_overrides = settings.get("overrides", {})
-    overrides = {**preset_overrides, **reproduce.budget_epochs(configs, preset_overrides, budget)}
-    data_dir = Path(dataset_dir).resolve() if dataset_dir else output / "data"
-    timings = {"data": 0.0 if dataset_dir else reproduce.build_data(data_dir, settings["data"], seed)}
-    experiment = reproduce.EXPERIMENTS["mr_ct"]
-    pixdim = overrides.get("pixdim") or reproduce.ConfigParser.load_config_file(str(ROOT / configs[0]))["pixdim"]
-    experiments, pairs_mean_mm = {}, 0.0
+    data_dir, data_s = prepare_data(output, settings, dataset_dir, seed)
+    experiment = EXPERIMENTS["mr_ct"]
+    pixdim = settings.pixdim()
+    runs, pairs_mean_mm = [], 0.0
     for variant in chosen:
-        datalist = experiment.datalist
+        training = experiment
         if variant.pairs_mm is not None:
             datalist, applied = pairs_datalist(data_dir, variant.pairs_mm, pixdim)
             pairs_mean_mm = max(pairs_mean_mm, applied)
-        experiments[variant.key] = dataclasses.replace(experiment, datalist=datalist)
-
-    records, run_dirs = {}, {}
-    for variant in chosen:
-        run_dirs[variant.key] = output / "runs" / f"mr_ct_{variant.key}"
-        method = "Cycle" if variant.cyclegan else variant.key
-        records[variant.key] = reproduce.train(
-            run_dirs[variant.key],
-            experiments[variant.key],
-            method,
-            configs,
-            {**overrides, **variant.overrides},
-            data_dir,
-            seed,
-        )
-
-    evaluation_start = time.perf_counter()
-    (output / "metrics").mkdir(exist_ok=True)
-    measured_before = reproduce.measured_seconds(output / "metrics")
-    rows, parsers = {}, {}
-    for variant in chosen:
-        run_dir = run_dirs[variant.key]
+            training = dataclasses.replace(experiment, datalist=datalist)
         method = "Cycle" if variant.cyclegan else "Dicycle"
         # evaluated on the unpaired test lists of datalist_mr_ct.json, whatever the training datalist
-        parsers[variant.key] = reproduce.evaluation_parser(experiment, method, configs, overrides, data_dir, run_dir)
-        log(f"{variant.key}: evaluating")
-        trained_at = (run_dir / "run.json").stat().st_mtime
-        measured = reproduce.evaluate(parsers[variant.key], output / "metrics" / f"{variant.key}.csv", trained_at)
-        rows[variant.key] = [{**row, "method": variant.key} for row in measured]
-    figure = reproduce.comparison_figure(
+        runs.append(Run(f"mr_ct_{variant.key}", training, method, seed, variant.overrides, experiment, variant.key))
+    trained = train_and_evaluate(output, runs, settings, data_dir, concurrent)
+    rows = {run.metrics: [{**row, "method": run.metrics} for row in trained.rows[run.name]] for run in runs}
+    start = time.perf_counter()
+    figure = comparison_figure(
         output / "figures" / f"fig4_pseudo_ct{suffix}.png",
         experiment,
-        parsers,
+        {run.metrics: trained.parsers[run.name] for run in runs},
         labels={variant.key: variant.label for variant in chosen},
         title="Pseudo-CT study, T1 <-> CT, the undeformed pass",
     )
-    timings["evaluation"] = measured_before + time.perf_counter() - evaluation_start
-    timings["training"] = sum(record["seconds"] for record in records.values())
+    timings = {"data": data_s, "training": trained.training_s}
+    timings["evaluation"] = trained.evaluation_s + time.perf_counter() - start
+    records = {run.metrics: trained.records[run.name] for run in runs}
 
-    command = reproduce.command_line(
-        "scripts/pseudo_ct_study.py",
+    command = command_line(
+        "scripts.pseudo_ct_study",
         {
             "output_dir": output_dir,
             "variants": ",".join(keys) if keys != list(VARIANTS) else None,
@@ -466,9 +440,10 @@ def study(
             "seed": seed or None,
             "preset": preset if preset != "cpu" else None,
             "budget": budget if budget != 1 else None,
+            "concurrent": concurrent if concurrent != 1 else None,
         },
     )
-    budget_text = f"`reproduce.py --preset {preset}` ({settings['description']})" + (
+    budget_text = f"`reproduce.py --preset {preset}` ({settings.description})" + (
         f", stretched {budget}x by `--budget`" if budget != 1 else ""
     )
     preference = alignment_preference(data_dir, pixdim)
@@ -489,8 +464,7 @@ def study(
     log(f"wrote {results}")
     print("\n".join(target_lines(rows, chosen)))
     if publish_dir:
-        published = reproduce.publish(publish_dir, SECTION + suffix.replace("_", "-"), text, [figure])
-        log(f"published to {published}")
+        publish(publish_dir, text, [figure], section=SECTION + suffix.replace("_", "-"))
     return {"results": str(results), "rows": rows}
 
 

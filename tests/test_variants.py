@@ -21,6 +21,7 @@ from bundle.data import PairedSliceDataset, UnpairedSliceDataset, slice_augmenta
 from bundle.dicyclegan import DicycleGANLoss, discriminator_logits
 from bundle.handlers import TimeBudget
 from bundle.losses import discriminator_loss, local_normalized_mutual_information, normalized_mutual_information
+from bundle.mind import mind_distance
 from bundle.networks import DicycleGenerator, OffsetConv2d, patch_discriminator
 from bundle.trainer import DicycleGANTrainer, ImagePool, prepare_paired_batch, prepare_unpaired_batch
 from monai.bundle import ConfigParser
@@ -292,7 +293,23 @@ def test_local_nmi_matches_a_loop_over_patches_with_the_global_nmi():
     torch.testing.assert_close(out.terms["nmi_a"], nmi_a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.terms["align"], 2.0 - out.terms["nmi_a"] - out.terms["nmi_b"])
     with pytest.raises(ValueError, match="alignment must be one of"):
-        DicycleGANLoss(alignment="mind")
+        DicycleGANLoss(alignment="ssd")
+
+
+@pytest.mark.parametrize("descriptor", ["mind", "mind_ssc"])
+def test_mind_alignment_is_the_descriptor_distance_of_source_and_undeformed_output(descriptor):
+    inputs = _fixed_inputs()
+    out = DicycleGANLoss(alignment=descriptor)(**inputs)
+    distance_a = mind_distance(inputs["real_a"], 2 * inputs["real_a"] + 0.3, descriptor).mean()
+    torch.testing.assert_close(out.terms["nmi_a"], 1.0 - distance_a)
+    torch.testing.assert_close(out.terms["align"], 2.0 - out.terms["nmi_a"] - out.terms["nmi_b"])
+    paper = DicycleGANLoss()(**inputs)
+    for name in ("gan_ab", "gan_ba", "cyc", "dicyc"):  # only the alignment term differs from the paper's objective
+        torch.testing.assert_close(out.terms[name], paper.terms[name])
+    a = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(13))
+    b = (a**2).requires_grad_()
+    mind_distance(a, b, descriptor).sum().backward()
+    assert torch.isfinite(b.grad).all() and b.grad.abs().sum() > 0
 
 
 def test_local_nmi_has_a_gradient():
