@@ -316,15 +316,16 @@ def study_markdown(
     timings: Mapping[str, float],
     preference: Mapping[str, float],
     budget: int = 1,
+    tag: str | None = None,
 ) -> str:
     """The study's section of ``docs/results.md``."""
     training = ", ".join(f"{v.label} {records[v.key]['seconds'] / 60:.1f} min" for v in variants)
     n_test = len({row["subject"] for row in rows[variants[0].key]})
     return "\n".join(
         [
-            "## Pseudo-CT study: which setting makes the aligned pass a CT?"
-            if budget == 1
-            else f"## Pseudo-CT study at {budget}x the CPU budget",
+            "## Pseudo-CT study"
+            + (f" ({tag})" if tag else "")
+            + (": which setting makes the aligned pass a CT?" if budget == 1 else f" at {budget}x the CPU budget"),
             "",
             "The Table 3 analogue (phantom T1 <-> CT, MR positioning pad against CT head holder) trained once per "
             "variant with the same data, seed and budget, every variant evaluated on the undeformed pass that "
@@ -373,6 +374,7 @@ def study(
     publish_dir: str | None = None,
     preset: str = "cpu",
     concurrent: int = 1,
+    tag: str | None = None,
 ) -> dict[str, Any]:
     """Train every variant on the phantom's T1 <-> CT, evaluate the undeformed pass, write ``pseudo_ct.md``.
 
@@ -386,6 +388,8 @@ def study(
         publish_dir: also put the section into ``PUBLISH_DIR/results.md`` and copy the figure there.
         preset: the ``"cpu"`` budget, or ``"smoke"`` (tests only: says nothing about the method).
         concurrent: runs trained side by side, each in its own process (its output in ``runs/<run>/train.log``).
+        tag: a name of this study's own results section and figure (letters, digits, ``_``), so that publishing a
+            study of other variants keeps the sections published before.
 
     Returns:
         ``{"results": path of pseudo_ct.md, "rows": {variant: per-volume rows}}``.
@@ -401,7 +405,10 @@ def study(
         raise ValueError(f"preset must be 'cpu' or 'smoke', got {preset!r}.")
     settings = select_preset(preset, budget)
     chosen = [VARIANTS[key] for key in keys]
-    suffix = "" if budget == 1 else f"_{budget}x"  # another budget: its own figure and results.md section
+    if tag is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(tag)):
+        raise ValueError(f"tag must be letters, digits and underscores, got {tag!r}.")
+    # another tag or budget: its own figure and results.md section
+    suffix = (f"_{tag}" if tag else "") + ("" if budget == 1 else f"_{budget}x")
     output = Path(output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)
     data_dir, data_s = prepare_data(output, settings, dataset_dir, seed)
@@ -441,6 +448,7 @@ def study(
             "preset": preset if preset != "cpu" else None,
             "budget": budget if budget != 1 else None,
             "concurrent": concurrent if concurrent != 1 else None,
+            "tag": tag,
         },
     )
     budget_text = f"`reproduce.py --preset {preset}` ({settings.description})" + (
@@ -458,6 +466,7 @@ def study(
         timings,
         preference,
         budget,
+        tag,
     )
     results = output / "pseudo_ct.md"
     results.write_text(text + "\n", encoding="utf-8")

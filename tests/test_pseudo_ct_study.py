@@ -64,7 +64,7 @@ def test_publish_puts_the_section_and_copies_the_figures_into_a_new_folder(tmp_p
 
 
 def test_study_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path) -> None:
-    variants = ["Dicycle_shared", "Dicycle_misaligned_pairs"]
+    variants = ["Dicycle_shared_mind", "Dicycle_misaligned_pairs"]
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "results.md").write_text("# Results\n", encoding="utf-8")
@@ -81,7 +81,8 @@ def test_study_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path) -> None:
         v: json.loads((output / "runs" / f"mr_ct_{v}" / "run.json").read_text(encoding="utf-8"))["command"]
         for v in variants
     }
-    assert "--offsets shared" in commands["Dicycle_shared"] and "--lambda_paired" not in commands["Dicycle_shared"]
+    assert "--offsets shared --alignment mind_ssc" in commands["Dicycle_shared_mind"]
+    assert "--lambda_paired" not in commands["Dicycle_shared_mind"]
     assert "--lambda_paired 10.0" in commands["Dicycle_misaligned_pairs"]
     assert "datalist_mr_ct_pairs_10mm.json" in commands["Dicycle_misaligned_pairs"]
     for variant in variants:
@@ -100,6 +101,21 @@ def test_study_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path) -> None:
     published = (docs / "results.md").read_text(encoding="utf-8")
     assert published.startswith("# Results\n") and text.strip() in published
     assert (docs / "figures" / "fig4_pseudo_ct.png").is_file()
+    # a tagged study (finished runs reused) has a section and figure of its own: the first stays published
+    with pytest.raises(ValueError, match="tag must be letters"):
+        pseudo_ct_study.study(output_dir=str(output), variants=variants[0], preset="smoke", tag="a b")
+    pseudo_ct_study.study(
+        output_dir=str(output),
+        variants=variants[0],
+        dataset_dir=str(phantom),
+        preset="smoke",
+        publish_dir=str(docs),
+        tag="mind",
+    )
+    both = (docs / "results.md").read_text(encoding="utf-8")
+    assert text.strip() in both and "## Pseudo-CT study (mind): which setting" in both
+    assert "<!-- pseudo-ct-study-mind -->" in both and "--tag mind" in both
+    assert (docs / "figures" / "fig4_pseudo_ct_mind.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_unknown_variant_and_bad_budget_are_refused(tmp_path: Path) -> None:
