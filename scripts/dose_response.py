@@ -520,17 +520,18 @@ def copy_fractions(
     """The copy fraction per (method, direction): one point per run, x = the level's applied mean displacement
     (analytic, mean over the test subjects), y = the run's mean residual displacement; ``within_seeds``: one
     intercept per training seed (:func:`copy_fraction` with the seeds as groups). Where the applied displacement
-    does not vary (within a seed), the fit is NaN."""
-    points: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+    does not vary (within a seed), or no run has a measured volume, the fit is NaN."""
+    # every (method, direction) of the rows, also one whose registrations all failed
+    points: dict[tuple[str, str], list[tuple[float, float, int]]] = {(r["method"], r["direction"]): [] for r in rows}
     for (method, direction, level, seed), residual in sorted(run_means(rows).items()):
-        points.setdefault((method, direction), []).append((applied[level, direction], residual, seed))
+        points[method, direction].append((applied[level, direction], residual, seed))
     fits = {}
+    nan = float("nan")
     for key, values in points.items():
-        x, y, seeds = zip(*values, strict=True)
         try:
+            x, y, seeds = zip(*values, strict=True) if values else ((), (), ())
             fits[key] = copy_fraction(x, y, groups=seeds if within_seeds else None)
         except ValueError:  # no slope to take
-            nan = float("nan")
             fits[key] = {"slope": nan, "intercept": nan, "se": nan, "ci_low": nan, "ci_high": nan, "n": len(values)}
     return fits
 

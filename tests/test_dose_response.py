@@ -77,6 +77,13 @@ def test_copy_fractions_use_one_point_per_run() -> None:
     assert dose_response.copy_fractions([*rows, failed], applied)["Cycle", "A2B"]["slope"] == pytest.approx(slope)
     single = [{**row, "direction": "B2A"} for row in rows if row["level_mm"] == 0.0]
     assert math.isnan(dose_response.copy_fractions(single, {(0.0, "B2A"): 0.0})["Cycle", "B2A"]["slope"])
+    # a method whose registrations all failed in one direction still has its (NaN) fit, beside the others
+    unmeasured = [{**row, "method": "Dicycle", "direction": "B2A", "displacement_mm": float("nan")} for row in rows]
+    fits = dose_response.copy_fractions(
+        [*rows, *unmeasured], {**applied, **{(lv, "B2A"): a for (lv, _), a in applied.items()}}
+    )
+    assert math.isnan(fits["Dicycle", "B2A"]["slope"]) and fits["Dicycle", "B2A"]["n"] == 0
+    assert fits["Cycle", "A2B"]["slope"] == pytest.approx(slope)
 
 
 def test_copy_fraction_within_seeds_matches_least_squares_with_one_intercept_per_seed() -> None:
