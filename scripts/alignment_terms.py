@@ -35,10 +35,11 @@ from bundle.datalist import load_datalist
 from bundle.losses import local_normalized_mutual_information, normalized_mutual_information
 from bundle.mind import mind_distance
 from bundle.pairing import mask_preprocessing
+from monai.bundle import ConfigParser
 from scripts.tooling.report import command_line, publish
 from scripts.tooling.study import EXPERIMENTS, Run, evaluation_parser, log, prepare_data, select_preset
 
-__all__ = ["CANDIDATES", "TERMS", "axial_slices", "measure", "monotone_remap", "terms"]
+__all__ = ["CANDIDATES", "TERMS", "axial_slices", "measure", "monotone_remap", "terms", "trained_synthesis"]
 
 SECTION = "alignment-terms"
 CANDIDATES = ("T1 itself", "(a) true CT", "(b) remapped T1", "(c) CycleGAN")
@@ -152,6 +153,13 @@ def table(rows: list[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def trained_synthesis(parser: ConfigParser) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The T1 -> CT synthesis of a run's evaluation parser (:func:`scripts.tooling.study.evaluation_parser`), its
+    trained weights loaded."""
+    parser.get_parsed_content("A2B#loader")(parser.get_parsed_content("A2B#evaluator"))
+    return parser.get_parsed_content("A2B#synthesis").synthesize
+
+
 def main(
     output_dir: str = "study_terms",
     preset: str = "cpu",
@@ -181,9 +189,9 @@ def main(
         run_dir = Path(cyclegan_run).resolve()
         if not (run_dir / "models" / "model.pt").is_file():
             raise FileNotFoundError(f"{run_dir / 'models' / 'model.pt'}: no trained CycleGAN in --cyclegan_run.")
-        parser = evaluation_parser(Run(run_dir.name, EXPERIMENTS["mr_ct"], "Cycle"), settings, data_dir, run_dir)
-        parser.get_parsed_content("A2B#loader")(parser.get_parsed_content("A2B#evaluator"))
-        synthesize = parser.get_parsed_content("A2B#synthesis").synthesize
+        synthesize = trained_synthesis(
+            evaluation_parser(Run(run_dir.name, EXPERIMENTS["mr_ct"], "Cycle"), settings, data_dir, run_dir)
+        )
     rows = measure(data_dir, settings.pixdim(), synthesize)
     command = command_line(
         "scripts.alignment_terms",

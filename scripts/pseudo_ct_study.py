@@ -41,12 +41,10 @@ from typing import Any
 import fire
 import nibabel as nib
 import numpy as np
-import torch
-from bundle.data import volume_preprocessing
-from bundle.datalist import load_datalist, read_datalist
-from bundle.losses import local_normalized_mutual_information, normalized_mutual_information
+from bundle.datalist import read_datalist
 from bundle.pairing import mask_preprocessing
 from bundle.transforms import DomainDistortion
+from scripts import alignment_terms
 from scripts.dose_response import applied_displacement
 from scripts.tooling.report import column_cell, command_line, comparison_figure, mean_of, publish
 from scripts.tooling.study import EXPERIMENTS, Run, as_list, log, prepare_data, select_preset, train_and_evaluate
@@ -197,31 +195,6 @@ def pairs_datalist(data_dir: Path, misregistration_mm: float, pixdim: Sequence[f
     return name, mean_mm
 
 
-def alignment_preference(data_dir: Path, pixdim: Sequence[float], patch_size: int = 16) -> dict[str, float]:
-    """What the alignment term rewards: NMI of each test subject's T1 against itself and against its true CT.
-
-    On the middle axial slice of every test pair of ``datalist_mr_ct.json``, preprocessed as training does (z-scored
-    T1, HU window scaled to [-1, 1]), the global NMI of eq. 1 and the local NMI (``patch_size`` patches) of
-    ``alignment="local_nmi"``; a term that scores the T1's own contrast above the true CT's pulls the aligned pass
-    away from CT.
-
-    Returns:
-        Means over the test subjects: ``{"nmi_t1_t1", "nmi_t1_ct", "local_t1_t1", "local_t1_ct"}``.
-    """
-    mr, ct = volume_preprocessing("image", "MR", pixdim), volume_preprocessing("image", "CT", pixdim)
-    scores: dict[str, list[float]] = {"nmi_t1_t1": [], "nmi_t1_ct": [], "local_t1_t1": [], "local_t1_ct": []}
-    for pair in load_datalist(data_dir, "datalist_mr_ct.json", "test"):
-        t1, true_ct = mr({"image": pair["A"]})["image"], ct({"image": pair["B"]})["image"]
-        z = t1.shape[-1] // 2
-        a, b = (torch.as_tensor(volume)[None, ..., z].float() for volume in (t1, true_ct))
-        with torch.no_grad():
-            scores["nmi_t1_t1"].append(float(normalized_mutual_information(a, a)))
-            scores["nmi_t1_ct"].append(float(normalized_mutual_information(a, b)))
-            scores["local_t1_t1"].append(float(local_normalized_mutual_information(a, a, patch_size)))
-            scores["local_t1_ct"].append(float(local_normalized_mutual_information(a, b, patch_size)))
-    return {name: statistics.fmean(values) for name, values in scores.items()}
-
-
 # ---------------------------------------------------------------------------------------------------- reporting
 
 
@@ -281,30 +254,6 @@ def target_lines(rows: Mapping[str, Sequence[Mapping[str, Any]]], variants: Sequ
     return lines
 
 
-def preference_sentence(preference: Mapping[str, float]) -> str:
-    """What :func:`alignment_preference` measured, and what it implies for the alignment measures."""
-    favours = [
-        name
-        for name, own, ct in (
-            ("global NMI", preference["nmi_t1_t1"], preference["nmi_t1_ct"]),
-            ("local NMI", preference["local_t1_t1"], preference["local_t1_ct"]),
-        )
-        if own > ct
-    ]
-    verdict = (
-        f"{' and '.join(favours)} score{'s' if len(favours) == 1 else ''} the T1's own contrast above the true CT's, "
-        "so a synthesis that keeps the T1 contrast satisfies the alignment term better than the true CT does"
-        if favours
-        else "neither scores the T1's own contrast above the true CT's"
-    )
-    return (
-        "What the alignment term rewards (middle axial slice of each test subject, mean): NMI of the T1 with itself "
-        f"{preference['nmi_t1_t1']:.2f}, with its true CT {preference['nmi_t1_ct']:.2f}; local NMI (16 x 16 "
-        f"patches, `alignment: local_nmi`) {preference['local_t1_t1']:.2f} and {preference['local_t1_ct']:.2f}: "
-        f"{verdict}."
-    )
-
-
 def study_markdown(
     command: str,
     rows: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -314,7 +263,7 @@ def study_markdown(
     figure: str,
     budget_text: str,
     timings: Mapping[str, float],
-    preference: Mapping[str, float],
+    terms_table: str,
     budget: int = 1,
     tag: str | None = None,
 ) -> str:
@@ -355,7 +304,10 @@ def study_markdown(
             "",
             *target_lines(rows, variants),
             "",
-            preference_sentence(preference),
+            "What each alignment term rewards (`scripts/alignment_terms.py` on the same test subjects: the term "
+            "between each T1 and the candidate; a term worth training prefers the true CT):",
+            "",
+            terms_table,
             "",
             f"![Pseudo-CT study]({figure})",
         ]
@@ -454,7 +406,9 @@ def study(
     budget_text = f"`reproduce.py --preset {preset}` ({settings.description})" + (
         f", stretched {budget}x by `--budget`" if budget != 1 else ""
     )
-    preference = alignment_preference(data_dir, pixdim)
+    cyclegan = next((run for run in runs if run.method == "Cycle"), None)  # its synthesis is candidate (c)
+    synthesize = alignment_terms.trained_synthesis(trained.parsers[cyclegan.name]) if cyclegan else None
+    terms_table = alignment_terms.table(alignment_terms.measure(data_dir, pixdim, synthesize))
     text = study_markdown(
         command,
         rows,
@@ -464,7 +418,7 @@ def study(
         f"figures/fig4_pseudo_ct{suffix}.png",
         budget_text,
         timings,
-        preference,
+        terms_table,
         budget,
         tag,
     )
