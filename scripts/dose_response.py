@@ -59,6 +59,7 @@ from scripts.tooling.study import (
     PRESETS,
     Experiment,
     as_list,
+    check_concurrent,
     distorted_copies,
     log,
     on_device,
@@ -755,8 +756,7 @@ def study(
     methods = as_list(methods)
     if not methods or not set(methods) <= set(METHODS):
         raise ValueError(f"methods must be some of {list(METHODS)}, got {methods}.")
-    if not isinstance(concurrent, int) or concurrent < 1:
-        raise ValueError(f"concurrent must be a whole number of runs trained at once (>= 1), got {concurrent!r}.")
+    check_concurrent(concurrent)
     start = time.perf_counter()
     output = Path(output_dir).resolve()
     runs = planned_runs(levels, seeds, replicate_levels_mm, methods)

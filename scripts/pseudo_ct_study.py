@@ -47,7 +47,16 @@ from bundle.transforms import DomainDistortion
 from scripts import alignment_terms
 from scripts.dose_response import applied_displacement
 from scripts.tooling.report import column_cell, command_line, comparison_figure, mean_of, publish
-from scripts.tooling.study import EXPERIMENTS, Run, as_list, log, prepare_data, select_preset, train_and_evaluate
+from scripts.tooling.study import (
+    EXPERIMENTS,
+    Run,
+    as_list,
+    check_concurrent,
+    log,
+    prepare_data,
+    select_preset,
+    train_and_evaluate,
+)
 
 __all__ = ["VARIANTS", "Variant", "pairs_datalist", "study"]
 
@@ -356,6 +365,7 @@ def study(
     if preset not in ("cpu", "smoke"):
         raise ValueError(f"preset must be 'cpu' or 'smoke', got {preset!r}.")
     settings = select_preset(preset, budget)
+    check_concurrent(concurrent)
     chosen = [VARIANTS[key] for key in keys]
     if tag is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(tag)):
         raise ValueError(f"tag must be letters, digits and underscores, got {tag!r}.")

@@ -54,6 +54,7 @@ from scripts.tooling.study import (
     Experiment,
     Run,
     as_list,
+    check_concurrent,
     distorted_copies,
     log,
     prepare_data,
@@ -426,6 +427,7 @@ def main(
         ValueError: for an unknown preset or experiment, or a budget below 1.
     """
     settings = select_preset(preset, budget)
+    check_concurrent(concurrent)
     keys = as_list(experiments)
     unknown = [key for key in keys if key not in EXPERIMENTS]
     if unknown or not keys:

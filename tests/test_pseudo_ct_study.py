@@ -124,3 +124,6 @@ def test_unknown_variant_and_bad_budget_are_refused(tmp_path: Path) -> None:
         pseudo_ct_study.study(output_dir=str(tmp_path), variants="Dicycle,Nope")
     with pytest.raises(ValueError, match="budget"):
         pseudo_ct_study.study(output_dir=str(tmp_path), budget=0)
+    with pytest.raises(ValueError, match="concurrent must be a whole number"):
+        pseudo_ct_study.study(output_dir=str(tmp_path / "study"), concurrent=0)
+    assert not (tmp_path / "study").exists()  # refused before any data is built

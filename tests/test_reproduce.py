@@ -142,6 +142,9 @@ def test_unknown_preset_or_experiment_is_refused(tmp_path: Path) -> None:
         reproduce.main(output_dir=str(tmp_path), preset="tpu")
     with pytest.raises(ValueError, match="unknown experiments"):
         reproduce.main(output_dir=str(tmp_path), experiments="table4")
+    with pytest.raises(ValueError, match="concurrent must be a whole number"):
+        reproduce.main(output_dir=str(tmp_path / "study"), concurrent=1.5)
+    assert not (tmp_path / "study").exists()  # refused before any data is built
 
 
 def test_headline_is_computed_from_the_rows() -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "StudyRuns",
     "as_list",
     "build_data",
+    "check_concurrent",
     "distorted_copies",
     "iterations",
     "log",
@@ -211,7 +212,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "gpu": Preset(
         (),
-        {"val_interval": 1000},
+        {},
         {"subjects": 16, "n_validation": 1, "n_test": 4, "distortion_mm": 10.0},
         "GPU budget: the paper's networks (generators of width 64 with 9 residual blocks, 70 x 70 PatchGAN), 1.8 mm "
         "voxels and 128 x 128 slices, the paper's schedule cut by a wall-clock limit (`--time_limit_s`) instead of "
@@ -391,6 +392,12 @@ def iterations(run_dir: Path) -> int | None:
     return int(state["trainer"]["iteration"])
 
 
+def check_concurrent(concurrent: int) -> None:
+    """Refuse a number of runs trained at once that is not a whole number >= 1 (before a study builds anything)."""
+    if not isinstance(concurrent, int) or concurrent < 1:
+        raise ValueError(f"concurrent must be a whole number of runs trained at once (>= 1), got {concurrent!r}.")
+
+
 def train_all(output: Path, runs: Sequence[Run], preset: Preset, dataset_dir: Path, concurrent: int = 1) -> dict:
     """Train the runs, ``concurrent`` of them side by side (each in its own process, its output in
     ``runs/<run>/train.log``): processes that each leave a launch-bound GPU mostly idle share it well.
@@ -402,8 +409,7 @@ def train_all(output: Path, runs: Sequence[Run], preset: Preset, dataset_dir: Pa
         ValueError: if ``concurrent`` is not a whole number >= 1.
         RuntimeError: naming the runs that failed and their logs, after the others have finished.
     """
-    if not isinstance(concurrent, int) or concurrent < 1:
-        raise ValueError(f"concurrent must be a whole number of runs trained at once (>= 1), got {concurrent!r}.")
+    check_concurrent(concurrent)
     if concurrent == 1:
         return {run.name: train(output / "runs" / run.name, run, preset, dataset_dir) for run in runs}
     logs = {run.name: output / "runs" / run.name / "train.log" for run in runs}
