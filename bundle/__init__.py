@@ -6,15 +6,5 @@ the dataset builders are experiment tooling in ``scripts/tooling``, which the mo
 
 from . import data, datalist, handlers, inference, losses, metrics, networks, settings, trainer, transforms
 
-__all__ = [
-    "data",
-    "datalist",
-    "handlers",
-    "inference",
-    "losses",
-    "metrics",
-    "networks",
-    "settings",
-    "trainer",
-    "transforms",
-]
+__all__ = ["data", "datalist", "handlers", "inference", "losses", "metrics", "networks", "settings", "trainer"]
+__all__ += ["transforms"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import locale
 import os
 import shutil
@@ -14,17 +15,9 @@ __all__ = ["compile_options", "compile_problem", "load_inductor"]
 
 
 def compile_problem(device: str | torch.device) -> str | None:
-    """Why ``torch.compile``'s default backend (inductor) cannot build kernels for ``device`` here, or None.
-
-    Inductor writes C++ for CPU kernels and compiles it with the compiler named by ``CXX`` (default ``g++``,
-    ``clang++`` on macOS), and writes Triton for CUDA kernels: without them a compiled step fails at its first call.
-
-    Args:
-        device: the device the compiled step runs on.
-
-    Returns:
-        None when the toolchain is present, else a one-line reason.
-    """
+    """Why inductor (``torch.compile``'s default backend) cannot build kernels for ``device`` here: a one-line
+    reason, or None. It needs Triton for CUDA and, for CPU, the C++ compiler ``CXX`` (default ``g++``, ``clang++`` on
+    macOS)."""
     kind = torch.device(device).type
     if kind == "cuda":
         try:
@@ -40,18 +33,12 @@ def compile_problem(device: str | torch.device) -> str | None:
 
 
 def load_inductor() -> None:
-    """Import ``torch.compile``'s code generator now, with a UTF-8 character type.
-
-    Torch reads inductor's kernel templates in the locale's encoding, and some of them hold non-ASCII text: where the C
-    locale is in force (set by the environment, or by a library during the run, as seen in the test suite) the first
-    compile fails with a UnicodeDecodeError. Importing them once under C.UTF-8 avoids that; the locale is restored.
-    """
+    """Import ``torch.compile``'s code generator now, under ``LC_CTYPE=C.UTF-8`` (then restored): its kernel
+    templates hold non-ASCII text, which a C locale fails to decode at the first compile."""
     previous = locale.setlocale(locale.LC_CTYPE)
     try:
-        try:
+        with contextlib.suppress(locale.Error):  # no such locale: import as the locale is
             locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
-        except locale.Error:  # no such locale: import as the locale is
-            pass
         import torch._inductor.lowering  # noqa: F401
     finally:
         locale.setlocale(locale.LC_CTYPE, previous)
@@ -60,23 +47,15 @@ def load_inductor() -> None:
 def compile_options(
     device: str | torch.device, compile: bool, cuda_graphs: bool = False, backend: str = "inductor"
 ) -> dict[str, Any] | None:
-    """``torch.compile`` keyword arguments of the training step, or None for the eager step (the default).
+    """``torch.compile`` keyword arguments of the training step (``dynamic=False``; ``mode="reduce-overhead"`` for
+    CUDA graphs), or None for the eager step (the default). A ValueError for ``cuda_graphs`` off CUDA or with
+    another backend; a RuntimeError where inductor has no toolchain (:func:`compile_problem`).
 
     Args:
         device: training device.
         compile: compile the generator and discriminator objectives (inductor, default mode).
-        cuda_graphs: on CUDA, compile with ``mode="reduce-overhead"``: the fixed-shape step is captured as CUDA graphs
-            and replayed, so the host no longer launches each kernel (implies ``compile``).
-        backend: ``torch.compile`` backend; ``"inductor"`` (default) generates fused kernels, ``"aot_eager"`` only
-            captures the graphs (forward and backward) and runs them with PyTorch's kernels, for debugging.
-
-    Returns:
-        ``torch.compile`` arguments (``dynamic=False``: a training step has one shape; ``mode="reduce-overhead"`` for
-        CUDA graphs), or None.
-
-    Raises:
-        ValueError: ``cuda_graphs`` on a device other than CUDA.
-        RuntimeError: compiling asked for where inductor has no toolchain (see :func:`compile_problem`).
+        cuda_graphs: on CUDA, compile with ``mode="reduce-overhead"`` (CUDA graphs; implies ``compile``).
+        backend: ``torch.compile`` backend: ``"inductor"`` (fused kernels) or, for debugging, ``"aot_eager"``.
     """
     if cuda_graphs and torch.device(device).type != "cuda":
         raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}; use compile=True alone there.")
@@ -87,6 +66,5 @@ def compile_options(
     problem = compile_problem(device) if backend == "inductor" else None
     if problem is not None:
         raise RuntimeError(f"compile=True cannot run here: {problem}. Train eagerly (compile=False, the default).")
-    # one shape per run: a differently sized batch (a short last batch) recompiles instead of every kernel
-    # being generated for symbolic sizes
+    # one shape per run: a short last batch recompiles rather than every kernel taking symbolic sizes
     return {"backend": backend, "dynamic": False, **({"mode": "reduce-overhead"} if cuda_graphs else {})}

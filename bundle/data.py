@@ -1,17 +1,8 @@
-"""Training data of DicycleGAN: per-domain volume preprocessing and independent random axial slices per domain.
+"""Training data of DicycleGAN: per-domain volume preprocessing, and per sample an independent random axial slice
+of each domain (:class:`UnpairedSliceDataset`; misaligned-pairs mode: :class:`PairedSliceDataset`).
 
-Volumes are preprocessed once (load, channel first, RAS orientation, resampling, intensity normalisation) and
-cached; every training sample then draws, independently for domain A and domain B, a random volume and a random
-axial slice with enough foreground, crops or pads it to the training size and augments it (flips, rotation,
-shear, translation). The two domains are never paired.
-
-The misaligned-pairs mode (beyond the paper, opt-in) adds to each sample the slice of a paired target volume
-(:class:`PairedSliceDataset`): same subject, same slice index and the same augmentation as the domain-A slice, but
-not necessarily aligned with it (other bed position, other day).
-
-Every sample is a deterministic function of ``(seed, sample id)``, and :class:`EpochSampler` gives epoch ``e`` the
-ids ``e * N .. e * N + N - 1``. So the data of an epoch is the same whether training ran straight through or was
-resumed, whatever the number of loader workers or distributed ranks.
+Samples are deterministic in ``(seed, sample id)`` and :class:`EpochSampler` gives epoch ``e`` the ids
+``e * N .. e * N + N - 1``: an epoch's data does not depend on resuming, loader workers or ranks.
 """
 
 from __future__ import annotations
@@ -19,37 +10,17 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import monai.transforms as mt
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import CacheDataset
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    LoadImaged,
-    MapTransform,
-    Orientationd,
-    RandAffined,
-    RandFlipd,
-    ResizeWithPadOrCropd,
-    ScaleIntensityRanged,
-    Spacingd,
-)
+from monai.transforms import Compose, MapTransform
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset, DistributedSampler
 
-__all__ = [
-    "DOMAIN_KINDS",
-    "AxialForegroundSlicesd",
-    "EpochSampler",
-    "ForegroundZScored",
-    "PairedSliceDataset",
-    "UnpairedSliceDataset",
-    "cached_volumes",
-    "foreground_mask",
-    "slice_augmentation",
-    "volume_preprocessing",
-]
+__all__ = ["DOMAIN_KINDS", "AxialForegroundSlicesd", "EpochSampler", "ForegroundZScored", "PairedSliceDataset"]
+__all__ += ["UnpairedSliceDataset", "cached_volumes", "foreground_mask", "slice_augmentation", "volume_preprocessing"]
 
 DOMAIN_KINDS = ("MR", "CT")
 CT_FOREGROUND_HU = -500.0  # above air and lung, below fat: the head (and bed) in CT
@@ -62,15 +33,16 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
+def _name(image: Any, key: Hashable) -> str:
+    return str(getattr(image, "meta", {}).get("filename_or_obj", key))
+
+
 def foreground_mask(image: torch.Tensor, kind: str) -> torch.Tensor:
-    """Foreground (head) voxels of an image in its own units.
+    """Boolean foreground (head) mask of an image in its own units (MR: arbitrary units, CT: HU).
 
     Args:
-        image: MR signal (arbitrary units) or CT in HU.
+        image: the image.
         kind: ``"MR"`` (above 10% of the 99th percentile) or ``"CT"`` (above -500 HU).
-
-    Returns:
-        Boolean tensor of the image's shape.
     """
     image = torch.as_tensor(image)
     if _check_kind(kind) == "CT":
@@ -80,13 +52,11 @@ def foreground_mask(image: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class ForegroundZScored(MapTransform):
-    """z-score an MR volume with the mean and standard deviation of its foreground (:func:`foreground_mask`).
+    """z-score MR volumes with the mean and std of their :func:`foreground_mask` (kept in a MetaTensor's metadata
+    as ``zscore_mean``, ``zscore_std``).
 
-    The statistics are recorded in the image's metadata (``zscore_mean``, ``zscore_std``) when it is a MetaTensor.
-
-    Args:
-        keys: keys of the images to normalise.
-        allow_missing_keys: skip missing keys instead of raising.
+    Raises:
+        ValueError: if a volume has fewer than two foreground voxels.
     """
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -103,23 +73,18 @@ class ForegroundZScored(MapTransform):
         return d
 
 
-def _name(image: Any, key: Hashable) -> str:
-    meta = getattr(image, "meta", {})
-    return str(meta.get("filename_or_obj", key))
-
-
 class AxialForegroundSlicesd(MapTransform):
-    """Record which axial slices (last spatial axis, RAS) hold enough foreground to train on.
-
-    Adds ``"<key>_slices"``: the indices of slices whose foreground area is at least ``min_ratio`` times the largest
-    foreground area of the volume. Runs before intensity normalisation, on the image's own units.
+    """Add ``"<key>_slices"``: the axial slices (last spatial axis, RAS) whose foreground area is at least
+    ``min_ratio`` times the volume's largest (run before intensity normalisation).
 
     Args:
-        keys: keys of the volumes (channel first).
+        keys, allow_missing_keys: keys of the (channel-first) volumes, and whether to skip missing keys.
         kind: ``"MR"`` or ``"CT"`` (see :func:`foreground_mask`).
         min_ratio: fraction of the largest slice's foreground area a slice needs.
         expected_channels: number of channels every volume must have.
-        allow_missing_keys: skip missing keys instead of raising.
+
+    Raises:
+        ValueError: if a volume is not 3-D, has another number of channels, or has no foreground.
     """
 
     def __init__(
@@ -131,9 +96,7 @@ class AxialForegroundSlicesd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.kind = _check_kind(kind)
-        self.min_ratio = min_ratio
-        self.expected_channels = expected_channels
+        self.kind, self.min_ratio, self.expected_channels = _check_kind(kind), min_ratio, expected_channels
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -161,39 +124,29 @@ def volume_preprocessing(
     min_foreground_ratio: float = 0.25,
     in_channels: int = 1,
 ) -> Compose:
-    """Deterministic preprocessing of one domain's volumes, cached before training.
-
-    ``LoadImaged`` (NIfTI, NRRD, MHA, DICOM series), ``EnsureChannelFirstd``, ``Orientationd`` (RAS), ``Spacingd``
-    (bilinear), then the intensity normalisation of the domain: z-score over the foreground for MR
-    (:class:`ForegroundZScored`), the HU window linearly mapped to [-1, 1] (clipped) for CT.
+    """Deterministic preprocessing of one domain's volumes: load (NIfTI, NRRD, MHA, DICOM), channel first, RAS,
+    bilinear resampling to ``pixdim``, then MR: :class:`ForegroundZScored`; CT: ``hu_window`` mapped to [-1, 1]
+    (clipped).
 
     Args:
         keys: keys of the volumes of this domain.
         kind: ``"MR"`` or ``"CT"``.
-        pixdim: voxel size in mm after resampling (paper: 1.8 mm isotropic for brain, 1.56 x 1.56 x 5 for abdomen).
+        pixdim: voxel size in mm (paper: 1.8 mm isotropic for brain, 1.56 x 1.56 x 5 for abdomen).
         hu_window: CT intensities (HU) mapped to -1 and 1.
-        slice_keys: keys for which :class:`AxialForegroundSlicesd` records the trainable slices (training only).
-        min_foreground_ratio: see :class:`AxialForegroundSlicesd`.
-        in_channels: channels every volume must have.
-
-    Returns:
-        The composed transform.
+        slice_keys, min_foreground_ratio, in_channels: keys, ``min_ratio`` and ``expected_channels`` of
+            :class:`AxialForegroundSlicesd` (training only: the trainable slices).
     """
     kind = _check_kind(kind)
-    transforms: list = [
-        LoadImaged(keys, image_only=True),
-        EnsureChannelFirstd(keys),
-        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(keys, pixdim=pixdim, mode="bilinear"),
-    ]
+    transforms: list = [mt.LoadImaged(keys, image_only=True), mt.EnsureChannelFirstd(keys)]
+    transforms.append(mt.Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    transforms.append(mt.Spacingd(keys, pixdim=pixdim, mode="bilinear"))
     if slice_keys is not None:
         transforms.append(AxialForegroundSlicesd(slice_keys, kind, min_foreground_ratio, in_channels))
     if kind == "MR":
-        transforms.append(ForegroundZScored(keys))
-    else:
-        low, high = hu_window
-        transforms.append(ScaleIntensityRanged(keys, a_min=low, a_max=high, b_min=-1.0, b_max=1.0, clip=True))
-    return Compose(transforms)
+        return Compose([*transforms, ForegroundZScored(keys)])
+    low, high = hu_window
+    scale = mt.ScaleIntensityRanged(keys, a_min=low, a_max=high, b_min=-1.0, b_max=1.0, clip=True)
+    return Compose([*transforms, scale])
 
 
 def slice_augmentation(
@@ -204,55 +157,41 @@ def slice_augmentation(
     shear: float = 0.1,
     translate: float = 10.0,
 ) -> Compose:
-    """Random augmentation of one axial slice: crop or pad to ``spatial_size``, flips, rotation, shear and
-    translation ("aggressive flips, rotations, shearing and translations", paper, Experiments Setup).
-
-    Padding and resampling repeat the border, so the background keeps its intensity in every domain.
+    """Random augmentation of one axial slice: crop or pad to ``spatial_size``, flips, rotation, shear, translation
+    (paper: "aggressive flips, rotations, shearing and translations"). Padding and resampling repeat the border.
 
     Args:
         keys: keys of the slices (channel first, 2-D).
         spatial_size: training size (paper: 128 x 128 brain, 192 x 192 abdomen).
         prob: probability of each flip and of the affine augmentation.
-        rotate_degrees: largest rotation.
-        shear: largest shear factor.
-        translate: largest translation in pixels.
-
-    Returns:
-        The composed random transform.
+        rotate_degrees, shear, translate: largest rotation (degrees), shear factor and translation (pixels).
     """
-    return Compose(
-        [
-            ResizeWithPadOrCropd(keys, spatial_size=spatial_size, mode="edge"),
-            RandFlipd(keys, prob=prob, spatial_axis=0),
-            RandFlipd(keys, prob=prob, spatial_axis=1),
-            RandAffined(
-                keys,
-                prob=prob,
-                rotate_range=(np.deg2rad(rotate_degrees),),
-                shear_range=(shear, shear),
-                translate_range=(translate, translate),
-                mode="bilinear",
-                padding_mode="border",
-            ),
-        ]
+    ranges = {"rotate_range": (np.deg2rad(rotate_degrees),), "shear_range": (shear, shear)}
+    affine = mt.RandAffined(
+        keys, prob=prob, translate_range=(translate, translate), mode="bilinear", padding_mode="border", **ranges
     )
+    flips = [mt.RandFlipd(keys, prob=prob, spatial_axis=axis) for axis in (0, 1)]
+    return Compose([mt.ResizeWithPadOrCropd(keys, spatial_size=spatial_size, mode="edge"), *flips, affine])
+
+
+def _plain(slices: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    # plain tensors: metadata of augmented slices has no use in training and must not reach checkpoints
+    return {key: convert_to_tensor(value, torch.float32, track_meta=False) for key, value in slices.items()}
 
 
 class UnpairedSliceDataset(Dataset):
-    """Unpaired training samples ``{"A": slice of domain A, "B": slice of domain B}``, drawn independently.
-
-    Sample ``sample_id`` (any non-negative integer; :class:`EpochSampler` supplies them) picks, with a generator
-    seeded by ``(seed, sample_id)``, a volume and one of its trainable axial slices in each domain and augments each
-    slice with a random state from the same generator: the same id always gives the same sample.
+    """Unpaired samples ``{"A": slice of domain A, "B": slice of domain B}``: sample ``sample_id`` (any integer >= 0)
+    draws per domain, with a generator seeded by ``(seed, sample_id)``, a volume, a trainable slice and the
+    augmentation's random state.
 
     Args:
-        volumes_a: preprocessed volumes of domain A (e.g. a ``CacheDataset`` of :func:`volume_preprocessing` with
-            ``slice_keys="image"``), items ``{"image": (C, X, Y, Z), "image_slices": indices}``.
-        volumes_b: the same for domain B.
-        augmentation_a: random transform of an A slice ``{"image": (C, X, Y)}``.
-        augmentation_b: the same for B.
-        samples_per_epoch: number of samples in an epoch (the dataset's length).
-        seed: seed of the sampling.
+        volumes_a, volumes_b: preprocessed volumes of each domain (e.g. :func:`cached_volumes`), items
+            ``{"image": (C, X, Y, Z), "image_slices": indices}``.
+        augmentation_a, augmentation_b: random transforms of a slice ``{"image": (C, X, Y)}`` of each domain.
+        samples_per_epoch, seed: the dataset's length and the seed of the sampling.
+
+    Raises:
+        ValueError: if a domain has no volume or ``samples_per_epoch < 1``.
     """
 
     def __init__(
@@ -270,8 +209,7 @@ class UnpairedSliceDataset(Dataset):
         if samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}.")
         self.domains = {"A": (volumes_a, augmentation_a), "B": (volumes_b, augmentation_b)}
-        self.samples_per_epoch = samples_per_epoch
-        self.seed = seed
+        self.samples_per_epoch, self.seed = samples_per_epoch, seed
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -298,35 +236,22 @@ class UnpairedSliceDataset(Dataset):
 
     def __getitem__(self, sample_id: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng((self.seed, int(sample_id)))
-        # plain tensors: metadata of augmented slices has no use in training and must not reach checkpoints
-        return {domain: convert_to_tensor(self._draw(rng, domain), torch.float32, track_meta=False) for domain in "AB"}
+        return _plain({domain: self._draw(rng, domain) for domain in "AB"})
 
 
 class PairedSliceDataset(UnpairedSliceDataset):
-    """Training samples of the misaligned-pairs mode: ``{"A": x_A, "B": x_B, "B_paired": y_B}``.
-
-    ``A`` is drawn from the domain-A volumes of the pairs and ``B`` independently from the (unpaired) domain-B
-    volumes, exactly as :class:`UnpairedSliceDataset` draws them (the same ids give the same ``A`` and ``B``);
-    ``B_paired`` is the same axial slice index of the pair's domain-B volume, augmented with the same random state
-    as ``A`` (``augmentation_b`` must draw its random parameters like ``augmentation_a``, e.g. be the same
-    transform), so it differs from ``A``'s geometry only by the pair's own misregistration.
-
-    Both volumes of a pair must share the voxel grid after preprocessing (same shape; e.g. the CT resampled onto the
-    MR's grid): the slice index is what pairs them, no registration is done.
+    """Samples ``{"A": x_A, "B": x_B, "B_paired": y_B}`` of the misaligned-pairs mode: ``A`` (from the pairs) and
+    ``B`` drawn as by :class:`UnpairedSliceDataset`; ``B_paired``: the same slice of the pair's domain-B volume
+    (same voxel grid, no registration) with ``A``'s augmentation state (``augmentation_b`` must draw like
+    ``augmentation_a``, e.g. be the same transform).
 
     Args:
-        pairs_a: preprocessed domain-A volumes of the pairs, items ``{"image": (C, X, Y, Z), "image_slices": ...}``.
-        pairs_b: the preprocessed domain-B volumes of the same pairs, in the same order, items ``{"image": ...}``.
-        volumes_b: preprocessed domain-B volumes for the unpaired ``B`` draws (as in :class:`UnpairedSliceDataset`).
-        augmentation_a: random transform of an A slice ``{"image": (C, X, Y)}``.
-        augmentation_b: the same for B slices (the unpaired ones and the paired ones).
-        samples_per_epoch: number of samples in an epoch (the dataset's length).
-        seed: seed of the sampling.
+        pairs_a, pairs_b: preprocessed domain-A (with ``image_slices``) and domain-B volumes of the pairs, in order.
+        volumes_b: preprocessed domain-B volumes for the unpaired ``B`` draws.
+        augmentation_a, augmentation_b, samples_per_epoch, seed: as for :class:`UnpairedSliceDataset`.
 
-    Example::
-
-        dataset = PairedSliceDataset(pairs_a, pairs_b, volumes_b, augmentation, augmentation)
-        sample = dataset[0]  # {"A": (1, 128, 128), "B": (1, 128, 128), "B_paired": (1, 128, 128)}
+    Raises:
+        ValueError: as :class:`UnpairedSliceDataset`, or if the pair lists differ in length or a pair in shape.
     """
 
     def __init__(
@@ -356,24 +281,18 @@ class PairedSliceDataset(UnpairedSliceDataset):
         rng = np.random.default_rng((self.seed, int(sample_id)))
         (pairs_a, augmentation_a), augmentation_b = self.domains["A"], self.domains["B"][1]
         index, z, seed = self._choose(rng, "A")
-        slices = {
-            "A": self._slice(pairs_a[index], z, augmentation_a, seed),
-            "B": self._draw(rng, "B"),
-            "B_paired": self._slice(self.pairs_b[index], z, augmentation_b, seed),
-        }
-        return {key: convert_to_tensor(value, torch.float32, track_meta=False) for key, value in slices.items()}
+        a = self._slice(pairs_a[index], z, augmentation_a, seed)
+        b = self._draw(rng, "B")
+        return _plain({"A": a, "B": b, "B_paired": self._slice(self.pairs_b[index], z, augmentation_b, seed)})
 
 
 class EpochSampler(DistributedSampler):
-    """Sample ids ``epoch * N .. epoch * N + N - 1`` for :class:`UnpairedSliceDataset`, split across ranks.
-
-    A ``DistributedSampler``, so MONAI workflows call :meth:`set_epoch` at the start of every epoch (also the first
-    epoch of a resumed run). Without ``torch.distributed`` it is a single rank.
+    """Sample ids ``epoch * N .. epoch * N + N - 1`` of a dataset of length N, split across ranks (MONAI workflows
+    call :meth:`set_epoch` every epoch).
 
     Args:
-        dataset: the dataset (its length is N).
-        num_replicas: number of ranks (default: the distributed world size, or 1).
-        rank: this rank (default: the distributed rank, or 0).
+        dataset: the dataset.
+        num_replicas, rank: number of ranks and this rank (default: from ``torch.distributed``, else 1 and 0).
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
@@ -391,16 +310,11 @@ class EpochSampler(DistributedSampler):
 def cached_volumes(
     data: Sequence[Mapping[str, Any]], transform: Compose, num_workers: int = 0, progress: bool = True
 ) -> CacheDataset:
-    """Preprocess and cache all volumes of one domain (the cache is shared, read-only, by the loader workers).
+    """All volumes of one domain preprocessed in a ``CacheDataset`` shared read-only by the loader workers.
 
     Args:
-        data: datalist entries ``{"image": path}``.
-        transform: :func:`volume_preprocessing` of the domain.
-        num_workers: threads used to build the cache.
-        progress: show a progress bar while caching.
-
-    Returns:
-        A ``CacheDataset`` whose items are not copied on access (nothing downstream modifies them in place).
+        data, transform: datalist entries ``{"image": path}`` and the domain's :func:`volume_preprocessing`.
+        num_workers, progress: threads building the cache, and whether to show a progress bar.
     """
     return CacheDataset(
         data, transform, cache_rate=1.0, num_workers=num_workers or None, progress=progress, copy_cache=False

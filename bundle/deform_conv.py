@@ -1,8 +1,4 @@
-"""The kernels of the deformable convolution: a pure-PyTorch ``deform_conv2d`` and the check that torchvision's runs.
-
-:class:`bundle.networks.OffsetConv2d` calls :func:`deform_conv2d_torch` everywhere except on CUDA tensors where
-``torchvision.ops.deform_conv2d`` runs (:func:`torchvision_deform_conv2d_problem`); both have the same semantics.
-"""
+"""The kernels of the deformable convolution: a pure-PyTorch ``deform_conv2d`` and the check that torchvision's runs."""
 
 from __future__ import annotations
 
@@ -13,30 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "contract_columns",
-    "conv2d_im2col",
-    "deform_conv2d_torch",
-    "grid_sample_all_threads",
-    "sampling_grid",
-    "torchvision_deform_conv2d_problem",
-]
+__all__ = ["contract_columns", "conv2d_im2col", "deform_conv2d_torch", "grid_sample_all_threads", "sampling_grid"]
+__all__ += ["torchvision_deform_conv2d_problem"]
 
 
 @functools.cache
 def torchvision_deform_conv2d_problem(device_type: str) -> str | None:
-    """Why ``torchvision.ops.deform_conv2d`` cannot run on ``device_type`` tensors here, or None when it runs.
-
-    Being importable is not enough: PyPI's torchvision is built for CUDA torch, and beside a CPU torch it imports but
-    its operators are missing (``operator torchvision::nms does not exist``). So one tiny deformable convolution is
-    run on the device, once per device type and process.
-
-    Args:
-        device_type: ``"cuda"``, ``"cpu"``, ...
-
-    Returns:
-        None if the kernel ran, else a one-line reason.
-    """
+    """Why ``torchvision.ops.deform_conv2d`` cannot run on ``device_type`` (``"cuda"``, ``"cpu"``, ...) tensors
+    here (a one-line reason), or None: one tiny deformable convolution is run, once per device type and process."""
     try:
         from torchvision.ops import deform_conv2d
 
@@ -56,40 +36,31 @@ def deform_conv2d_torch(
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
 ) -> torch.Tensor:
-    """Deformable 2-D convolution in pure PyTorch, with the semantics of ``torchvision.ops.deform_conv2d``.
+    """Deformable 2-D convolution in pure PyTorch, as ``torchvision.ops.deform_conv2d``: (N, C_out, H_out, W_out).
 
     Tap ``k = i * kw + j`` of output location ``(oy, ox)`` samples the input at
     ``(oy * stride_h - pad_h + i * dil_h + offset[:, 2k], ox * stride_w - pad_w + j * dil_w + offset[:, 2k + 1])``
-    by bilinear interpolation, with zeros outside the image. One ``F.grid_sample`` call (``align_corners=True``
-    maps normalised coordinates exactly onto pixel centres) gathers every tap into a (kh * kw * H_out, W_out) map per
-    channel, tap-major: that is the column matrix of an im2col convolution, (C * kh * kw, H_out * W_out), without a
-    copy, and one matrix product with the (C_out, C * kh * kw) weights contracts it.
+    bilinearly, zeros outside the image: one ``F.grid_sample`` gathers the im2col columns, one matrix product
+    contracts them.
 
     Args:
         x: input of shape (N, C, H, W).
-        offset: offsets of shape (N, 2 * kh * kw, H_out, W_out), interleaved (dy, dx) per tap, taps row-major.
+        offset: (N, 2 * kh * kw, H_out, W_out) (else a ValueError), interleaved (dy, dx) per tap, taps row-major.
         weight: convolution weights of shape (C_out, C, kh, kw).
         bias: optional bias of shape (C_out,).
-        stride: stride (h, w).
-        padding: implicit zero padding (h, w).
-        dilation: spacing between taps (h, w).
-
-    Returns:
-        Tensor of shape (N, C_out, H_out, W_out).
+        stride, padding, dilation: stride, implicit zero padding and spacing between taps, each (h, w).
     """
     n, channels = x.shape[:2]
     c_out, _, kh, kw = weight.shape
     h_out, w_out = offset.shape[-2:]
     if offset.shape[1] != 2 * kh * kw:
         raise ValueError(f"offset must have 2 * kh * kw = {2 * kh * kw} channels, got {offset.shape[1]}.")
-    # Normalising by (size - 1) needs size >= 2; an extra zero row/column is exactly "outside the image".
+    # normalising by (size - 1) needs size >= 2; an extra zero row/column is exactly "outside the image"
     if x.shape[-2] == 1 or x.shape[-1] == 1:
         x = F.pad(x, (0, int(x.shape[-1] == 1), 0, int(x.shape[-2] == 1)))
     grid = sampling_grid(offset, x.shape[-2:], (kh, kw), stride, padding, dilation)
-    columns = grid_sample_all_threads(x, grid.to(x.dtype))
-    out = contract_columns(
-        weight.reshape(c_out, channels * kh * kw), columns.reshape(n, channels * kh * kw, h_out * w_out), bias
-    )
+    columns = grid_sample_all_threads(x, grid.to(x.dtype)).reshape(n, channels * kh * kw, h_out * w_out)
+    out = contract_columns(weight.reshape(c_out, channels * kh * kw), columns, bias)
     return out.view(n, c_out, h_out, w_out)
 
 
@@ -101,24 +72,15 @@ def sampling_grid(
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
 ) -> torch.Tensor:
-    """``F.grid_sample`` grid (``align_corners=True``) of a deformable convolution's taps, tap-major rows.
+    """``F.grid_sample`` grid (``align_corners=True``) of a deformable convolution's taps, (N, kh * kw * H_out,
+    W_out, 2) in at least float32: normalised (x, y) of tap ``k`` of output (oy, ox) at ``[:, k * H_out + oy, ox]``.
 
     Args:
-        offset: offsets of shape (N, 2 * kh * kw, H_out, W_out), interleaved (dy, dx) per tap, taps row-major.
+        offset: offsets of shape (N, 2 * kh * kw, H_out, W_out), as in :func:`deform_conv2d_torch`.
         input_size: (H, W) of the sampled input, both at least 2.
-        kernel_size: (kh, kw).
-        stride: stride (h, w).
-        padding: implicit zero padding (h, w).
-        dilation: spacing between taps (h, w).
-
-    Returns:
-        Tensor of shape (N, kh * kw * H_out, W_out, 2): normalised (x, y) of tap ``k`` of output ``(oy, ox)`` at row
-        ``k * H_out + oy``, column ``ox``; in at least float32 (a bfloat16 position would be off by up to half a
-        pixel at 128 pixels).
+        kernel_size, stride, padding, dilation: as in :func:`deform_conv2d_torch`, each (h, w).
     """
-    n, _, h_out, w_out = offset.shape
-    h, w = input_size
-    kh, kw = kernel_size
+    (n, _, h_out, w_out), (h, w), (kh, kw) = offset.shape, input_size, kernel_size
     taps = kh * kw
     # normalised sampling position = offset * scale + base, base = the undeformed tap position (a constant)
     device, dtype = offset.device, torch.promote_types(offset.dtype, torch.float32)
@@ -134,11 +96,9 @@ def sampling_grid(
     sample_x = torch.add(base_x, offset_x, alpha=scale_x)
     sample_y = torch.add(base_y, offset_y, alpha=scale_y)
     if offset.device.type == "cpu" and not torch.compiler.is_compiling():
-        # the complex number x + iy viewed as real is the interleaved (x, y) pair, written in one pass
-        # (torch.stack(..., dim=-1) interleaves several times slower on one CPU thread)
+        # x + iy viewed as real is the interleaved (x, y) pair in one pass (faster than stack on CPU)
         grid = torch.view_as_real(torch.complex(sample_x, sample_y))
-    else:
-        # a compiled graph fuses this interleave into its producers (and inductor has no complex kernels)
+    else:  # compiled graphs fuse the stack (and inductor has no complex kernels)
         grid = torch.stack((sample_x, sample_y), dim=-1)
     return grid.view(n, taps * h_out, w_out, 2)
 
@@ -146,8 +106,7 @@ def sampling_grid(
 def contract_columns(weight: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``weight @ columns + bias`` for weights (C_out, K) and im2col columns (N, K, L): contiguous (N, C_out, L).
 
-    Explicit (b)addmm calls: ``torch.matmul`` of a matrix with a batch folds it into a transposed product, whose
-    transposed result the following layers would copy.
+    Explicit (b)addmm: ``torch.matmul`` would return a transposed result that the next layers copy.
     """
     if columns.shape[0] == 1:
         # a view, not columns[0]: the gradient of an index is a zero-filled copy of the whole column matrix
@@ -160,18 +119,15 @@ def contract_columns(weight: torch.Tensor, columns: torch.Tensor, bias: torch.Te
 
 @torch._dynamo.assume_constant_result
 def _cpu_threads() -> int:
-    """``torch.get_num_threads()``; under ``torch.compile`` read once while tracing and kept as a constant (the call
-    itself returns no tensor and would break the graph), so a compiled step splits its sampling like an eager one."""
+    """``torch.get_num_threads()``, a graph constant under ``torch.compile`` (the call would break the graph)."""
     return torch.get_num_threads()
 
 
 def grid_sample_all_threads(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """``F.grid_sample`` (bilinear, zeros, ``align_corners=True``) that keeps every CPU thread busy.
 
-    PyTorch's CPU kernel runs one batch item per thread, so a batch of one slice uses one core. Splitting the
-    channels (or, when they do not divide evenly, the rows of the grid) into extra batch items gives each thread a
-    share; the input and the grid are only viewed or expanded, not copied, and a channel split needs no copy of the
-    result either.
+    The CPU kernel runs one batch item per thread: the channels (or, when they do not divide evenly, the grid rows)
+    are split into extra batch items, by views and expands, not copies.
     """
     n, rows, cols, _ = grid.shape
     channels = x.shape[1]
@@ -196,15 +152,8 @@ def grid_sample_all_threads(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor
 
 
 def conv2d_im2col(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(x)`` computed as im2col (``F.unfold``) and one matrix product with the weights (C_out, C * kh * kw).
-
-    Args:
-        x: input of shape (N, C, H, W).
-        conv: a convolution without groups.
-
-    Returns:
-        ``conv(x)``, shape (N, C_out, H_out, W_out).
-    """
+    """``conv(x)`` for ``x`` (N, C, H, W) and a convolution without groups, computed as im2col (``F.unfold``) and one
+    matrix product with the weights (C_out, C * kh * kw): (N, C_out, H_out, W_out)."""
     kernel_size, stride, padding, dilation = conv.kernel_size, conv.stride, conv.padding, conv.dilation
     h_out, w_out = (
         (size + 2 * pad - dil * (k - 1) - 1) // step + 1

@@ -1,25 +1,14 @@
 """A synthesized volume written as a DICOM series: one single-frame CT or MR image per slice.
 
-- :func:`write_dicom_series` writes the slices into a new folder: CT Image Storage with Hounsfield units through
-  RescaleSlope/RescaleIntercept for a CT target, MR Image Storage for an MR target. From a DICOM source series the
-  patient, study and frame of reference are carried over and every slice keeps its source slice's position and
-  orientation exactly; from any other source (NIfTI, ...) a new study and frame of reference are made and the
-  geometry comes from the affine (RAS -> LPS);
-- :func:`save_dicom_series` is what inference calls: it writes to a temporary folder beside the target and renames
-  it when complete, never replacing anything unless asked, and removes the stale temporary folder a killed run left;
+- :func:`write_dicom_series`: CT Image Storage in HU or MR Image Storage; from a DICOM source series its patient,
+  study, frame of reference and slice geometry, otherwise new ones and the geometry of the affine (RAS -> LPS);
+- :func:`save_dicom_series` (what inference calls): the same, atomically, replacing nothing unless asked;
 - :func:`series_description` and :func:`model_version` name the synthesis and the model in SeriesDescription.
 
-Example::
+Example, ``pseudo_ct`` a (1, X, Y, Z) MetaTensor in HU on the grid of the MR series it was synthesized from::
 
-    from bundle.dicom import save_dicom_series, series_description
-
-    save_dicom_series(
-        pseudo_ct,  # (1, X, Y, Z) MONAI MetaTensor in HU, on the grid of the MR series it was synthesized from
-        "out/subject01_CT",
-        source_files=mr_slice_files,
-        modality="CT",
-        series_description=series_description("CT", "CT", "DicycleGAN", "0.4.2"),
-    )
+    description = series_description("CT", "CT", "DicycleGAN", "0.4.2")
+    save_dicom_series(pseudo_ct, "out/s01_CT", source_files=mr_files, modality="CT", series_description=description)
 """
 
 from __future__ import annotations
@@ -39,14 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = [
-    "CT_IMAGE_STORAGE",
-    "MR_IMAGE_STORAGE",
-    "model_version",
-    "save_dicom_series",
-    "series_description",
-    "write_dicom_series",
-]
+__all__ = ["CT_IMAGE_STORAGE", "MR_IMAGE_STORAGE", "model_version", "save_dicom_series", "series_description"]
+__all__ += ["write_dicom_series"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,31 +40,15 @@ _SOP_CLASS = {"CT": CT_IMAGE_STORAGE, "MR": MR_IMAGE_STORAGE}
 # carried over from a DICOM source: Patient, Patient Study, General Study, Frame of Reference, and the series-level
 # attributes that describe the patient rather than the acquisition
 _PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
-_STUDY_KEYWORDS = (
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-    "StudyDescription",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
+_STUDY_KEYWORDS = tuple(
+    "StudyInstanceUID StudyDate StudyTime ReferringPhysicianName StudyID AccessionNumber StudyDescription PatientAge "
+    "PatientSize PatientWeight".split()
 )
 _FRAME_KEYWORDS = ("FrameOfReferenceUID", "PositionReferenceIndicator")
 _SERIES_KEYWORDS = ("PatientPosition", "BodyPartExamined", "Laterality")
-_TYPE_2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-    "PositionReferenceIndicator",
+_TYPE_2 = tuple(
+    "PatientName PatientID PatientBirthDate PatientSex StudyDate StudyTime ReferringPhysicianName StudyID "
+    "AccessionNumber PositionReferenceIndicator".split()
 )
 _GEOMETRY_KEYWORDS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 
@@ -90,14 +57,10 @@ _REPLACED = ".replaced-"  # an old output moved aside while its replacement is r
 
 
 def model_version(metadata_file: str | os.PathLike | None = None) -> str:
-    """The bundle's version, from its ``configs/metadata.json``.
+    """The bundle's version (e.g. ``"0.4.2"``), from its ``configs/metadata.json``.
 
     Args:
-        metadata_file: the bundle's metadata file; default the one beside this package (``bundle/`` and ``configs/``
-            are siblings in the repository and in the exported bundle), whatever ``bundle_root`` says.
-
-    Returns:
-        Its ``"version"``, e.g. ``"0.4.2"``.
+        metadata_file: default the one beside this package (whatever ``bundle_root`` says).
 
     Raises:
         FileNotFoundError: if the file does not exist.
@@ -112,24 +75,21 @@ def model_version(metadata_file: str | os.PathLike | None = None) -> str:
 
 
 def series_description(target_kind: str, target_name: str, method: str, version: str) -> str:
-    """SeriesDescription of a synthesized series: what was synthesized, by which method and model version.
+    """SeriesDescription of a synthesized series, e.g. ``"pseudo-CT (DicycleGAN, 0.4.2)"`` or
+    ``"synthetic T2 (DicycleGAN, 0.4.2)"``, cut to 64 characters (a DICOM LO value).
 
     Args:
         target_kind: ``"CT"`` or ``"MR"``.
         target_name: the target domain's name, e.g. ``"T2"`` (unused for CT).
         method: ``"DicycleGAN"`` or ``"CycleGAN"``.
         version: the bundle's version (:func:`model_version`).
-
-    Returns:
-        E.g. ``"pseudo-CT (DicycleGAN, 0.4.2)"`` or ``"synthetic T2 (DicycleGAN, 0.4.2)"``, at most 64 characters
-        (the limit of a DICOM LO value).
     """
     what = "pseudo-CT" if target_kind == "CT" else f"synthetic {target_name or 'MR'}"
     return f"{what} ({method}, {version})"[:64]
 
 
 def _read_source(files: Sequence[str | os.PathLike]) -> list[Any]:
-    """The headers (no pixel data) of a source series' slice files; an unreadable one is named."""
+    """The headers (no pixel data) of a source series' slice files; raises naming an unreadable one."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -190,8 +150,8 @@ def _ds(values: Sequence[float]) -> list[Any]:
 def _pixels(volume: np.ndarray, modality: str, name: str) -> tuple[np.ndarray, float, float]:
     """Unsigned 16-bit stored values and the RescaleSlope, RescaleIntercept that give ``volume`` back.
 
-    CT: HU rounded to integers, intercept -1024 (or the minimum, if lower): the usual CT encoding. MR: the range
-    spread over 0..65535 (the synthesis is in arbitrary units; the slope keeps its values).
+    CT: HU rounded to integers, intercept -1024 (or the minimum, if lower). MR (arbitrary units): the range spread
+    over 0..65535.
     """
     if not np.isfinite(volume).all():
         raise ValueError(f"{name}: the volume has non-finite values; it cannot be written as DICOM.")
@@ -222,18 +182,14 @@ def write_dicom_series(
     software_version: str = "",
     name: str | None = None,
 ) -> list[Path]:
-    """Write ``volume`` as a new DICOM series of single-frame images, one file per slice, into a new ``folder``.
+    """Write ``volume`` as a new DICOM series into a new ``folder``, one single-frame image per slice; returns the
+    files written, in slice order.
 
-    Slice ``k`` is ``volume[..., k]``: its columns run along the first axis, its rows along the second. The series
-    gets a new SeriesInstanceUID and new SOPInstanceUIDs, ImageType ``DERIVED\\SECONDARY`` and
-    ``series_description``.
-
-    - With ``source_files`` (the slices of the DICOM series the volume was synthesized from, on whose grid it is):
-      PatientName, PatientID and the other patient, study and frame of reference attributes are carried over, and
-      each slice gets the ImagePositionPatient, ImageOrientationPatient, PixelSpacing and SliceThickness of its
-      source slice exactly, and references it in SourceImageSequence.
-    - Without: a new study and frame of reference; the geometry from ``affine``; ``patient_id`` and
-      ``patient_name`` (empty by default).
+    Slice ``k`` is ``volume[..., k]``, its columns along the first axis, its rows along the second. The series gets
+    new Series and SOP Instance UIDs, ImageType ``DERIVED\\SECONDARY`` and ``series_description``. With
+    ``source_files`` the patient, study and frame of reference attributes are carried over and each slice gets its
+    source slice's ImagePositionPatient, ImageOrientationPatient, PixelSpacing and SliceThickness exactly and
+    references it (SourceImageSequence); without, a new study and frame of reference, the geometry from ``affine``.
 
     Args:
         volume: the synthesized volume, (X, Y, Z) or (1, X, Y, Z); HU for CT.
@@ -241,17 +197,13 @@ def write_dicom_series(
         folder: the series folder to create; it must not exist.
         modality: ``"CT"`` (CT Image Storage) or ``"MR"`` (MR Image Storage).
         series_description: e.g. :func:`series_description`'s ``"pseudo-CT (DicycleGAN, 0.4.2)"``.
-        source_files: the source series' slice files, or None for a non-DICOM source.
+        source_files: the slice files of the DICOM series the volume is on the grid of; None for a non-DICOM source.
         affine_space: ``"RAS"`` (MONAI's default) or ``"LPS"`` (DICOM's).
-        patient_id: PatientID (None: empty); with a DICOM source it must be empty or the source's.
-        patient_name: PatientName (DICOM person name, e.g. ``"Doe^Jane"``); with a DICOM source, empty or the
-            source's.
+        patient_id: PatientID (None: empty); with a DICOM source, empty or the source's.
+        patient_name: PatientName (e.g. ``"Doe^Jane"``); with a DICOM source, empty or the source's.
         series_number: SeriesNumber; default the source's plus 1000 (1000 without a DICOM source).
         software_version: SoftwareVersions, e.g. the bundle's version.
         name: how error messages name the series (default: ``folder``).
-
-    Returns:
-        The files written, in slice order.
 
     Raises:
         ValueError: for a modality other than CT or MR, a volume not on the grid of its source series (the message
@@ -268,8 +220,7 @@ def write_dicom_series(
     if modality not in _SOP_CLASS:
         raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}.")
     array = np.asarray(volume.detach().cpu() if isinstance(volume, torch.Tensor) else volume, dtype=np.float64)
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
+    array = array[0] if array.ndim == 4 and array.shape[0] == 1 else array
     if array.ndim != 3:
         raise ValueError(f"{name}: expected a volume (X, Y, Z) or (1, X, Y, Z), got shape {array.shape}.")
     matrix = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
@@ -301,41 +252,30 @@ def write_dicom_series(
         if not (patient_id + patient_name).isascii():
             common.SpecificCharacterSet = "ISO_IR 192"  # UTF-8
         common.PatientName, common.PatientID = patient_name, patient_id
-        common.PatientBirthDate, common.PatientSex = "", ""
-        common.StudyInstanceUID = generate_uid()
+        common.StudyInstanceUID, common.FrameOfReferenceUID = generate_uid(), generate_uid()
         common.StudyDate, common.StudyTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-        common.ReferringPhysicianName, common.StudyID, common.AccessionNumber = "", "", ""
-        common.FrameOfReferenceUID = generate_uid()
-        common.PositionReferenceIndicator = ""
         default_number = 1000
-    for keyword in (*_TYPE_2, "PatientPosition", "Laterality"):
+    for keyword in (*_TYPE_2, "PatientPosition", "Laterality", "Manufacturer", "AcquisitionNumber"):
         if keyword not in common:  # type 2: present, possibly empty
             setattr(common, keyword, "")
 
     now = datetime.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
-    common.SOPClassUID = _SOP_CLASS[modality]
-    common.Modality = modality
-    common.SeriesInstanceUID = generate_uid()
+    common.SOPClassUID, common.Modality, common.SeriesInstanceUID = _SOP_CLASS[modality], modality, generate_uid()
     common.SeriesNumber = series_number if series_number is not None else default_number
     common.SeriesDescription = series_description
     common.SeriesDate, common.SeriesTime = date, time
     common.ContentDate, common.ContentTime = date, time
     common.InstanceCreationDate, common.InstanceCreationTime = date, time
-    common.Manufacturer = ""
     common.SoftwareVersions = software_version
     common.DerivationDescription = f"{series_description}: synthesized from the source images, not acquired"[:1024]
-    common.BurnedInAnnotation = "NO"
-    common.AcquisitionNumber = ""
-    common.SamplesPerPixel = 1
-    common.PhotometricInterpretation = "MONOCHROME2"
+    common.BurnedInAnnotation, common.SamplesPerPixel, common.PhotometricInterpretation = "NO", 1, "MONOCHROME2"
     common.Rows, common.Columns = ny, nx
     common.BitsAllocated, common.BitsStored, common.HighBit, common.PixelRepresentation = 16, 16, 15, 0
     common.RescaleIntercept, common.RescaleSlope = _ds([intercept, slope])
     if modality == "CT":
         common.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-        common.RescaleType = "HU"
-        common.KVP = ""
+        common.RescaleType, common.KVP = "HU", ""
         common.WindowCenter, common.WindowWidth = _ds([40.0, 400.0])  # soft tissue
     else:
         common.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
@@ -351,8 +291,7 @@ def write_dicom_series(
     for k in range(nz):
         ds = Dataset()
         ds.update(common)
-        ds.SOPInstanceUID = generate_uid()
-        ds.InstanceNumber = k + 1
+        ds.SOPInstanceUID, ds.InstanceNumber = generate_uid(), k + 1
         if sources is not None:
             source = sources[k]
             for keyword in (*_GEOMETRY_KEYWORDS, "SliceThickness", "SliceLocation"):
@@ -368,10 +307,9 @@ def write_dicom_series(
             ds.PixelSpacing = _ds([spacing[1], spacing[0]])  # between rows, between columns
             ds.SliceThickness = _ds([spacing[2]])[0]
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = folder / f"IM{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         written.append(path)
@@ -387,7 +325,7 @@ def _alive(host: str, pid: int) -> bool:
     except ProcessLookupError:
         return False
     except OSError:  # e.g. PermissionError: it exists
-        return True
+        pass
     return True
 
 
@@ -417,12 +355,12 @@ def save_dicom_series(
     overwrite: bool = False,
     **kwargs: Any,
 ) -> list[Path]:
-    """Write ``image`` as the DICOM series folder ``target``, atomically, replacing nothing unless ``overwrite``.
+    """Write ``image`` as the DICOM series folder ``target``, atomically, replacing nothing unless ``overwrite``;
+    returns the files written (under ``target``), in slice order.
 
-    The series is written by :func:`write_dicom_series` into ``.<name>.partial-<host>-<pid>-<random>`` beside
-    ``target`` and renamed to ``target`` when complete, so a series folder is always whole. A temporary folder of
-    ``target`` left by an earlier run of this host that no longer runs (killed, out of power) is removed first; on
-    an error the temporary folder is removed.
+    :func:`write_dicom_series` writes into ``.<name>.partial-<host>-<pid>-<random>`` beside ``target``, renamed to
+    ``target`` when complete (removed on an error). Temporary folders of ``target`` left by runs of this host that
+    no longer run are removed first.
 
     Args:
         image: the volume, (1, X, Y, Z) or (X, Y, Z); a MONAI ``MetaTensor`` carries its affine and space.
@@ -431,12 +369,9 @@ def save_dicom_series(
         overwrite: replace an existing ``target`` (a folder holding only files, or a file).
         kwargs: :func:`write_dicom_series`'s ``modality``, ``series_description``, ``source_files``, ...
 
-    Returns:
-        The files written (under ``target``), in slice order.
-
     Raises:
         FileExistsError: if ``target`` exists and not ``overwrite``, or it holds sub-folders (never replaced).
-        ValueError: see :func:`write_dicom_series`.
+        ValueError: if ``affine`` is None for a volume that is not a MetaTensor; see :func:`write_dicom_series`.
     """
     target = Path(target)
     if affine is None:

@@ -17,15 +17,8 @@ from monai.handlers import CheckpointLoader
 from torch import nn
 from torch.optim import Optimizer
 
-__all__ = [
-    "AtomicCheckpointer",
-    "BestModelSaver",
-    "PaperSchedule",
-    "ResumeCheckpointLoader",
-    "TensorBoardImageGrid",
-    "TimeBudget",
-    "atomic_save",
-]
+__all__ = ["AtomicCheckpointer", "BestModelSaver", "PaperSchedule", "ResumeCheckpointLoader", "TensorBoardImageGrid"]
+__all__ += ["TimeBudget", "atomic_save"]
 
 
 def _unwrap(obj: Any) -> Any:
@@ -34,19 +27,8 @@ def _unwrap(obj: Any) -> Any:
 
 
 def atomic_save(state: Any, save_dir: str | os.PathLike, filename: str) -> Path:
-    """``torch.save`` through Ignite's atomic ``DiskSaver`` (temporary file, then rename).
-
-    An interruption leaves the previous complete file in place. The result gets the usual permissions (the
-    temporary file is private).
-
-    Args:
-        state: what to save.
-        save_dir: folder (created if missing).
-        filename: file name inside ``save_dir``.
-
-    Returns:
-        The path written.
-    """
+    """``torch.save`` of ``state`` to ``save_dir/filename`` (folder created if missing) through Ignite's atomic
+    ``DiskSaver`` (temporary file, then rename), with the umask's permissions; returns the path written."""
     DiskSaver(save_dir, atomic=True, create_dir=True, require_empty=False)(state, filename)
     path = Path(save_dir) / filename
     if path.exists():
@@ -59,31 +41,15 @@ def atomic_save(state: Any, save_dir: str | os.PathLike, filename: str) -> Path:
 class PaperSchedule:
     """Learning-rate schedule and early stop of Wang et al. (2018), on top of CycleGAN's linear decay.
 
-    The learning rate is constant for ``n_epochs`` epochs and then decays linearly over ``n_epochs_decay`` epochs
-    (CycleGAN's rule: epoch ``k`` of the decay, counted from 1, runs at ``1 - k / (n_epochs_decay + 1)`` of the base
-    rate). Early stop: when the epoch's mean total generator loss has not improved for ``patience`` epochs of the
-    constant stage, decay starts at once; ``patience_decay`` epochs without improvement during the decay stop
-    training. Training also stops when the decay is complete. The state (decay start, best loss, stale epochs, and
-    an early stop: why and at which epoch) is part of the resume checkpoint via :meth:`state_dict`.
-
-    A resumed run that had already finished (early-stopped, decay complete, or every epoch of the engine done) logs
-    one line and ends at ``Events.STARTED`` without ``COMPLETED``, so no epoch runs and no checkpoint handler writes:
-    the files of the finished run stay as they are. An early stop is final; a run that ended with its schedule
-    continues when resumed with more epochs (``n_epochs``, ``n_epochs_decay``). Attach the schedule after the
-    checkpoint loader, whose ``STARTED`` handler must restore the state first.
-
-    The learning rate of each optimizer is published when the epoch starts as ``engine.state.metrics["lr_<name>"]``
-    (e.g. ``lr_g`` and ``lr_d``), so the epoch logs of MONAI's stats, TensorBoard and MLflow handlers record it: with
-    two optimizers the trainer has no ``optimizer`` attribute, where ``MLFlowHandler`` looks for one.
-    The epoch's mean loss is published as ``engine.state.metrics["epoch_g_loss"]`` for the stats handlers. Under
-    ``torch.distributed`` it is the mean over the samples of all ranks, so every rank decays and stops together.
+    Epoch ``k`` (from 1) of the decay runs at ``1 - k / (n_epochs_decay + 1)`` of the base rate; ``patience``
+    epochs without improvement of the mean total generator loss start it early, ``patience_decay`` such epochs in it
+    (or its end) stop training. A resumed finished run ends at ``Events.STARTED`` without ``COMPLETED``; attach it
+    after the checkpoint loader. Publishes ``engine.state.metrics["lr_<name>"]`` and ``["epoch_g_loss"]``.
 
     Args:
-        optimizers: optimizers whose learning rate is scheduled (both generators' and both discriminators'), as a
-            mapping name -> optimizer (``{"g": g_optimizer, "d": d_optimizer}``: metrics ``lr_g``, ``lr_d``) or a
-            sequence (metrics ``lr_0``, ``lr_1``, ...).
-        n_epochs: epochs at the base learning rate (paper: 100).
-        n_epochs_decay: epochs of linear decay (paper: 100).
+        optimizers: a mapping name -> optimizer (metrics ``lr_<name>``) or a sequence (``lr_0``, ``lr_1``, ...).
+        n_epochs: epochs at the base learning rate (paper: 100; >= 0, else a ValueError).
+        n_epochs_decay: epochs of linear decay (paper: 100; >= 0, else a ValueError).
         patience: stale epochs that end the constant stage early (paper: 10; 0 disables).
         patience_decay: stale epochs that stop training during the decay (paper: 20; 0 disables).
         loss_key: key of the generator's total loss in ``engine.state.output[0]["losses"]``.
@@ -104,16 +70,11 @@ class PaperSchedule:
         self.lr_names = [f"lr_{name}" for name in named]
         self.optimizers = list(named.values())
         self.base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.optimizers]
-        self.n_epochs_decay = n_epochs_decay
-        self.patience = patience
-        self.patience_decay = patience_decay
-        self.loss_key = loss_key
-        self.n_epochs = n_epochs
+        self.n_epochs, self.n_epochs_decay = n_epochs, n_epochs_decay
+        self.patience, self.patience_decay, self.loss_key = patience, patience_decay, loss_key
         self.decay_start = n_epochs  # epochs completed before the decay begins
-        self.best_loss = float("inf")
-        self.stale_epochs = 0
-        self.stopped = ""  # why the early-stop rule ended training, "" otherwise
-        self.stopped_epoch = 0
+        self.best_loss, self.stale_epochs = float("inf"), 0
+        self.stopped, self.stopped_epoch = "", 0  # why and when the early-stop rule ended training
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self.logger = logging.getLogger(__name__)
@@ -177,7 +138,7 @@ class PaperSchedule:
             engine.terminate()
 
     def _epoch_loss(self) -> float:
-        """Mean loss of the epoch over the samples of every distributed rank, so all ranks take the same decisions."""
+        """Mean loss of the epoch over the samples of every distributed rank."""
         total = torch.stack([self._loss_sum.float(), self._loss_sum.new_tensor(self._loss_count, dtype=torch.float)])
         total = idist.all_reduce(total)  # the identity without torch.distributed
         return float(total[0]) / float(total[1])
@@ -185,41 +146,26 @@ class PaperSchedule:
     def state_dict(self) -> dict[str, float | int | str]:
         # -1: the decay starts after n_epochs as configured, so a resumed run may change n_epochs
         early_start = self.decay_start if self.decay_start < self.n_epochs else -1
-        return {
-            "early_decay_start": early_start,
-            "best_loss": self.best_loss,
-            "stale_epochs": self.stale_epochs,
-            "stopped": self.stopped,
-            "stopped_epoch": self.stopped_epoch,
-        }
+        state = {"early_decay_start": early_start, "best_loss": self.best_loss, "stale_epochs": self.stale_epochs}
+        return {**state, "stopped": self.stopped, "stopped_epoch": self.stopped_epoch}
 
     def load_state_dict(self, state_dict: Mapping[str, float | int | str]) -> None:
         early_start = int(state_dict["early_decay_start"])
         self.decay_start = early_start if early_start >= 0 else self.n_epochs
         self.best_loss = float(state_dict["best_loss"])
         self.stale_epochs = int(state_dict["stale_epochs"])
-        self.stopped = str(state_dict.get("stopped", ""))  # checkpoints of earlier versions have no stop decision
+        self.stopped = str(state_dict.get("stopped", ""))  # older checkpoints have no stop decision
         self.stopped_epoch = int(state_dict.get("stopped_epoch", 0))
 
 
 class TimeBudget:
-    """Ends training once ``limit_s`` seconds of wall time have passed since the run started (a training budget).
-
-    The engine terminates after the iteration that crosses the limit; ``COMPLETED`` handlers still run, so
-    :class:`AtomicCheckpointer` saves the models of that iteration. Under ``torch.distributed`` rank 0's clock decides
-    for every rank (a broadcast each iteration), so all ranks stop at the same iteration.
-
-    Args:
-        limit_s: seconds of training (the time of this run: a resumed run gets the budget again).
-        clock: seconds of a monotonic clock.
-    """
+    """Ends training (``COMPLETED`` handlers still run) after the iteration that crosses ``limit_s`` (> 0, else a
+    ValueError) seconds of ``clock`` since this run started; under ``torch.distributed`` rank 0's clock decides."""
 
     def __init__(self, limit_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         if not limit_s > 0:
             raise ValueError(f"time_limit_s must be a positive number of seconds, got {limit_s}.")
-        self.limit_s = float(limit_s)
-        self.clock = clock
-        self._start = 0.0
+        self.limit_s, self.clock, self._start = float(limit_s), clock, 0.0
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
@@ -244,26 +190,10 @@ class TimeBudget:
 
 
 class AtomicCheckpointer:
-    """Writes the exported models and the resume checkpoint, each atomically (temporary file, then rename).
-
-    - ``models`` (e.g. ``{"model.pt": g_ab, "model_g_ba.pt": g_ba}``): each file is the bare ``state_dict`` of one
-      network, what ``python -m monai.bundle ckpt_export network_def`` and the model zoo expect;
-    - ``checkpoint`` (e.g. ``{"g_ab": ..., "g_optimizer": ..., "pool_a": ..., "schedule": ...}``) plus the state
-      of the engine the handler is attached to (key ``engine_key``) goes to ``checkpoint_filename``: everything
-      needed to resume. Taking the engine at run time keeps configs free of a trainer -> handler -> trainer cycle.
-
-    Files are replaced with ``os.replace``, so an interruption leaves the previous complete file in place. Under
-    ``torch.distributed`` attach it on every rank: collecting the state is collective (the image pools of all ranks,
-    see :class:`bundle.trainer.ImagePool`), and only rank 0 writes and logs.
-
-    Args:
-        save_dir: output folder (created if missing).
-        models: file name -> network for the bare state dicts.
-        checkpoint: key -> object with ``state_dict()`` for the resume checkpoint.
-        checkpoint_filename: file name of the resume checkpoint.
-        save_interval: write every this many epochs (and when training completes).
-        engine_key: key of the engine's own state in the resume checkpoint.
-    """
+    """Writes to ``save_dir`` the bare ``state_dict`` of each network of ``models`` (file name -> network) and, as
+    ``checkpoint_filename``, the ``state_dict()`` of each object of ``checkpoint`` (key -> object) plus the attached
+    engine's under ``engine_key``, each with :func:`atomic_save`, every ``save_interval`` epochs and at the end.
+    Under ``torch.distributed`` attach it on every rank (collecting the state is collective); rank 0 writes."""
 
     def __init__(
         self,
@@ -274,12 +204,8 @@ class AtomicCheckpointer:
         save_interval: int = 1,
         engine_key: str = "trainer",
     ) -> None:
-        self.save_dir = Path(save_dir)
-        self.models = dict(models)
-        self.checkpoint = dict(checkpoint)
-        self.engine_key = engine_key
-        self.checkpoint_filename = checkpoint_filename
-        self.save_interval = save_interval
+        self.save_dir, self.models, self.checkpoint = Path(save_dir), dict(models), dict(checkpoint)
+        self.checkpoint_filename, self.save_interval, self.engine_key = checkpoint_filename, save_interval, engine_key
         self._saved_iteration = -1
         self.logger = logging.getLogger(__name__)
 
@@ -303,22 +229,9 @@ class AtomicCheckpointer:
 
 
 class BestModelSaver:
-    """Keeps the best model by a validation metric: when an evaluator finishes with a better ``metric_name`` than
-    ever before, writes each model's bare state dict atomically (:func:`atomic_save`).
-
-    Its best score is part of the resume checkpoint (:meth:`state_dict`), so a resumed run does not overwrite a
-    better model with a worse one.
-
-    Not MONAI's ``CheckpointSaver(key_metric_name=...)``: its saver writes with ``atomic=False`` and, under a fixed
-    ``key_metric_filename``, deletes the previous best before writing the new one, so an interruption can leave no
-    or a truncated ``model_best.pt``.
-
-    Args:
-        save_dir: output folder.
-        models: file name -> network, e.g. ``{"model_best.pt": g_ab}``.
-        metric_name: key in the evaluator's ``state.metrics``.
-        greater_is_better: direction of improvement.
-    """
+    """When an evaluator finishes with a better ``state.metrics[metric_name]`` (higher if ``greater_is_better``)
+    than ever before, writes each network of ``models`` (file name -> network) to ``save_dir`` with
+    :func:`atomic_save`; the best score is part of the resume checkpoint."""
 
     def __init__(
         self,
@@ -327,11 +240,8 @@ class BestModelSaver:
         metric_name: str,
         greater_is_better: bool = True,
     ) -> None:
-        self.save_dir = Path(save_dir)
-        self.models = dict(models)
-        self.metric_name = metric_name
-        self.sign = 1.0 if greater_is_better else -1.0
-        self.best = -float("inf")
+        self.save_dir, self.models, self.metric_name = Path(save_dir), dict(models), metric_name
+        self.sign, self.best = 1.0 if greater_is_better else -1.0, -float("inf")
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
@@ -339,14 +249,12 @@ class BestModelSaver:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        score = self.sign * float(engine.state.metrics[self.metric_name])
-        if score > self.best:
-            self.best = score
+        value = float(engine.state.metrics[self.metric_name])
+        if self.sign * value > self.best:
+            self.best = self.sign * value
             for filename, network in self.models.items():
                 atomic_save(_unwrap(network).state_dict(), self.save_dir, filename)
-            self.logger.info(
-                f"best {self.metric_name} so far ({self.sign * score:.4f}): saved {', '.join(self.models)}"
-            )
+            self.logger.info(f"best {self.metric_name} so far ({value:.4f}): saved {', '.join(self.models)}")
 
     def state_dict(self) -> dict[str, float]:
         return {"best": self.best}
@@ -356,17 +264,9 @@ class BestModelSaver:
 
 
 class ResumeCheckpointLoader(CheckpointLoader):
-    """MONAI's ``CheckpointLoader`` (``weights_only=True``) that names the file and the problem when it cannot read
-    the checkpoint, instead of a bare unpickling traceback.
-
-    The engine it is attached to is restored too, from key ``engine_key`` (see :class:`AtomicCheckpointer`).
-
-    Args:
-        load_path: the resume checkpoint.
-        load_dict: key -> object with ``load_state_dict`` (networks, optimizers, pools, schedule).
-        engine_key: key of the engine's state in the checkpoint.
-        kwargs: further arguments of ``monai.handlers.CheckpointLoader``.
-    """
+    """MONAI's ``CheckpointLoader`` (``weights_only=True``; ``kwargs`` go to it) of ``load_path`` into ``load_dict``
+    (key -> object with ``load_state_dict``) and the attached engine (key ``engine_key``); when called it raises
+    FileNotFoundError for a missing file and RuntimeError, naming file and problem, for one it cannot read."""
 
     def __init__(
         self, load_path: str | os.PathLike, load_dict: dict, engine_key: str = "trainer", **kwargs: Any
@@ -388,20 +288,9 @@ class ResumeCheckpointLoader(CheckpointLoader):
             ) from error
 
 
-def _to_unit_range(image: torch.Tensor) -> torch.Tensor:
-    low, high = image.min(), image.max()
-    return (image - low) / (high - low).clamp_min(1e-8)
-
-
 class TensorBoardImageGrid:
-    """Writes, every ``interval`` epochs, one TensorBoard image per direction: the first item's source, undeformed
-    output G(x), deformed output G_T(x) and cycle, side by side, each scaled to [0, 1].
-
-    Args:
-        summary_writer: a ``torch.utils.tensorboard.SummaryWriter`` (shared with MONAI's TensorBoardStatsHandler).
-        interval: epochs between images.
-        tag_prefix: prefix of the image tags.
-    """
+    """Writes to ``summary_writer`` (a ``SummaryWriter``) every ``interval`` epochs one image per direction, tagged
+    ``<tag_prefix>/A_to_B`` and ``B_to_A``: the first item's source, G(x), G_T(x) and cycle, each scaled to [0, 1]."""
 
     ROWS: ClassVar[dict[str, tuple[str, ...]]] = {
         "A_to_B": ("real_a", "aligned_b", "fake_b", "cycle_a"),
@@ -409,9 +298,7 @@ class TensorBoardImageGrid:
     }
 
     def __init__(self, summary_writer: Any, interval: int = 1, tag_prefix: str = "train") -> None:
-        self.writer = summary_writer
-        self.interval = interval
-        self.tag_prefix = tag_prefix
+        self.writer, self.interval, self.tag_prefix = summary_writer, interval, tag_prefix
 
     def attach(self, engine: Engine) -> None:
         """Register with ``engine``."""
@@ -420,7 +307,8 @@ class TensorBoardImageGrid:
     def __call__(self, engine: Engine) -> None:
         images = engine.state.output[0]["images"]
         for direction, keys in self.ROWS.items():
-            tiles = [_to_unit_range(images[key][0, :1].float().cpu()) for key in keys if key in images]
+            tiles = [images[key][0, :1].float().cpu() for key in keys if key in images]
+            tiles = [(t - t.min()) / (t.max() - t.min()).clamp_min(1e-8) for t in tiles]
             if tiles:
                 grid = torch.cat(tiles, dim=-1)  # (1, H, k * W)
                 self.writer.add_image(f"{self.tag_prefix}/{direction}", grid, engine.state.epoch, dataformats="CHW")

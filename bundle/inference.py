@@ -1,14 +1,8 @@
-"""Inference: volumes in, synthesized volumes out, in the geometry and the intensity units of the target domain.
+"""Inference: volumes in, synthesized volumes out, on the input's grid and in the target domain's intensity units.
 
-- :class:`Synthesis` is the one synthesis path (preprocess, the aligned pass of a generator, its plain ``forward(x)``,
-  over the axial slices with :class:`AxialSliceInferer`, back to the input's grid and units) that inference,
-  validation, evaluation, the demo and the benchmarks share;
-- :func:`write_intensity_reference` records, at training time, each domain's intensity scale, and
-  :class:`DenormalizeIntensityd` maps synthesized intensities back to the target's units with it (HU for CT, the
-  training set's typical foreground mean and standard deviation for MR);
-- :func:`find_inputs` screens a folder, a file or a datalist, and :func:`raise_for_failures` reports the inputs
-  that could not be processed once the good ones are done (both in :mod:`bundle.inputs`, with the per-volume
-  failure recording of the workflow).
+:class:`Synthesis` is the one synthesis path of inference, validation, evaluation, the demo and the benchmarks;
+:class:`DenormalizeIntensityd` maps its outputs to HU (CT) or to the training set's typical foreground mean and
+standard deviation (MR), recorded at training time by :func:`write_intensity_reference`.
 """
 
 from __future__ import annotations
@@ -28,51 +22,36 @@ from typing import Any
 import numpy as np
 import torch
 from bundle.inputs import InferenceInputs, find_inputs, raise_for_failures
-from bundle.settings import as_bool, autocast
+from bundle.settings import _write_json, as_bool, autocast
 from monai.config import KeysCollection
 from monai.inferers import SliceInferer
 from monai.transforms import Compose, Invertd, MapTransform
 from torch import nn
 
-__all__ = [
-    "AxialSliceInferer",
-    "DenormalizeIntensityd",
-    "InferenceInputs",
-    "Synthesis",
-    "check_model_folder",
-    "find_inputs",
-    "load_weights",
-    "raise_for_failures",
-    "read_intensity_reference",
-    "report_errors_briefly",
-    "write_intensity_reference",
-]
+__all__ = ["AxialSliceInferer", "DenormalizeIntensityd", "InferenceInputs", "Synthesis", "check_model_folder"]
+__all__ += ["find_inputs", "load_weights", "raise_for_failures", "read_intensity_reference", "report_errors_briefly"]
+__all__ += ["write_intensity_reference"]
 
 logger = logging.getLogger(__name__)
 
 
 class AxialSliceInferer(SliceInferer):
-    """MONAI's ``SliceInferer`` over the axial slices (last spatial axis, RAS) under the one precision setting.
-
-    MONAI's engines apply ``amp`` as float16 CUDA autocast only; this inferer applies :func:`bundle.settings.autocast`
-    (bfloat16 on the input's device, CPU included) wherever it runs, so inference, validation, evaluation, the demo
-    and the benchmarks synthesize in one precision. Give the engines ``amp=False``.
+    """MONAI's ``SliceInferer`` over the axial slices (last spatial axis, RAS) under :func:`bundle.settings.autocast`
+    (bfloat16 on the input's device, CPU included; give MONAI's engines ``amp=False``).
 
     Args:
         sw_batch_size: axial slices per forward pass.
         amp: bfloat16 autocast.
-        compile: run the network through ``torch.compile`` (opt-in; compiled once per network, and again for each
-            new slice shape, e.g. the last, shorter batch of slices; then dynamic sizes).
+        compile: ``torch.compile`` the network (opt-in; once per network, again for each new slice shape).
     """
 
     def __init__(self, sw_batch_size: int = 16, amp: bool | str = False, compile: bool | str = False) -> None:
         super().__init__(roi_size=(-1, -1), sw_batch_size=sw_batch_size, spatial_dim=2, progress=False)
-        self.amp = as_bool(amp, "amp")
-        self.compile = as_bool(compile, "compile")
+        self.amp, self.compile = as_bool(amp, "amp"), as_bool(compile, "compile")
         self._compiled: tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None = None
 
     def _network(self, network: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        """``network``, or its compiled module (kept, so later volumes reuse its kernels) when :attr:`compile`."""
+        """``network``, or its compiled module (kept for later volumes) when :attr:`compile`."""
         if not self.compile:
             return network
         if self._compiled is None or self._compiled[0] is not network:
@@ -83,24 +62,14 @@ class AxialSliceInferer(SliceInferer):
         return self._compiled[1]
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Any:
-        """
-        Args:
-            inputs: a batch of volumes (N, C, X, Y, Z).
-            network: the generator; its plain call is the aligned (undeformed) pass.
-
-        Returns:
-            The synthesized batch, float32.
-        """
+        """Synthesize a batch of volumes (N, C, X, Y, Z) with ``network``'s plain (aligned) call; returns float32."""
         with autocast(self.amp, inputs.device):
             return super().__call__(inputs.float(), self._network(network), *args, **kwargs).float()
 
 
 class Synthesis:
-    """The one synthesis path: preprocess, slice-wise aligned pass, back to the input's grid and units.
-
-    ``preprocessing``, ``inferer`` and ``postprocessing`` are the pieces MONAI's engines take (inference and
-    validation use them inside a ``SupervisedEvaluator``); :meth:`synthesize` and the call run them directly
-    (evaluation, the demo, the benchmarks).
+    """Preprocess, slice-wise aligned pass, back to the input's grid and units: ``preprocessing``, ``inferer`` and
+    ``postprocessing`` for MONAI's engines, or run directly by :meth:`synthesize` and the call.
 
     Args:
         network: the direction's generator (weights loaded).
@@ -111,8 +80,8 @@ class Synthesis:
         hu_window: the CT window of the preprocessing.
         sw_batch_size: axial slices per forward pass.
         amp: bfloat16 autocast (:func:`bundle.settings.autocast`).
-        compile: ``torch.compile`` the aligned pass (opt-in; pays when many volumes of one shape are synthesized on a
-            GPU, see the README); an error where inductor has no toolchain (:func:`bundle.compilation.compile_problem`).
+        compile: ``torch.compile`` the aligned pass (opt-in); RuntimeError where inductor has no toolchain
+            (:func:`bundle.compilation.compile_problem`).
     """
 
     def __init__(
@@ -127,8 +96,7 @@ class Synthesis:
         amp: bool | str = False,
         compile: bool | str = False,
     ) -> None:
-        self.network = network
-        self.preprocessing = preprocessing
+        self.network, self.preprocessing = network, preprocessing
         if as_bool(compile, "compile"):
             from bundle.compilation import compile_problem
 
@@ -136,23 +104,16 @@ class Synthesis:
             if problem is not None:
                 raise RuntimeError(f"compile=True cannot run here: {problem}. Leave compile false (eager).")
         self.inferer = AxialSliceInferer(sw_batch_size, amp, compile)
-        self.postprocessing = Compose(
-            [
-                Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
-                DenormalizeIntensityd("pred", target_kind, reference_file, target_domain, hu_window),
-            ]
-        )
+        invert = Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True)
+        denormalize = DenormalizeIntensityd("pred", target_kind, reference_file, target_domain, hu_window)
+        self.postprocessing = Compose([invert, denormalize])
 
     @torch.no_grad()
     def synthesize(self, image: torch.Tensor) -> torch.Tensor:
-        """The aligned pass over a preprocessed volume (C, X, Y, Z) or batch (N, C, X, Y, Z), on the network's scale.
-
-        Returns:
-            A float32 tensor of the input's shape, on the network's device.
-        """
+        """The aligned pass over a preprocessed volume (C, X, Y, Z) or batch (N, C, X, Y, Z), on the network's scale:
+        a float32 tensor of the input's shape, on the network's device."""
         batched = image.ndim == 5
-        device = next(self.network.parameters()).device
-        x = torch.as_tensor(image).to(device)
+        x = torch.as_tensor(image).to(next(self.network.parameters()).device)
         was_training = self.network.training
         self.network.eval()
         try:
@@ -173,18 +134,19 @@ def write_intensity_reference(
     domains: Mapping[str, tuple[str, Sequence[Mapping[str, Any]]]],
     hu_window: Sequence[float] = (-1000.0, 2000.0),
 ) -> dict[str, dict[str, Any]]:
-    """Record each domain's intensity scale next to the models, for :class:`DenormalizeIntensityd`.
+    """Record (atomically, rank 0 only) and return each domain's intensity scale, for :class:`DenormalizeIntensityd`,
+    e.g. ``{"A": {"kind": "MR", "mean": 412.0, "std": 130.5, "volumes": 8}, "B": {"kind": "CT", "hu_window": ...}}``.
 
-    MR: the median over the domain's training volumes of the foreground mean and standard deviation that
-    :class:`~bundle.data.ForegroundZScored` recorded. CT: the HU window. Written atomically (rank 0 only).
+    MR: the median over the domain's training volumes of the foreground mean and std recorded by
+    :class:`~bundle.data.ForegroundZScored`; CT: the HU window.
 
     Args:
         path: the JSON file (usually ``models/intensity_reference.json``).
         domains: ``{"A": (kind, preprocessed volumes), "B": (kind, volumes)}``.
         hu_window: the CT window of the preprocessing.
 
-    Returns:
-        The reference, e.g. ``{"A": {"kind": "MR", "mean": 412.0, "std": 130.5}, "B": {"kind": "CT", ...}}``.
+    Raises:
+        ValueError: if a domain has no volumes.
     """
     reference: dict[str, dict[str, Any]] = {}
     for domain, (kind, volumes) in domains.items():
@@ -196,29 +158,18 @@ def write_intensity_reference(
         stats = [(v["image"].meta["zscore_mean"], v["image"].meta["zscore_std"]) for v in volumes]
         mean, std = np.median(np.asarray(stats, dtype=float), axis=0)
         reference[domain] = {"kind": "MR", "mean": float(mean), "std": float(std), "volumes": len(stats)}
-    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    if rank0 or torch.distributed.get_rank() == 0:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(reference, indent=2), encoding="utf-8")
-        os.replace(temporary, path)
+    _write_json(Path(path), reference)
     return reference
 
 
-def _root(error: BaseException) -> BaseException:
-    """The innermost cause: MONAI's config parser wraps an expression's error in "Failed to evaluate" layers."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
-
-
 def _brief_excepthook(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:
-    """Print an uncaught error as its reason alone; the traceback goes to the log at DEBUG level."""
+    """Print an uncaught error's innermost cause alone; the traceback goes to the log at DEBUG level."""
     if issubclass(kind, KeyboardInterrupt):
         sys.__excepthook__(kind, error, trace)
         return
-    root = _root(error)
+    root = error
+    while root.__cause__ is not None:  # MONAI's config parser wraps errors in "Failed to evaluate" layers
+        root = root.__cause__
     logger.debug("".join(traceback.format_exception(kind, error, trace)))
     text = str(root).strip()
     print(f"{type(root).__name__}: {text}" if text else type(root).__name__, file=sys.stderr)
@@ -226,24 +177,18 @@ def _brief_excepthook(kind: type[BaseException], error: BaseException, trace: Tr
 
 
 def report_errors_briefly(debug: bool | str = False, command_line_only: bool = True) -> None:
-    """Make an error that ends a command-line run print its one-line reason alone, without tracebacks.
-
-    The reasons of this bundle's errors name the file and what is wrong; the tracebacks of the config parser and
-    the engines around them (dozens of lines each) only hide them. With ``debug`` Python's own report is kept; the
-    traceback is also logged at DEBUG level, for a log file configured to keep it (``--logging_file``).
+    """Make an error that ends a command-line run print its one-line reason alone (the traceback is logged at DEBUG).
 
     Args:
         debug: keep Python's traceback (``--debug true``).
-        command_line_only: change nothing unless the process runs ``python -m monai.bundle`` (a script or a test
-            calling ``monai.bundle.run`` keeps its own error handling).
+        command_line_only: change nothing unless the process runs ``python -m monai.bundle``.
     """
     if as_bool(debug, "debug"):
         sys.excepthook = sys.__excepthook__
         return
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if command_line_only and getattr(spec, "name", None) not in ("monai.bundle.__main__", "monai.bundle"):
-        return
-    sys.excepthook = _brief_excepthook
+    if not command_line_only or getattr(spec, "name", None) in ("monai.bundle.__main__", "monai.bundle"):
+        sys.excepthook = _brief_excepthook
 
 
 def _number(value: Any) -> bool:
@@ -251,15 +196,12 @@ def _number(value: Any) -> bool:
 
 
 def read_intensity_reference(path: str | os.PathLike | None, domain: str, kind: str) -> dict[str, Any] | None:
-    """The intensity reference of one domain, checked: what :class:`DenormalizeIntensityd` maps outputs back with.
+    """The checked intensity reference of one domain, or None where there is no file (MR outputs then stay z-scored).
 
     Args:
         path: the JSON written by :func:`write_intensity_reference`.
         domain: the domain's key in it (``"A"`` or ``"B"``).
         kind: the domain's kind from the model's settings, ``"MR"`` or ``"CT"``.
-
-    Returns:
-        The domain's entry, or None where there is no file (MR outputs then stay z-scored).
 
     Raises:
         ValueError: in one line naming the file, if it is not valid JSON, has no entry for ``domain``, or the entry
@@ -280,9 +222,8 @@ def read_intensity_reference(path: str | os.PathLike | None, domain: str, kind: 
         )
     if kind == "CT":
         window = entry.get("hu_window")
-        if window is not None and not (
-            isinstance(window, list) and len(window) == 2 and all(map(_number, window)) and window[0] < window[1]
-        ):
+        valid = isinstance(window, list) and len(window) == 2 and all(map(_number, window)) and window[0] < window[1]
+        if window is not None and not valid:
             raise ValueError(f"{path}: domain {domain}: 'hu_window' must be [low, high] in HU, got {window!r}.")
     elif not (_number(entry.get("mean")) and _number(entry.get("std")) and entry["std"] > 0):
         raise ValueError(
@@ -293,18 +234,15 @@ def read_intensity_reference(path: str | os.PathLike | None, domain: str, kind: 
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A generator's state_dict, loaded with ``weights_only=True``; any problem is one line naming the file.
+    """A generator's state_dict, loaded with ``weights_only=True``.
 
     Args:
-        path: a bare state_dict (what training writes as ``model.pt``), or ``{"model": state_dict}``.
-
-    Returns:
-        The state_dict.
+        path: a bare state_dict (training's ``model.pt``), or ``{"model": state_dict}``.
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        ValueError: if it is truncated or corrupted, holds objects ``weights_only`` loading refuses, or is not a
-            state_dict of tensors.
+        ValueError: in one line naming the file, if it is truncated or corrupted, holds objects ``weights_only``
+            loading refuses, or is not a state_dict of tensors.
     """
     path = Path(path)
     if not path.is_file():
@@ -320,10 +258,9 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as error:  # zip reader, EOF, unpickler: every one means a damaged file
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
         detail = f"{type(error).__name__}{': ' + text.split('. ')[0] if text else ''}"
-        size = path.stat().st_size
         raise ValueError(
-            f"model file {path} ({size} bytes) is truncated or corrupted, not a complete PyTorch checkpoint ({detail});"
-            " copy it again from the training run."
+            f"model file {path} ({path.stat().st_size} bytes) is truncated or corrupted, not a complete PyTorch "
+            f"checkpoint ({detail}); copy it again from the training run."
         ) from None
     if isinstance(state, dict) and set(state) == {"model"} and isinstance(state["model"], dict):
         state = state["model"]  # as MONAI's CheckpointLoader accepts it
@@ -339,13 +276,12 @@ def check_model_folder(
     target_domain: str = "B",
     target_kind: str = "MR",
 ) -> None:
-    """Check the trained model before any input is touched: the weights load (``weights_only=True``) and fit the
-    network built from ``settings.json``, and the intensity reference is readable.
+    """Before any input is touched: load the weights into the network and check the intensity reference.
 
     Args:
         model_file: the direction's generator weights.
         network: the generator built from the settings; the weights are loaded into it.
-        reference_file: the intensity reference; a missing one is allowed (MR outputs then stay z-scored).
+        reference_file: the intensity reference; may be missing (MR outputs then stay z-scored).
         target_domain: the target's key in the reference.
         target_kind: the target's kind in the settings.
 
@@ -376,9 +312,8 @@ def check_model_folder(
 class DenormalizeIntensityd(MapTransform):
     """Map synthesized intensities from the network's scale to the target domain's units.
 
-    CT: [-1, 1] back to the HU window (so the output is in HU). MR: ``z * std + mean`` with the target domain's
-    reference from :func:`write_intensity_reference`; without a reference file MR outputs stay z-scored and a
-    warning names the missing file.
+    CT: [-1, 1] to the HU window. MR: ``z * std + mean`` with the reference of :func:`write_intensity_reference`;
+    without that file MR outputs stay z-scored (with a warning).
 
     Args:
         keys: keys of the synthesized images.

@@ -1,11 +1,8 @@
 """Inference inputs: what to synthesize, where each output goes, and what could not be done.
 
-- :func:`prepare_output_dir` makes sure the output folder can be written before any work starts;
-- :func:`find_inputs` finds the volumes (image files, DICOM series found by content), screens them and plans an
-  output name for each that never replaces an existing file unless asked;
-- :class:`TolerantDataset` and :class:`TolerantEvaluator` record a failure while preprocessing or synthesizing one
-  volume against that volume and go on with the next (saving: :class:`bundle.outputs.SaveSynthesisd`);
-- :func:`raise_for_failures` lists every failure once the good volumes are written, so the command exits non-zero.
+:func:`prepare_output_dir` checks the output folder before any work; :func:`find_inputs` finds, screens and plans
+the outputs of the volumes; :class:`TolerantDataset` and :class:`TolerantEvaluator` record a failure of one volume
+and go on with the next; :func:`raise_for_failures` lists every failure once the good volumes are written.
 """
 
 from __future__ import annotations
@@ -28,16 +25,8 @@ from bundle.volumes import dicom_series
 from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 
-__all__ = [
-    "FAILURE_KEY",
-    "SOURCE_KEY",
-    "InferenceInputs",
-    "TolerantDataset",
-    "TolerantEvaluator",
-    "find_inputs",
-    "prepare_output_dir",
-    "raise_for_failures",
-]
+__all__ = ["FAILURE_KEY", "SOURCE_KEY", "InferenceInputs", "TolerantDataset", "TolerantEvaluator", "find_inputs"]
+__all__ += ["prepare_output_dir", "raise_for_failures"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +44,9 @@ def _reason(error: BaseException) -> str:
 
 @dataclass
 class InferenceInputs:
-    """The inputs of an inference run.
-
-    ``good``: entries ``{"image": path (or the slice files of a DICOM series), "source": what the user gave,
-    "output": the file to write}``; ``failures``: source -> problem, filled by screening and during the run;
-    ``existing``: source -> its output, already there and left as it is (``skip_existing``), counted as done.
+    """The inputs of an inference run: ``good``: entries ``{"image": path (or the slice files of a DICOM series),
+    "source": what the user gave, "output": the file to write}``; ``failures``: source -> problem (screening and
+    run); ``existing``: source -> its output, already there and left as it is (``skip_existing``), counted as done.
     """
 
     good: list[dict[str, Any]] = field(default_factory=list)
@@ -73,16 +60,7 @@ class InferenceInputs:
 
 
 def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
-    """Check, before any work, that ``output_dir`` can be written, or created where it does not exist yet.
-
-    Nothing is created: :class:`bundle.outputs.SaveSynthesisd` creates the folder with the first output, so a run
-    that writes nothing leaves no empty folder behind.
-
-    Args:
-        output_dir: the output folder.
-
-    Returns:
-        The folder.
+    """Check, before any work, that ``output_dir`` can be written or created (nothing is created); return it.
 
     Raises:
         NotADirectoryError: if it (or a parent) is a file.
@@ -95,12 +73,15 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
     if not existing.is_dir():  # a parent of the folder to create is a file
         raise NotADirectoryError(f"output_dir {folder} cannot be created: Not a directory ({existing}).")
     try:  # a real write: permission bits alone say nothing for root or on read-only mounts
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as error:
         what = "is not writable" if existing == folder else f"cannot be created in {existing}"
         raise PermissionError(f"output_dir {folder} {what}: {error.strerror}.") from None
     return folder
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"image": str(path), SOURCE_KEY: str(path), "stem": volume_stem(path)}
 
 
 def _series_entries(folder: Path, name: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -110,21 +91,14 @@ def _series_entries(folder: Path, name: str) -> tuple[list[dict[str, Any]], list
         files = list(series[0].files)
         return [{"image": str(folder), SOURCE_KEY: str(folder), "stem": name, DICOM_FILES_KEY: files}], files
     # outputs named by series number; series sharing a number (or without one) by their rank among them
-    counts = Counter(s.number for s in series)
-    seen: Counter = Counter()
+    counts, seen = Counter(s.number for s in series), Counter()
     entries, used = [], []
     for s in series:
         seen[s.number] += 1
         tag = f"s{s.number if s.number is not None else 'x'}" + (f"-{seen[s.number]}" if counts[s.number] > 1 else "")
-        description = f", {s.description}" if s.description else ""
-        entries.append(
-            {
-                "image": list(s.files),
-                SOURCE_KEY: f"{folder} [series {s.uid}{description}]",
-                "stem": f"{name}_{tag}",
-                DICOM_FILES_KEY: list(s.files),
-            }
-        )
+        source = f"{folder} [series {s.uid}{f', {s.description}' if s.description else ''}]"
+        files = list(s.files)
+        entries.append({"image": files, SOURCE_KEY: source, "stem": f"{name}_{tag}", DICOM_FILES_KEY: list(s.files)})
         used += s.files
     return entries, used
 
@@ -143,52 +117,36 @@ def find_inputs(
     skip_existing: bool | str = False,
     pixdim: Sequence[float] | None = None,
 ) -> InferenceInputs:
-    """Collect and screen the volumes to synthesize and plan their outputs; unusable ones are set aside.
-
-    Exactly one source: a folder, a single file or DICOM series folder, or a datalist (``datalist_key`` list,
-    ``datalist_field`` of each entry; ``image`` for training lists). In a folder: NIfTI, NRRD and MetaImage files,
-    the DICOM series among its files and those of its sub-folders, found by content (GDCM series UIDs, as MONAI's
-    ``ITKReader`` splits them), whatever the files' extensions. Every series is an input of its own.
-
-    Outputs: ``<output_dir>/<input name>_<output_postfix><output_ext>`` (a series of a folder holding several:
-    ``<folder>_s<series number>_...``). An output that exists is not replaced unless ``overwrite``; with
-    ``skip_existing`` it is left as it is and its input counted as done (a rerun after an interruption finishes the
-    batch); one that is an input of this run never is; ``output_dir`` may not be ``input_dir`` itself (outputs
-    would be taken as inputs by the next run), and a sub-folder of ``input_dir`` used as ``output_dir`` is not scanned.
+    """Collect and screen the volumes to synthesize and plan their outputs (:class:`InferenceInputs`); unusable ones
+    are set aside. Outputs: ``<output_dir>/<input name>_<output_postfix><output_ext>`` (a series of a folder holding
+    several: ``<folder>_s<series number>_...``); an input of this run is never replaced.
 
     Args:
-        input_dir: folder of volumes, or a DICOM series folder.
+        input_dir: folder of volumes (image files, DICOM series found by content in it and its sub-folders; a
+            sub-folder that is ``output_dir`` is not scanned).
         input_file: one volume or one DICOM series folder.
-        datalist: datalist JSON, relative to ``dataset_dir``.
-        dataset_dir: folder the datalist's paths are relative to (default: the datalist's folder).
-        datalist_key: which list of the datalist.
-        datalist_field: which path of each entry.
+        datalist, dataset_dir: datalist JSON and the folder its paths are relative to (default: the JSON's folder).
+        datalist_key, datalist_field: the list, and the path of each entry (``image`` where an entry has none).
         output_dir: where the outputs go; without it no output is planned (screening only).
-        output_postfix: appended to each input's name, e.g. the target contrast ``"T2"``.
-        output_ext: the outputs' extension.
+        output_postfix, output_ext: appended to each input's name (e.g. the target contrast ``"T2"``), extension.
         overwrite: replace existing outputs (never inputs).
         skip_existing: leave existing outputs as they are and count their inputs as done.
         pixdim: the voxel size the model was trained at (mm); inputs with voxels much thicker get a warning.
 
-    Returns:
-        :class:`InferenceInputs`.
-
     Raises:
-        ValueError: if not exactly one source is given, it holds no volume at all, or ``output_dir`` is
-            ``input_dir``.
+        ValueError: if not exactly one source is given, both ``overwrite`` and ``skip_existing``, the source holds
+            no volume at all, or ``output_dir`` is ``input_dir``.
         FileNotFoundError: if the folder, the file or the datalist does not exist.
     """
-    given = [
-        name for name, value in (("input_dir", input_dir), ("input_file", input_file), ("datalist", datalist)) if value
-    ]
+    sources = (("input_dir", input_dir), ("input_file", input_file), ("datalist", datalist))
+    given = [name for name, value in sources if value]
     if len(given) != 1:
         raise ValueError(f"give exactly one of input_dir, input_file, datalist (got {given or 'none'}).")
     overwrite, skip_existing = as_bool(overwrite, "overwrite"), as_bool(skip_existing, "skip_existing")
     if overwrite and skip_existing:
         raise ValueError("--overwrite true replaces existing outputs, --skip_existing true keeps them: give one.")
     out = Path(output_dir).resolve() if output_dir else None
-    entries: list[dict[str, Any]] = []
-    unknown: list[str] = []
+    entries, unknown = [], []
     if input_dir:
         folder = Path(input_dir)
         if not folder.is_dir():
@@ -216,30 +174,24 @@ def find_inputs(
                 if not path.with_name(volume_stem(path) + ".hdr").exists():
                     unknown.append(str(path))  # Analyze/NIfTI image without its header
             elif path.name.lower().endswith(IMAGE_SUFFIXES):
-                entries.append({"image": str(path), SOURCE_KEY: str(path), "stem": volume_stem(path)})
+                entries.append(_file_entry(path))
             else:
                 unknown.append(str(path))
     elif input_file:
         path = Path(input_file)
-        if path.is_dir():
-            entries, _ = _series_entries(path, path.resolve().name)
-            if not entries:
-                unknown.append(str(path))
-        else:
-            entries = [{"image": str(path), SOURCE_KEY: str(path), "stem": volume_stem(path)}]
+        entries = _series_entries(path, path.resolve().name)[0] if path.is_dir() else [_file_entry(path)]
+        unknown = [str(path)] if not entries else []
     else:
         root = Path(dataset_dir) if dataset_dir else Path(datalist).resolve().parent
         for e in load_datalist(root, datalist, datalist_key):
-            path = Path(e[datalist_field] if datalist_field in e else e["image"])
-            entries.append({"image": str(path), SOURCE_KEY: str(path), "stem": volume_stem(path)})
+            entries.append(_file_entry(Path(e[datalist_field] if datalist_field in e else e["image"])))
     if not entries and not unknown:
         raise ValueError(f"no volume found in {given[0]} {input_dir or input_file or datalist}.")
     inputs = InferenceInputs()
     for path in unknown:
         inputs.record(path, "not an image volume (unknown file type, and not a DICOM series)")
-    inputs_here = {
-        Path(p).resolve() for e in entries for p in ([e["image"]] if isinstance(e["image"], str) else e["image"])
-    }
+    images = [p for e in entries for p in ([e["image"]] if isinstance(e["image"], str) else e["image"])]
+    inputs_here = {Path(p).resolve() for p in images}
     planned: dict[Path, str] = {}
     for entry in entries:
         source, stem = entry[SOURCE_KEY], entry.pop("stem")
@@ -272,8 +224,7 @@ def find_inputs(
 
 
 def _warn_if_thick(source: str, affine: np.ndarray, pixdim: Sequence[float]) -> None:
-    """Warn where an input's voxels are more than twice as thick as the trained spacing along some axis: the
-    network sees slices interpolated between distant acquired slices."""
+    """Warn where an input's voxels are more than twice as thick as the trained spacing along some axis."""
     spacing = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
     trained = float(max(pixdim))
     if spacing.max() > 2.0 * trained:
@@ -286,10 +237,7 @@ def _warn_if_thick(source: str, affine: np.ndarray, pixdim: Sequence[float]) -> 
 
 
 def raise_for_failures(inputs: InferenceInputs) -> None:
-    """After the good inputs are done: raise one error listing every input that failed, with its problem.
-
-    Args:
-        inputs: what :func:`find_inputs` returned, with the failures recorded during the run.
+    """After the good inputs are done: raise one error listing every input of ``inputs`` that failed.
 
     Raises:
         RuntimeError: if any input failed (so the command exits non-zero).
@@ -299,24 +247,16 @@ def raise_for_failures(inputs: InferenceInputs) -> None:
     kept = f", {len(inputs.existing)} already there" if inputs.existing else ""
     if inputs.failures:
         lines = "\n".join(f"  {path}: {problem}" for path, problem in inputs.failures.items())
-        message = (
-            f"{len(inputs.failures)} of {total} inputs could not be synthesized ({written} written{kept}):\n{lines}"
-        )
+        failed = len(inputs.failures)
+        message = f"{failed} of {total} inputs could not be synthesized ({written} written{kept}):\n{lines}"
         logger.error(message)  # printed plainly, above the traceback of the bundle runner
         raise RuntimeError(message)
     logger.info(f"all {total} inputs have an output ({written} written{kept})")
 
 
 class TolerantDataset(Dataset):
-    """MONAI ``Dataset`` whose items that fail to load or preprocess become ``{"source": ..., "failure": reason}``.
-
-    :class:`TolerantEvaluator` records such an item against its source and goes on with the next; the
-    failure travels with the item, so this works with DataLoader worker processes too.
-
-    Args:
-        data: entries with a ``"source"`` naming the input (see :func:`find_inputs`).
-        transform: the preprocessing.
-    """
+    """MONAI ``Dataset`` of :func:`find_inputs` entries whose items that fail to load or preprocess become
+    ``{"source": ..., "failure": reason}`` (recorded by :class:`TolerantEvaluator`; works in worker processes)."""
 
     def _transform(self, index: int) -> Any:
         try:
@@ -341,17 +281,13 @@ class _RecordingTransform:
 
 
 class TolerantEvaluator(SupervisedEvaluator):
-    """``SupervisedEvaluator`` that records a failure of one volume and goes on with the next.
-
-    Preprocessing failures come from :class:`TolerantDataset`; an error of the network pass or of the
-    postprocessing (inversion, saving) is caught here. Each is recorded in ``inputs`` against the item's
-    ``"source"``; :func:`raise_for_failures` lists them all at the end. Volumes go one per batch.
+    """``SupervisedEvaluator`` that records a failure of one volume in ``inputs`` against its ``"source"`` and goes
+    on with the next: preprocessing (:class:`TolerantDataset`), network pass, postprocessing (inversion, saving).
+    Volumes go one per batch.
 
     Args:
-        inputs: the :class:`InferenceInputs` of the run; failures are recorded in it.
-        args: see ``SupervisedEvaluator``.
-        postprocessing: see ``SupervisedEvaluator``; its errors are recorded per volume.
-        kwargs: see ``SupervisedEvaluator``.
+        inputs: the :class:`InferenceInputs` of the run.
+        args, postprocessing, kwargs: see ``SupervisedEvaluator``.
     """
 
     def __init__(self, *args: Any, inputs: InferenceInputs, postprocessing: Callable | None = None, **kwargs: Any):

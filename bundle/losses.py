@@ -1,14 +1,4 @@
-"""The criteria of DicycleGAN (Wang et al. 2018, eq. 1-4); tensors in, tensors out.
-
-- :func:`normalized_mutual_information`: differentiable NMI, ``2 I(A;B) / (H(A) + H(B))`` (Vinh et al. 2010,
-  "arithmetic" normalisation, 0..1), per batch item, from a Gaussian Parzen-window joint histogram.
-- :func:`alignment_loss`: ``2 - NMI(x_A, G^AB(x_A)) - NMI(x_B, G^BA(x_B))`` (eq. 1).
-- :func:`local_normalized_mutual_information`: NMI per image patch, averaged (an opt-in alignment measure).
-- :func:`lsgan_loss` and :func:`discriminator_loss`: the least-squares GAN criterion, and the discriminator loss
-  halved as in CycleGAN.
-
-Which passes feed them, with which weights (eq. 4), is :mod:`bundle.dicyclegan`.
-"""
+"""The criteria of DicycleGAN (Wang et al. 2018, eq. 1-4), tensors in and out: differentiable NMI and LSGAN."""
 
 from __future__ import annotations
 
@@ -17,27 +7,16 @@ import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from torch.nn.modules.utils import _pair
 
-__all__ = [
-    "alignment_loss",
-    "discriminator_loss",
-    "local_normalized_mutual_information",
-    "lsgan_loss",
-    "normalized_mutual_information",
-]
+__all__ = ["alignment_loss", "discriminator_loss", "local_normalized_mutual_information", "lsgan_loss"]
+__all__ += ["normalized_mutual_information"]
 
-# the alignment measures of DicycleGANLoss(alignment=...): the paper's global NMI; local NMI and the structural
-# MIND / MIND-SSC descriptors of bundle.mind (opt-in)
+# DicycleGANLoss(alignment=...): the paper's global NMI; opt-in local NMI and bundle.mind's descriptors
 ALIGNMENT_MEASURES = ("nmi", "local_nmi", "mind", "mind_ssc")
 
 
 def _unit_range(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map each row of ``x`` (N, n) to [0, 1] by its own min/max over the masked samples.
-
-    The min/max are taken without gradient, so the gradient reaches every sample value through a fixed affine map.
-
-    Returns:
-        the mapped rows (masked-out samples set to 0) and a (N,) bool tensor, False where a row has zero range.
-    """
+    """Rows of ``x`` (N, n) mapped to [0, 1] by their min/max over the mask (no gradient), 0 outside it; and (N,)
+    bool, False where a row has zero range."""
     with torch.no_grad():
         if mask is None:
             lo, hi = x.amin(dim=1), x.amax(dim=1)
@@ -68,42 +47,21 @@ def normalized_mutual_information(
     mask: torch.Tensor | None = None,
     eps: float = 1e-10,
 ) -> torch.Tensor:
-    """Differentiable normalized mutual information ``NMI = 2 I(A;B) / (H(A) + H(B))`` per batch item.
+    """Differentiable normalized mutual information ``NMI = 2 I(A;B) / (H(A) + H(B))`` per batch item: (N,) in
+    [0, 1], 0 (without NaN in value or gradient) where ``a`` or ``b`` is constant or the mask empty.
 
-    This is the "arithmetic" normalisation of Vinh et al. (2010) (``sklearn.metrics.normalized_mutual_info_score``'s
-    default), in [0, 1]: 1 when one image is an invertible function of the other, 0 when they are independent.
-    It is estimated from a Parzen-window joint histogram:
-
-    - each image is mapped to [0, 1] by its own min/max (over the masked samples), taken without gradient, so
-      z-scored MR and range-scaled CT compare alike and the gradient flows through the intensities;
-    - ``num_bins`` bins with centres ``(k + 0.5) / num_bins``; each sample spreads over the bins with a Gaussian
-      window of standard deviation ``sigma_ratio / num_bins`` (in bin widths: ``sigma_ratio``), normalised to
-      sum 1 over the bins;
-    - joint ``p_ab = W_a^T W_b / n`` (one batched matrix product), marginals are its sums.
-
-    As ``sigma_ratio -> 0`` it tends to the NMI of the images quantised into ``num_bins`` equal bins over their own
-    ranges. A wider window trades that exactness for a smoother loss: NMI(x, x) is below 1 with the defaults (about
-    0.55-0.7 depending on the intensity histogram: 0.65 for a smooth random field, 0.70 for uniform noise) because
-    the window blurs the joint histogram more than the marginals; the maximum is still at alignment.
-    The histogram is computed in (at least) float32 with autocast disabled.
+    Vinh et al.'s (2010) "arithmetic" normalisation, in [0, 1], from a Parzen-window joint histogram (float32 or
+    wider, no autocast): each image mapped to [0, 1] by its own min/max (no gradient), ``num_bins`` bins centred at
+    ``(k + 0.5) / num_bins``, Gaussian windows of standard deviation ``sigma_ratio / num_bins`` normalised over the
+    bins, joint ``p_ab = W_a^T W_b / n``. With the defaults NMI(x, x) is about 0.55-0.7, not 1.
 
     Args:
-        a: images of shape (N, C, *spatial); all non-batch dimensions are pooled as samples.
-        b: images of the same shape as ``a``.
-        num_bins: number of intensity bins (at least 2).
-        sigma_ratio: Gaussian window standard deviation in bin widths (> 0).
-        mask: optional mask broadcastable to ``a.shape``; only samples where it is non-zero are used, also for
-            the min/max.
+        a: images of shape (N, C, *spatial) (else a ValueError); all non-batch dimensions are pooled as samples.
+        b: images of the same shape as ``a`` (else a ValueError).
+        num_bins: number of intensity bins (at least 2, else a ValueError).
+        sigma_ratio: Gaussian window standard deviation in bin widths (> 0, else a ValueError).
+        mask: optional mask broadcastable to ``a.shape``: only samples where it is non-zero are used.
         eps: keeps the logarithm and the normalisation finite for empty bins.
-
-    Returns:
-        Tensor of shape (N,). Items where ``a`` or ``b`` is constant (zero range; no information) or where the mask
-        is empty give 0 without NaN in the value or the gradient.
-
-    Example::
-
-        nmi = normalized_mutual_information(x_a, g_ab(x_a, deform=False))  # (N,)
-        loss = 1.0 - nmi.mean()
     """
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
@@ -117,9 +75,7 @@ def normalized_mutual_information(
     n_items = a.shape[0]
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     with torch.autocast(device_type=a.device.type, enabled=False):
-        flat_mask = None
-        if mask is not None:
-            flat_mask = torch.broadcast_to(mask, a.shape).reshape(n_items, -1) != 0
+        flat_mask = None if mask is None else torch.broadcast_to(mask, a.shape).reshape(n_items, -1) != 0
         a_unit, a_valid = _unit_range(a.reshape(n_items, -1).to(dtype), flat_mask)
         b_unit, b_valid = _unit_range(b.reshape(n_items, -1).to(dtype), flat_mask)
 
@@ -133,8 +89,7 @@ def normalized_mutual_information(
 
         joint = torch.bmm(w_a.transpose(1, 2), w_b)  # (N, bins, bins)
         joint = joint / joint.sum(dim=(1, 2), keepdim=True).clamp_min(eps)
-        h_a = _entropy(joint.sum(dim=2), eps)
-        h_b = _entropy(joint.sum(dim=1), eps)
+        h_a, h_b = _entropy(joint.sum(dim=2), eps), _entropy(joint.sum(dim=1), eps)
         h_ab = _entropy(joint.flatten(1), eps)
         nmi = 2.0 * (h_a + h_b - h_ab) / (h_a + h_b).clamp_min(eps)
         return torch.where(a_valid & b_valid, nmi, torch.zeros_like(nmi))
@@ -149,30 +104,15 @@ def local_normalized_mutual_information(
     sigma_ratio: float = 0.5,
     eps: float = 1e-10,
 ) -> torch.Tensor:
-    """Local NMI: :func:`normalized_mutual_information` of every ``patch_size`` patch, averaged per batch item.
-
-    Global NMI rewards any intensity mapping that is one function over the whole image, the source's own contrast
-    included; NMI per patch asks only that each neighbourhood's intensities be predictable from the source's, so a
-    mapping may differ between regions (e.g. bone and soft tissue). Each patch is mapped to [0, 1] by its own
-    min/max and binned exactly as the global NMI. Patches where either image is constant carry no information
-    (their NMI is 0 by definition) and are left out of the mean; an item without any such patch gives 0.
+    """:func:`normalized_mutual_information` of every ``patch_size`` patch, averaged per batch item over the patches
+    where neither image is constant (0 without any): (N,).
 
     Args:
-        a: images of shape (N, C, H, W); the channels of a patch are pooled as samples.
-        b: images of the same shape as ``a``.
-        patch_size: patch size (h, w) or one int.
-        stride: step between patches (default: ``patch_size``, non-overlapping); patches that do not fit at the
-            bottom/right border are not used (as ``torch.nn.functional.unfold``).
-        num_bins: see :func:`normalized_mutual_information`.
-        sigma_ratio: see :func:`normalized_mutual_information`.
-        eps: see :func:`normalized_mutual_information`.
-
-    Returns:
-        Tensor of shape (N,).
-
-    Example::
-
-        nmi = local_normalized_mutual_information(x_a, g_ab(x_a), patch_size=16)  # (N,)
+        a: images of shape (N, C, H, W) (else a ValueError); the channels of a patch are pooled as samples.
+        b: images of the same shape as ``a`` (else a ValueError).
+        patch_size: patch size (h, w) or one int, at most the image size (else a ValueError).
+        stride: step between patches (default: ``patch_size``); patches that do not fit are not used (``F.unfold``).
+        num_bins, sigma_ratio, eps: see :func:`normalized_mutual_information`.
     """
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
@@ -205,18 +145,13 @@ def alignment_loss(
     num_bins: int = 32,
     sigma_ratio: float = 0.5,
 ) -> torch.Tensor:
-    """Image alignment loss of eq. (1): ``2 - NMI(x_A, G_AB(x_A)) - NMI(x_B, G_BA(x_B))``, NMI averaged over the batch.
+    """Image alignment loss of eq. (1), a scalar in [0, 2]: ``2 - NMI(x_A, G_AB(x_A)) - NMI(x_B, G_BA(x_B))``, each
+    NMI averaged over the batch.
 
     Args:
-        real_a: source images x_A.
-        aligned_b: undeformed translations G_AB(x_A).
-        real_b: source images x_B.
-        aligned_a: undeformed translations G_BA(x_B).
-        num_bins: see :func:`normalized_mutual_information`.
-        sigma_ratio: see :func:`normalized_mutual_information`.
-
-    Returns:
-        Scalar tensor in [0, 2].
+        real_a, aligned_b: source images x_A and their undeformed translations G_AB(x_A).
+        real_b, aligned_a: source images x_B and their undeformed translations G_BA(x_B).
+        num_bins, sigma_ratio: see :func:`normalized_mutual_information`.
     """
     nmi_a = normalized_mutual_information(real_a, aligned_b, num_bins, sigma_ratio).mean()
     nmi_b = normalized_mutual_information(real_b, aligned_a, num_bins, sigma_ratio).mean()
@@ -224,31 +159,20 @@ def alignment_loss(
 
 
 def lsgan_loss() -> PatchAdversarialLoss:
-    """The least-squares GAN criterion of the paper and CycleGAN: mean ``(D(x) - target)^2`` on the raw logits.
-
-    MONAI's least-squares criterion applies a LeakyReLU to the logits unless ``no_activation_leastsq=True``;
-    the paper's ``(D(G_T(x)) - 1)^2`` has no activation, so it is switched off.
-    """
+    """The least-squares GAN criterion of the paper and CycleGAN: mean ``(D(x) - target)^2`` on the raw logits
+    (MONAI's LeakyReLU on the logits switched off)."""
     return PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
 
 
 def discriminator_loss(
     real_logits: torch.Tensor, fake_logits: torch.Tensor, adversarial_loss: PatchAdversarialLoss | None = None
 ) -> torch.Tensor:
-    """LSGAN discriminator loss ``0.5 * (mean (D(real) - 1)^2 + mean D(fake)^2)`` (means over patches), as in CycleGAN.
+    """LSGAN discriminator loss ``0.5 * (mean (D(real) - 1)^2 + mean D(fake)^2)`` (CycleGAN's), a scalar.
 
     Args:
         real_logits: the discriminator's logits on real images of its domain.
-        fake_logits: its logits on synthesized images (the deformed outputs G_T, typically drawn from an image pool,
-            detached so that no gradient reaches the generator).
+        fake_logits: its logits on synthesized images (detached, typically drawn from an image pool).
         adversarial_loss: criterion; defaults to :func:`lsgan_loss`.
-
-    Returns:
-        Scalar tensor.
-
-    Example::
-
-        loss_d_b = discriminator_loss(d_b(real_b)[-1], d_b(fake_b.detach())[-1])
     """
     criterion = lsgan_loss() if adversarial_loss is None else adversarial_loss
     loss_real = criterion(real_logits, target_is_real=True, for_discriminator=True)

@@ -1,24 +1,11 @@
-"""Volume metrics of the paper (Wang et al. 2018, Experiments) on normalised intensities, optionally in a mask.
+"""Volume metrics of the paper (Wang et al. 2018) on normalised intensities, optionally inside a mask.
 
-- ``PSNR``: ``10 log10(max_B^2 / MSE)`` with ``max_B`` the ground truth's own maximum (z-scored volumes have no
-  fixed peak, so MONAI's fixed-``max_val`` PSNR does not apply);
-- ``MSE``: :class:`VolumeErrorMetric`;
-- ``SSIM``: the paper's global SSIM, its formula over the whole volume (means, variances and covariance of all voxels);
-- ``SSIM_windowed``: MONAI's Gaussian-window (7 voxels, sigma 1.5) SSIM with the ground truth's range as data range;
-- ``MAE_HU`` (CT targets): :class:`VolumeErrorMetric` on the de-normalised volumes, in HU (within the HU window of
-  the preprocessing, which clips the ground truth);
-- ``bone_dice`` (CT targets): the overlap of the voxels above :data:`BONE_THRESHOLD_HU` in synthesis and ground
-  truth: whether the bone is drawn where it is, the hard part of MR -> CT (bone and air are both dark in MR);
-- ``displacement`` (optional): mean and 95th percentile (mm) of the displacement a B-spline registration finds
-  between the synthesis and its ground truth (:func:`bundle.registration.residual_displacement`): the misalignment
-  itself.
-
-Each is a MONAI ``CumulativeIterationMetric`` (per-volume values buffered, aggregated by ``aggregate``) so that
-``monai.handlers.IgniteMetricHandler`` can attach it to an evaluator; :func:`metric_handlers` is the set of one
-direction of ``configs/evaluate.json``. With ``masked=True`` the ground truth ``y`` carries the mask as its last
-channel (MONAI's metric handlers pass only ``y_pred`` and ``y``; :class:`bundle.pairing.PairedVolumesd` appends it),
-and only the voxels inside it count (the paper computes abdominal metrics inside the aorta); the windowed SSIM
-averages its map over the mask, so its windows still see up to 3 voxels beyond it.
+``PSNR`` (:func:`volume_psnr`), ``MSE`` (:class:`VolumeErrorMetric`), ``SSIM`` (:func:`global_ssim`),
+``SSIM_windowed`` (:func:`windowed_ssim`); for CT targets ``MAE_HU`` and ``bone_dice`` (:func:`bone_dice`); optionally
+``displacement`` (:class:`ResidualDisplacementMetric`). Each is a MONAI ``CumulativeIterationMetric`` for
+``IgniteMetricHandler`` (:func:`metric_handlers`: one direction of ``configs/evaluate.json``). With ``masked=True``
+the ground truth ``y`` carries the mask as its last channel (:class:`bundle.pairing.PairedVolumesd` appends it) and
+only the voxels inside it count.
 """
 
 from __future__ import annotations
@@ -34,24 +21,10 @@ from monai.metrics import CumulativeIterationMetric, compute_dice
 from monai.metrics.regression import compute_ssim_and_cs
 from monai.utils import MetricReduction
 
-__all__ = [
-    "BONE_THRESHOLD_HU",
-    "BoneDiceMetric",
-    "GlobalSSIMMetric",
-    "ResidualDisplacementMetric",
-    "VolumeErrorMetric",
-    "VolumePSNRMetric",
-    "VolumeSSIMMetric",
-    "VoxelCountMetric",
-    "bone_dice",
-    "global_ssim",
-    "metric_functions",
-    "metric_handlers",
-    "volume_metrics",
-    "volume_psnr",
-    "voxel_size",
-    "windowed_ssim",
-]
+__all__ = ["BONE_THRESHOLD_HU", "BoneDiceMetric", "GlobalSSIMMetric", "ResidualDisplacementMetric"]
+__all__ += ["VolumeErrorMetric", "VolumePSNRMetric", "VolumeSSIMMetric", "VoxelCountMetric", "bone_dice"]
+__all__ += ["global_ssim", "metric_functions", "metric_handlers", "volume_metrics", "volume_psnr", "voxel_size"]
+__all__ += ["windowed_ssim"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,41 +32,36 @@ logger = logging.getLogger(__name__)
 BONE_THRESHOLD_HU = 300.0
 
 
-def _per_item(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1).float()
-
-
 def _masked(values: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
-    rows = _per_item(values)
+    """Per batch item, the float values inside ``mask`` (all of them without one), flattened."""
+    rows = values.reshape(values.shape[0], -1).float()
     if mask is None:
         return list(rows)
-    keep = _per_item(torch.broadcast_to(mask, values.shape)) > 0
+    keep = torch.broadcast_to(mask, values.shape).reshape(values.shape[0], -1).float() > 0
     return [row[k] for row, k in zip(rows, keep, strict=True)]
 
 
+def _pairs(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> Any:
+    return zip(_masked(prediction, mask), _masked(target, mask), strict=True)
+
+
 def volume_psnr(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """PSNR of the paper, ``10 log10(max(target)^2 / MSE)``, per batch item.
+    """The paper's PSNR per batch item, ``10 log10(max(target)^2 / MSE)``: a tensor (N,) in dB.
 
     Args:
         prediction: synthesized volumes (N, C, *spatial).
         target: ground truth of the same shape.
         mask: optional mask broadcastable to ``target``; only voxels where it is non-zero count.
-
-    Returns:
-        Tensor (N,) in dB.
     """
-    values = []
-    for p, t in zip(_masked(prediction, mask), _masked(target, mask), strict=True):
-        mse = torch.mean((p - t) ** 2).clamp_min(1e-12)
-        values.append(10.0 * torch.log10(t.max() ** 2 / mse))
-    return torch.stack(values)
+    pairs = _pairs(prediction, target, mask)
+    return torch.stack([10.0 * torch.log10(t.max() ** 2 / torch.mean((p - t) ** 2).clamp_min(1e-12)) for p, t in pairs])
 
 
 def global_ssim(
     prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, k1: float = 0.01, k2: float = 0.03
 ) -> torch.Tensor:
-    """The paper's SSIM, ``(2 mu_p mu_t + c1)(2 s_pt + c2) / ((mu_p^2 + mu_t^2 + c1)(s_p^2 + s_t^2 + c2))`` over all
-    voxels of a volume (no window), with ``c = (k L)^2`` and ``L`` the target's intensity range.
+    """The paper's SSIM per batch item, a tensor (N,): ``(2 mu_p mu_t + c1)(2 s_pt + c2) / ((mu_p^2 + mu_t^2 + c1)
+    (s_p^2 + s_t^2 + c2))`` over all voxels (no window), ``c = (k L)^2`` with ``L`` the target's intensity range.
 
     Args:
         prediction: synthesized volumes (N, C, *spatial).
@@ -101,12 +69,9 @@ def global_ssim(
         mask: optional mask; only voxels where it is non-zero count.
         k1: SSIM constant for the means.
         k2: SSIM constant for the (co)variances.
-
-    Returns:
-        Tensor (N,).
     """
     values = []
-    for p, t in zip(_masked(prediction, mask), _masked(target, mask), strict=True):
+    for p, t in _pairs(prediction, target, mask):
         data_range = (t.max() - t.min()).clamp_min(1e-12)
         c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
         mu_p, mu_t = p.mean(), t.mean()
@@ -119,10 +84,11 @@ def global_ssim(
 def windowed_ssim(
     prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, kernel_size: int = 7
 ) -> torch.Tensor:
-    """MONAI's windowed (Gaussian, sigma 1.5) SSIM per batch item, averaged over the whole map or over a mask.
+    """MONAI's windowed (Gaussian, sigma 1.5) SSIM per batch item, a tensor (N,), averaged over the map or a mask.
 
-    The data range is the target's intensity range (inside the mask, when given). The SSIM map covers the valid
-    window positions only, so a mask counts its voxels at least ``kernel_size // 2`` from the border.
+    The data range is the target's range inside the mask. The map covers the valid window positions only, so a mask
+    counts its voxels at least ``kernel_size // 2`` from the border (NaN for an item with none; its windows still see
+    the voxels beyond the mask).
 
     Args:
         prediction: synthesized volumes (N, C, *spatial) with 2 or 3 spatial dimensions.
@@ -130,34 +96,21 @@ def windowed_ssim(
         mask: optional mask broadcastable to ``target``.
         kernel_size: window size.
 
-    Returns:
-        Tensor (N,); NaN for an item whose mask has no voxel far enough from the border.
-
     Raises:
         ValueError: if a mask has no voxel at all.
     """
-    spatial_dims = target.ndim - 2
-    margin = kernel_size // 2
+    spatial_dims, margin = target.ndim - 2, kernel_size // 2
+    kernel, sigma = [kernel_size] * spatial_dims, [1.5] * spatial_dims
     inner = (slice(None), slice(None), *[slice(margin, n - margin) for n in target.shape[2:]])
-    keep = torch.broadcast_to(
-        torch.as_tensor(mask) > 0 if mask is not None else torch.ones((), dtype=torch.bool), target.shape
-    )
+    present = torch.as_tensor(mask) > 0 if mask is not None else torch.ones((), dtype=torch.bool)
+    keep = torch.broadcast_to(present, target.shape)
     values = []
     for p, t, k in zip(prediction.float().split(1), target.float().split(1), keep.split(1), strict=True):
         inside = t[k]
         if inside.numel() == 0:
             raise ValueError("the mask has no voxel: nothing to compare.")
-        ssim_map, _ = compute_ssim_and_cs(
-            y_pred=p,
-            y=t,
-            spatial_dims=spatial_dims,
-            kernel_size=[kernel_size] * spatial_dims,
-            kernel_sigma=[1.5] * spatial_dims,
-            data_range=float((inside.max() - inside.min()).clamp_min(1e-12)),
-            kernel_type="gaussian",
-            k1=0.01,
-            k2=0.03,
-        )
+        data_range = float((inside.max() - inside.min()).clamp_min(1e-12))
+        ssim_map, _ = compute_ssim_and_cs(p, t, spatial_dims, kernel, sigma, data_range, "gaussian", k1=0.01, k2=0.03)
         selected = ssim_map if mask is None else ssim_map[torch.broadcast_to(k[inner], ssim_map.shape)]
         values.append(selected.mean() if selected.numel() else torch.tensor(float("nan")))
     return torch.stack(values)
@@ -170,10 +123,8 @@ def bone_dice(
     threshold_hu: float = BONE_THRESHOLD_HU,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dice overlap of bone (above ``threshold_hu``) in synthesized and true CT, per batch item.
-
-    Bone and air are both dark in MR, so whether an MR -> CT synthesis draws the bone where it is shows here and
-    hardly in MSE or PSNR.
+    """Dice overlap of bone (above ``threshold_hu``) in synthesized and true CT per batch item, a tensor (N,); NaN
+    where the ground truth has no bone.
 
     Args:
         prediction: synthesized CT (N, C, *spatial) on the network's scale (the HU window mapped to [-1, 1]).
@@ -181,28 +132,19 @@ def bone_dice(
         hu_window: the HU window that [-1, 1] stands for.
         threshold_hu: bone threshold in HU.
         mask: optional mask; only voxels where it is non-zero count.
-
-    Returns:
-        Tensor (N,); NaN where the ground truth has no bone.
     """
     low, high = (float(v) for v in hu_window)
     threshold = (threshold_hu - (high + low) / 2.0) / ((high - low) / 2.0)  # on the [-1, 1] scale
     values = []
-    for p, t in zip(_masked(prediction, mask), _masked(target, mask), strict=True):
+    for p, t in _pairs(prediction, target, mask):
         bone_p, bone_t = (p > threshold).float()[None, None], (t > threshold).float()[None, None]
         values.append(compute_dice(bone_p, bone_t, include_background=True)[0, 0])
     return torch.stack(values)
 
 
 def voxel_size(volume: torch.Tensor) -> tuple[float, float, float]:
-    """Voxel size (mm) of a preprocessed channel-first volume, from its affine (1 mm when it has none).
-
-    Args:
-        volume: a MetaTensor (or any tensor with an ``affine``).
-
-    Returns:
-        The lengths of the affine's three columns.
-    """
+    """Voxel size (mm) of a channel-first volume (a tensor with an ``affine``): the lengths of the affine's three
+    columns, 1 mm when it has none."""
     affine = getattr(volume, "affine", None)
     if affine is None:
         return (1.0, 1.0, 1.0)
@@ -211,17 +153,12 @@ def voxel_size(volume: torch.Tensor) -> tuple[float, float, float]:
 
 
 class _VolumeMetric(CumulativeIterationMetric):
-    """Buffers one value (or row) per volume; ``aggregate`` reduces them, NaN (no value) left out of the mean.
-
-    Args:
-        masked: ``y``'s last channel is the mask.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-    """
+    """Buffers one value (or row) per volume; ``aggregate`` reduces them (``reduction``: ``"mean"``, ``"sum"`` or
+    ``"none"``) leaving NaN out. ``masked``: ``y``'s last channel is the mask."""
 
     def __init__(self, masked: bool = False, reduction: MetricReduction | str = MetricReduction.MEAN) -> None:
         super().__init__()
-        self.masked = masked
-        self.reduction = reduction
+        self.masked, self.reduction = masked, reduction
 
     def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -252,17 +189,12 @@ class _VolumeMetric(CumulativeIterationMetric):
 class VolumePSNRMetric(_VolumeMetric):
     """:func:`volume_psnr` for MONAI evaluators (``IgniteMetricHandler(metric_fn=VolumePSNRMetric())``)."""
 
-    def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return volume_psnr(y_pred, y, mask)
+    _value = staticmethod(volume_psnr)
 
 
 class VolumeSSIMMetric(_VolumeMetric):
-    """:func:`windowed_ssim` for MONAI evaluators; NaN for a volume thinner than the window.
-
-    Args:
-        kernel_size: window size.
-        kwargs: arguments of :class:`_VolumeMetric`.
-    """
+    """:func:`windowed_ssim` (window ``kernel_size``) for MONAI evaluators; NaN for a volume thinner than the window.
+    ``kwargs``: ``masked``, ``reduction``."""
 
     def __init__(self, kernel_size: int = 7, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -278,19 +210,13 @@ class VolumeSSIMMetric(_VolumeMetric):
 class GlobalSSIMMetric(_VolumeMetric):
     """:func:`global_ssim` (the paper's formula) for MONAI evaluators."""
 
-    def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return global_ssim(y_pred, y, mask)
+    _value = staticmethod(global_ssim)
 
 
 class VolumeErrorMetric(_VolumeMetric):
     """Mean squared (``power=2``) or absolute (``power=1``) error per volume, inside the mask, times ``scale**power``
-    (``scale`` 1500 gives the MAE in HU of CT scaled from the window [-1000, 2000]). MONAI's ``MSEMetric`` and
-    ``MAEMetric`` take no mask.
-
-    Args:
-        power: 2 for the MSE, 1 for the MAE.
-        scale: the intensity unit of one network unit.
-        kwargs: arguments of :class:`_VolumeMetric`.
+    (``scale``: the intensity unit of one network unit; 1500 gives the MAE in HU of CT scaled from the window
+    [-1000, 2000]). ``kwargs``: ``masked``, ``reduction``.
     """
 
     def __init__(self, power: int = 2, scale: float = 1.0, **kwargs: Any) -> None:
@@ -298,8 +224,8 @@ class VolumeErrorMetric(_VolumeMetric):
         self.power, self.scale = power, scale
 
     def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        errors = zip(_masked(y_pred, mask), _masked(y, mask), strict=True)
-        return torch.stack([((p - t).abs() * self.scale).pow(self.power).mean() for p, t in errors])
+        errors = [((p - t).abs() * self.scale).pow(self.power).mean() for p, t in _pairs(y_pred, y, mask)]
+        return torch.stack(errors)
 
 
 class VoxelCountMetric(_VolumeMetric):
@@ -310,20 +236,14 @@ class VoxelCountMetric(_VolumeMetric):
 
 
 class BoneDiceMetric(_VolumeMetric):
-    """:func:`bone_dice` for MONAI evaluators; volumes without bone are left out of the mean.
-
-    Args:
-        hu_window: the HU window that the network's [-1, 1] stands for.
-        threshold_hu: bone threshold in HU.
-        kwargs: arguments of :class:`_VolumeMetric`.
-    """
+    """:func:`bone_dice` (same ``hu_window``, ``threshold_hu``) for MONAI evaluators; volumes without bone are left
+    out of the mean. ``kwargs``: ``masked``, ``reduction``."""
 
     def __init__(
         self, hu_window: Sequence[float] = (-1000.0, 2000.0), threshold_hu: float = BONE_THRESHOLD_HU, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        self.hu_window = tuple(hu_window)
-        self.threshold_hu = threshold_hu
+        self.hu_window, self.threshold_hu = tuple(hu_window), threshold_hu
 
     def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return bone_dice(y_pred, y, self.hu_window, self.threshold_hu, mask)
@@ -331,12 +251,12 @@ class BoneDiceMetric(_VolumeMetric):
 
 class ResidualDisplacementMetric(_VolumeMetric):
     """Mean and 95th percentile (mm) of the B-spline displacement that registers each synthesis onto its ground
-    truth (:func:`bundle.registration.residual_displacement`, about 5 s per 100^3 volume on 2 cores), over the mask;
-    NaN where a registration fails (one failure must not end the evaluation). ``y``'s affine gives the voxel size.
+    truth (:func:`bundle.registration.residual_displacement`) over the mask; NaN where a registration fails (one
+    failure must not end the evaluation). ``y``'s affine gives the voxel size.
     """
 
     def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        # imported here: SimpleITK is loaded only where a registration runs, not by every ``import bundle``
+        # SimpleITK is loaded only where a registration runs, not by every ``import bundle``
         from bundle.registration import residual_displacement
 
         rows = []
@@ -354,15 +274,13 @@ class ResidualDisplacementMetric(_VolumeMetric):
 def metric_functions(
     target_kind: str = "MR", hu_window: Sequence[float] = (-1000.0, 2000.0), residual_displacement: bool = False
 ) -> dict[str, CumulativeIterationMetric]:
-    """The metrics of one direction, masked (``y``'s last channel is the mask): PSNR first (the key metric).
+    """The masked metrics of one direction, name (a CSV column; ``displacement`` two) -> metric, PSNR (the key
+    metric) first.
 
     Args:
         target_kind: ``"MR"`` or ``"CT"``; CT adds ``MAE_HU`` and ``bone_dice``.
         hu_window: the HU window the CT intensities were scaled from (``[-1, 1]`` -> window).
         residual_displacement: add ``displacement`` (:class:`ResidualDisplacementMetric`).
-
-    Returns:
-        Metric name (a CSV column, ``displacement`` two) -> metric.
     """
     metrics = {
         "PSNR": VolumePSNRMetric(masked=True),
@@ -383,17 +301,8 @@ def metric_functions(
 def metric_handlers(
     target_kind: str = "MR", hu_window: Sequence[float] = (-1000.0, 2000.0), residual_displacement: bool = False
 ) -> dict[str, IgniteMetricHandler]:
-    """:func:`metric_functions` as MONAI metric handlers that keep per-volume details (read by
-    :class:`bundle.reports.VolumeMetricsSaver`): the ``key_val_metric`` of a direction's ``SupervisedEvaluator``.
-
-    Args:
-        target_kind: ``"MR"`` or ``"CT"``; CT adds ``MAE_HU`` and ``bone_dice``.
-        hu_window: the HU window the CT intensities were scaled from.
-        residual_displacement: add ``displacement`` (:class:`ResidualDisplacementMetric`).
-
-    Returns:
-        Metric name -> ``IgniteMetricHandler`` on the engine's ``pred`` and ``label``.
-    """
+    """:func:`metric_functions` (same arguments) as ``IgniteMetricHandler`` on the engine's ``pred`` and ``label``,
+    keeping per-volume details for :class:`bundle.reports.VolumeMetricsSaver`: a direction's ``key_val_metric``."""
     return {
         name: IgniteMetricHandler(metric_fn=metric, output_transform=from_engine(["pred", "label"]), save_details=True)
         for name, metric in metric_functions(target_kind, hu_window, residual_displacement).items()
@@ -407,7 +316,9 @@ def volume_metrics(
     target_kind: str = "MR",
     hu_window: Sequence[float] = (-1000.0, 2000.0),
 ) -> dict[str, float]:
-    """The evaluator's metrics (:func:`metric_functions`) of one volume against its ground truth.
+    """The evaluator's metrics (:func:`metric_functions`) of one volume against its ground truth:
+    ``{"MSE", "PSNR", "SSIM", "SSIM_windowed", "MAE_HU", "bone_dice", "voxels"}``, ``MAE_HU`` and ``bone_dice`` NaN
+    for MR targets (``bone_dice`` also without bone in the mask), ``SSIM_windowed`` for a volume thinner than 7 voxels.
 
     Args:
         prediction: synthesized volume, channel first (C, X, Y, Z), on the network's scale.
@@ -415,11 +326,6 @@ def volume_metrics(
         mask: optional mask of the same spatial shape; only its non-zero voxels count.
         target_kind: ``"MR"`` or ``"CT"``; CT adds ``MAE_HU`` and ``bone_dice``.
         hu_window: the HU window the CT intensities were scaled from.
-
-    Returns:
-        ``{"MSE", "PSNR", "SSIM", "SSIM_windowed", "MAE_HU", "bone_dice", "voxels"}``; ``MAE_HU`` and ``bone_dice``
-        are NaN for MR targets (``bone_dice`` also where the ground truth has no bone inside the mask),
-        ``SSIM_windowed`` NaN for a volume thinner than the 7-voxel window.
 
     Raises:
         ValueError: if the shapes differ or the mask is empty.

@@ -1,10 +1,5 @@
-"""Modality independent neighbourhood descriptors of 2-D slices: MIND (Heinrich et al. 2012) and MIND-SSC, its
-self-similarity context (Heinrich et al. 2013), and the distance between two images' descriptors.
-
-A descriptor compares patches of one image with each other, never intensities across images, so it says where
-edges are whatever the contrast: the structural term of Yang et al. (2018) between an MR and its pseudo-CT. The
-derivation and the measurement of what it rewards are in docs/README.md.
-"""
+"""Modality independent neighbourhood descriptors of 2-D slices, MIND (Heinrich et al. 2012) and MIND-SSC (2013),
+and the distance of two images' descriptors (Yang et al. 2018's structural term; measurements in docs/README.md)."""
 
 from __future__ import annotations
 
@@ -29,8 +24,7 @@ def _shifted(image: torch.Tensor, offset: tuple[int, int], radius: int) -> torch
 
 def _gaussian_kernel(sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     radius = max(1, round(3.0 * sigma))
-    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
-    g = torch.exp(-(x**2) / (2.0 * sigma**2))
+    g = torch.exp(-(torch.arange(-radius, radius + 1, device=device, dtype=dtype) ** 2) / (2.0 * sigma**2))
     g = g / g.sum()
     return (g[:, None] * g[None, :])[None, None]
 
@@ -38,18 +32,9 @@ def _gaussian_kernel(sigma: float, device: torch.device, dtype: torch.dtype) -> 
 def patch_distance(
     image: torch.Tensor, offset_a: tuple[int, int], offset_b: tuple[int, int], sigma: float = 0.8
 ) -> torch.Tensor:
-    """``D_p``: Gaussian-weighted sum of squared differences between the patches at ``x + offset_a`` and
-    ``x + offset_b``, for every pixel ``x``.
-
-    Args:
-        image: ``(N, 1, H, W)``.
-        offset_a: ``(dy, dx)`` of the first patch centre.
-        offset_b: ``(dy, dx)`` of the second.
-        sigma: standard deviation (pixels) of the Gaussian patch weights.
-
-    Returns:
-        ``(N, 1, H, W)``.
-    """
+    """``D_p``: Gaussian-weighted (``sigma`` pixels) sum of squared differences between the patches at
+    ``x + offset_a`` and ``x + offset_b`` (``(dy, dx)``), for every pixel ``x`` of ``image`` (N, 1, H, W):
+    (N, 1, H, W)."""
     reach = max(abs(v) for v in (*offset_a, *offset_b))
     squared = (_shifted(image, offset_a, reach) - _shifted(image, offset_b, reach)) ** 2
     kernel = _gaussian_kernel(sigma, image.device, image.dtype)
@@ -64,59 +49,37 @@ def _descriptor(distances: torch.Tensor, eps: float) -> torch.Tensor:
     return features / features.amax(dim=1, keepdim=True)
 
 
-def _check(image: torch.Tensor) -> None:
+def _describe(image: torch.Tensor, pairs: list | tuple, sigma: float, eps: float) -> torch.Tensor:
     if image.ndim != 4 or image.shape[1] != 1:
         raise ValueError(f"expected slices of shape (N, 1, H, W), got {tuple(image.shape)}.")
+    return _descriptor(torch.cat([patch_distance(image, a, b, sigma) for a, b in pairs], dim=1), eps)
 
 
 def mind(image: torch.Tensor, sigma: float = 0.8, eps: float = 1e-6) -> torch.Tensor:
-    """MIND (Heinrich et al. 2012, eq. 4) on the four-neighbourhood:
-    ``MIND(I, x, r) = exp(-D_p(I, x, x + r) / V(I, x)) / max_r(...)``, ``V`` the mean of ``D_p`` over ``r``.
-
-    Args:
-        image: ``(N, 1, H, W)``.
-        sigma: Gaussian patch weights (pixels).
-        eps: floor of ``V`` (flat regions).
-
-    Returns:
-        ``(N, 4, H, W)``, one channel per offset of :data:`FOUR_NEIGHBOURS`, in (0, 1].
-    """
-    _check(image)
-    distances = torch.cat([patch_distance(image, (0, 0), r, sigma) for r in FOUR_NEIGHBOURS], dim=1)
-    return _descriptor(distances, eps)
+    """MIND (Heinrich et al. 2012, eq. 4) of ``image`` (N, 1, H, W) (else a ValueError) on the four-neighbourhood,
+    ``MIND(I, x, r) = exp(-D_p(I, x, x + r) / V(I, x)) / max_r(...)``, ``V`` the mean of ``D_p`` over ``r`` floored
+    at ``eps``, ``D_p`` with Gaussian patch weights of ``sigma`` pixels: (N, 4, H, W) in (0, 1], one channel per
+    offset of :data:`FOUR_NEIGHBOURS`."""
+    return _describe(image, [((0, 0), r) for r in FOUR_NEIGHBOURS], sigma, eps)
 
 
 def mind_ssc(image: torch.Tensor, sigma: float = 0.8, eps: float = 1e-6) -> torch.Tensor:
-    """MIND-SSC (Heinrich et al. 2013): as :func:`mind`, but each channel compares the patches of two neighbours
-    of ``x`` (:data:`SSC_PAIRS`) instead of ``x`` with one neighbour, so that noise at ``x`` enters no channel.
-
-    Args:
-        image: ``(N, 1, H, W)``.
-        sigma: Gaussian patch weights (pixels).
-        eps: floor of the variance estimate.
-
-    Returns:
-        ``(N, 4, H, W)`` in (0, 1].
-    """
-    _check(image)
-    distances = torch.cat([patch_distance(image, a, b, sigma) for a, b in SSC_PAIRS], dim=1)
-    return _descriptor(distances, eps)
+    """MIND-SSC (Heinrich et al. 2013): as :func:`mind` (same arguments, ``(N, 4, H, W)`` in (0, 1]), but each
+    channel compares the patches of two neighbours of ``x`` (:data:`SSC_PAIRS`), so noise at ``x`` enters none."""
+    return _describe(image, SSC_PAIRS, sigma, eps)
 
 
 def mind_distance(
     a: torch.Tensor, b: torch.Tensor, descriptor: str = "mind_ssc", mask: torch.Tensor | None = None, sigma: float = 0.8
 ) -> torch.Tensor:
-    """Mean absolute difference of two images' descriptors (Yang et al. 2018's structural term), per image.
+    """Mean absolute difference of two images' descriptors (Yang et al. 2018's structural term), per image: ``(N,)``,
+    0 for identical structure, at most 1. A ValueError for another descriptor or different shapes.
 
     Args:
-        a: ``(N, 1, H, W)``.
-        b: ``(N, 1, H, W)``, another contrast of the same anatomy.
+        a, b: ``(N, 1, H, W)``, two contrasts of the same anatomy.
         descriptor: ``"mind_ssc"`` or ``"mind"``.
         mask: ``(N, 1, H, W)``, the pixels to average over (None: all).
         sigma: Gaussian patch weights (pixels).
-
-    Returns:
-        ``(N,)``: 0 for identical structure, at most 1.
     """
     if descriptor not in ("mind", "mind_ssc"):
         raise ValueError(f"descriptor must be 'mind' or 'mind_ssc', got {descriptor!r}.")

@@ -1,9 +1,5 @@
-"""Inference outputs: a synthesized volume saved to its planned path without ever replacing a file by accident.
-
-:class:`SaveSynthesisd` writes each volume to a hidden partial file beside its output and links it to its name
-(NIfTI with the input's header geometry, NRRD, MetaImage, or a DICOM series through :mod:`bundle.dicom`);
-:func:`remove_stale_partials` clears the partial files a killed run left, before the next run writes that output.
-"""
+"""Inference outputs: :class:`SaveSynthesisd` saves a synthesized volume to its planned path without ever replacing
+a file by accident; :func:`remove_stale_partials` clears the partial files a killed run left."""
 
 from __future__ import annotations
 
@@ -15,6 +11,7 @@ from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from bundle.dicom import save_dicom_series
@@ -32,13 +29,13 @@ OUTPUT_KEY = "output"  # the planned output path of an item (bundle.inputs.find_
 DICOM_FILES_KEY = "dicom_files"  # the slice files of a DICOM series input, for a DICOM output of its study
 
 
-# the temporary name of an output being written: ".<name>.<pid>-<random>.partial<ext>" (before: ".<name>.<hex>.partial")
+# an output being written: ".<name>.<pid>-<random>.partial<ext>" (older runs: ".<name>.<32 hex>.partial<ext>")
 _PARTIAL = r"\.{name}\.(?:(?P<pid>\d+)-[0-9a-f]{{8}}|[0-9a-f]{{32}})\.partial{ext}"
 
 
 def _partial_name(target: Path, ext: str) -> Path:
-    """Where :class:`SaveSynthesisd` writes ``target`` before linking it to its name: hidden, and naming this
-    process, so that a later run can tell a partial file left by a killed run from one being written."""
+    """Hidden temporary name of ``target`` naming this process: a later run tells a killed run's file from one
+    being written."""
     return target.with_name(
         f".{target.name[: len(target.name) - len(ext)]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{ext}"
     )
@@ -50,11 +47,8 @@ def _output_ext(target: Path) -> str:
 
 
 def remove_stale_partials(target: Path) -> None:
-    """Remove the partial files of ``target`` whose writer is no longer running (SIGKILL, power loss while saving).
-
-    Only files named as :func:`_partial_name` names this very output are considered, and only those of a process
-    that does not exist any more on this machine (or of the older naming without a process id).
-    """
+    """Remove the partial files of ``target`` (:func:`_partial_name`) whose process no longer exists on this machine
+    (SIGKILL, power loss while saving), and those of the older naming without a process id."""
     ext = _output_ext(target)
     if not ext or not target.parent.is_dir():  # DICOM folders are written and renamed by bundle.dicom
         return
@@ -72,47 +66,35 @@ def remove_stale_partials(target: Path) -> None:
 
 def _running(pid: int) -> bool:
     """Whether process ``pid`` exists on this machine (where that cannot be told: assume it does)."""
-    if os.name != "posix":
-        return True
     try:
-        os.kill(pid, 0)  # signal 0: nothing is sent, only the existence is checked
+        if os.name == "posix":
+            os.kill(pid, 0)  # signal 0: nothing is sent, only the existence is checked
     except ProcessLookupError:
         return False
     except OSError:  # e.g. another user's process
-        return True
+        pass
     return True
 
 
 class _GeometryNiftiWriter(NibabelWriter):
-    """MONAI's ``NibabelWriter`` that keeps the input's NIfTI header geometry and shape.
-
-    MONAI writes sform and qform both with code 1, and the qform of a sheared affine is only an approximation of it
-    (up to centimetres away at the corners), so tools reading one or the other place the output differently. Here
-    the sform is the affine with the input's ``sform_code``; the qform is the same affine with the input's
-    ``qform_code`` where a qform can hold it (no shear), else it is left out (code 0) with a warning. A NIfTI input
-    stored as 4-D with one time point gives a 4-D output with one time point.
-    """
+    """MONAI's ``NibabelWriter`` keeping the input's NIfTI geometry codes and shape: sform = the affine with the
+    input's ``sform_code``; qform = the affine with its ``qform_code`` where a qform can hold it (no shear), else
+    code 0 with a warning; a 4-D input with one time point gives a 4-D output with one time point."""
 
     def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options: Any) -> None:
-        """Keep the header fields of ``meta_dict`` for :meth:`write`, then as ``NibabelWriter``."""
-        self._source_header = dict(meta_dict or {})
+        self._source_header = dict(meta_dict or {})  # for write
         super().set_metadata(meta_dict, resample=resample, **options)
 
     def write(self, filename: os.PathLike | str, verbose: bool = False, **obj_kwargs: Any) -> None:
-        """Write ``filename`` with the input's geometry codes (see the class)."""
-        import nibabel as nib
-
         header = getattr(self, "_source_header", {})
         dim = np.asarray(header.get("dim", [])).ravel()
         data = np.asarray(self.data_obj)
         if dim.size > 4 and int(dim[0]) == 4 and int(dim[4]) == 1 and data.ndim == 3:
             data = data[..., None]  # the input's trailing time point of one
-        affine = np.eye(4) if self.affine is None else np.asarray(self.affine, dtype=float)
-        affine = to_affine_nd(3, affine)
+        affine = to_affine_nd(3, np.eye(4) if self.affine is None else np.asarray(self.affine, dtype=float))
         image = self.create_backend_obj(data, affine=affine, dtype=self.output_dtype, **obj_kwargs)
         # MONAI's default (1, scanner) for inputs without NIfTI codes (DICOM, NRRD, MetaImage)
-        sform_code = int(np.asarray(header.get("sform_code", 1)))
-        qform_code = int(np.asarray(header.get("qform_code", 1)))
+        sform_code, qform_code = (int(np.asarray(header.get(k, 1))) for k in ("sform_code", "qform_code"))
         image.set_sform(affine, code=sform_code)
         columns = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
         if np.allclose(columns.T @ columns, np.eye(3), atol=1e-5):
@@ -127,24 +109,21 @@ class _GeometryNiftiWriter(NibabelWriter):
 
 
 class SaveSynthesisd(MapTransform):
-    """Save ``key`` to the path in ``data["output"]`` (planned by :func:`bundle.inputs.find_inputs`), never
-    replacing a file unless ``overwrite``.
-
-    The volume is written by MONAI's ``SaveImage`` to a hidden temporary file in the output folder, then linked
-    to its name, which fails if a file appeared there meanwhile; so no existing file is ever truncated. With
-    ``output_format="dicom"`` the output path is a folder and the volume becomes a DICOM series in it
-    (:func:`bundle.dicom.save_dicom_series`, written to a temporary folder and renamed), in the study of the DICOM
-    series it was synthesized from (``data["dicom_files"]``, set by :func:`bundle.inputs.find_inputs`) where there
-    is one.
+    """Save ``keys`` to the path in ``data["output"]`` (:func:`bundle.inputs.find_inputs`), never replacing a file
+    unless ``overwrite``: written to a hidden temporary file, then hard-linked to its name (which fails if a file
+    appeared meanwhile). With ``output_format="dicom"`` the path is a folder and the volume a DICOM series in it
+    (:func:`bundle.dicom.save_dicom_series`), in the study of its source series (``data["dicom_files"]``) if any.
 
     Args:
-        keys: the synthesized image's key.
-        output_dtype: data type of the saved volume (NIfTI and the other image files).
+        keys, output_key: the synthesized image's key and the output path's key.
+        output_dtype: data type of the saved image file.
         overwrite: replace an existing output.
-        output_key: the key of the output path.
         output_format: ``"nifti"`` (an image file named by the output path's extension) or ``"dicom"``.
         dicom: :func:`bundle.dicom.write_dicom_series`'s ``modality``, ``series_description`` and patient
             attributes, for ``"dicom"``.
+
+    Raises:
+        ValueError: for another ``output_format``.
     """
 
     def __init__(
@@ -174,15 +153,9 @@ class SaveSynthesisd(MapTransform):
                 continue
             ext = _output_ext(target) or target.suffix
             written = _partial_name(target, ext)
-            nifti = ext in (".nii", ".nii.gz")
-            saver = SaveImage(
-                output_ext=ext,
-                output_dtype=self.output_dtype,
-                resample=False,
-                separate_folder=False,
-                print_log=False,
-                writer=_GeometryNiftiWriter if nifti else None,  # the input's header geometry and shape
-            )
+            writer = _GeometryNiftiWriter if ext in (".nii", ".nii.gz") else None  # the input's geometry, shape
+            options = {"resample": False, "separate_folder": False, "print_log": False}
+            saver = SaveImage(output_ext=ext, output_dtype=self.output_dtype, writer=writer, **options)
             try:
                 saver(d[key], filename=str(written)[: len(str(written)) - len(ext)])
                 if self.overwrite:
@@ -190,10 +163,8 @@ class SaveSynthesisd(MapTransform):
                 else:
                     try:
                         os.link(written, target)  # fails if the name exists: no race replaces a file
-                    except FileExistsError:
-                        raise FileExistsError(f"{target} appeared during the run; it is not replaced") from None
-                    except OSError:  # a file system without hard links
-                        if target.exists():
+                    except OSError as error:  # the name exists, or a file system without hard links
+                        if isinstance(error, FileExistsError) or target.exists():
                             raise FileExistsError(f"{target} appeared during the run; it is not replaced") from None
                         os.replace(written, target)
             finally:

@@ -1,15 +1,8 @@
 """Case pairing of the paired evaluation: which source, ground truth and mask each synthesis is measured on.
 
-:func:`paired_cases` turns the paired entries of a datalist's ``test`` (or ``validation``) list into one item per
-entry and direction (the ground truth and mask of a direction: :func:`bundle.datalist.synthesis_pair`);
-:func:`paired_loader` preprocesses each item's source, ground truth and mask onto one grid (:class:`PairedVolumesd`
-refuses a ground truth or mask off its source's grid) and hands the mask to the metrics as the ground truth's last
-channel (:func:`bundle.metrics.metric_handlers`, ``masked=True``).
-
-Example::
-
-    cases = paired_cases("demo_data", "datalist.json", "test", parse_directions("both"))
-    loader = paired_loader(cases, "A2B", source_preprocessing, target_preprocessing, pixdim=(1.8, 1.8, 1.8))
+:func:`paired_cases` gives one item per paired entry and direction (:func:`bundle.datalist.synthesis_pair`);
+:func:`paired_loader` preprocesses each item's source, ground truth and mask onto one grid and appends the mask to
+the ground truth as its last channel (:class:`PairedVolumesd`, read by :func:`bundle.metrics.metric_handlers`).
 """
 
 from __future__ import annotations
@@ -23,35 +16,20 @@ from bundle.datalist import load_datalist, read_datalist, synthesis_pair, volume
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform, Orientationd, Spacingd
 
-__all__ = [
-    "DIRECTIONS",
-    "PairedVolumesd",
-    "check_same_grid",
-    "mask_preprocessing",
-    "paired_cases",
-    "paired_loader",
-    "parse_directions",
-]
+__all__ = ["DIRECTIONS", "PairedVolumesd", "check_same_grid", "mask_preprocessing", "paired_cases", "paired_loader"]
+__all__ += ["parse_directions"]
 
 DIRECTIONS = ("A2B", "B2A")
 
 
 def parse_directions(direction: str) -> list[str]:
-    """The synthesis directions of a run.
-
-    Args:
-        direction: ``"A2B"``, ``"B2A"`` or ``"both"``.
-
-    Returns:
-        ``["A2B"]``, ``["B2A"]`` or ``["A2B", "B2A"]``.
+    """The synthesis directions of ``direction`` (``"A2B"``, ``"B2A"`` or ``"both"``) as a list.
 
     Raises:
         ValueError: for any other value.
     """
-    if direction == "both":
-        return list(DIRECTIONS)
-    if direction in DIRECTIONS:
-        return [direction]
+    if direction in (*DIRECTIONS, "both"):
+        return list(DIRECTIONS) if direction == "both" else [direction]
     raise ValueError(f'direction must be "A2B", "B2A" or "both", got {direction!r}.')
 
 
@@ -61,18 +39,15 @@ def paired_cases(
     key: str = "test",
     directions: Sequence[str] = DIRECTIONS,
 ) -> list[dict[str, Any]]:
-    """The evaluation items of a paired list: one per entry and direction, direction by direction.
+    """The evaluation items of a paired list, one per entry and direction, direction by direction:
+    ``{"image": source, "label": ground truth, "mask", "subject", "direction", "experiment", "source_name",
+    "target_name"}`` (absolute paths; ``mask`` only where the entry has one; ``subject``: the entry's, else the stem
+    of its ``A``; names: the datalist's ``domains``).
 
     Args:
-        dataset_dir: the dataset folder the datalist's paths are relative to.
-        datalist: the datalist JSON, absolute or relative to ``dataset_dir``.
+        dataset_dir, datalist: as for :func:`bundle.datalist.load_datalist`.
         key: the paired list (``"test"`` or ``"validation"``).
         directions: ``"A2B"`` and/or ``"B2A"``.
-
-    Returns:
-        ``{"image": source, "label": ground truth, "mask", "subject", "direction", "experiment", "source_name",
-        "target_name"}`` per item (absolute paths; no ``mask`` when the entry has none). ``subject`` is the entry's
-        ``subject``, else the name of its ``A`` file; the names are the datalist's ``domains`` (e.g. ``"PD"``).
 
     Raises:
         KeyError: if the datalist has no such list.
@@ -110,24 +85,12 @@ def paired_cases(
 def mask_preprocessing(
     keys: str | Sequence[str] = "image", pixdim: Sequence[float] = (1.8, 1.8, 1.8), allow_missing_keys: bool = False
 ) -> Compose:
-    """Geometry of :func:`bundle.data.volume_preprocessing` for masks: load, channel first, RAS, nearest resampling.
-
-    Args:
-        keys: keys of the masks.
-        pixdim: voxel size in mm, the same as the volumes'.
-        allow_missing_keys: skip items without a mask.
-
-    Returns:
-        The composed transform; the mask keeps its values (non-zero voxels are inside).
-    """
-    return Compose(
-        [
-            LoadImaged(keys, image_only=True, allow_missing_keys=allow_missing_keys),
-            EnsureChannelFirstd(keys, allow_missing_keys=allow_missing_keys),
-            Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
-            Spacingd(keys, pixdim=pixdim, mode="nearest", allow_missing_keys=allow_missing_keys),
-        ]
-    )
+    """Geometry of :func:`bundle.data.volume_preprocessing` for masks (load, channel first, RAS, nearest
+    resampling to ``pixdim`` mm); values are kept (non-zero voxels are inside)."""
+    kw = {"allow_missing_keys": allow_missing_keys}
+    load = [LoadImaged(keys, image_only=True, **kw), EnsureChannelFirstd(keys, **kw)]
+    orient = Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True)
+    return Compose([*load, orient, Spacingd(keys, pixdim=pixdim, mode="nearest", **kw)])
 
 
 def check_same_grid(
@@ -138,17 +101,12 @@ def check_same_grid(
     what: str = "ground truth",
     atol_mm: float = 1e-3,
 ) -> None:
-    """Raise unless two preprocessed volumes lie on the same voxel grid (shape and affine).
-
-    Paired volumes share the source's geometry by construction (:mod:`bundle.datalist`), so after the same
-    orientation and resampling they must have the same shape and affine; anything else is a datalist error.
+    """Raise unless two preprocessed channel-first volumes have the same shape and affine (within ``atol_mm``).
 
     Args:
-        reference: the preprocessed source, channel first (a MetaTensor carries its affine).
+        reference: the preprocessed source (a MetaTensor carries its affine).
         other: the preprocessed ground truth or mask.
-        reference_file: the source's file (for the message).
-        other_file: the other volume's file (for the message).
-        what: what ``other`` is (for the message).
+        reference_file, other_file, what: the files and what ``other`` is, for the message.
         atol_mm: tolerance on the affines' entries.
 
     Raises:
@@ -161,11 +119,9 @@ def check_same_grid(
 
     def grid(volume: torch.Tensor, shape: tuple[int, ...], affine: torch.Tensor) -> str:
         original = getattr(volume, "meta", {}).get("spatial_shape")
-        size = "x".join(str(int(n)) for n in shape)
         file_size = "" if original is None else f" (file: {'x'.join(str(int(n)) for n in original)})"
-        origin = ", ".join(f"{float(v):.2f}" for v in affine[:3, 3])
-        spacing = ", ".join(f"{float(v):.2f}" for v in affine[:3, :3].norm(dim=0))
-        return f"{size} voxels{file_size}, spacing ({spacing}) mm, origin ({origin})"
+        origin, spacing = (", ".join(f"{float(v):.2f}" for v in a) for a in (affine[:3, 3], affine[:3, :3].norm(dim=0)))
+        return f"{'x'.join(str(int(n)) for n in shape)} voxels{file_size}, spacing ({spacing}) mm, origin ({origin})"
 
     raise ValueError(
         f"{what} {other_file} is not on the grid of its source {reference_file}:\n"
@@ -177,9 +133,8 @@ def check_same_grid(
 
 
 class PairedVolumesd(MapTransform):
-    """Check that the preprocessed ground truth (``label``) and ``mask`` lie on the source's (``image``) grid, and
-    append the mask (all voxels where the item has none) to ``label`` as its last channel, the channel the masked
-    metrics (:mod:`bundle.metrics`, ``masked=True``) read.
+    """Check that the preprocessed ``label`` and ``mask`` lie on the ``image``'s grid, append the mask (all voxels
+    where the item has none) to ``label`` as its last channel (read by :mod:`bundle.metrics`) and set ``masked``.
 
     Raises:
         ValueError: naming both files (:func:`check_same_grid`).
@@ -209,26 +164,16 @@ def paired_loader(
     target_preprocessing: Compose,
     pixdim: Sequence[float],
 ) -> DataLoader:
-    """The data loader of one direction's evaluator: its items of :func:`paired_cases`, source (``image``), ground
-    truth (``label``) and mask preprocessed, :class:`PairedVolumesd`, one volume per batch.
+    """MONAI ``DataLoader`` of one direction's items of :func:`paired_cases`, one volume per batch: ``image``,
+    ``label`` and ``mask`` preprocessed, then :class:`PairedVolumesd`.
 
     Args:
         cases: what :func:`paired_cases` returns.
         direction: ``"A2B"`` or ``"B2A"``.
-        source_preprocessing: the source domain's preprocessing with key ``"image"`` (``Synthesis.preprocessing``).
-        target_preprocessing: the target domain's preprocessing with key ``"label"``.
+        source_preprocessing, target_preprocessing: the domains' preprocessing with keys ``"image"``, ``"label"``.
         pixdim: voxel size in mm (for the masks).
-
-    Returns:
-        A MONAI ``DataLoader``.
     """
-    transform = Compose(
-        [
-            source_preprocessing,
-            target_preprocessing,
-            mask_preprocessing("mask", pixdim, allow_missing_keys=True),
-            PairedVolumesd(),
-        ]
-    )
+    masks = mask_preprocessing("mask", pixdim, allow_missing_keys=True)
+    transform = Compose([source_preprocessing, target_preprocessing, masks, PairedVolumesd()])
     items = [dict(case) for case in cases if case["direction"] == direction]
     return DataLoader(Dataset(items, transform), batch_size=1, shuffle=False, num_workers=0)

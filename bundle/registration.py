@@ -1,15 +1,7 @@
-"""Residual displacement: how far a synthesized volume is displaced from its ground truth, in millimetres.
-
-MSE, PSNR and SSIM mix intensity errors and misalignment; the claim DicycleGAN makes is about alignment, so it is
-measured directly: a deformable (cubic B-spline) registration with SimpleITK moves the synthesized volume onto its
-ground truth, and the magnitude of the recovered displacement field, averaged over a mask, is the residual
-displacement. A synthesis aligned with its source (and so with a ground truth aligned with the source) scores near
-zero; one that copies a domain-specific deformation scores about that deformation's magnitude.
-
-Both volumes are on one grid (the evaluation's preprocessed grid), so no initial alignment is needed. Mattes mutual
-information is the metric, so a synthesis whose intensities are off by a scale or a shift still registers.
-
-Example::
+"""Residual displacement (mm) of a synthesized volume from its ground truth on their common grid: the length of the
+displacement a cubic B-spline registration (SimpleITK, Mattes mutual information, so an intensity scale or shift
+still registers) finds, over a mask. Near zero for a synthesis aligned with its source; about the deformation's
+magnitude for one that copies a domain-specific deformation::
 
     result = residual_displacement(synthesized, ground_truth, spacing=(1.8, 1.8, 1.8), mask=brain_mask)
     result["mean_mm"], result["p95_mm"]
@@ -30,14 +22,9 @@ MIN_LEVEL_SIZE = 16
 
 
 def to_sitk_image(volume: np.ndarray | torch.Tensor, spacing: Sequence[float]) -> SimpleITK.Image:
-    """A float32 SimpleITK image of an (X, Y, Z) array with the given voxel spacing (origin 0, identity direction).
+    """A float32 SimpleITK image (origin 0, identity direction) of an (X, Y, Z) array with voxel ``spacing`` (mm).
 
-    Args:
-        volume: the array, indexed (X, Y, Z) as MONAI's channel-free volumes are.
-        spacing: voxel size in mm along X, Y, Z.
-
-    Returns:
-        The image (SimpleITK indexes arrays (Z, Y, X), so the array is transposed).
+    SimpleITK indexes arrays (Z, Y, X), so the array is transposed.
     """
     array = np.asarray(torch.as_tensor(volume).detach().cpu().float().numpy(), dtype=np.float32)
     image = SimpleITK.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
@@ -46,23 +33,10 @@ def to_sitk_image(volume: np.ndarray | torch.Tensor, spacing: Sequence[float]) -
 
 
 def displacement_magnitude(transform: SimpleITK.Transform, reference: SimpleITK.Image) -> np.ndarray:
-    """The length (mm) of a transform's displacement at every voxel of a reference grid.
-
-    Args:
-        transform: maps points of the reference grid to points of the moving image.
-        reference: the grid.
-
-    Returns:
-        An (X, Y, Z) array of displacement lengths in mm.
-    """
-    field = SimpleITK.TransformToDisplacementField(
-        transform,
-        SimpleITK.sitkVectorFloat64,
-        reference.GetSize(),
-        reference.GetOrigin(),
-        reference.GetSpacing(),
-        reference.GetDirection(),
-    )
+    """The length (mm) of ``transform``'s displacement (reference grid -> moving image) at every voxel of
+    ``reference``, as an (X, Y, Z) array."""
+    grid = (reference.GetSize(), reference.GetOrigin(), reference.GetSpacing(), reference.GetDirection())
+    field = SimpleITK.TransformToDisplacementField(transform, SimpleITK.sitkVectorFloat64, *grid)
     vectors = SimpleITK.GetArrayFromImage(field)  # (Z, Y, X, 3), in mm
     return np.linalg.norm(vectors, axis=-1).transpose(2, 1, 0)
 
@@ -80,38 +54,35 @@ def residual_displacement(
 ) -> dict[str, float]:
     """Register ``moving`` onto ``fixed`` with a cubic B-spline and summarise the displacement inside ``mask``.
 
-    Up to three pyramid levels (shrink 4, 2, 1; smoothing 2, 1, 0 voxels; a level is skipped when it would leave
-    fewer than 16 voxels along an axis), each its own L-BFGS-B registration continuing the coarser level's
-    transform; also one full-resolution registration from the identity, and the result with the better final
-    metric is kept. Mattes mutual information on a seeded random sample (at least 10,000 voxels per level) of
-    ``mask`` dilated by 3 voxels (the boundary of the mask carries the shape).
+    Two starts, the one with the better final metric kept: coarse to fine over up to three pyramid levels (shrink
+    4, 2, 1; smoothing 2, 1, 0 voxels; a level leaving fewer than 16 voxels along an axis is skipped), each its own
+    L-BFGS-B registration continuing the coarser level's transform; and one full-resolution registration from the
+    identity. Mattes mutual information on a seeded random sample (at least 10,000 voxels per level) of ``mask``
+    dilated by 3 voxels.
 
     Args:
-        moving: the synthesized volume (X, Y, Z), or (1, X, Y, Z) channel first.
+        moving: the synthesized volume (X, Y, Z), or (1, X, Y, Z).
         fixed: its ground truth on the same grid.
         spacing: voxel size in mm along X, Y, Z.
         mask: where to summarise (and, dilated, where the metric looks); None for the whole volume.
-        control_spacing_mm: B-spline control-point spacing; smooth deformations of this scale and coarser are
-            recovered.
+        control_spacing_mm: B-spline control-point spacing; deformations of this scale and coarser are recovered.
         iterations: L-BFGS-B iterations per pyramid level.
         num_bins: histogram bins of Mattes mutual information.
         sampling_fraction: fraction of the metric's voxels sampled at each iteration.
-        seed: seed of that sampling (at least 1: SimpleITK reads 0 as "seed from the wall clock"), so a
-            measurement repeats.
+        seed: seed of that sampling, at least 1 (SimpleITK reads 0 as "seed from the wall clock").
 
     Returns:
         ``{"mean_mm", "p95_mm", "max_mm"}``: mean, 95th percentile and largest displacement over the mask's voxels.
 
     Raises:
         RuntimeError: if the registration itself fails (e.g. the volumes share no structure).
-        ValueError: if the volumes are not 3-D, differ in shape, contain NaN/Inf or are constant, or the mask is
-            empty or of another shape.
+        ValueError: if the volumes are not 3-D, differ in shape, contain NaN/Inf or are constant, the mask is empty
+            or of another shape, ``spacing`` is not three positive sizes, or ``seed`` < 1.
     """
     volumes = {}
     for name, volume in (("moving", moving), ("fixed", fixed)):
         array = torch.as_tensor(volume).detach().cpu().float()
-        if array.ndim == 4 and array.shape[0] == 1:
-            array = array[0]
+        array = array[0] if array.ndim == 4 and array.shape[0] == 1 else array
         if array.ndim != 3:
             raise ValueError(
                 f"residual_displacement needs 3-D volumes; the {name} volume has shape {tuple(array.shape)}"
@@ -121,41 +92,34 @@ def residual_displacement(
         if float(array.max() - array.min()) == 0.0:
             raise ValueError(f"the {name} volume is constant: there is nothing to register.")
         volumes[name] = array
-    if volumes["moving"].shape != volumes["fixed"].shape:
-        raise ValueError(
-            f"moving volume {tuple(volumes['moving'].shape)} and fixed volume {tuple(volumes['fixed'].shape)} must be "
-            "on one grid."
-        )
+    moving_shape, shape = tuple(volumes["moving"].shape), tuple(volumes["fixed"].shape)
+    if moving_shape != shape:
+        raise ValueError(f"moving volume {moving_shape} and fixed volume {shape} must be on one grid.")
     if seed < 1:
         raise ValueError(f"seed must be at least 1 (SimpleITK takes 0 as a wall-clock seed), got {seed}.")
     if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
         raise ValueError(f"spacing must be three positive voxel sizes in mm, got {tuple(spacing)}.")
-    shape = tuple(volumes["fixed"].shape)
     if mask is None:
         keep = np.ones(shape, dtype=bool)
     else:
         keep = np.asarray(torch.as_tensor(mask).detach().cpu().numpy()).astype(bool)
-        if keep.ndim == 4 and keep.shape[0] == 1:
-            keep = keep[0]
+        keep = keep[0] if keep.ndim == 4 and keep.shape[0] == 1 else keep
         if keep.shape != shape:
             raise ValueError(f"mask of shape {keep.shape} does not match the volumes' shape {shape}.")
         if not keep.any():
             raise ValueError("the mask has no voxel: nowhere to measure the displacement.")
 
-    fixed_image = to_sitk_image(volumes["fixed"], spacing)
-    moving_image = to_sitk_image(volumes["moving"], spacing)
-    metric_mask = SimpleITK.BinaryDilate(
-        SimpleITK.Cast(to_sitk_image(keep.astype(np.float32), spacing), SimpleITK.sitkUInt8), [3] * 3
-    )
+    fixed_image, moving_image = to_sitk_image(volumes["fixed"], spacing), to_sitk_image(volumes["moving"], spacing)
+    mask_image = SimpleITK.Cast(to_sitk_image(keep.astype(np.float32), spacing), SimpleITK.sitkUInt8)
+    metric_mask = SimpleITK.BinaryDilate(mask_image, [3] * 3)
     metric_voxels = int(SimpleITK.GetArrayViewFromImage(metric_mask).sum())
-    # pyramid levels that keep at least MIN_LEVEL_SIZE voxels along every axis
     shrink_factors = [f for f in (4, 2) if min(shape) // f >= MIN_LEVEL_SIZE] + [1]
 
     extent_mm = [size * step for size, step in zip(fixed_image.GetSize(), fixed_image.GetSpacing(), strict=True)]
     mesh_size = [max(1, round(extent / control_spacing_mm)) for extent in extent_mm]
 
     def register(transform: SimpleITK.Transform, shrink: int) -> float:
-        """One level: optimise ``transform`` in place at one shrink factor; returns the final metric value."""
+        """Optimise ``transform`` in place at one shrink factor; returns the final metric value."""
         registration = SimpleITK.ImageRegistrationMethod()
         registration.SetMetricAsMattesMutualInformation(numberOfHistogramBins=num_bins)
         registration.SetMetricFixedMask(metric_mask)
@@ -181,12 +145,7 @@ def residual_displacement(
             raise RuntimeError(f"the B-spline registration failed: {str(error).strip().splitlines()[-1]}") from error
         return registration.GetMetricValue()
 
-    # Two starts, the better optimum of the full-resolution metric kept (lower is better):
-    # - coarse to fine, one registration per pyramid level continuing the transform (run as the levels of one
-    #   registration, SimpleITK's L-BFGS-B ends the full-resolution level where a start from the identity does:
-    #   an 11 mm distortion came out as 0.4 mm); it reaches large displacements;
-    # - full resolution from the identity: the smoothed levels are biased by ~0.15 mm on aligned volumes and the
-    #   full-resolution level stops in the nearby local optimum, so near-aligned volumes are measured by this start.
+    # coarse to fine reaches large displacements; from the identity measures near-aligned volumes best
     pyramid = SimpleITK.BSplineTransformInitializer(fixed_image, mesh_size, 3)
     for shrink in shrink_factors:
         pyramid_value = register(pyramid, shrink)
@@ -197,8 +156,5 @@ def residual_displacement(
             transform = direct
 
     magnitude = displacement_magnitude(transform, fixed_image)[keep]
-    return {
-        "mean_mm": float(magnitude.mean()),
-        "p95_mm": float(np.percentile(magnitude, 95)),
-        "max_mm": float(magnitude.max()),
-    }
+    mean_mm, p95_mm, max_mm = float(magnitude.mean()), float(np.percentile(magnitude, 95)), float(magnitude.max())
+    return {"mean_mm": mean_mm, "p95_mm": p95_mm, "max_mm": max_mm}

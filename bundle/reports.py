@@ -1,15 +1,12 @@
 """What the paired evaluation writes: a CSV row per volume, the paper's mean (sd) tables, and a figure per case.
 
-- ``metrics_<method>.csv`` (:class:`VolumeMetricsSaver`): one row per volume and direction (:data:`CSV_COLUMNS`),
-  every metric of :func:`bundle.metrics.metric_handlers` beside the case's labels;
+- ``metrics_<method>.csv`` (:class:`VolumeMetricsSaver`): one row per volume and direction (:data:`CSV_COLUMNS`);
 - ``summary.md`` (:func:`write_summary`): mean (sd) per direction and method in the layout of the paper's tables,
-  built from every ``metrics_*.csv`` of the folder, so a CycleGAN run and a DicycleGAN run written to one folder
-  give one table;
-- ``figures/<subject>_<direction>_<method>.png`` (:class:`CaseFigures`): the source, the ground truth, the synthesis
-  and the absolute error on one axial slice.
+  from every ``metrics_*.csv`` of the folder (so a CycleGAN and a DicycleGAN run give one table);
+- ``figures/<subject>_<direction>_<method>.png`` (:class:`CaseFigures`): source, ground truth, synthesis and
+  absolute error on one axial slice.
 
-``configs/evaluate.json`` attaches the saver and the figures to each direction's ``SupervisedEvaluator`` (cases:
-:func:`bundle.pairing.paired_cases`) and writes the summary once both directions ran::
+``configs/evaluate.json`` attaches the saver and the figures to each direction's ``SupervisedEvaluator``::
 
     python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']" \\
         --dataset_dir demo_data --output_dir eval
@@ -35,59 +32,23 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from monai.handlers import MetricsSaver
 
-__all__ = [
-    "CSV_COLUMNS",
-    "METRICS",
-    "OPTIONAL_METRICS",
-    "CaseFigures",
-    "VolumeMetricsSaver",
-    "case_figure",
-    "display_range",
-    "mean_sd",
-    "read_csv",
-    "summary_markdown",
-    "write_csv",
-    "write_results",
-    "write_summary",
-]
+__all__ = ["CSV_COLUMNS", "METRICS", "OPTIONAL_METRICS", "CaseFigures", "VolumeMetricsSaver", "case_figure"]
+__all__ += ["display_range", "mean_sd", "read_csv", "summary_markdown", "write_csv", "write_results", "write_summary"]
 
 # metric columns: (CSV name, Markdown header, decimals in the summary)
-METRICS: tuple[tuple[str, str, int], ...] = (
-    ("MSE", "MSE", 3),
-    ("PSNR", "PSNR", 2),
-    ("SSIM", "SSIM", 3),
-    ("SSIM_windowed", "SSIM (windowed)", 3),
-    ("MAE_HU", "MAE (HU)", 1),
-    ("bone_dice", "Bone Dice", 3),
-    ("displacement_mm", "Residual displacement (mm)", 2),
-    ("displacement_p95_mm", "Displacement p95 (mm)", 2),
-)
+METRICS: tuple[tuple[str, str, int], ...] = (("MSE", "MSE", 3), ("PSNR", "PSNR", 2), ("SSIM", "SSIM", 3))
+METRICS += (("SSIM_windowed", "SSIM (windowed)", 3), ("MAE_HU", "MAE (HU)", 1), ("bone_dice", "Bone Dice", 3))
+METRICS += (("displacement_mm", "Residual displacement (mm)", 2), ("displacement_p95_mm", "Displacement p95 (mm)", 2))
 # columns left out of the summary when no row has a value (MAE, bone Dice: MR targets; displacement: not measured)
 OPTIONAL_METRICS = ("MAE_HU", "bone_dice", "displacement_mm", "displacement_p95_mm")
-CSV_COLUMNS = (
-    "subject",
-    "direction",
-    "experiment",
-    "method",
-    *(name for name, _, _ in METRICS),
-    "voxels",
-    "masked",
-    "source",
-    "ground_truth",
-    "mask",
-)
-
-
-# ------------------------------------------------------------------------------------------------ handlers
+CSV_COLUMNS = ("subject", "direction", "experiment", "method", *(name for name, _, _ in METRICS), "voxels", "masked")
+CSV_COLUMNS += ("source", "ground_truth", "mask")
 
 
 class VolumeMetricsSaver(MetricsSaver):
-    """MONAI's ``MetricsSaver`` writing ``metrics_<method>.csv`` (:data:`CSV_COLUMNS`): one row per volume, from the
-    per-volume details of the metric handlers and the item's labels, for every evaluator it is attached to (one per
-    direction; the file is rewritten with all rows so far after each).
-
-    MONAI's own report is a ``<metric>_raw.csv`` per metric keyed by file name; the paper's tables read one row per
-    volume with every metric and the case's labels, so this writes that instead (single process).
+    """MONAI's ``MetricsSaver`` writing ``metrics_<method>.csv`` (:data:`CSV_COLUMNS`, single process): one row per
+    volume with every metric and the case's labels, for every evaluator it is attached to (one per direction; the
+    file is rewritten with all rows so far after each).
 
     Args:
         save_dir: the output folder.
@@ -120,8 +81,7 @@ class VolumeMetricsSaver(MetricsSaver):
 
 
 class CaseFigures:
-    """Writes, per evaluated volume, :func:`case_figure` (source, ground truth, synthesis, error) as
-    ``<subject>_<direction>_<method>.png``.
+    """Writes :func:`case_figure` of each evaluated volume as ``<subject>_<direction>_<method>.png``.
 
     Args:
         figure_dir: the folder of the PNGs.
@@ -140,18 +100,10 @@ class CaseFigures:
             image, pred = output["image"].float().cpu(), output["pred"].float().cpu()
             label, mask = output["label"][:-1].float().cpu(), output["label"][-1:].cpu() > 0
             psnr, ssim = (float(f(pred[None], label[None], mask[None])) for f in (volume_psnr, global_ssim))
-            case_figure(
-                self.figure_dir / f"{_safe(item['subject'])}_{item['direction']}_{_safe(self.method)}.png",
-                image[0].numpy(),
-                label[0].numpy(),
-                pred[0].numpy(),
-                mask[0].numpy() if bool(item["masked"]) else None,
-                title=f"{item['subject']}: {item['experiment']}, {self.method} (PSNR {psnr:.2f} dB, SSIM {ssim:.3f})",
-                names=(item["source_name"], item["target_name"]),
-            )
-
-
-# ------------------------------------------------------------------------------------------------------ figures
+            name = f"{_safe(item['subject'])}_{item['direction']}_{_safe(self.method)}.png"
+            title = f"{item['subject']}: {item['experiment']}, {self.method} (PSNR {psnr:.2f} dB, SSIM {ssim:.3f})"
+            volumes = [v[0].numpy() for v in (image, label, pred)] + [mask[0].numpy() if bool(item["masked"]) else None]
+            case_figure(self.figure_dir / name, *volumes, title=title, names=(item["source_name"], item["target_name"]))
 
 
 def _safe(text: str) -> str:
@@ -174,11 +126,10 @@ def case_figure(
     title: str = "",
     names: tuple[str, str] = ("source", "target"),
 ) -> Path:
-    """Save source, ground truth, synthesis and absolute error on one axial slice as a PNG (Agg, no pyplot state).
+    """Save source, ground truth, synthesis and absolute error on one axial slice as the PNG ``path`` (returned).
 
-    The slice is the middle of the mask's axial extent when there is a mask, else the middle axial slice; images
-    are shown with anterior up on the preprocessed (RAS) grid, ground truth and synthesis on one grey scale, the
-    mask's outline in yellow.
+    The slice is the middle of the mask's axial extent (or of the volume); anterior up on the preprocessed (RAS)
+    grid, ground truth and synthesis on one grey scale, the mask's outline in yellow.
 
     Args:
         path: the PNG to write (folders are created).
@@ -188,9 +139,6 @@ def case_figure(
         mask: optional mask (X, Y, Z).
         title: the figure's title.
         names: names of the source and target domains.
-
-    Returns:
-        The path written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,8 +151,7 @@ def case_figure(
     def axial(volume: np.ndarray) -> np.ndarray:
         return np.rot90(np.asarray(volume, dtype=np.float32)[..., z])  # rows: anterior at the top
 
-    error = np.abs(prediction - ground_truth)
-    target_range = display_range(ground_truth)
+    error, target_range = np.abs(prediction - ground_truth), display_range(ground_truth)
     panels = (
         (f"source ({names[0]})", axial(source), "gray", display_range(source)),
         (f"ground truth ({names[1]})", axial(ground_truth), "gray", target_range),
@@ -226,9 +173,6 @@ def case_figure(
     return path
 
 
-# ------------------------------------------------------------------------------------------------ CSV and tables
-
-
 def _format_cell(value: Any) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.8g}"
@@ -236,15 +180,7 @@ def _format_cell(value: Any) -> str:
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Write per-volume rows (:data:`CSV_COLUMNS`); NaN (no MAE for MR targets) is an empty cell.
-
-    Args:
-        rows: per-volume rows (:data:`CSV_COLUMNS`).
-        path: the CSV file.
-
-    Returns:
-        The path written.
-    """
+    """Write per-volume rows (:data:`CSV_COLUMNS`) to the CSV file ``path`` and return it; NaN is an empty cell."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as file:
@@ -256,14 +192,7 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
 
 
 def read_csv(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
-    """Read per-volume CSVs (one or several runs) back into rows with numeric metrics (NaN for empty cells).
-
-    Args:
-        paths: one CSV or several.
-
-    Returns:
-        The rows of all files, in order.
-    """
+    """The rows of one or several per-volume CSVs, in order, with numeric metrics (NaN for empty cells)."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     rows = []
     for path in paths:
@@ -286,17 +215,14 @@ def mean_sd(values: Sequence[float], decimals: int) -> str:
 
 
 def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Synthesis results") -> str:
-    """The paper's table layout (Tables 1-3): a block of rows per experiment, one row per method, mean (sd).
+    """Markdown in the paper's table layout (Tables 1-3): a block of rows per experiment, one per method, mean (sd).
 
-    Experiments are ordered A -> B first, methods alphabetically (so ``Cycle`` precedes ``Dicycle``). The MAE
-    column appears when some target is CT.
+    Experiments A -> B first, methods alphabetically (``Cycle`` before ``Dicycle``); the optional columns
+    (:data:`OPTIONAL_METRICS`) appear where some row has a value.
 
     Args:
         rows: per-volume rows of one or several runs (:func:`read_csv`).
         title: the heading.
-
-    Returns:
-        Markdown text.
     """
     present = {name for name in OPTIONAL_METRICS if any(not math.isnan(float(r.get(name, "nan"))) for r in rows)}
     has_mae, has_bone, has_displacement = ("MAE_HU" in present, "bone_dice" in present, "displacement_mm" in present)
@@ -312,6 +238,10 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Synthesis 
             label = experiment if index == 0 else ""
             lines.append(f"| {label} | {method} | " + " | ".join(cells) + f" | {len(group)} |")
     masked = sum(str(r["masked"]) == "True" for r in rows)
+    displacement_note = (
+        "; residual displacement: mean (and 95th percentile) length of the B-spline displacement that registers "
+        "the synthesis onto its ground truth, over the mask"
+    )
     lines += [
         "",
         "mean (sample sd) over the volumes of each row; n: number of volumes. MSE, PSNR and SSIM on the paper's "
@@ -320,12 +250,7 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Synthesis 
         "SSIM (windowed): Gaussian 7-voxel window"
         + ("; MAE (HU): on the de-normalised volumes, ground truth clipped to the HU window" if has_mae else "")
         + (f"; bone Dice: overlap of the voxels above {BONE_THRESHOLD_HU:g} HU" if has_bone else "")
-        + (
-            "; residual displacement: mean (and 95th percentile) length of the B-spline displacement that registers "
-            "the synthesis onto its ground truth, over the mask"
-            if has_displacement
-            else ""
-        )
+        + (displacement_note if has_displacement else "")
         + f". {masked} of {len(rows)} volumes measured inside their mask, the others over the whole volume.",
         "",
     ]
@@ -333,18 +258,9 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Synthesis 
 
 
 def write_summary(output_dir: str | os.PathLike) -> Path:
-    """Write and print ``summary.md``: the tables of every run's ``metrics_*.csv`` in ``output_dir``.
-
-    Args:
-        output_dir: the output folder.
-
-    Returns:
-        The path of ``summary.md``.
-    """
-    output_dir = Path(output_dir)
-    runs = sorted(output_dir.glob("metrics_*.csv"))
-    summary = summary_markdown(read_csv(runs))
-    summary_path = output_dir / "summary.md"
+    """Write and print ``output_dir/summary.md`` (returned): the tables of every ``metrics_*.csv`` there."""
+    runs = sorted(Path(output_dir).glob("metrics_*.csv"))
+    summary, summary_path = summary_markdown(read_csv(runs)), Path(output_dir) / "summary.md"
     summary_path.write_text(summary, encoding="utf-8")
     print(summary)
     print(f"summary of {', '.join(p.name for p in runs)}: {summary_path}")
@@ -352,15 +268,7 @@ def write_summary(output_dir: str | os.PathLike) -> Path:
 
 
 def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, method: str) -> dict[str, Path]:
-    """Write rows as the CSV of a run (``metrics_<method>.csv``), then :func:`write_summary`.
-
-    Args:
-        rows: per-volume rows (:data:`CSV_COLUMNS`).
-        output_dir: the output folder.
-        method: the method label of this run.
-
-    Returns:
-        ``{"csv": path, "summary": path}``.
-    """
+    """Write rows (:data:`CSV_COLUMNS`) as ``output_dir/metrics_<method>.csv``, then :func:`write_summary`; returns
+    ``{"csv": path, "summary": path}``."""
     csv_path = write_csv(rows, Path(output_dir) / f"metrics_{_safe(method)}.csv")
     return {"csv": csv_path, "summary": write_summary(output_dir)}

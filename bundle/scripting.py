@@ -1,5 +1,4 @@
-"""What ``torch.jit.script`` compiles of a :class:`~bundle.networks.DicycleGenerator`: its undeformed pass, built
-from plain layers that share the generator's parameters (the deformed pass is training-only and not scriptable)."""
+"""What ``torch.jit.script`` compiles of a :class:`~bundle.networks.DicycleGenerator`: its undeformed pass."""
 
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ __all__ = ["aligned_pass"]
 
 
 class _PlainOffsetConv2d(nn.Module):
-    """The undeformed pass of an :class:`OffsetConv2d` (``F.conv2d`` with its weights), holding its very parameters
-    (the unused ``offset_conv`` included, so the ``state_dict`` keys are those of the source)."""
+    """The undeformed pass of an :class:`OffsetConv2d`, holding its very parameters (``offset_conv`` too)."""
 
     def __init__(self, source: OffsetConv2d) -> None:
         super().__init__()
@@ -29,7 +27,7 @@ class _PlainOffsetConv2d(nn.Module):
 
 
 class _PlainResnetBlock(nn.Module):
-    """A :class:`ResnetBlock` (identity plus ``block``) of plain layers."""
+    """A :class:`ResnetBlock` (``x + block(x)``) of plain layers."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
@@ -40,7 +38,7 @@ class _PlainResnetBlock(nn.Module):
 
 
 def _plain_layers(module: nn.Module) -> nn.Module:
-    """The undeformed pass of a generator's layers as plain (scriptable) modules sharing the source's parameters."""
+    """The undeformed pass of ``module`` as plain (scriptable) modules sharing its parameters."""
     if isinstance(module, OffsetConv2d):
         return _PlainOffsetConv2d(module)
     if isinstance(module, ResnetBlock):
@@ -51,8 +49,7 @@ def _plain_layers(module: nn.Module) -> nn.Module:
 
 
 class _AlignedPass(nn.Module):
-    """``DicycleGenerator.forward(x)`` with plain layers: pad to a multiple of 4, run, crop back (sizes read at run
-    time, so a scripted module takes any slice size)."""
+    """``DicycleGenerator.forward(x)`` with plain layers: pad to a multiple of 4, run, crop back (any slice size)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -67,12 +64,6 @@ class _AlignedPass(nn.Module):
 
 
 def aligned_pass(model: nn.Module) -> nn.Module:
-    """The undeformed pass of a generator's layers (``DicycleGenerator.model``) as a scriptable module.
-
-    Args:
-        model: the generator's layer sequence.
-
-    Returns:
-        A module sharing ``model``'s parameters, with its ``state_dict`` keys under ``model.``.
-    """
+    """The undeformed pass of a generator's layer sequence ``model`` (``DicycleGenerator.model``) as a scriptable
+    module sharing its parameters, with its ``state_dict`` keys under ``model.``."""
     return _AlignedPass(_plain_layers(model))

@@ -29,18 +29,12 @@ def _world_size() -> int:
 class ImagePool:
     """History of generated images shown to a discriminator (Shrivastava et al. 2017; CycleGAN's ``ImagePool``).
 
-    Until the pool holds ``pool_size`` images every query returns its input and stores it. After that, each image
-    is, with probability 1/2, swapped for a random stored one (which is returned) or returned as it is. The pool's
-    random choices use their own seeded generator, and :meth:`state_dict` stores both the images and that generator,
-    so a resumed run draws exactly what an uninterrupted one would.
-
-    Under ``torch.distributed`` each rank has its own pool (its own fakes and draws). :meth:`state_dict` is then a
-    collective call that gathers the pools of all ranks (``{"ranks": [state of rank 0, ...]}``), and
-    :meth:`load_state_dict` restores each rank's own pool, so a resumed multi-process run equals an uninterrupted
-    one. Every rank must call :meth:`state_dict` (see :class:`bundle.handlers.AtomicCheckpointer`).
+    Until it holds ``pool_size`` images a query returns and stores its input; then each image is, with probability
+    1/2, swapped for a random stored one (returned), drawn by the pool's own seeded generator. Under
+    ``torch.distributed`` each rank has its own pool and :meth:`state_dict` is collective.
 
     Args:
-        pool_size: number of stored images; 0 disables the pool.
+        pool_size: number of stored images (>= 0, else a ValueError); 0 disables the pool.
         seed: seed of the pool's random generator.
     """
 
@@ -52,13 +46,7 @@ class ImagePool:
         self.generator = torch.Generator().manual_seed(seed)
 
     def query(self, images: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            images: generated images of shape (N, C, H, W).
-
-        Returns:
-            N images for the discriminator, each either the new one or an older one from the pool.
-        """
+        """N images for the discriminator from generated ``images`` (N, C, H, W): each the new one or an older one."""
         if self.pool_size == 0:
             return images.detach()
         chosen = []
@@ -75,19 +63,14 @@ class ImagePool:
                 chosen.append(image)
         return torch.cat(chosen)
 
-    def _own_state(self) -> dict[str, torch.Tensor]:
-        return {
-            "images": torch.cat(self.images) if self.images else torch.empty(0),
-            "generator": self.generator.get_state(),
-        }
-
     def state_dict(self) -> dict[str, Any]:
-        """Stored images and the random generator's state; under ``torch.distributed`` those of every rank
-        (a collective call)."""
+        """Stored images and the random generator's state; under ``torch.distributed`` those of every rank."""
+        images = torch.cat(self.images) if self.images else torch.empty(0)
+        own = {"images": images, "generator": self.generator.get_state()}
         if _world_size() == 1:
-            return self._own_state()
+            return own
         # gathered as CPU tensors: a pickled CUDA tensor would be unpickled on the sender's device
-        own = {key: value.cpu() for key, value in self._own_state().items()}
+        own = {key: value.cpu() for key, value in own.items()}
         states: list[Any] = [None] * _world_size()
         dist.all_gather_object(states, own)
         return {"ranks": states}
@@ -111,42 +94,20 @@ class ImagePool:
 def prepare_unpaired_batch(
     batchdata: dict[str, torch.Tensor], device: str | torch.device, non_blocking: bool = False, **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move an unpaired batch ``{"A": slices of domain A, "B": slices of domain B}`` to ``device``.
-
-    Args:
-        batchdata: the data loader's batch.
-        device: target device.
-        non_blocking: asynchronous host-to-device copy.
-        kwargs: further arguments of ``Tensor.to``.
-
-    Returns:
-        ``(real_a, real_b)``.
-    """
+    """``(real_a, real_b)``: an unpaired batch ``{"A": slices of domain A, "B": slices of domain B}`` (else a
+    ValueError) moved to ``device``; ``non_blocking`` and ``kwargs`` go to ``Tensor.to``."""
     if not isinstance(batchdata, dict) or "A" not in batchdata or "B" not in batchdata:
         keys = sorted(batchdata) if isinstance(batchdata, dict) else type(batchdata).__name__
         raise ValueError(f"an unpaired training batch must be a dict with keys 'A' and 'B', got {keys}.")
-    return (
-        torch.as_tensor(batchdata["A"]).to(device, non_blocking=non_blocking, **kwargs),
-        torch.as_tensor(batchdata["B"]).to(device, non_blocking=non_blocking, **kwargs),
-    )
+    return tuple(torch.as_tensor(batchdata[k]).to(device, non_blocking=non_blocking, **kwargs) for k in "AB")
 
 
 def prepare_paired_batch(
     batchdata: dict[str, torch.Tensor], device: str | torch.device, non_blocking: bool = False, **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Move a batch of :class:`bundle.data.PairedSliceDataset` ``{"A": x_A, "B": x_B, "B_paired": y_B}`` to ``device``.
-
-    ``y_B`` is the target of the same subject and slice as ``x_A`` (misaligned pairs); ``x_B`` is unpaired.
-
-    Args:
-        batchdata: the data loader's batch.
-        device: target device.
-        non_blocking: asynchronous host-to-device copy.
-        kwargs: further arguments of ``Tensor.to``.
-
-    Returns:
-        ``(real_a, real_b, paired_b)``.
-    """
+    """``(real_a, real_b, paired_b)``: a batch of :class:`bundle.data.PairedSliceDataset` ``{"A": x_A, "B": x_B,
+    "B_paired": y_B}`` (``y_B`` of the subject and slice of ``x_A``; else a ValueError) moved to ``device``, as
+    :func:`prepare_unpaired_batch`."""
     if not isinstance(batchdata, dict) or "B_paired" not in batchdata:
         keys = sorted(batchdata) if isinstance(batchdata, dict) else type(batchdata).__name__
         raise ValueError(f"a paired training batch must be a dict with keys 'A', 'B' and 'B_paired', got {keys}.")
@@ -155,75 +116,39 @@ def prepare_paired_batch(
 
 
 def _set_requires_grad(networks: Sequence[nn.Module], requires_grad: bool) -> None:
-    for network in networks:
-        for parameter in network.parameters():
-            parameter.requires_grad_(requires_grad)
+    for parameter in (p for network in networks for p in network.parameters()):
+        parameter.requires_grad_(requires_grad)
 
 
 class DicycleGANTrainer(Trainer):
-    """Trains DicycleGAN (Wang et al. 2018) or, with non-deformable generators and the alignment and deformed-cycle
-    weights at 0, CycleGAN (Zhu et al. 2017), as an Ignite engine that MONAI handlers attach to.
-
-    Each iteration takes an unpaired batch ``{"A": x_A, "B": x_B}`` and
-
-    1. updates G_AB and G_BA on the objective of eq. (4) (``loss_function``), discriminators frozen;
-    2. updates D_A and D_B on LSGAN losses of real images against deformed fakes drawn from an image pool each.
-
-    Which passes run and which fakes the discriminators see is :mod:`bundle.dicyclegan` (the loss function's
-    :meth:`~bundle.dicyclegan.DicycleGANLoss.discriminator_fakes` go through the image pools). With
-    ``prepare_batch=``:func:`prepare_paired_batch` (misaligned pairs) the batch's ``B_paired`` reaches the loss
-    function as ``paired_b`` and is logged as the image ``paired_b``.
-
-    ``engine.state.output`` is ``[{"loss": total, "losses": {name: scalar}, "images": {name: (N, C, H, W)}}]``, a
-    list of one dict for the whole batch: MONAI's layout of a step's output (a list of dicts, as after decollation),
-    so MONAI handlers read it with ``from_engine(keys, first=True)``, e.g. ``train_loss`` of ``--tracking mlflow``.
-    ``losses`` holds the generator terms (``gan_ab, gan_ba, align, cyc, dicyc, nmi_a, nmi_b, total``) plus ``d_a``
-    and ``d_b``, ``images`` the images ``real_a, fake_b, aligned_b, cycle_a`` and the same for B. A non-finite loss
-    stops training with :class:`FloatingPointError` before any weight is updated, so the weights and the last
-    checkpoint stay intact.
-
-    Under ``torch.distributed`` (e.g. ``torchrun``, a process group of several ranks) the generator step runs through
-    :class:`GeneratorObjective` and the discriminator step through :class:`DiscriminatorObjective`, each wrapped by
-    ``torch.nn.parallel.DistributedDataParallel`` when :meth:`run` starts: DDP broadcasts rank 0's weights and
-    averages the gradients over the ranks, so N ranks with batch n train like one process with batch N x n. The
-    finite check is agreed by all ranks (an all-reduce of a flag before any backward): a NaN on one rank stops every
-    rank with the same :class:`FloatingPointError` instead of leaving the others waiting in DDP's all-reduce.
+    """Trains DicycleGAN (Wang et al. 2018), or CycleGAN, as an Ignite engine: each iteration updates G_AB and G_BA
+    on eq. (4) (discriminators frozen), then D_A and D_B on real images against the pooled fakes. The output is
+    ``[{"loss": total, "losses": {name: scalar}, "images": {name: (N, C, H, W)}}]``: the generator terms, ``d_a``,
+    ``d_b``; ``real_a, aligned_b, fake_b, cycle_a``, the same for B, ``paired_b``. A non-finite loss on any rank
+    raises :class:`FloatingPointError` on every rank before the update; under ``torch.distributed`` both steps are
+    wrapped in ``DistributedDataParallel`` when :meth:`run` starts.
 
     Args:
         device: device of the networks and the data.
         max_epochs: number of epochs.
-        train_data_loader: loader of unpaired batches ``{"A": ..., "B": ...}``.
-        g_ab: generator A -> B.
-        g_ba: generator B -> A.
-        d_a: discriminator of domain A.
-        d_b: discriminator of domain B.
-        g_optimizer: optimizer of both generators' parameters.
-        d_optimizer: optimizer of both discriminators' parameters.
-        loss_function: the generator objective; :class:`~bundle.dicyclegan.DicycleGANLoss` with the paper's weights
-            by default.
-        pool_a: image pool of D_A's fakes (default: ``ImagePool(50, seed=0)``, the paper's and CycleGAN's size).
-        pool_b: image pool of D_B's fakes (default: ``ImagePool(50, seed=1)``).
+        train_data_loader: loader of batches for ``prepare_batch``.
+        g_ab, g_ba: generators A -> B and B -> A.
+        d_a, d_b: discriminators of domains A and B.
+        g_optimizer, d_optimizer: optimizers of both generators' and of both discriminators' parameters.
+        loss_function: the generator objective (default: :class:`~bundle.dicyclegan.DicycleGANLoss()`).
+        pool_a, pool_b: image pools of D_A's and D_B's fakes (default: ``ImagePool(50, seed=0)``, ``seed=1``).
         epoch_length: iterations per epoch (default: the loader's length).
         non_blocking: asynchronous host-to-device copies.
         amp: bfloat16 autocast of the forward passes (no loss scaling needed).
-        prepare_batch: turns a batch into ``(real_a, real_b)`` on the device.
+        prepare_batch: turns a batch into ``(real_a, real_b)`` (or ``(real_a, real_b, paired_b)``) on the device.
         iteration_update: replaces :meth:`_iteration` if given.
         train_handlers: MONAI / Ignite handlers to attach.
         to_kwargs: further arguments of ``Tensor.to`` for the batch.
-        distributed: wrap the steps in ``DistributedDataParallel``; ``None`` (default): when :meth:`run` finds an
-            initialised ``torch.distributed`` process group of more than one rank.
+        distributed: use DDP; ``None``: when :meth:`run` finds a process group of more than one rank.
         ddp_kwargs: further arguments of ``DistributedDataParallel`` (``device_ids`` defaults to the CUDA device).
-        compile: ``torch.compile`` the generator and discriminator objectives (opt-in, beyond the paper; the eager
-            step is the default). They are compiled at the first iteration, around DDP when it is used; the first
-            iterations then take the compile time. See :func:`compile_options`.
-        cuda_graphs: on CUDA, compile with ``mode="reduce-overhead"`` (CUDA graphs; implies ``compile``); a
-            ``ValueError`` on other devices.
-        compile_backend: ``torch.compile`` backend of ``compile`` (``"inductor"``; ``"aot_eager"`` to debug).
-
-    Example::
-
-        trainer = DicycleGANTrainer("cpu", 200, loader, g_ab, g_ba, d_a, d_b, g_opt, d_opt)
-        trainer.run()
+        compile: ``torch.compile`` both objectives at the first iteration (see :func:`compile_options`).
+        cuda_graphs: on CUDA, compile with ``mode="reduce-overhead"`` (implies ``compile``).
+        compile_backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` to debug).
     """
 
     def __init__(
@@ -253,33 +178,20 @@ class DicycleGANTrainer(Trainer):
         cuda_graphs: bool = False,
         compile_backend: str = "inductor",
     ) -> None:
-        super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
-            iteration_update=iteration_update,
-            handlers=train_handlers,
-            amp=amp,
-            decollate=False,
-            to_kwargs=to_kwargs,
-        )
+        loop = dict(device=device, max_epochs=max_epochs, data_loader=train_data_loader, epoch_length=epoch_length)
+        step = dict(non_blocking=non_blocking, prepare_batch=prepare_batch, iteration_update=iteration_update, amp=amp)
+        super().__init__(**loop, **step, handlers=train_handlers, decollate=False, to_kwargs=to_kwargs)
         self.g_ab, self.g_ba, self.d_a, self.d_b = g_ab, g_ba, d_a, d_b
-        self.g_optimizer = g_optimizer
-        self.d_optimizer = d_optimizer
+        self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
         self.loss_function = DicycleGANLoss() if loss_function is None else loss_function
         self.pool_a = ImagePool(50, seed=0) if pool_a is None else pool_a
         self.pool_b = ImagePool(50, seed=1) if pool_b is None else pool_b
         self.generator_objective: nn.Module = GeneratorObjective(g_ab, g_ba, d_a, d_b, self.loss_function)
         self.discriminator_objective: nn.Module = DiscriminatorObjective(d_a, d_b)
-        self.distributed = distributed
-        self.ddp_kwargs = dict(ddp_kwargs or {})
+        self.distributed, self.ddp_kwargs = distributed, dict(ddp_kwargs or {})
         # checked here, so a contradicting setting fails before any data is loaded
         self.compile_options = compile_options(device, compile, cuda_graphs, compile_backend)
-        self.cuda_graphs = cuda_graphs
-        self._compiled = False
+        self.cuda_graphs, self._compiled = cuda_graphs, False
 
     def _wrap_distributed(self) -> None:
         """Wrap both steps in DDP once, when a process group of several ranks exists (or ``distributed=True``)."""
@@ -306,8 +218,7 @@ class DicycleGANTrainer(Trainer):
         Workflow.run(self)
 
     def _compile(self) -> None:
-        """Compile both objectives once (:attr:`compile_options`), after any DDP wrapping: dynamo then splits the
-        graph at DDP's gradient buckets so the all-reduce still overlaps the backward pass."""
+        """Compile both objectives once, after any DDP wrapping (dynamo splits the graph at DDP's buckets)."""
         if self.compile_options is None or self._compiled:
             return
         load_inductor()
@@ -319,12 +230,8 @@ class DicycleGANTrainer(Trainer):
         return autocast(self.amp, self.state.device)
 
     def _check_finite(self, loss: torch.Tensor, what: str, terms: dict[str, torch.Tensor]) -> None:
-        """Raise :class:`FloatingPointError` on every rank when the loss of any rank is not finite.
-
-        One scalar synchronisation per step (an all-reduce under ``torch.distributed``) buys the guarantee that no
-        update is made with a NaN/Inf loss and that all ranks stop together: a rank that stopped alone would leave
-        the others waiting in the gradient all-reduce of ``backward``.
-        """
+        """Raise :class:`FloatingPointError` on every rank when the loss of any rank is not finite (one scalar
+        synchronisation per step: a rank stopping alone would leave the others waiting in DDP's all-reduce)."""
         finite = torch.isfinite(loss.detach()).to(torch.float32)
         all_finite = idist.all_reduce(finite.clone(), op="MIN") if _world_size() > 1 else finite
         if bool(all_finite):
@@ -343,15 +250,8 @@ class DicycleGANTrainer(Trainer):
         )
 
     def _iteration(self, engine: DicycleGANTrainer, batchdata: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-        """One DicycleGAN step: generators on eq. (4), then discriminators on pooled deformed fakes.
-
-        Args:
-            engine: this trainer.
-            batchdata: unpaired batch ``{"A": x_A, "B": x_B}``.
-
-        Returns:
-            ``[{"loss": ..., "losses": {...}, "images": {...}}]``, see the class docstring.
-        """
+        """One step of ``engine`` on ``batchdata``: generators on eq. (4), then discriminators on pooled fakes;
+        returns ``[{"loss": ..., "losses": {...}, "images": {...}}]`` (see the class docstring)."""
         engine._compile()
         if engine.cuda_graphs:
             # a new step: the graphs may now overwrite the outputs of the previous replay
@@ -360,50 +260,31 @@ class DicycleGANTrainer(Trainer):
         real_a, real_b = batch[:2]
         paired_b = batch[2] if len(batch) > 2 else None  # misaligned-pairs mode (prepare_paired_batch)
         discriminators = (engine.d_a, engine.d_b)
-
         _set_requires_grad(discriminators, False)  # the generator step needs no discriminator gradients
         engine.g_optimizer.zero_grad(set_to_none=True)
         with engine._autocast():
-            if paired_b is None:
-                generated = engine.generator_objective(real_a, real_b)
-            else:
-                generated = engine.generator_objective(real_a, real_b, paired_b)
+            generated = engine.generator_objective(real_a, real_b, *([] if paired_b is None else [paired_b]))
         engine._check_finite(generated.total, "generator", generated.terms)
         generated.total.backward()
         engine.g_optimizer.step()
-
         _set_requires_grad(discriminators, True)
         engine.d_optimizer.zero_grad(set_to_none=True)
         fake_a, fake_b = engine.loss_function.discriminator_fakes(generated)
-        fake_b = engine.pool_b.query(fake_b)
-        fake_a = engine.pool_a.query(fake_a)
+        fake_b, fake_a = engine.pool_b.query(fake_b), engine.pool_a.query(fake_a)
         with engine._autocast():
             loss_d_a, loss_d_b = engine.discriminator_objective(real_a, real_b, fake_a, fake_b)
         d_total = loss_d_a + loss_d_b
         engine._check_finite(d_total, "discriminator", {"d_a": loss_d_a, "d_b": loss_d_b})
         d_total.backward()
         engine.d_optimizer.step()
-
-        losses = dict(generated.terms)
-        losses["d_a"], losses["d_b"] = loss_d_a.detach(), loss_d_b.detach()
-        images = {
-            "real_a": real_a,
-            "aligned_b": generated.aligned_b,
-            "fake_b": generated.fake_b,
-            "cycle_a": generated.cycle_a,
-            "real_b": real_b,
-            "aligned_a": generated.aligned_a,
-            "fake_a": generated.fake_a,
-            "cycle_b": generated.cycle_b,
-            "paired_b": paired_b,
-        }
+        losses = {**generated.terms, "d_a": loss_d_a.detach(), "d_b": loss_d_b.detach()}
+        g = generated
+        images = dict(real_a=real_a, aligned_b=g.aligned_b, fake_b=g.fake_b, cycle_a=g.cycle_a, real_b=real_b)
+        images.update(aligned_a=g.aligned_a, fake_a=g.fake_a, cycle_b=g.cycle_b, paired_b=paired_b)
+        images = {k: v for k, v in images.items() if v is not None}
         if engine.cuda_graphs:
-            # outputs of a CUDA graph live in its memory pool and are overwritten by the next replay: handlers may
-            # keep them (e.g. the last images of an epoch), so they get copies
+            # a CUDA graph's outputs are overwritten by the next replay, and handlers may keep them: copies
             losses = {k: v.clone() for k, v in losses.items()}
-            images = {k: None if v is None else v.clone() for k, v in images.items()}
-        # "loss" (the generator objective) is what MONAI's default tracking handlers read, as
-        # from_engine(["loss"], first=True)(output), which needs a list of dicts (a bare dict gives a 1-tuple)
-        return [
-            {"loss": losses["total"], "losses": losses, "images": {k: v for k, v in images.items() if v is not None}}
-        ]
+            images = {k: v.clone() for k, v in images.items()}
+        # "loss" is what MONAI's tracking handlers read, as from_engine(["loss"], first=True): a list of dicts
+        return [{"loss": losses["total"], "losses": losses, "images": images}]

@@ -1,17 +1,5 @@
-"""Volumes in folders: image files by extension, DICOM series by content, and a series read as one volume.
-
-- :func:`find_volumes` lists the volumes directly inside a folder: NIfTI, NRRD and MetaImage files, and the
-  sub-folders that hold a DICOM series;
-- :func:`dicom_series` finds the DICOM series among a folder's files whatever their extensions, split as MONAI's
-  ``ITKReader`` splits them;
-- :class:`DicomSeriesReader` reads the slice files of one series (a list of paths) as one volume, and
-  :func:`with_dicom_series_reader` registers it in a preprocessing's ``LoadImaged``.
-
-Example::
-
-    for series in dicom_series("scans/patient01"):
-        print(series.number, series.description, len(series.files))
-"""
+"""Volumes in folders: image files by extension, DICOM series by content (:func:`find_volumes`,
+:func:`dicom_series`), and the slice files of one series read as one volume (:class:`DicomSeriesReader`)."""
 
 from __future__ import annotations
 
@@ -29,8 +17,8 @@ __all__ = ["DicomSeries", "DicomSeriesReader", "dicom_series", "find_volumes", "
 
 
 class DicomSeries(NamedTuple):
-    """One DICOM series of a folder: its series UID (as ITK/GDCM splits series), slice files in reading order,
-    and the series number and description of its first slice (None / "" where absent)."""
+    """A DICOM series: UID (as GDCM splits series), slice files in reading order, number and description of its
+    first slice (None / "" where absent)."""
 
     uid: str
     files: tuple[str, ...]
@@ -42,17 +30,8 @@ _NOT_DICOM_SUFFIXES = (*IMAGE_SUFFIXES, ".img", ".img.gz", ".json", ".txt", ".cs
 
 
 def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
-    """The DICOM series among the files directly inside ``folder``, found by content, whatever the extensions.
-
-    Series are split as MONAI's ``ITKReader`` splits them (``itk.GDCMSeriesFileNames`` with series details and the
-    series date), so each one is what ``LoadImage`` reads from a folder holding only it.
-
-    Args:
-        folder: the folder.
-
-    Returns:
-        The series, sorted by series number then UID; empty if there is none.
-    """
+    """The DICOM series among the files directly inside ``folder``, found by content whatever the extensions, split
+    as MONAI's ``ITKReader`` splits them (series details and date), sorted by series number then UID."""
     folder = Path(folder)
     if not any(p.is_file() and not p.name.lower().endswith(_NOT_DICOM_SUFFIXES) for p in folder.iterdir()):
         return []  # only known non-DICOM files: spare GDCM the scan (and its warning)
@@ -84,16 +63,8 @@ def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
 
 
 def find_volumes(folder: str | os.PathLike) -> list[Path]:
-    """Volumes directly inside ``folder``: image files (NIfTI, NRRD, MetaImage) and DICOM series sub-folders.
-
-    A sub-folder is a DICOM series folder when it holds DICOM series (found by content, see :func:`dicom_series`),
-    whatever its files' extensions.
-
-    Args:
-        folder: the folder.
-
-    Returns:
-        sorted paths.
+    """Sorted volumes directly inside ``folder``: image files (NIfTI, NRRD, MetaImage; an Analyze pair by its
+    ``.hdr``) and sub-folders holding a DICOM series (:func:`dicom_series`).
 
     Raises:
         FileNotFoundError: if the folder does not exist.
@@ -101,26 +72,17 @@ def find_volumes(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"folder {folder} does not exist.")
-    volumes = []
-    for path in sorted(folder.iterdir()):
-        # an Analyze/NIfTI pair is listed once, by its header (.hdr)
-        if (
-            path.is_file()
-            and path.name.lower().endswith(IMAGE_SUFFIXES)
-            and not path.name.lower().endswith((".img", ".img.gz"))
-        ):
-            volumes.append(path)
-        elif path.is_dir() and dicom_series(path):
-            volumes.append(path)
-    return volumes
+
+    def image(path: Path) -> bool:
+        name = path.name.lower()
+        return path.is_file() and name.endswith(IMAGE_SUFFIXES) and not name.endswith((".img", ".img.gz"))
+
+    return [path for path in sorted(folder.iterdir()) if image(path) or (path.is_dir() and dicom_series(path))]
 
 
 class DicomSeriesReader(ITKReader):
-    """MONAI ``ITKReader`` that reads a list of DICOM slice files as one series (one volume), not as channels.
-
-    :func:`bundle.inputs.find_inputs` gives each series of a folder holding several as the list of its files;
-    :func:`with_dicom_series_reader` registers this reader in a preprocessing's ``LoadImaged``.
-    """
+    """MONAI ``ITKReader`` that reads a list of DICOM slice files as one volume, not as channels (the inputs of
+    :func:`bundle.inputs.find_inputs` for a folder of several series)."""
 
     def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
         """True for two or more files none of which has an image-file extension (a DICOM series)."""
@@ -135,16 +97,10 @@ class DicomSeriesReader(ITKReader):
 
 
 def with_dicom_series_reader(transform: Compose) -> Compose:
-    """Register :class:`DicomSeriesReader` in every ``LoadImaged`` of ``transform`` (in place).
+    """Register :class:`DicomSeriesReader` in every ``LoadImaged`` of ``transform`` (in place) and return it.
 
-    Without ``itk`` nothing is registered: NIfTI, NRRD and MetaImage files still load, and a DICOM series fails as
-    that one input's problem (MONAI's ``ITKReader`` refuses to be built without ``itk``).
-
-    Args:
-        transform: a preprocessing, e.g. :func:`bundle.data.volume_preprocessing`.
-
-    Returns:
-        The same transform.
+    Without ``itk`` (MONAI's ``ITKReader`` cannot be built) nothing is registered: a DICOM series then fails as that
+    one input's problem.
     """
     if not optional_import("itk")[1]:
         return transform

@@ -6,17 +6,10 @@ Usage (from the repository root)::
     python -m scripts.alignment_terms --output_dir study_pct --cyclegan_run study_pct/runs/mr_ct_CycleGAN
 
 On axial slices through the head of every test subject of ``datalist_mr_ct.json``, preprocessed as training does,
-each term between the T1 and
-
-- the T1 itself (every term is best there: a reference, not a criterion);
-- (a) its true CT;
-- (b) a CT-looking monotone remap of the T1 (the T1 histogram-matched to the CT inside the head: bright where the T1
-  is bright, the scalp-ring failure of unpaired training);
-- (c) an unpaired CycleGAN's synthesis (``--cyclegan_run``: a run folder of ``scripts.pseudo_ct_study``).
-
-Terms: NMI of eq. 1 and local NMI (``alignment: local_nmi``), higher is more alike; MIND and MIND-SSC distances
-(:mod:`bundle.mind`), lower is more alike. A term is worth training only if it prefers (a) to (b) and (c). Writes
-``OUTPUT_DIR/alignment_terms.md`` and, with ``--publish_dir``, its section of ``PUBLISH_DIR/results.md``.
+each term between the T1 and: the T1 itself (a reference); (a) its true CT; (b) the T1 histogram-matched to the CT
+inside the head (the scalp-ring failure of unpaired training); (c) an unpaired CycleGAN's synthesis
+(``--cyclegan_run``). Terms: NMI and local NMI (higher is more alike), MIND and MIND-SSC distances (lower is more
+alike). A term is worth training only if it prefers (a) to (b) and (c).
 """
 
 from __future__ import annotations
@@ -53,16 +46,11 @@ TERMS: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
 
 
 def monotone_remap(source: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``source`` histogram-matched to ``reference`` inside ``mask``: the k-th smallest source value takes the k-th
-    smallest reference value (a non-decreasing map of the source); outside, the reference's mean there.
+    """``source`` histogram-matched to ``reference`` inside the boolean ``mask``: the k-th smallest source value
+    takes the k-th smallest reference value; outside, the reference's mean there (its minimum if nothing is outside).
 
-    Args:
-        source: an image.
-        reference: an image of the same shape, in the target contrast.
-        mask: where to match (boolean, the same shape).
-
-    Returns:
-        The remapped image.
+    Raises:
+        ValueError: if the three shapes differ.
     """
     if source.shape != reference.shape or source.shape != mask.shape:
         raise ValueError(f"shapes differ: {source.shape}, {reference.shape}, {mask.shape}.")
@@ -97,11 +85,8 @@ def _test_volumes(
         t1 = mr({"image": entry["A"]})["image"]
         true_ct = ct({"image": entry["B"]})["image"][0].numpy()
         mask = masks({"image": entry["mask"]})["image"][0].numpy() > 0
-        volumes = {
-            CANDIDATES[0]: t1[0].numpy(),
-            CANDIDATES[1]: true_ct,
-            CANDIDATES[2]: monotone_remap(t1[0].numpy(), true_ct, mask),
-        }
+        source = t1[0].numpy()
+        volumes = dict(zip(CANDIDATES[:3], (source, true_ct, monotone_remap(source, true_ct, mask)), strict=True))
         if synthesize is not None:
             with torch.no_grad():
                 volumes[CANDIDATES[3]] = synthesize(t1)[0].float().cpu().numpy()
@@ -111,11 +96,8 @@ def _test_volumes(
 def measure(
     data_dir: Path, pixdim: list[float], synthesize: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> list[dict[str, Any]]:
-    """The terms between each test subject's T1 and every candidate, on :func:`axial_slices` of its head.
-
-    Returns:
-        One row per subject and candidate: ``{"subject", "candidate", <term>: value}``.
-    """
+    """The terms between each test subject's T1 and every candidate on :func:`axial_slices` of its head: a row
+    ``{"subject", "candidate", <term>: value}`` per subject and candidate."""
     rows = []
     for subject, volumes, mask in _test_volumes(data_dir, pixdim, synthesize):
         z = axial_slices(mask)
@@ -133,12 +115,8 @@ def table(rows: list[Mapping[str, Any]]) -> str:
     """Markdown: mean (sd) over the subjects per candidate and term, and whether the term prefers (a)."""
     candidates = [c for c in CANDIDATES if any(r["candidate"] == c for r in rows)]
     means = {(c, t): [float(r[t]) for r in rows if r["candidate"] == c] for c in candidates for t in TERMS}
-    lines = [
-        "| candidate | "
-        + " | ".join(f"{t} ({'higher' if up else 'lower'} = alike)" for t, (_, up) in TERMS.items())
-        + " |"
-    ]
-    lines.append("| --- |" + " ---: |" * len(TERMS))
+    header = " | ".join(f"{t} ({'higher' if up else 'lower'} = alike)" for t, (_, up) in TERMS.items())
+    lines = [f"| candidate | {header} |", "| --- |" + " ---: |" * len(TERMS)]
     for c in candidates:
         cells = [f"{statistics.fmean(v):.3f} ({statistics.pstdev(v):.3f})" for v in (means[c, t] for t in TERMS)]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
@@ -167,7 +145,7 @@ def main(
     cyclegan_run: str | None = None,
     publish_dir: str | None = None,
 ) -> str:
-    """Measure every term (module docstring) and write ``OUTPUT_DIR/alignment_terms.md``.
+    """Measure every term (module docstring), write ``OUTPUT_DIR/alignment_terms.md`` and return its path.
 
     Args:
         output_dir: where the phantom (unless ``dataset_dir``) and the table go.
@@ -176,8 +154,8 @@ def main(
         cyclegan_run: a CycleGAN run folder (``runs/<run>`` with ``models/``) trained on T1 -> CT: adds (c).
         publish_dir: also put the section into ``PUBLISH_DIR/results.md``.
 
-    Returns:
-        The path of ``alignment_terms.md``.
+    Raises:
+        FileNotFoundError: if ``cyclegan_run`` holds no ``models/model.pt``.
     """
     start = time.perf_counter()
     settings = select_preset(preset)
@@ -198,20 +176,14 @@ def main(
         {"output_dir": output_dir, "preset": preset, "dataset_dir": dataset_dir, "cyclegan_run": cyclegan_run},
     )
     subjects = sorted({r["subject"] for r in rows})
-    text = "\n".join(
+    text = "\n\n".join(
         [
             "## Alignment terms: which one tells a CT from a remapped T1?",
-            "",
-            "```bash",
-            command,
-            "```",
-            "",
+            f"```bash\n{command}\n```",
             f"Preset `{preset}` ({settings.pixdim()} mm voxels); {len(subjects)} test subjects, 5 axial slices through "
             "the middle half of each head, inside the head mask (NMI, MIND, MIND-SSC; local NMI on the whole slice); "
             f"mean (sd) over the subjects; {time.perf_counter() - start:.0f} s.",
-            "",
-            table(rows),
-            "",
+            table(rows) + "\n",
         ]
     )
     path = output / "alignment_terms.md"

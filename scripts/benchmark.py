@@ -11,14 +11,9 @@ Usage (from the repository root)::
     python -m scripts.benchmark memory          # peak memory of a paper-size iteration in each mode
     python -m scripts.benchmark loader [--dataset_dir DIR]  # samples/s of the training data pipeline
 
-Every comparison is timed round-robin (the contenders alternate, so each sees the same machine load) and reported
-as a median; each table's title gives the load average, because other processes on the machine slow a multi-threaded
-PyTorch (``--threads 1`` measures on one thread). Training iterations are built from the bundle's own configs
-(``configs/train.json``, with ``configs/cyclegan.json`` for the CycleGAN mode and ``configs/demo.json`` for the demo
-size) and run through the real ``DicycleGANTrainer._iteration``.
-
-Targets (printed with the figures): a DicycleGAN iteration within 2.0x a CycleGAN iteration, the data loader at
-least 5x faster than an iteration, peak memory of a paper-size iteration under 4 GB on CPU.
+Contenders are timed round-robin and reported as medians; titles give the load average. Training iterations are
+built from ``configs/train.json`` (+ ``cyclegan.json``, ``demo.json``) and run through ``DicycleGANTrainer._iteration``.
+Targets: DicycleGAN iteration <= 2.0x CycleGAN, loader >= 5x an iteration, peak memory < 4 GB (paper size, CPU).
 """
 
 from __future__ import annotations
@@ -33,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,25 +67,38 @@ def median_seconds(steps: dict[str, Callable[[], object]], repeats: int, warmup:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _forward_backward(module: torch.nn.Module, x: torch.Tensor, **kwargs) -> Callable[[], None]:
+def _step(
+    forward: Callable[[], torch.Tensor], leaves: Iterable[torch.Tensor], grad: torch.Tensor | None = None
+) -> Callable[[], None]:
+    """A step that clears the gradients of ``leaves``, then back-propagates ``grad`` (default: the mean square)."""
+    leaves = list(leaves)
+
     def step() -> None:
-        module.zero_grad(set_to_none=True)
-        module(x, **kwargs).square().mean().backward()
+        for leaf in leaves:
+            leaf.grad = None
+        out = forward()
+        (out.square().mean() if grad is None else out).backward(grad)
 
     return step
+
+
+def _forward_backward(module: torch.nn.Module, x: torch.Tensor, **kwargs) -> Callable[[], None]:
+    return _step(lambda: module(x, **kwargs), module.parameters())
+
+
+def _env() -> dict[str, str]:
+    """This environment with the repository root first on ``PYTHONPATH``, for child processes."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
 
 
 def _header(title: str) -> None:
     threads = torch.get_num_threads()
     load = " ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(
-        f"\n## {title}  (torch {torch.__version__}, {threads} thread{'s' * (threads != 1)}, {_device_name()}, "
+        f"\n## {title}  (torch {torch.__version__}, {threads} thread{'s' * (threads != 1)}, {device}, "
         f"load average {load})"
     )
-
-
-def _device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 
 
 def _verdict(met: bool) -> str:
@@ -98,16 +106,15 @@ def _verdict(met: bool) -> str:
 
 
 def offset_conv(repeats: int = 10, backend: str = "torch") -> list[dict]:
-    """Forward + backward time of OffsetConv2d (deformed, random offsets) against ``F.conv2d`` of the same size, and
-    of the pure-PyTorch path's three kernels alone (the offset convolution, ``F.grid_sample`` of the taps and the
-    matrix products of the contraction): their sum is what the layer costs without any glue.
+    """Forward + backward ms of OffsetConv2d (deformed, random offsets) against ``F.conv2d`` of the same size, and of
+    the pure-PyTorch path's three kernels alone (offset conv, ``F.grid_sample`` of the taps, the contraction).
 
     Args:
         repeats: timed repetitions (median reported).
         backend: OffsetConv2d backend.
 
     Returns:
-        One row per size with the times (ms) and the ratios to the plain convolution (target: ratio <= 3).
+        One row per size: times (ms) and ratios to the plain convolution (target: ratio <= 3).
     """
     from bundle.deform_conv import contract_columns, grid_sample_all_threads, sampling_grid
 
@@ -129,32 +136,15 @@ def offset_conv(repeats: int = 10, backend: str = "torch") -> list[dict]:
         grid.requires_grad_(True)
         columns = torch.randn(1, channels * 9, size * size, requires_grad=True)
         weight = layer.weight.detach().reshape(channels, -1).requires_grad_(True)
-        # the components are driven by a fixed output gradient: no loss over their (9x larger) outputs is timed
+        # fixed output gradients: no loss over the components' (9x larger) outputs is timed
         grad_columns = torch.randn(1, channels, 9 * size, size)
         grad_out = torch.randn(1, channels, size * size)
-
-        def plain(layer: OffsetConv2d = layer, x: torch.Tensor = x) -> None:
-            layer.zero_grad(set_to_none=True)
-            F.conv2d(x, layer.weight, layer.bias, padding=1).square().mean().backward()
-
-        def sampling(
-            sampled: torch.Tensor = sampled, grid: torch.Tensor = grid, grad: torch.Tensor = grad_columns
-        ) -> None:
-            sampled.grad = grid.grad = None
-            grid_sample_all_threads(sampled, grid).backward(grad)
-
-        def contraction(
-            weight: torch.Tensor = weight, columns: torch.Tensor = columns, grad: torch.Tensor = grad_out
-        ) -> None:
-            weight.grad = columns.grad = None
-            contract_columns(weight, columns, None).backward(grad)
-
         steps = {
-            "plain": plain,
+            "plain": _step(lambda: F.conv2d(x, layer.weight, layer.bias, padding=1), layer.parameters()),
             "deformed": _forward_backward(layer, x, deform=True),
             "offset_conv": _forward_backward(layer.offset_conv, x),
-            "sampling": sampling,
-            "contraction": contraction,
+            "sampling": _step(lambda: grid_sample_all_threads(sampled, grid), (sampled, grid), grad_columns),
+            "contraction": _step(lambda: contract_columns(weight, columns, None), (weight, columns), grad_out),
         }
         ms = {name: 1e3 * seconds for name, seconds in median_seconds(steps, repeats).items()}
         kernels = ms["offset_conv"] + ms["sampling"] + ms["contraction"]
@@ -182,18 +172,15 @@ def offset_conv(repeats: int = 10, backend: str = "torch") -> list[dict]:
 
 
 def generator(repeats: int = 5, size: int = 128, ngf: int = 64, n_blocks: int = 9, backend: str = "torch") -> dict:
-    """Forward + backward time of the paper-size generator's deformed pass against its undeformed pass.
+    """Forward + backward ms of the generator's undeformed pass, deformed pass, and both as two batches or as one
+    (target: deformed / undeformed <= 1.5); defaults are the paper's size.
 
     Args:
         repeats: timed repetitions (median reported).
-        size: slice size (paper: 128).
-        ngf: generator width (paper: 64).
-        n_blocks: residual blocks (paper: 9).
+        size: slice size.
+        ngf: generator width.
+        n_blocks: residual blocks.
         backend: OffsetConv2d backend.
-
-    Returns:
-        Milliseconds of the undeformed pass, the deformed pass and both passes as two batches or one batch
-        (target: deformed / undeformed <= 1.5).
     """
     _header(f"DicycleGenerator ngf={ngf}, {n_blocks} blocks, 1x1x{size}x{size}, forward + backward")
     torch.manual_seed(0)
@@ -203,38 +190,22 @@ def generator(repeats: int = 5, size: int = 128, ngf: int = 64, n_blocks: int = 
             p.normal_(0, 0.01)
     x = torch.randn(1, 1, size, size)
 
-    def both_batched() -> None:
-        net.zero_grad(set_to_none=True)
-        out = net._run(torch.cat((x, x)), 1)  # one batch of two: what forward_both does
-        out.square().mean().backward()
-
     def both_separate() -> None:
         net.zero_grad(set_to_none=True)
         (net(x, deform=True).square().mean() + net(x, deform=False).square().mean()).backward()
 
-    timed = median_seconds(
-        {
-            "undeformed": _forward_backward(net, x, deform=False),
-            "deformed": _forward_backward(net, x, deform=True),
-            "both_separate": both_separate,
-            "both_batched": both_batched,
-        },
-        repeats,
-    )
-    labels = {
-        "undeformed": "undeformed G(x)",
-        "deformed": "deformed G_T(x)",
-        "both_separate": "both passes, two batches of 1",
-        "both_batched": "both passes, one batch of 2",
+    steps = {
+        "undeformed": _forward_backward(net, x, deform=False),
+        "deformed": _forward_backward(net, x, deform=True),
+        "both_separate": both_separate,
+        "both_batched": _step(lambda: net._run(torch.cat((x, x)), 1), net.parameters()),  # what forward_both does
     }
+    timed = median_seconds(steps, repeats)
+    labels = ("undeformed G(x)", "deformed G_T(x)", "both passes, two batches of 1", "both passes, one batch of 2")
     print(f"{'pass':>34} | {'ms':>8} | {'x undeformed':>12}")
-    for key, label in labels.items():
+    for key, label in zip(steps, labels):
         print(f"{label:>34} | {1e3 * timed[key]:8.1f} | {timed[key] / timed['undeformed']:12.2f}")
     return {f"{key}_ms": 1e3 * value for key, value in timed.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# training iterations, built from the bundle's configs
 
 
 def _set_threads(threads: int | None) -> None:
@@ -259,9 +230,8 @@ def _parser(preset: str, mode: str, overrides: dict[str, Any] | None = None):
 
 
 class Iteration:
-    """One training configuration as the configs build it: ``g_ab``, ``g_ba``, ``d_a``, ``d_b``, the optimizers, the
-    loss and the image pools of the config in a ``DicycleGANTrainer``, fed one fixed unpaired batch of random
-    slices (no data loader in the timing); calling it runs one ``trainer._iteration``."""
+    """One training configuration as the configs build it (networks, optimizers, loss, image pools) in a
+    ``DicycleGANTrainer``, fed one fixed unpaired batch of random slices; calling it runs one ``trainer._iteration``."""
 
     def __init__(
         self,
@@ -284,18 +254,11 @@ class Iteration:
             device=get("device"),
             max_epochs=1,
             train_data_loader=[self.batch],
-            g_ab=get("g_ab"),
-            g_ba=get("g_ba"),
-            d_a=get("d_a"),
-            d_b=get("d_b"),
-            g_optimizer=get("g_optimizer"),
-            d_optimizer=get("d_optimizer"),
+            **{name: get(name) for name in ("g_ab", "g_ba", "d_a", "d_b", "g_optimizer", "d_optimizer")},
             loss_function=get("loss"),
             pool_a=get("train#pool_a"),
             pool_b=get("train#pool_b"),
-            amp=get("amp"),
-            compile=get("compile"),
-            cuda_graphs=get("cuda_graphs"),
+            **{name: get(name) for name in ("amp", "compile", "cuda_graphs")},
             **(trainer_kwargs or {}),
         )
         self.device = torch.device(self.trainer.state.device)
@@ -323,6 +286,10 @@ def _names(value: str | Sequence[str]) -> list[str]:
     return [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
 
 
+def _repeats(repeats: int | None, preset: str) -> int:
+    return repeats if repeats is not None else (3 if preset == "paper" else 10)
+
+
 def iteration(
     preset: str | Sequence[str] = "paper,demo",
     repeats: int | None = None,
@@ -330,16 +297,14 @@ def iteration(
     threads: int | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Seconds per training iteration (generator step + discriminator step with image pools) of the DicycleGAN and
-    CycleGAN modes of the same code, timed round-robin, and each mode's matrix FLOP per iteration
-    (:meth:`Iteration.matrix_flop`): their ratio is the floor of the time ratio at equal arithmetic efficiency.
+    """Seconds per training iteration (generator + discriminator step) of the DicycleGAN and CycleGAN modes, and
+    their matrix FLOP (:meth:`Iteration.matrix_flop`), whose ratio bounds the time ratio at equal efficiency.
 
     Args:
-        preset: ``"paper"`` (configs/train.json: ngf 64, 9 blocks, 128 x 128, batch 1, d_channels 64), ``"demo"``
-            (with configs/demo.json: ngf 16, 4 blocks, 96 x 96, d_channels 16), or both, comma-separated.
-        repeats: timed iterations per mode (median reported); default 3 at paper size, 10 at demo size.
-        warmup: untimed iterations per mode first (the first ones build oneDNN kernels and Adam's state).
-        threads: CPU threads (default: PyTorch's, one per core).
+        preset: ``"paper"`` (configs/train.json), ``"demo"`` (with configs/demo.json), or both, comma-separated.
+        repeats: timed iterations per mode (median); default 3 at paper size, 10 at demo size.
+        warmup: untimed iterations per mode first.
+        threads: CPU threads (default: PyTorch's).
         overrides: further config values, e.g. ``{"ngf": 8}``.
 
     Returns:
@@ -349,7 +314,7 @@ def iteration(
     results = {}
     for name in _names(preset):
         runs = {mode: Iteration(name, mode, overrides) for mode in MODES}
-        n = repeats if repeats is not None else (3 if name == "paper" else 10)
+        n = _repeats(repeats, name)
         timed = median_seconds(dict(runs), n, warmup)
         _header(f"Training iteration, {PRESET_LABELS[name]} ({runs['DicycleGAN'].description}), median of {n}")
         slices = 2 * runs["DicycleGAN"].batch_size  # a sample is one domain-A and one domain-B slice
@@ -374,16 +339,8 @@ def iteration(
     return results
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# compiled training step
-
-
 def cpu_bf16_problem() -> str | None:
-    """Why bfloat16 would be emulated on this CPU (no AVX512-BF16 or AMX-BF16 units), or None where it has them.
-
-    Returns:
-        None, or a one-line reason; timing bfloat16 without the units measures the emulation, not the method.
-    """
+    """Why bfloat16 would be emulated on this CPU (a one-line reason: no AVX512-BF16 or AMX-BF16 units), or None."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
@@ -403,15 +360,13 @@ def compiled(
     threads: int | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Seconds per DicycleGAN training iteration, eager against ``--compile true`` (``torch.compile`` of the
-    generator and discriminator objectives, inductor), side by side with the eager CycleGAN iteration, each precision
-    its own round-robin. The compile time is reported apart: the first compiled iterations (until the timing is within
-    2x of the steady state) minus as many steady-state iterations.
+    """Seconds per DicycleGAN iteration, eager against ``--compile true``, beside eager CycleGAN, round-robin per
+    precision; compile time apart: the first compiled iterations (until one is within 2x of eager) minus as many
+    steady-state ones.
 
     Args:
-        preset: ``"paper"``, ``"demo"`` or both, comma-separated (see :func:`iteration`).
-        precision: ``"fp32"``, ``"bf16"`` (``--amp true``) or both; default fp32, and bf16 where the CPU (or a GPU)
-            has bfloat16 units (:func:`cpu_bf16_problem`).
+        preset: ``"paper"``, ``"demo"`` or both, comma-separated.
+        precision: ``"fp32"``, ``"bf16"`` (``--amp true``) or both; default fp32, and bf16 with bfloat16 units.
         repeats: timed iterations per contender (median); default 3 at paper size, 10 at demo size.
         warmup: untimed iterations per contender after the compile.
         threads: CPU threads.
@@ -429,7 +384,7 @@ def compiled(
             print(f"(bf16 not timed: {problem})")
     results: dict[str, dict[str, dict[str, float]]] = {}
     for name in _names(preset):
-        n = repeats if repeats is not None else (3 if name == "paper" else 10)
+        n = _repeats(repeats, name)
         results[name] = {}
         for dtype in _names(precision):
             settings = {**(overrides or {}), "amp": dtype == "bf16"}
@@ -461,11 +416,8 @@ def compiled(
                 f"median of {n}"
             )
             print(f"{'step':>22} | {'s/iteration':>11} | {'x eager DicycleGAN':>18} | {'x eager CycleGAN':>16}")
-            for key, label in (
-                ("cyclegan", "CycleGAN, eager"),
-                ("eager", "DicycleGAN, eager"),
-                ("compiled", "DicycleGAN, compiled"),
-            ):
+            labels = {"cyclegan": "CycleGAN, eager", "eager": "DicycleGAN, eager", "compiled": "DicycleGAN, compiled"}
+            for key, label in labels.items():
                 print(
                     f"{label:>22} | {timed[key]:11.3f} | {timed[key] / timed['eager']:18.2f} | "
                     f"{timed[key] / timed['cyclegan']:16.2f}"
@@ -489,8 +441,8 @@ def compiled(
 
 
 def explain(size: int = 32, ngf: int = 4, n_blocks: int = 1) -> dict[str, dict[str, int]]:
-    """Graphs and graph breaks ``torch._dynamo.explain`` finds in the generator's passes and in both objectives of
-    the training step (pure-PyTorch offset convolutions, CPU); the counts do not depend on the network's size.
+    """Graphs and graph breaks ``torch._dynamo.explain`` finds in the generator's passes and both objectives of the
+    training step (pure-PyTorch backend, CPU).
 
     Args:
         size: slice size (at least 32: the PatchGAN's last instance norm needs 2 x 2 logits).
@@ -507,14 +459,13 @@ def explain(size: int = 32, ngf: int = 4, n_blocks: int = 1) -> dict[str, dict[s
     g_ab, g_ba = (DicycleGenerator(ngf=ngf, n_blocks=n_blocks, backend="torch") for _ in range(2))
     d_a, d_b = patch_discriminator(channels=ngf), patch_discriminator(channels=ngf)
     x = torch.randn(1, 1, size, size)
+    objectives = GeneratorObjective(g_ab, g_ba, d_a, d_b, DicycleGANLoss()), DiscriminatorObjective(d_a, d_b)
     checks: dict[str, Callable[[], Any]] = {
         "undeformed pass G(x)": lambda: torch._dynamo.explain(g_ab)(x),
         "deformed pass G_T(x)": lambda: torch._dynamo.explain(g_ab)(x, deform=True),
         "both passes (forward_both)": lambda: torch._dynamo.explain(g_ab.forward_both)(x),
-        "generator objective": lambda: torch._dynamo.explain(
-            GeneratorObjective(g_ab, g_ba, d_a, d_b, DicycleGANLoss())
-        )(x, x.flip(-1)),
-        "discriminator objective": lambda: torch._dynamo.explain(DiscriminatorObjective(d_a, d_b))(x, x, x, x),
+        "generator objective": lambda: torch._dynamo.explain(objectives[0])(x, x.flip(-1)),
+        "discriminator objective": lambda: torch._dynamo.explain(objectives[1])(x, x, x, x),
     }
     _header(f"torch._dynamo.explain, ngf {ngf}, {n_blocks} blocks, 1x1x{size}x{size}, OffsetConv2d backend torch")
     print(f"{'function':>28} | {'graphs':>6} | {'graph breaks':>12}")
@@ -530,10 +481,6 @@ def explain(size: int = 32, ngf: int = 4, n_blocks: int = 1) -> dict[str, dict[s
     return results
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# peak memory
-
-
 def _status_mb(field: str) -> float:
     """A memory figure of this process from ``/proc/self/status`` (Linux), in MB; NaN elsewhere."""
     try:
@@ -544,11 +491,7 @@ def _status_mb(field: str) -> float:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident set size of this process image.
-
-    ``VmHWM`` on Linux: ``ru_maxrss`` would report at least the parent's resident size at ``fork``, which Linux
-    carries across ``exec`` into the child's figure. Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
-    """
+    """Peak resident set size of this process image: ``VmHWM`` on Linux, else ``ru_maxrss`` (bytes on macOS)."""
     peak = _status_mb("VmHWM")
     if peak == peak:  # not NaN
         return peak
@@ -558,8 +501,7 @@ def _peak_rss_mb() -> float:
 def memory_probe(
     preset: str = "paper", mode: str = "DicycleGAN", iterations: int = 2, overrides: dict[str, Any] | None = None
 ) -> dict[str, float]:
-    """Run ``iterations`` training iterations in this process and print its memory as JSON on the last line (used by
-    :func:`memory`, which runs it in a fresh process per mode)."""
+    """Run ``iterations`` training iterations and print this process's memory as JSON on the last line."""
     baseline = _status_mb("VmRSS")
     run = Iteration(preset, mode, overrides)
     built = _status_mb("VmRSS")
@@ -573,14 +515,8 @@ def memory_probe(
 
 
 def memory(preset: str = "paper", iterations: int = 2, overrides: dict[str, Any] | None = None) -> dict:
-    """Peak memory of training iterations in each mode, each mode in a fresh Python process.
-
-    Method: the child process imports torch, MONAI and the bundle, builds networks, optimizers, loss and pools from the
-    configs, runs ``iterations`` iterations (Adam's moment buffers exist from the end of the first, so the second
-    holds them and the activations together) and reports the peak resident set size of the whole process
-    (interpreter, libraries, every CPU tensor, allocator caches): ``VmHWM`` of ``/proc/self/status`` on Linux, else
-    ``ru_maxrss`` (on Linux ``ru_maxrss`` would include this benchmark's own size at the fork). ``tracemalloc`` would
-    not see torch's CPU tensors. On CUDA the child also reports ``torch.cuda.max_memory_allocated``.
+    """Peak resident set size of a fresh process per mode (:func:`memory_probe`) after ``iterations`` training
+    iterations; on CUDA also ``torch.cuda.max_memory_allocated``.
 
     Args:
         preset: ``"paper"`` or ``"demo"``.
@@ -589,14 +525,16 @@ def memory(preset: str = "paper", iterations: int = 2, overrides: dict[str, Any]
 
     Returns:
         ``{mode: {"baseline_mb", "built_mb", "peak_mb"[, "cuda_peak_mb"]}}`` (target: peak < 4 GB at paper size on CPU).
+
+    Raises:
+        RuntimeError: when a probe process fails.
     """
     results = {}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     for mode in MODES:
         command = [sys.executable, str(Path(__file__).resolve()), "memory_probe", preset, mode, str(iterations)]
         if overrides:
             command += ["--overrides", repr(overrides)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        done = subprocess.run(command, env=_env(), capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"memory probe of {mode} failed:\n{done.stderr[-3000:]}")
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -622,13 +560,8 @@ def memory(preset: str = "paper", iterations: int = 2, overrides: dict[str, Any]
     return results
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# data loader
-
-
 def _dataset(dataset_dir: str | None, datalist: str) -> tuple[Path, str]:
-    """The dataset folder and where it came from; a small phantom dataset (IXI geometry) is built if it has no
-    datalist."""
+    """The dataset folder and its origin; a 4-subject phantom (IXI geometry) is built where it has no datalist."""
     path = Path(dataset_dir) if dataset_dir else Path(tempfile.gettempdir()) / "dicyclegan_benchmark_data"
     if (path / datalist).is_file():
         return path, "existing"
@@ -646,17 +579,11 @@ def loader(
     samples: int = 200,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Samples per second of the training data pipeline, as configs/train.json builds it.
-
-    ``train#dataloader`` of the config: volumes cached by ``volume_preprocessing`` -> ``UnpairedSliceDataset`` with
-    ``slice_augmentation`` -> ``EpochSampler`` -> ``monai.data.DataLoader`` with the config's ``num_workers``. The
-    volumes are cached first (timed apart), then one epoch of ``samples`` samples is timed from the creation of the
-    iterator (worker start-up included, as at every epoch of training) to its last batch.
+    """Samples per second of ``train#dataloader``: volumes cached first (timed apart), then one epoch timed from the
+    iterator's creation (worker start-up included) to its last batch.
 
     Args:
-        dataset_dir: dataset folder holding ``datalist``; default: a folder in the temporary directory where, on the
-            first run, a 4-subject phantom dataset of IXI geometry (256 x 256 x 130, 0.94 x 0.94 x 1.2 mm; 2
-            training subjects per domain) is built with ``scripts.tooling.phantom.write_phantom_dataset``.
+        dataset_dir: dataset folder holding ``datalist``; default: a temporary folder with a 4-subject phantom.
         datalist: datalist file in ``dataset_dir``.
         preset: ``"paper"`` (1.8 mm, 128 x 128, 2 workers), ``"demo"`` (2.4 mm, 96 x 96, 1 worker), or both.
         samples: samples in the timed epoch.
@@ -698,8 +625,7 @@ def loader(
     )
     for name, r in results.items():
         spacing = "x".join(f"{p:g}" for p in r["pixdim"])
-        size = "x".join(str(s) for s in r["spatial_size"])
-        shape = "x".join(str(s) for s in r["cached_shape"])
+        size, shape = ("x".join(map(str, r[k])) for k in ("spatial_size", "cached_shape"))
         print(
             f"{name:>8} | {spacing:>11} | {size:>7} | {r['workers']:7d} | {'/'.join(map(str, r['volumes'])):>11} | "
             f"{shape:>13} | {r['cache_s']:7.1f} | {r['first_batch_s']:11.2f} | {r['samples_per_s']:9.1f} | "
@@ -707,9 +633,6 @@ def loader(
         )
     print("(a sample is one domain-A and one domain-B slice, augmented)")
     return results
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _ixi_volume(path: Path, dataset_dir: str | None) -> str:
@@ -730,9 +653,9 @@ def _ixi_volume(path: Path, dataset_dir: str | None) -> str:
 
 
 def inference(dataset_dir: str | None = "demo_data", repeats: int = 2, sw_batch_size: int = 16) -> dict:
-    """End-to-end time of one IXI-sized volume from NIfTI to NIfTI with the paper-size generator, split into
-    load, preprocess, network, invert and save, in fp32 and with bfloat16 autocast; the network's GFLOP/s against a
-    plain fp32 matrix multiply of the same run (target: at most 15 s in all, network above half the matmul rate).
+    """Seconds per stage (load, preprocess, network, invert, save) of one IXI-sized volume, NIfTI to NIfTI, paper-size
+    generator, fp32 and bf16 autocast, and the network's GFLOP/s against an fp32 matmul (target: <= 15 s in all,
+    network above half the matmul rate).
 
     Args:
         dataset_dir: phantom data set to take a PD volume from (a synthetic IXI-sized volume if absent).
@@ -742,11 +665,9 @@ def inference(dataset_dir: str | None = "demo_data", repeats: int = 2, sw_batch_
     Returns:
         Median seconds per stage for each precision, the network's and the matmul's GFLOP/s.
     """
-    import tempfile
-
     from bundle.data import volume_preprocessing
     from bundle.inference import Synthesis
-    from bundle.networks import DicycleGenerator
+    from bundle.networks import DicycleGenerator  # looked up at call time (tests swap in a small one)
     from monai.transforms import Compose, SaveImaged
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -758,27 +679,23 @@ def inference(dataset_dir: str | None = "demo_data", repeats: int = 2, sw_batch_
         network, volume_preprocessing("image", "MR", pixdim=(1.8, 1.8, 1.8)), sw_batch_size=sw_batch_size
     )
     load = Compose(list(synthesis.preprocessing.transforms[:2]))
-    rest = Compose(list(synthesis.preprocessing.transforms[2:]))
     save = SaveImaged("pred", output_dir=str(work), output_postfix="T2", separate_folder=False, print_log=False)
+    stages = {
+        "load": lambda _: load({"image": source}),
+        "preprocess": Compose(list(synthesis.preprocessing.transforms[2:])),
+        "network": lambda data: {**data, "pred": synthesis.synthesize(data["image"])},
+        "invert": synthesis.postprocessing,
+        "save": save,
+    }
     _header(f"Inference of one IXI-sized volume, paper-size generator, NIfTI -> NIfTI ({source})")
 
-    def pipeline(amp: bool) -> dict[str, float]:
-        times, start = {}, time.perf_counter()
-        data = load({"image": source})
-        times["load"] = time.perf_counter() - start
-        start = time.perf_counter()
-        data = rest(data)
-        times["preprocess"] = time.perf_counter() - start
-        start = time.perf_counter()
+    def pipeline(amp: bool) -> dict[str, Any]:
         synthesis.inferer.amp = amp
-        data["pred"] = synthesis.synthesize(data["image"])
-        times["network"] = time.perf_counter() - start
-        start = time.perf_counter()
-        data = synthesis.postprocessing(data)
-        times["invert"] = time.perf_counter() - start
-        start = time.perf_counter()
-        save(data)
-        times["save"] = time.perf_counter() - start
+        times, data = {}, None
+        for stage, run in stages.items():
+            start = time.perf_counter()
+            data = run(data)
+            times[stage] = time.perf_counter() - start
         times["total"] = sum(times.values())
         times["slices"] = data["image"].shape[-1]
         times["slice_shape"] = tuple(data["image"].shape[1:3])
@@ -801,16 +718,16 @@ def inference(dataset_dir: str | None = "demo_data", repeats: int = 2, sw_batch_
     matmul = median_seconds({"mm": lambda: a @ b}, repeats=10)["mm"]
     matmul_gflops = 2 * 2048**3 / matmul / 1e9
 
-    stages = ("load", "preprocess", "network", "invert", "save", "total")
+    names = (*stages, "total")
     print(
         f"{slices} axial slices of {slice_shape[0]}x{slice_shape[1]} at 1.8 mm, {flops / 1e12:.2f} TFLOP in the network"
     )
-    print(f"{'precision':>9} | " + " | ".join(f"{s:>10}" for s in stages) + f" | {'net GFLOP/s':>11}")
+    print(f"{'precision':>9} | " + " | ".join(f"{s:>10}" for s in names) + f" | {'net GFLOP/s':>11}")
     result = {"matmul_gflops": matmul_gflops, "network_tflop": flops / 1e12}
     for name, measured in runs.items():
-        medians = {s: statistics.median(run[s] for run in measured) for s in stages}
+        medians = {s: statistics.median(run[s] for run in measured) for s in names}
         rate = flops / medians["network"] / 1e9
-        print(f"{name:>9} | " + " | ".join(f"{medians[s]:9.2f}s" for s in stages) + f" | {rate:11.1f}")
+        print(f"{name:>9} | " + " | ".join(f"{medians[s]:9.2f}s" for s in names) + f" | {rate:11.1f}")
         result[name] = {**medians, "network_gflops": rate}
     print(f"fp32 matrix multiply (2048^2) in this run: {matmul_gflops:.1f} GFLOP/s")
     print(f"targets: total <= 15 s; network >= {matmul_gflops / 2:.1f} GFLOP/s (half the matmul rate)")
@@ -831,7 +748,7 @@ def run_all(
         paper_repeats: repetitions of the paper-size iteration.
         dataset_dir: see :func:`loader`.
         datalist: see :func:`loader`.
-        threads: CPU threads of the timings in this process (default: PyTorch's).
+        threads: CPU threads of the timings in this process.
     """
     start = time.perf_counter()
     _set_threads(threads)
@@ -871,18 +788,8 @@ def _command(function: Callable) -> Callable:
 
 
 if __name__ == "__main__":
-    commands = {
-        "all": run_all,
-        "offset_conv": offset_conv,
-        "generator": generator,
-        "iteration": iteration,
-        "compiled": compiled,
-        "explain": explain,
-        "memory": memory,
-        "memory_probe": memory_probe,
-        "loader": loader,
-        "inference": inference,
-    }
+    commands = (offset_conv, generator, iteration, compiled, explain, memory, memory_probe, loader, inference)
     if len(sys.argv) == 1 or (sys.argv[1].startswith("-") and sys.argv[1] not in ("-h", "--help")):
         sys.argv.insert(1, "all")  # no command: run everything
+    commands = {"all": run_all, **{function.__name__: function for function in commands}}
     fire.Fire({name: _command(function) for name, function in commands.items()}, name="benchmark")

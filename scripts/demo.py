@@ -39,12 +39,8 @@ def _run(command: list[str]) -> None:
 
 
 def evaluate(dataset_dir: str, ckpt_dir: str) -> list[dict]:
-    """PSNR of synthesis and of the baseline (the normalised source) for every test subject.
-
-    The synthesis is the one of ``configs/inference.json`` (``synthesis``: the generator and both domains'
-    preprocessing rebuilt from ``ckpt_dir/settings.json``), so any preset works: CycleGAN without offsets, a CT
-    target, ...
-    """
+    """PSNR of synthesis and of the baseline (the normalised source) for every test subject, through
+    ``configs/inference.json``'s ``synthesis`` rebuilt from ``ckpt_dir/settings.json`` (so any preset works)."""
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
     parser.update({"bundle_root": str(ROOT), "ckpt_dir": ckpt_dir})
@@ -78,20 +74,8 @@ def main(
     python = sys.executable
     if not (ROOT / dataset_dir / "datalist.json").exists():
         _run([python, "-m", "scripts.make_demo_data", "--output_dir", dataset_dir, "--seed", str(seed)])
-    _run(
-        [
-            python,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            f"['configs/train.json','{preset}']",
-            "--dataset_dir",
-            dataset_dir,
-            "--seed",
-            str(seed),
-        ]
-    )
+    options = ["--config_file", f"['configs/train.json','{preset}']", "--dataset_dir", dataset_dir, "--seed", str(seed)]
+    _run([python, "-m", "monai.bundle", "run", *options])
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / "train.json"), str(ROOT / preset)])
     parser["bundle_root"] = str(ROOT)

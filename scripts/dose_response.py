@@ -5,24 +5,16 @@ Usage (from the repository root)::
     python -m scripts.dose_response instrument --output_dir study_dose   # the measuring instrument first
     python -m scripts.dose_response study --output_dir study_dose --budget 1 [--dry_run]
 
-The T2 volumes of the phantom are distorted by one fixed smooth field (:class:`bundle.transforms.DomainDistortion`)
-scaled to peak magnitudes of 0, 5, 10 and 20 mm; the field's shape is the same at every level (same seed and
-control-point spacing), only its size changes. The spacing is 80 mm rather than the 40 mm of ``reproduce.py``'s
-deformed experiment, because a 20 mm peak breaks the injectivity bound of a 40 mm lattice.
+T2 is distorted by one fixed smooth field (:class:`bundle.transforms.DomainDistortion`, same seed and 80 mm
+control-point spacing at every level) scaled to peaks of 0, 5, 10 and 20 mm.
 
-``instrument``: before training anything, the residual-displacement registration
-(:func:`bundle.registration.residual_displacement`, on the evaluation's preprocessed grid and mask, in both of the
-evaluation's directions) is run on the ground truth against its distorted copy, and the recovered mean displacement
-is compared with the applied one, evaluated analytically from the distortion's B-spline field on the mask's voxels.
+``instrument``: registers each test subject's ground truth against its distorted copy as the evaluation does (both
+directions) and compares the recovered mean displacement with the analytic one of the B-spline field on the mask.
 
-``study``: CycleGAN (``configs/cyclegan.json``) and DicycleGAN (paper settings) are trained on PD <-> T2 at every
-level (plus two more training seeds at 10 mm, or at the ``--replicate_levels_mm``) at one of
-:mod:`scripts.tooling.study`'s presets, evaluated on the held-out phantom subjects, and the copy fraction (the OLS
-slope of the residual displacement against the applied mean displacement, with its 95 % confidence interval) is
-reported per method and direction, beside PSNR/SSIM at every level, a figure of residual against applied
-displacement and a Fig. 4-style panel at 20 mm. Finished runs are not retrained and metrics measured after a run's
-training are read back, so the command can be repeated (e.g. after an interruption, or in the background with
-``nohup ... &``).
+``study``: trains CycleGAN and DicycleGAN at every level (more seeds at ``--replicate_levels_mm``) at a preset of
+:mod:`scripts.tooling.study`, evaluates them on the held-out subjects and reports the copy fraction (OLS slope of
+residual against applied mean displacement, 95 % CI) per method and direction, with PSNR/SSIM per level and figures.
+Finished runs and measured metrics are reused, so the command can be repeated.
 """
 
 from __future__ import annotations
@@ -78,27 +70,14 @@ SEEDS = (0, 1, 2)
 DISTORTION_SPACING_MM = 80.0
 DISTORTION_SEED = 0
 INSTRUMENT_TOLERANCE = 0.10
-# the study's marked section of docs/results.md (scripts.tooling.report.publish_section)
-SECTION = "dose-response-study"
-# wall time of one cpu-preset run on the 2-core reference machine (docs/results.md: 6 runs trained in 44.5 min,
-# evaluated with registration in 7.8 min); used for the estimate until this study has finished runs of its own
+SECTION = "dose-response-study"  # the study's marked section of docs/results.md
+# wall time (s) of one cpu-preset run on the 2-core reference machine, for the estimate before any run finished
 DEFAULT_TRAIN_S = 445.0
 DEFAULT_EVALUATE_S = 78.0
 
 
-# ------------------------------------------------------------------------------------------ the applied field
-
-
 def field_at_points(field: BSplineField, points_mm: np.ndarray) -> np.ndarray:
-    """Evaluate a B-spline field at scattered points of its own frame.
-
-    Args:
-        field: the field.
-        points_mm: ``(N, 3)`` coordinates in mm along the lattice axes.
-
-    Returns:
-        ``(N, components)`` float64 values.
-    """
+    """``(N, components)`` float64 values of a B-spline field at ``(N, 3)`` points (mm) of its own frame."""
     points_mm = np.asarray(points_mm, dtype=np.float64)
     bases = [field.basis_matrix(points_mm[:, axis], axis) for axis in range(3)]
     # one axis at a time keeps the intermediate at (N, components, n, n), not (N, n, n, n)
@@ -110,8 +89,8 @@ def field_at_points(field: BSplineField, points_mm: np.ndarray) -> np.ndarray:
 def _grid_frame_points(
     distortion: DomainDistortion, source_shape: Sequence[int], source_affine: np.ndarray, grid: torch.Tensor
 ) -> np.ndarray:
-    """Frame coordinates (mm) of every voxel of ``grid`` (a preprocessed MetaTensor ``(C, X, Y, Z)``), in the frame
-    where ``distortion`` distorted a volume of ``source_shape`` and ``source_affine``: ``(X, Y, Z, 3)``."""
+    """Frame coordinates (mm) ``(X, Y, Z, 3)`` of every voxel of ``grid`` (MetaTensor ``(C, X, Y, Z)``), in the frame
+    where ``distortion`` distorted a volume of ``source_shape`` and ``source_affine``."""
     axes_mm, frame_axis, _ = distortion._frame(source_shape, source_affine)
     shape = tuple(grid.shape[1:])
     index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=-1)
@@ -119,8 +98,7 @@ def _grid_frame_points(
     to_source = np.linalg.inv(np.asarray(source_affine, dtype=np.float64)) @ grid_affine
     source_index = index @ to_source[:3, :3].T + to_source[:3, 3]
     points = np.empty_like(source_index)
-    for d in range(3):
-        # axes_mm[d] is linear in the source index: its first value and step give the frame coordinate
+    for d in range(3):  # axes_mm[d] is linear in the source index
         step = axes_mm[d][1] - axes_mm[d][0] if len(axes_mm[d]) > 1 else 0.0
         points[..., frame_axis[d]] = axes_mm[d][0] + step * source_index[..., d]
     return points
@@ -133,10 +111,10 @@ def applied_displacement(
     grid: torch.Tensor,
     mask: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The distortion's displacement length (mm) at every voxel of a preprocessed grid, from its analytic field.
+    """Length (mm) of the distortion's displacement ``u`` at every voxel of a preprocessed grid, from its field.
 
-    The distorted volume samples the original at ``x + u(x)``, so registering the original (moving) onto the
-    distorted copy (fixed) recovers ``u`` on the fixed grid: this is the displacement to compare with.
+    The distorted volume samples the original at ``x + u(x)``: registering the original (moving) onto the distorted
+    copy (fixed) recovers ``u`` on the fixed grid.
 
     Args:
         distortion: the distortion that was applied.
@@ -147,6 +125,9 @@ def applied_displacement(
 
     Returns:
         ``(X, Y, Z)`` float64 lengths in mm, NaN outside ``mask``.
+
+    Raises:
+        ValueError: if ``mask`` does not match the grid's shape.
     """
     points, where = _masked_points(distortion, source_shape, source_affine, grid, mask)
     lengths = np.full(where.shape, np.nan)
@@ -162,22 +143,10 @@ def inverse_displacement(
     mask: np.ndarray | None = None,
     iterations: int = 30,
 ) -> np.ndarray:
-    """Length (mm) of the inverse distortion's displacement at every voxel of a preprocessed grid.
+    """Length (mm) of the inverse displacement ``v(x) = -u(x + v(x))`` (distorted copy onto the original), solved by
+    fixed-point iteration (a contraction: DomainDistortion's injectivity bound keeps the field's gradient below 1).
 
-    Registering the distorted copy (moving) onto the original (fixed) recovers ``v`` with ``v(x) = -u(x + v(x))``;
-    it is solved by fixed-point iteration, which converges because the field is a contraction (the injectivity
-    bound of :class:`~bundle.transforms.DomainDistortion` keeps its gradient below 1).
-
-    Args:
-        distortion: the distortion that was applied.
-        source_shape: spatial shape of the volume it was applied to.
-        source_affine: that volume's voxel-to-world affine.
-        grid: a volume preprocessed by the evaluation (MetaTensor ``(C, X, Y, Z)``).
-        mask: ``(X, Y, Z)`` voxels to evaluate (None: all).
-        iterations: fixed-point iterations.
-
-    Returns:
-        ``(X, Y, Z)`` float64 lengths in mm, NaN outside ``mask``.
+    Args and Returns as :func:`applied_displacement`; ``iterations``: fixed-point iterations.
     """
     points, where = _masked_points(distortion, source_shape, source_affine, grid, mask)
     v = np.zeros_like(points)
@@ -203,18 +172,9 @@ def _masked_points(
     return points[where], where
 
 
-# ---------------------------------------------------------------------------------------------------- datasets
-
-
 def level_datalist(data_dir: Path, level_mm: float, control_spacing_mm: float = DISTORTION_SPACING_MM) -> str:
-    """The datalist of one distortion level, derived once from the phantom's ``datalist.json``.
-
-    Every level goes through :func:`scripts.tooling.datasets.make_distorted_datalist` (0 mm too, an identity
-    distortion), so all levels have the same ground-truth keys and the same interpolation of the T2 volumes.
-
-    Returns:
-        The datalist's file name inside ``data_dir``.
-    """
+    """The file name (inside ``data_dir``) of one level's datalist, derived once from the phantom's ``datalist.json``
+    by :func:`scripts.tooling.datasets.make_distorted_datalist` (0 mm too, so every level is interpolated alike)."""
     name = f"datalist_dose_{level_mm:g}mm.json"
     if not (data_dir / name).is_file():
         log(f"distorting T2 by {level_mm:g} mm (peak) -> {name}")
@@ -231,18 +191,14 @@ def level_datalist(data_dir: Path, level_mm: float, control_spacing_mm: float = 
     return name
 
 
-def _distortion_of(data_dir: Path, datalist: str) -> DomainDistortion:
-    recipe = read_datalist(data_dir, datalist)["distortion"]
-    return DomainDistortion(recipe["max_displacement_mm"], recipe["control_spacing_mm"], seed=recipe["seed"])
-
-
 def applied_means(data_dir: Path, datalist: str, pixdim: Sequence[float]) -> dict[tuple[str, str], float]:
     """Analytic mean displacement (mm) over the evaluation's mask, per (subject, direction) of the test pairs.
 
-    A2B (a synthesis of T2 that copied the distortion against the real T2, undistorted mask): the inverse field;
-    B2A (the undistorted PD against the distorted PD, distorted mask): the field itself.
+    A2B (synthesis against the real T2, undistorted mask): the inverse field; B2A (undistorted PD against the
+    distorted PD, distorted mask): the field itself.
     """
-    distortion = _distortion_of(data_dir, datalist)
+    recipe = read_datalist(data_dir, datalist)["distortion"]
+    distortion = DomainDistortion(recipe["max_displacement_mm"], recipe["control_spacing_mm"], seed=recipe["seed"])
     masks = mask_preprocessing("image", pixdim)
     means = {}
     for entry in load_datalist(data_dir, datalist, "test"):
@@ -257,56 +213,60 @@ def applied_means(data_dir: Path, datalist: str, pixdim: Sequence[float]) -> dic
     return means
 
 
-# -------------------------------------------------------------------------------------------- the instrument
-
-
 def measure_instrument(
     data_dir: Path, datalist: str, pixdim: Sequence[float], registration: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """Register each test subject's ground truth against its distorted copy as the evaluation does
-    (:func:`scripts.tooling.study.distorted_copies`), beside the analytic displacement: one row per subject and
+    """Each test subject's ground truth registered against its distorted copy as the evaluation does
+    (:func:`scripts.tooling.study.distorted_copies`), beside the analytic displacement: a row per subject and
     direction."""
-    names = read_datalist(data_dir, datalist)["domains"]
-    level = float(read_datalist(data_dir, datalist)["distortion"]["max_displacement_mm"])
+    content = read_datalist(data_dir, datalist)
+    names, level = content["domains"], float(content["distortion"]["max_displacement_mm"])
     applied = applied_means(data_dir, datalist, pixdim)
     rows = []
     for copy in distorted_copies(data_dir, datalist, pixdim, **(registration or {})):
         subject, direction, result = copy["entry"]["subject"], copy["direction"], copy["displacement"]
         source, target = ("A", "B") if direction == "A2B" else ("B", "A")
-        rows.append(
-            {
-                "level_mm": level,
-                "subject": subject,
-                "direction": direction,
-                "experiment": f"{names[source]} to {names[target]}",
-                "applied_mm": applied[subject, direction],
-                "recovered_mm": result["mean_mm"],
-                "recovered_p95_mm": result["p95_mm"],
-                "seconds": copy["seconds"],
-            }
-        )
+        row = {
+            "level_mm": level,
+            "subject": subject,
+            "direction": direction,
+            "experiment": f"{names[source]} to {names[target]}",
+            "applied_mm": applied[subject, direction],
+            "recovered_mm": result["mean_mm"],
+            "recovered_p95_mm": result["p95_mm"],
+            "seconds": copy["seconds"],
+        }
+        rows.append(row)
         log(
-            f"{level:g} mm {subject} {rows[-1]['experiment']}: applied {rows[-1]['applied_mm']:.3f} mm, "
-            f"recovered {result['mean_mm']:.3f} mm ({rows[-1]['seconds']:.1f} s)"
+            f"{level:g} mm {subject} {row['experiment']}: applied {row['applied_mm']:.3f} mm, "
+            f"recovered {result['mean_mm']:.3f} mm ({row['seconds']:.1f} s)"
         )
     return rows
 
 
+def _group(rows: Sequence[Mapping[str, Any]], key: Any) -> dict[Any, list[Mapping[str, Any]]]:
+    """``rows`` by ``key(row)``, in order of appearance."""
+    groups: dict[Any, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(key(row), []).append(row)
+    return groups
+
+
+def _mean(group: Sequence[Mapping[str, Any]], name: str) -> float:
+    return statistics.fmean(float(r[name]) for r in group)
+
+
 def instrument_table(rows: Sequence[Mapping[str, Any]], tolerance: float = INSTRUMENT_TOLERANCE) -> str:
-    """Markdown table: per level and direction, the analytic and the recovered mean displacement (mean over the
-    test subjects) and their ratio; a level passes when the ratio is within ``tolerance`` of 1 (at 0 mm the
-    recovered displacement is the instrument's floor, in mm)."""
+    """Markdown: per level and direction, the analytic and the recovered mean displacement (mean over the test
+    subjects) and their ratio, which passes within ``tolerance`` of 1 (at 0 mm: the instrument's floor, in mm)."""
     lines = [
         "| peak (mm) | direction | applied mean (mm) | recovered mean (mm) | recovered / applied | n | within "
         f"{tolerance:.0%} |",
         "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
     ]
-    groups: dict[tuple[float, str], list[Mapping[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((float(row["level_mm"]), str(row["experiment"])), []).append(row)
+    groups = _group(rows, lambda r: (float(r["level_mm"]), str(r["experiment"])))
     for (level, experiment), group in sorted(groups.items()):
-        applied = statistics.fmean(float(r["applied_mm"]) for r in group)
-        recovered = statistics.fmean(float(r["recovered_mm"]) for r in group)
+        applied, recovered = _mean(group, "applied_mm"), _mean(group, "recovered_mm")
         if applied > 0:
             ratio = f"{recovered / applied:.3f}"
             verdict = "yes" if abs(recovered / applied - 1.0) <= tolerance else "**no**"
@@ -330,11 +290,8 @@ def instrument(
     control_spacing_mm: float = DISTORTION_SPACING_MM,
     tolerance: float = INSTRUMENT_TOLERANCE,
 ) -> dict[str, Any]:
-    """Check the measuring instrument: does the registration recover the applied distortion on the study's data?
-
-    Builds (or reuses) the preset's phantom and each level's distorted datalist, registers every test subject's
-    ground truth against its distorted copy in both evaluation directions, prints the table and writes
-    ``OUTPUT_DIR/instrument.md`` and ``OUTPUT_DIR/metrics/instrument.csv``.
+    """Check the measuring instrument: does the registration recover the applied distortion at each level? Writes
+    ``OUTPUT_DIR/instrument.md``, ``instrument.json`` and ``metrics/instrument.csv``.
 
     Args:
         output_dir: the study folder (its ``data/`` is shared with ``study``).
@@ -345,8 +302,7 @@ def instrument(
         tolerance: largest relative error of a level's recovered mean displacement.
 
     Returns:
-        ``{"rows", "table", "passed", "seconds"}``; ``passed`` is True when every level with a non-zero applied
-        displacement is within ``tolerance``.
+        ``{"rows", "table", "passed", "seconds"}``; ``passed``: every non-zero level is within ``tolerance``.
     """
     start = time.perf_counter()
     output = Path(output_dir).resolve()
@@ -365,9 +321,9 @@ def instrument(
         writer.writerows(rows)
     seconds = time.perf_counter() - start
     passed = all(
-        abs(statistics.fmean(float(r["recovered_mm"]) for r in group) / applied - 1.0) <= tolerance
-        for group, applied in _level_groups(rows)
-        if applied > 0
+        abs(_mean(group, "recovered_mm") / _mean(group, "applied_mm") - 1.0) <= tolerance
+        for group in _group(rows, lambda r: (float(r["level_mm"]), str(r["direction"]))).values()
+        if _mean(group, "applied_mm") > 0
     )
     text = (
         f"Instrument check at pixdim {pixdim} mm, preset {preset}, distortion lattice {control_spacing_mm:g} mm, "
@@ -382,38 +338,24 @@ def instrument(
     return {"rows": rows, "table": table, "passed": passed, "seconds": seconds}
 
 
-def _level_groups(rows: Sequence[Mapping[str, Any]]) -> list[tuple[list[Mapping[str, Any]], float]]:
-    groups: dict[tuple[float, str], list[Mapping[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((float(row["level_mm"]), str(row["direction"])), []).append(row)
-    return [(group, statistics.fmean(float(r["applied_mm"]) for r in group)) for group in groups.values()]
-
-
-# --------------------------------------------------------------------------------------------------- analysis
-
-
 def copy_fraction(
     applied_mm: Sequence[float],
     residual_mm: Sequence[float],
     confidence: float = 0.95,
     groups: Sequence[Any] | None = None,
 ) -> dict:
-    """Least-squares line of residual displacement against applied displacement.
-
-    The slope is the copy fraction: the share of each further millimetre of distortion that a method's syntheses
-    carry; the intercept is what it is displaced without any distortion.
+    """Least-squares line of residual against applied displacement; its slope is the copy fraction.
 
     Args:
         applied_mm: applied mean displacement of each run (x).
-        residual_mm: residual displacement of each run's syntheses (y); several runs at one x are replicates.
-        confidence: level of the two-sided confidence interval of the slope (Student t).
-        groups: the block of each point (its training seed), or None for one line through all points. With blocks,
-            each block has its own intercept and the slope is fitted within blocks (analysis of covariance), so
-            that an offset between seeds does not enter the slope.
+        residual_mm: residual displacement of each run's syntheses (y); runs at one x are replicates.
+        confidence: level of the two-sided Student t confidence interval of the slope.
+        groups: each point's block (its training seed): one intercept per block, the slope fitted within blocks
+            (analysis of covariance); None: one line through all points.
 
     Returns:
-        ``{"slope", "intercept", "se", "ci_low", "ci_high", "n"}``; ``intercept`` is the mean point's, and the
-        standard error and the interval (n - blocks - 1 degrees of freedom) are NaN where there are none left.
+        ``{"slope", "intercept", "se", "ci_low", "ci_high", "n"}``; ``intercept`` is the mean point's; ``se`` and
+        the interval (n - blocks - 1 degrees of freedom) are NaN where no degree of freedom is left.
 
     Raises:
         ValueError: if the lengths differ or the applied displacements do not vary (within a block).
@@ -446,13 +388,7 @@ def copy_fraction(
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One training run of the study.
-
-    Args:
-        level_mm: peak distortion of T2 (mm).
-        seed: training seed.
-        method: ``"Cycle"`` or ``"Dicycle"``.
-    """
+    """One training run of the study: T2's peak distortion (mm), training seed, ``"Cycle"`` or ``"Dicycle"``."""
 
     level_mm: float
     seed: int
@@ -492,7 +428,7 @@ def estimate_seconds(runs: Sequence[Run], runs_dir: Path, budget: int) -> tuple[
         if _trained(runs_dir, run)
     ]
     per_run = statistics.fmean(done) if done else DEFAULT_TRAIN_S * budget
-    left = sum(not _trained(runs_dir, run) for run in runs)
+    left = len(runs) - len(done)
     return left * per_run + len(runs) * DEFAULT_EVALUATE_S, left
 
 
@@ -501,27 +437,22 @@ def _trained(runs_dir: Path, run: Run) -> bool:
 
 
 def run_means(rows: Sequence[Mapping[str, Any]], metric: str = "displacement_mm") -> dict[tuple, float]:
-    """Mean of ``metric`` over each run's test volumes: ``{(method, direction, level_mm, seed): mean}``.
-
-    Volumes without a value (a registration that failed: NaN) are left out, and a run with none is left out.
-    """
-    groups: dict[tuple, list[float]] = {}
-    for row in rows:
-        key = (row["method"], row["direction"], float(row["level_mm"]), int(row["seed"]))
-        value = float(row.get(metric, "nan"))
-        groups.setdefault(key, [])
-        if math.isfinite(value):
-            groups[key].append(value)
-    return {key: statistics.fmean(values) for key, values in groups.items() if values}
+    """Mean of ``metric`` over each run's test volumes: ``{(method, direction, level_mm, seed): mean}``; NaN values
+    (a failed registration) are left out, and so is a run with none left."""
+    groups = _group(rows, lambda r: (r["method"], r["direction"], float(r["level_mm"]), int(r["seed"])))
+    values = {
+        key: [v for v in (float(r.get(metric, "nan")) for r in group) if math.isfinite(v)]
+        for key, group in groups.items()
+    }
+    return {key: statistics.fmean(v) for key, v in values.items() if v}
 
 
 def copy_fractions(
     rows: Sequence[Mapping[str, Any]], applied: Mapping[tuple[float, str], float], within_seeds: bool = False
 ) -> dict[tuple[str, str], dict]:
-    """The copy fraction per (method, direction): one point per run, x = the level's applied mean displacement
-    (analytic, mean over the test subjects), y = the run's mean residual displacement; ``within_seeds``: one
-    intercept per training seed (:func:`copy_fraction` with the seeds as groups). Where the applied displacement
-    does not vary (within a seed), or no run has a measured volume, the fit is NaN."""
+    """The copy fraction (:func:`copy_fraction`) per (method, direction), one point per run: x the level's applied
+    mean displacement, y the run's mean residual displacement; ``within_seeds``: one intercept per training seed.
+    NaN where there is no slope to take (no variation, no measured volume)."""
     # every (method, direction) of the rows, also one whose registrations all failed
     points: dict[tuple[str, str], list[tuple[float, float, int]]] = {(r["method"], r["direction"]): [] for r in rows}
     for (method, direction, level, seed), residual in sorted(run_means(rows).items()):
@@ -532,17 +463,23 @@ def copy_fractions(
         try:
             x, y, seeds = zip(*values, strict=True) if values else ((), (), ())
             fits[key] = copy_fraction(x, y, groups=seeds if within_seeds else None)
-        except ValueError:  # no slope to take
+        except ValueError:
             fits[key] = {"slope": nan, "intercept": nan, "se": nan, "ci_low": nan, "ci_high": nan, "n": len(values)}
     return fits
 
 
 def _percent(fit: Mapping[str, float]) -> str:
-    """``"X ± Y %"``: the slope in percent, +- the half-width of its 95 % confidence interval (when it has one)."""
+    """``"X ± Y %"``: the slope in percent, ± the half-width of its 95 % confidence interval (when it has one)."""
     slope = round(100.0 * fit["slope"]) if math.isfinite(fit["slope"]) else fit["slope"]  # an int: no "-0"
     if math.isnan(fit["se"]):
         return f"{slope} %"
     return f"{slope} ± {round(100.0 * (fit['ci_high'] - fit['slope']))} %"
+
+
+def _copies(fits: Mapping[tuple[str, str], Mapping[str, float]], within_seeds: Mapping | None, *key: str) -> str:
+    """``"<method>GAN copies X ± Y %"``, and ``" (... within seeds)"`` where given."""
+    within = f" ({_percent(within_seeds[key])} within seeds)" if within_seeds else ""
+    return f"{key[0]}GAN copies {_percent(fits[key])}{within}"
 
 
 def copy_fraction_table(
@@ -578,15 +515,12 @@ def seed_spread(
     replicate_levels_mm: Sequence[float],
     baseline: tuple[float, int],
 ) -> dict[tuple[str, str, float], dict[str, Any]]:
-    """The spread between training seeds at each replicate level, per (method, direction, level).
+    """The spread between training seeds at each replicate level: ``{(method, direction, level_mm): {"residual":
+    {seed: mm}, "copy": {seed: slope or None}}}``, for the (method, direction) pairs with a baseline run.
 
     Each seed's copy fraction is the two-point slope to its run from the same seed's run at the baseline level
-    (``baseline = (level_mm, first_seed)``: the undistorted level), or from the first seed's run there when that
-    seed was not trained at the baseline level. At the baseline level itself there is no slope (``None``).
-
-    Returns:
-        ``{(method, direction, level_mm): {"residual": {seed: mm}, "copy": {seed: slope or None}}}`` for the
-        replicate levels of the pairs with a baseline run.
+    (``baseline = (level_mm, first_seed)``), or from the first seed's run there when that seed has none; at the
+    baseline level itself it is ``None``.
     """
     baseline_mm = baseline[0]
     means = run_means(rows)
@@ -629,16 +563,11 @@ def level_table(rows: Sequence[Mapping[str, Any]], applied: Mapping[tuple[float,
         "| n |",
         "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    groups: dict[tuple[float, str, str], list[Mapping[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((float(row["level_mm"]), row["direction"], row["method"]), []).append(row)
+    groups = _group(rows, lambda r: (float(r["level_mm"]), r["direction"], r["method"]))
     for (level, direction, method), group in sorted(groups.items()):
         cells = [mean_sd([float(r[name]) for r in group], decimals) for name, decimals in metrics]
-        lines.append(
-            f"| {level:g} | {applied[level, direction]:.2f} | {group[0]['experiment']} | {method} | "
-            + " | ".join(cells)
-            + f" | {len(group)} |"
-        )
+        head = f"| {level:g} | {applied[level, direction]:.2f} | {group[0]['experiment']} | {method} | "
+        lines.append(head + " | ".join(cells) + f" | {len(group)} |")
     return "\n".join(lines)
 
 
@@ -649,8 +578,8 @@ def dose_figure(
     fits: Mapping[tuple[str, str], Mapping[str, float]],
     labels: Mapping[str, str],
 ) -> Path:
-    """Residual against applied displacement, one panel per direction, one line (the OLS fit) per method; points
-    are the mean over the seeds of each level's run means, error bars their sample sd (where there are seeds)."""
+    """Residual against applied displacement, a panel per direction, the OLS fit per method; points are the mean
+    over the seeds of each level's run means, error bars their sample sd (where there are seeds)."""
     means = run_means(rows)
     directions = sorted({direction for _, direction, _, _ in means})
     figure = Figure(figsize=(6 * len(directions), 4.6), dpi=100)
@@ -670,15 +599,10 @@ def dose_figure(
             x = [applied[level, direction] for level in levels]
             y = [statistics.fmean(by_level[level]) for level in levels]
             sd = [statistics.stdev(by_level[level]) if len(by_level[level]) > 1 else 0.0 for level in levels]
-            colour = METHOD_COLOURS[method]
+            colour, fit = METHOD_COLOURS[method], fits[method, direction]
             ax.errorbar(x, y, yerr=sd, fmt="o", color=colour, capsize=4)
-            fit = fits[method, direction]
-            ax.plot(
-                [0, top],
-                [fit["intercept"], fit["intercept"] + fit["slope"] * top],
-                color=colour,
-                label=f"{method}GAN: copies {_percent(fit)}",
-            )
+            ends = [fit["intercept"], fit["intercept"] + fit["slope"] * top]
+            ax.plot([0, top], ends, color=colour, label=f"{method}GAN: copies {_percent(fit)}")
         ax.set_title(labels[direction])
         ax.set_xlabel("applied mean displacement on the mask (mm, analytic)")
         ax.set_ylabel("residual displacement of the synthesis (mm)")
@@ -687,9 +611,6 @@ def dose_figure(
     figure.tight_layout()
     figure.savefig(path, bbox_inches="tight")
     return path
-
-
-# ------------------------------------------------------------------------------------------------------ study
 
 
 def study(
@@ -711,34 +632,29 @@ def study(
 ) -> dict[str, Any]:
     """Train CycleGAN and DicycleGAN at every distortion level, evaluate them and report the copy fractions.
 
-    On one GPU, e.g. ``--preset gpu --device cuda --concurrent 8 --time_limit_s 240 --check_instrument``: the
-    instrument is checked, eight runs at the paper's width train side by side for four minutes each, then all are
-    evaluated.
+    On one GPU, e.g. ``--preset gpu --device cuda --concurrent 8 --time_limit_s 240 --check_instrument``.
 
     Args:
         output_dir: where the data, runs, metrics, figures and ``results.md`` go.
-        preset: a preset of :data:`scripts.tooling.study.PRESETS` (``cpu``: its widths and budget; ``smoke``: tests).
+        preset: a preset of :data:`scripts.tooling.study.PRESETS` (``smoke``: tests).
         levels: peak distortions of T2 in mm (comma-separated or a list).
         seeds: training seeds used at the ``replicate_levels_mm``; the other levels use the first.
         replicate_levels_mm: the levels trained with every seed (comma-separated or a list).
         budget: train ``budget`` times the preset's epochs, all runs alike.
         dataset_dir: an existing phantom folder to use instead of building ``OUTPUT_DIR/data``.
         dry_run: print the planned runs and the estimate, train nothing.
-        skip_instrument_check: train even though ``OUTPUT_DIR/instrument.json`` does not record a passed
-            instrument check (``instrument`` command) at every level of the study.
-        publish_dir: also put the text into its section of ``PUBLISH_DIR/results.md`` (between the
-            ``<!-- dose-response-study -->`` markers; another budget has a section of its own) and copy the figures
-            to ``PUBLISH_DIR/figures``.
-        methods: the methods to train (``Cycle``, ``Dicycle``; comma-separated or a list), e.g. one method at
-            another budget.
+        skip_instrument_check: train even without a passed instrument check at every level in
+            ``OUTPUT_DIR/instrument.json``.
+        publish_dir: also put the text into its marked section of ``PUBLISH_DIR/results.md`` (another budget has
+            one of its own) and copy the figures to ``PUBLISH_DIR/figures``.
+        methods: the methods to train (``Cycle``, ``Dicycle``; comma-separated or a list).
         device: train and evaluate on this device (e.g. ``cuda``); None: the config's (CUDA when present).
         concurrent: runs trained side by side, each in its own process (its output in ``runs/<run>/train.log``).
         time_limit_s: stop each run's training after this many seconds (its epochs otherwise).
-        check_instrument: run the instrument check first (``instrument`` at the study's levels) when this output
-            folder holds none that passed; the study trains only if it passes.
+        check_instrument: run ``instrument`` at the study's levels first unless a passed check is recorded.
 
     Returns:
-        ``{"results", "fits", "rows", "runs"}``; ``results`` is None for a dry run.
+        ``{"results", "fits", "within_seeds", "rows", "runs"}``; a dry run: ``results`` None, no ``within_seeds``.
 
     Raises:
         ValueError: for a bad budget, fewer than two levels, a replicate level that is not one of the levels, or
@@ -746,8 +662,7 @@ def study(
         RuntimeError: if the instrument check has not passed at every level (unless ``skip_instrument_check``).
     """
     settings = on_device(select_preset(preset, budget), device, time_limit_s)
-    levels = as_list(levels, float)
-    seeds = as_list(seeds, int)
+    levels, seeds = as_list(levels, float), as_list(seeds, int)
     if len(set(levels)) < 2:
         raise ValueError(f"a slope needs at least two distortion levels, got {levels}.")
     replicate_levels_mm = as_list(replicate_levels_mm, float)
@@ -782,20 +697,15 @@ def study(
 
     data_dir, _ = prepare_data(output, settings, dataset_dir, seed=0)
     datalists = {level: level_datalist(data_dir, level) for level in levels}
-    trained = train_and_evaluate(
-        output,
-        [StudyRun(run.name, run.experiment(datalists[run.level_mm]), run.method, run.seed) for run in runs],
-        settings,
-        data_dir,
-        concurrent,
-    )
+    study_runs = [StudyRun(run.name, run.experiment(datalists[run.level_mm]), run.method, run.seed) for run in runs]
+    trained = train_and_evaluate(output, study_runs, settings, data_dir, concurrent)
     rows = [
         {**row, "method": run.method, "level_mm": run.level_mm, "seed": run.seed}
         for run in runs
         for row in trained.rows[run.name]
     ]
-    pixdim = settings.pixdim()
     applied: dict[tuple[float, str], float] = {}
+    pixdim = settings.pixdim()
     for level in levels:
         by_subject = applied_means(data_dir, datalists[level], pixdim)
         for direction, *_ in DIRECTIONS:
@@ -808,11 +718,8 @@ def study(
     top = max(levels)
     panel = {run.method: trained.parsers[run.name] for run in runs if run.level_mm == top and run.seed == seeds[0]}
     if set(panel) == set(METHODS):
-        figures["fig4"] = comparison_figure(
-            output / "figures" / f"fig4_{top:g}mm{suffix}.png",
-            Run(top, seeds[0], "Dicycle").experiment(datalists[top]),
-            panel,
-        )
+        path = output / "figures" / f"fig4_{top:g}mm{suffix}.png"
+        figures["fig4"] = comparison_figure(path, Run(top, seeds[0], "Dicycle").experiment(datalists[top]), panel)
     spread = seed_spread(rows, applied, replicate_levels_mm, (min(levels), seeds[0]))
     records = [trained.records[run.name] for run in runs]
     flags = {  # the study's own flags, those left at their defaults omitted
@@ -831,12 +738,10 @@ def study(
         "time_limit_s": f"{time_limit_s:g}" if time_limit_s is not None else None,
         "check_instrument": True if check_instrument else None,
     }
-    command = command_line("scripts.dose_response study", flags)
-    instrument_text = (
-        (output / "instrument.md").read_text(encoding="utf-8") if (output / "instrument.md").is_file() else None
-    )
+    instrument_md = output / "instrument.md"
+    instrument_text = instrument_md.read_text(encoding="utf-8") if instrument_md.is_file() else None
     text = results_markdown(
-        command,
+        command_line("scripts.dose_response study", flags),
         preset,
         budget,
         runs,
@@ -859,9 +764,8 @@ def study(
     log(f"wrote {results}")
     if publish_dir:
         publish(publish_dir, text, figures.values(), section=SECTION + suffix.replace("_", "-"))
-    for (method, direction), fit in sorted(fits.items()):
-        within = f" ({_percent(within_seeds[method, direction])} within seeds)" if within_seeds else ""
-        print(f"{labels[direction]}: {method}GAN copies {_percent(fit)}{within} of the distortion")
+    for method, direction in sorted(fits):
+        print(f"{labels[direction]}: {_copies(fits, within_seeds, method, direction)} of the distortion")
     return {"results": str(results), "fits": fits, "within_seeds": within_seeds, "rows": rows, "runs": runs}
 
 
@@ -896,42 +800,27 @@ def results_markdown(
     training_min = sum(record["seconds"] for record in records) / 60.0
     claim = "; ".join(
         f"{labels[direction]}: "
-        + ", ".join(
-            f"{method}GAN copies {_percent(fits[method, direction])}"
-            + (f" ({_percent(within_seeds[method, direction])} within seeds)" if within_seeds else "")
-            for method in METHODS
-            if (method, direction) in fits
-        )
+        + ", ".join(_copies(fits, within_seeds, method, direction) for method in METHODS if (method, direction) in fits)
         for direction in sorted(labels)
     )
     seeds = sorted({run.seed for run in runs})
     at_budget = "" if budget == 1 else f" at {budget}x the preset's budget"
     lines = [
-        f"## Dose-response study{at_budget}: how much of a T2 distortion do the syntheses copy?",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        f"## Dose-response study{at_budget}: how much of a T2 distortion do the syntheses copy?\n",
+        f"```bash\n{command}\n```\n",
         f"Preset `{preset}` ({PRESETS[preset].description}), budget {budget}; {len(runs)} runs "
         f"(seeds {', '.join(map(str, seeds))} at {_mm_list(replicate_levels_mm, ', ')} mm, the "
         f"first seed elsewhere), training {training_min:.1f} min in all on {machine or platform.machine()} "
         "(runs may share it: then each takes longer). T2 distorted by one "
         f"smooth field ({DISTORTION_SPACING_MM:g} mm lattice, seed {DISTORTION_SEED}) scaled to each peak; applied "
         "mean displacement evaluated analytically on the evaluation's mask. Every run is evaluated on the held-out "
-        "subjects by `configs/evaluate.json`.",
-        "",
-        f"**Headline** (copy fraction ± the half-width of its 95 % CI): {claim}.",
-        "",
-        "### The measuring instrument",
-        "",
+        "subjects by `configs/evaluate.json`.\n",
+        f"**Headline** (copy fraction ± the half-width of its 95 % CI): {claim}.\n",
+        "### The measuring instrument\n",
         "Each test subject's undistorted ground truth registered against its distorted copy exactly as the "
-        "evaluation registers a synthesis (`python -m scripts.dose_response instrument`, same output folder):",
-        "",
-        instrument_text.strip() if instrument_text else "Not run in this output folder.",
-        "",
-        "### Copy fraction",
-        "",
+        "evaluation registers a synthesis (`python -m scripts.dose_response instrument`, same output folder):\n",
+        (instrument_text.strip() if instrument_text else "Not run in this output folder.") + "\n",
+        "### Copy fraction\n",
         "OLS slope of each run's mean residual displacement against the level's applied mean displacement (one point "
         "per run, the seeds of a replicate level as replicates), 95 % CI from Student's t with n - 2 degrees of "
         "freedom. The intercept is the residual displacement without any distortion."
@@ -942,26 +831,19 @@ def results_markdown(
             else ""
         ),
         "",
-        copy_fraction_table(fits, labels, within_seeds),
-        "",
-        f"![dose response](figures/{figures['dose'].name})",
-        "",
+        copy_fraction_table(fits, labels, within_seeds) + "\n",
+        f"![dose response](figures/{figures['dose'].name})\n",
     ]
     if len(seeds) > 1:
         lines += [
-            f"### Spread between seeds at {_mm_list(replicate_levels_mm, ', ')} mm",
-            "",
+            f"### Spread between seeds at {_mm_list(replicate_levels_mm, ', ')} mm\n",
             "Each seed's copy fraction is the two-point slope to that seed's run from the undistorted run of the same "
-            "seed (of the first seed where that seed has no undistorted run).",
-            "",
-            seed_table(spread, labels),
-            "",
+            "seed (of the first seed where that seed has no undistorted run).\n",
+            seed_table(spread, labels) + "\n",
         ]
     lines += [
-        "### Runs",
-        "",
-        "Training wall time and iterations (slice pairs) of each run, from its `run.json` and checkpoint.",
-        "",
+        "### Runs\n",
+        "Training wall time and iterations (slice pairs) of each run, from its `run.json` and checkpoint.\n",
         "| run | training (s) | iterations |",
         "| --- | ---: | ---: |",
         *(
@@ -969,16 +851,13 @@ def results_markdown(
             for run, record in zip(runs, records, strict=True)
         ),
         "",
-        "### Table 2 at every level",
-        "",
+        "### Table 2 at every level\n",
         "Mean (sd) over the test volumes (at a replicate level, the volumes of every seed together); MSE, PSNR and "
-        "SSIM on the paper's scale.",
-        "",
-        level_table(rows, applied),
-        "",
+        "SSIM on the paper's scale.\n",
+        level_table(rows, applied) + "\n",
     ]
     if "fig4" in figures:
-        lines += [f"![Fig. 4 at the largest distortion](figures/{figures['fig4'].name})", ""]
+        lines += [f"![Fig. 4 at the largest distortion](figures/{figures['fig4'].name})\n"]
     return "\n".join(lines)
 
 

@@ -9,29 +9,22 @@ Usage (from the repository root)::
     # check an exported bundle folder again (a clean copy of it, in a fresh interpreter)
     python -m scripts.export_bundle verify dist/dicyclegan_cross_domain_synthesis
 
-``export`` writes ``dist/<name>/`` and ``dist/<name>_v<version>.zip`` (the folder at the top of the zip, as zoo
-releases are laid out):
+``export`` writes ``dist/<name>/`` and ``dist/<name>_v<version>.zip`` (the folder at the top of the zip):
 
-- ``configs/``: every config of the repository as it is (``train.json`` and ``inference.json`` stand alone, the
-  rest are overlays on ``train.json``, as in the zoo); ``metadata.json`` gets the new version and its changelog
-  entry (newest first), and ``--overrides`` are written into every config that declares the id;
-- ``models/``: ``model.pt``, ``model.ts`` built in the folder by ``monai.bundle.ckpt_export`` (the zoo's default:
-  ``torch.jit.script``), and the same for ``model_g_ba.pt`` (direction B2A) when it exists;
-  ``intensity_reference.json`` (the intensity scales inference uses to write HU / MR units) and ``settings.json``
-  (the network and geometry settings inference, evaluation and ``ckpt_export`` rebuild the networks from) when they
-  exist;
-- ``bundle/`` (the custom code the configs reference), ``docs/`` (the model card, ``data_license.txt``), ``LICENSE``;
-  not ``scripts/``: the phantom, dataset builders, studies and benchmarks are tooling of this repository;
-- ``large_files.yml``: the model files with their md5 and a URL placeholder (``--base_url`` fills it). The zoo keeps
-  large files out of its repository: upload them, put the URLs in, and drop ``models/*.pt|ts`` from the pull request.
+- ``configs/`` as they are, ``metadata.json`` with the new version and its changelog entry (newest first), and
+  ``--overrides`` written into every config that declares the id;
+- ``models/``: ``model.pt`` and ``model.ts`` (``monai.bundle.ckpt_export``, ``torch.jit.script``), the same for
+  ``model_g_ba.pt`` (B2A) when it exists, ``intensity_reference.json`` and ``settings.json`` when they exist;
+- ``bundle/`` (the custom code), ``docs/`` (model card, ``data_license.txt``), ``LICENSE``; not ``scripts/``;
+- ``large_files.yml``: the model files with their md5 and a URL placeholder (``--base_url`` fills it): upload the
+  files, put the URLs in, and drop ``models/*.pt|ts`` from the zoo pull request.
 
-The checks (``verify``, run at the end of ``export``) copy the folder to a temporary directory and run, in a new
-interpreter whose ``PYTHONPATH`` is that copy only (so nothing of this repository leaks in), what the model zoo's
-``ci/verify_bundle.py`` runs: required files, ``large_files.yml`` (files present, hashes right), version in the
-changelog, ``verify_metadata`` against the schema (the offline copy in ``tests/data``), ``verify_net_in_out`` and
-``ckpt_export`` of ``network_def`` from ``configs/inference.json`` alone, and loading
-``models/model.ts``. On top of the zoo: the shipped TorchScript files equal the undeformed pass of
-``DicycleGenerator`` with the checkpoint (1e-5, CPU, two slice sizes), and carry this bundle's metadata.
+The checks (``verify``, run at the end of ``export``) run on a temporary copy, in an interpreter whose
+``PYTHONPATH`` is that copy only, what the zoo's ``ci/verify_bundle.py`` runs: required files, ``large_files.yml``
+hashes, version in the changelog, ``verify_metadata`` (schema copy in ``tests/data``), ``verify_net_in_out`` and
+``ckpt_export`` from ``configs/inference.json`` alone, loading ``models/model.ts``; and on top, that the shipped
+TorchScript files equal ``DicycleGenerator``'s undeformed pass (1e-5, CPU, two slice sizes) and carry this
+bundle's metadata.
 """
 
 from __future__ import annotations
@@ -106,19 +99,11 @@ def _parse_version(version: str) -> tuple[int, int, int]:
     match = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", str(version))
     if not match:
         raise BundleExportError(f"version {version!r} is not of the form MAJOR.MINOR.PATCH (e.g. 0.2.0).")
-    major, minor, patch = (int(g) for g in match.groups())
-    return major, minor, patch
+    return tuple(int(g) for g in match.groups())  # type: ignore[return-value]
 
 
 def bump_version(version: str) -> str:
-    """The next patch version.
-
-    Args:
-        version: ``MAJOR.MINOR.PATCH``.
-
-    Returns:
-        ``MAJOR.MINOR.(PATCH + 1)``.
-    """
+    """The next patch version: ``MAJOR.MINOR.PATCH`` -> ``MAJOR.MINOR.(PATCH + 1)``."""
     major, minor, patch = _parse_version(version)
     return f"{major}.{minor}.{patch + 1}"
 
@@ -330,27 +315,14 @@ def _assemble(
         _check_checkpoint_fits(source, inference, meta_file, net_id, out)
         shutil.copy2(source, out / "models" / checkpoint)
         print(f"      models/{checkpoint} <- {_rel(source, ROOT)}; ckpt_export {net_id} -> models/{torchscript}")
-        ckpt_export(
-            net_id=net_id,
-            filepath=str(out / "models" / torchscript),
-            ckpt_file=str(out / "models" / checkpoint),
-            meta_file=str(meta_file),
-            config_file=inference,
-            bundle_root=str(out),
-        )
+        target = {"filepath": str(out / "models" / torchscript), "ckpt_file": str(out / "models" / checkpoint)}
+        ckpt_export(net_id=net_id, **target, meta_file=str(meta_file), config_file=inference, bundle_root=str(out))
         written += [f"models/{checkpoint}", f"models/{torchscript}"]
 
-    entries = [
-        {
-            "path": path,
-            "url": f"{base_url.rstrip('/')}/{out.name}_v{version}_{Path(path).name}"
-            if base_url
-            else f"<URL of {path}>",
-            "hash_val": _file_hash(out / path),
-            "hash_type": "md5",
-        }
-        for path in written
-    ]
+    entries = []
+    for path in written:
+        url = f"{base_url.rstrip('/')}/{out.name}_v{version}_{Path(path).name}" if base_url else f"<URL of {path}>"
+        entries.append({"path": path, "url": url, "hash_val": _file_hash(out / path), "hash_type": "md5"})
     (out / "large_files.yml").write_text(_large_files_yaml(entries), encoding="utf-8")
     return written
 
@@ -372,11 +344,10 @@ def export(
     Args:
         name: bundle name (the folder name in the zoo's ``models/``).
         output_dir: where ``<name>/`` and ``<name>_v<version>.zip`` are written (relative to the repository root).
-        version: the new bundle version; default: the patch after ``configs/metadata.json``'s version. Must be
-            newer than that version.
+        version: the new version, newer than ``configs/metadata.json``'s; default: the next patch version.
         changelog: the changelog entry of the new version; default: a line naming the export.
-        models_dir: folder with ``model.pt`` (required), ``model_g_ba.pt`` and ``intensity_reference.json``
-            (optional), relative to the repository root.
+        models_dir: folder with ``model.pt`` (required), ``model_g_ba.pt``, ``intensity_reference.json``,
+            ``settings.json`` (optional), relative to the repository root.
         overrides: config ids and values written into ``configs/inference.json`` and ``configs/evaluate.json``, e.g.
             ``{"ngf": 16, "n_blocks": 4}`` for a model trained with ``configs/demo.json``.
         base_url: where the model files will be uploaded; fills the URLs of ``large_files.yml``.
@@ -454,8 +425,8 @@ def verify_bundle(bundle_dir: str, schema: str | None = None, previous_version: 
 
     Args:
         bundle_dir: the exported bundle folder.
-        schema: local copy of the metadata schema (default: ``tests/data/<file named in metadata.json>``; without
-            one, ``verify_metadata`` downloads it).
+        schema: local copy of the metadata schema (default: ``tests/data/<file named in metadata.json>``, else a
+            download).
         previous_version: the published version the bundle's version must be newer than.
 
     Returns:
@@ -497,11 +468,8 @@ def _compare(name: str, expected, actual, tolerance: float) -> float:
 
 
 def check_in_place(bundle_dir: str = ".", schema: str | None = None, previous_version: str | None = None) -> None:
-    """The checks of :func:`verify_bundle`, run on ``bundle_dir`` itself; meant for a fresh interpreter whose
-    ``PYTHONPATH`` is the bundle folder (``verify_bundle`` starts one on a clean copy).
-
-    Mirrors the model zoo's ``ci/verify_bundle.py`` (directory, version, metadata, data shape, TorchScript) and adds
-    the equality of the shipped TorchScript files with the eager undeformed pass. Prints ``  ok <check>`` per check.
+    """The checks of :func:`verify_bundle` on ``bundle_dir`` itself, in an interpreter whose ``PYTHONPATH`` is the
+    bundle folder; prints ``  ok <check>`` per check.
 
     Args:
         bundle_dir: the bundle folder.
@@ -565,18 +533,12 @@ def _check(root: Path, schema: str | None, previous_version: str | None) -> None
         ckpt, shipped = root / "models" / checkpoint, root / "models" / torchscript
         if not ckpt.is_file():
             continue
-        verify_net_in_out(net_id=net_id, meta_file=str(meta_file), config_file=inference, bundle_root=str(root))
+        files = {"meta_file": str(meta_file), "config_file": inference, "bundle_root": str(root)}
+        verify_net_in_out(net_id=net_id, **files)
         print(f"  ok verify_net_in_out {net_id}", flush=True)
         with tempfile.TemporaryDirectory(prefix="ts-") as tmp:
             fresh = Path(tmp) / "verify_model.ts"
-            ckpt_export(
-                net_id=net_id,
-                filepath=str(fresh),
-                ckpt_file=str(ckpt),
-                meta_file=str(meta_file),
-                config_file=inference,
-                bundle_root=str(root),
-            )
+            ckpt_export(net_id=net_id, filepath=str(fresh), ckpt_file=str(ckpt), **files)
             extra = {"metadata.json": "", "inference.json": ""}
             shipped_ts = torch.jit.load(str(shipped), map_location="cpu", _extra_files=extra)
             fresh_ts = torch.jit.load(str(fresh), map_location="cpu")

@@ -5,24 +5,22 @@ Usage (from the repository root)::
     python -m scripts.gpu_check --output docs/gpu_check.md             # on a CUDA machine: paper size, ~5 min
     python -m scripts.gpu_check --size tiny --output /tmp/gpu_check.md  # anywhere; CI runs this on CPU
 
-Sections, each on the device the machine has (CUDA when available, else CPU):
+Sections, on CUDA when available, else CPU:
 
-1. ``OffsetConv2d``: the pure-PyTorch path against torchvision's fused ``deform_conv2d`` (forward and backward equal
-   to 1e-4 of the output's scale), both timed against the plain convolution at 64x128x128 and 256x32x32;
-2. training iterations of CycleGAN and DicycleGAN, fp32 and AMP (bfloat16 autocast), through the real
-   ``DicycleGANTrainer._iteration`` (median time, iterations/s, peak GPU memory, ratios, all losses finite);
-3. a 2-epoch training through ``python -m monai.bundle run`` with ``--amp true``, interrupted after its first
-   checkpoint, resumed to the end, then resumed again (a finished run must touch nothing);
+1. ``OffsetConv2d``: the pure-PyTorch path against torchvision's ``deform_conv2d`` (values and gradients equal to
+   1e-4 of the output's scale), both timed against the plain convolution;
+2. training iterations of CycleGAN and DicycleGAN, fp32 and AMP (bfloat16), through ``DicycleGANTrainer._iteration``
+   (median time, peak GPU memory, ratios, all losses finite);
+3. a 2-epoch ``python -m monai.bundle run`` with ``--amp true``, killed after its first checkpoint, resumed to the
+   end, then resumed again (a finished run must touch nothing);
 4. inference of an IXI-sized volume (256 x 256 x 130) through ``configs/inference.json``: seconds per volume;
-5. DistributedDataParallel through ``configs/multi_gpu_train.json`` under ``torchrun`` (nccl on GPUs, gloo on CPUs),
-   world size 1;
-6. the compiled training step (``--compile true``, inductor) and, on CUDA, CUDA graphs (``--cuda_graphs true``,
-   ``mode="reduce-overhead"``) against the eager step: fp32 and AMP, batch 1 and 8, compile time apart, and the
-   first iteration's losses of each against eager's. On a CPU (``--size tiny``) only the code path runs: fp32, batch 1,
-   the ``aot_eager`` backend (inductor's C++ build takes minutes on 2 cores), no CUDA graphs.
+5. DistributedDataParallel through ``configs/multi_gpu_train.json`` under ``torchrun``, world size 1;
+6. the compiled step (``--compile true``) and, on CUDA, CUDA graphs (``--cuda_graphs true``) against eager: fp32
+   and AMP, batch 1 and 8, compile time apart, first-iteration losses against eager's. On a CPU only the code path
+   runs: fp32, batch 1, the ``aot_eager`` backend, no CUDA graphs.
 
-``--size tiny`` shrinks every network, image and epoch so the whole check runs in about a minute on 2 CPU cores;
-``tests/test_gpu_check.py`` runs it that way, so the script cannot rot between GPU sessions.
+``--size tiny`` shrinks every network, image and epoch (about a minute on 2 CPU cores); ``tests/test_gpu_check.py``
+runs it that way, so the script cannot rot between GPU sessions.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import platform
 import shutil
 import signal
@@ -52,11 +49,11 @@ import torch
 import torch.nn.functional as F
 from bundle.deform_conv import torchvision_deform_conv2d_problem
 from bundle.networks import OffsetConv2d
-from scripts.benchmark import Iteration, median_seconds
+from scripts.benchmark import Iteration, _env, _forward_backward, _step, _verdict, median_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# GPU targets of the issue that asked for this check, on the card used
+# GPU targets, on the card used
 TARGET_MODE_RATIO = 2.0  # DicycleGAN / CycleGAN iteration time
 TARGET_AMP_SPEEDUP = 1.5  # fp32 / AMP iteration time, DicycleGAN
 TARGET_INFERENCE_S = 2.0  # one IXI-sized volume
@@ -114,20 +111,12 @@ def _synchronized(step: Callable[[], object], device: torch.device) -> Callable[
     return run
 
 
-def _verdict(met: bool) -> str:
-    return "met" if met else "MISSED"
-
-
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     def cell(value: Any) -> str:
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 1. OffsetConv2d backends
 
 
 @contextlib.contextmanager
@@ -163,7 +152,7 @@ def offset_conv(device: torch.device, inputs: tuple[tuple[int, int], ...], repea
         repeats: timed forward + backward passes per contender (median reported).
 
     Returns:
-        ``{"torchvision": problem or None, "rows": [...], "lines": Markdown}``.
+        ``{"torchvision": problem or None, "ok", "rows", "lines": Markdown}``.
     """
     problem = torchvision_deform_conv2d_problem(device.type)
     rows, equal = [], True
@@ -189,19 +178,9 @@ def offset_conv(device: torch.device, inputs: tuple[tuple[int, int], ...], repea
         if differences:
             equal &= max(differences[torch.float32]) <= EQUALITY_TOLERANCE
 
-        def plain(layer: OffsetConv2d = reference, x: torch.Tensor = x) -> None:
-            layer.zero_grad(set_to_none=True)
-            F.conv2d(x, layer.weight, layer.bias, padding=1).square().mean().backward()
-
-        def deformed(layer: OffsetConv2d, x: torch.Tensor = x) -> Callable[[], None]:
-            def deformed_step() -> None:
-                layer.zero_grad(set_to_none=True)
-                layer(x, deform=True).square().mean().backward()
-
-            return deformed_step
-
-        steps = {"plain": plain, **{name: deformed(layer) for name, layer in contenders.items()}}
-        steps = {name: _synchronized(step, device) for name, step in steps.items()}
+        plain = _step(lambda: F.conv2d(x, reference.weight, reference.bias, padding=1), reference.parameters())
+        deformed = {name: _forward_backward(layer, x, deform=True) for name, layer in contenders.items()}
+        steps = {name: _synchronized(step, device) for name, step in {"plain": plain, **deformed}.items()}
         ms = {name: 1e3 * seconds for name, seconds in median_seconds(steps, repeats).items()}
         rows.append(
             {
@@ -220,27 +199,11 @@ def offset_conv(device: torch.device, inputs: tuple[tuple[int, int], ...], repea
         + ("runs" if problem is None else f"does not run ({problem}); only the pure-PyTorch path is timed"),
         "",
         *_table(
+            "input (C x H x W)|max rel. difference fp32: output / grad x / grad weight / grad offset-conv weight|"
+            "same in float64|plain conv ms|torch path ms|x plain|torchvision ms|x plain".split("|"),
             [
-                "input (C x H x W)",
-                "max rel. difference fp32: output / grad x / grad weight / grad offset-conv weight",
-                "same in float64",
-                "plain conv ms",
-                "torch path ms",
-                "x plain",
-                "torchvision ms",
-                "x plain",
-            ],
-            [
-                [
-                    r["input"],
-                    " / ".join(f"{d:.1e}" for d in r["fp32"]),
-                    " / ".join(f"{d:.1e}" for d in r["fp64"]),
-                    r["plain_ms"],
-                    r["torch_ms"],
-                    r["torch_ms"] / r["plain_ms"],
-                    r["torchvision_ms"],
-                    r["torchvision_ms"] / r["plain_ms"],
-                ]
+                [r["input"], *(" / ".join(f"{d:.1e}" for d in r[p]) for p in ("fp32", "fp64")), r["plain_ms"]]
+                + [v for k in ("torch_ms", "torchvision_ms") for v in (r[k], r[k] / r["plain_ms"])]
                 for r in rows
             ],
         ),
@@ -250,10 +213,6 @@ def offset_conv(device: torch.device, inputs: tuple[tuple[int, int], ...], repea
         + (_verdict(equal) if problem is None else "not checked (torchvision does not run)"),
     ]
     return {"torchvision": problem, "ok": equal, "rows": rows, "lines": lines}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 2. training iterations
 
 
 def iterations(device: torch.device, preset: str, overrides: Mapping[str, Any], repeats: int) -> dict[str, Any]:
@@ -266,7 +225,7 @@ def iterations(device: torch.device, preset: str, overrides: Mapping[str, Any], 
         repeats: timed iterations per run (median, round-robin over the four runs).
 
     Returns:
-        ``{"seconds": {run: s}, "peak_gb": {run: GB}, "finite": bool, "lines": Markdown}``.
+        ``{"seconds": {run: s}, "peak_gb": {run: GB}, "ok": all losses finite, ..., "lines": Markdown}``.
     """
     runs = {
         f"{mode} {'AMP' if amp else 'fp32'}": Iteration(preset, mode, {**overrides, "device": str(device), "amp": amp})
@@ -293,8 +252,7 @@ def iterations(device: torch.device, preset: str, overrides: Mapping[str, Any], 
         for name, s in seconds.items()
     ]
     peak = max(peak_gb.values()) if peak_gb else float("nan")
-    # at batch 1 a GPU iteration is bound by kernel launches, not arithmetic; a larger batch shows what AMP buys
-    # once the arithmetic dominates
+    # batch 1 is bound by kernel launches on a GPU: batch 8 shows what AMP buys once arithmetic dominates
     batch8 = {**overrides, "device": str(device), "batch_size": 8}
     larger = {amp: Iteration(preset, "DicycleGAN", {**batch8, "amp": amp == "AMP"}) for amp in ("fp32", "AMP")}
     larger_seconds = median_seconds(dict(larger), repeats, warmup=2)
@@ -328,17 +286,8 @@ def iterations(device: torch.device, preset: str, overrides: Mapping[str, Any], 
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 3. training through monai.bundle, interrupted and resumed
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
 def _bundle_args(config_files: list[str], overrides: Mapping[str, str]) -> list[str]:
+    """``monai.bundle run`` arguments of the config files with ``--key value`` per override."""
     files = "[" + ",".join(f"'{ROOT / 'configs' / f}'" for f in config_files) + "]"
     args = ["-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", str(ROOT)]
     for key, value in overrides.items():
@@ -366,6 +315,12 @@ def _digests(folder: Path) -> dict[str, tuple[str, int]]:
     return {p.name: (hashlib.md5(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in files}
 
 
+def _one_epoch(dataset_dir: Path, models: Path, runs: Path, **settings: str) -> dict[str, str]:
+    """Command-line settings of a training whose first phase is one epoch."""
+    paths = {"dataset_dir": dataset_dir, "ckpt_dir": models, "output_dir": runs}
+    return {**{key: str(path) for key, path in paths.items()}, "n_epochs": "1", **settings}
+
+
 def _checkpoint_epoch(path: Path) -> int:
     """The epoch of a resume checkpoint, 0 when there is none."""
     if not path.is_file():
@@ -375,8 +330,8 @@ def _checkpoint_epoch(path: Path) -> int:
 
 
 def bundle_training(dataset_dir: Path, work: Path, overrides: Mapping[str, str]) -> dict[str, Any]:
-    """A 2-epoch training with ``--amp true`` through ``monai.bundle``: killed once its first checkpoint exists,
-    resumed with ``--resume true`` to the end, then resumed once more (a finished run must change no file).
+    """A 2-epoch training with ``--amp true`` through ``monai.bundle``, killed once its first checkpoint exists,
+    resumed to the end, then resumed once more (a finished run must change no file).
 
     Args:
         dataset_dir: folder with ``datalist.json``.
@@ -384,20 +339,11 @@ def bundle_training(dataset_dir: Path, work: Path, overrides: Mapping[str, str])
         overrides: size settings.
 
     Returns:
-        Return codes, epochs, times and the Markdown lines.
+        ``{"ok", "lines": Markdown}``.
     """
     models, logs = work / "models", work / "logs"
-    settings = {
-        "dataset_dir": str(dataset_dir),
-        "ckpt_dir": str(models),
-        "output_dir": str(work / "runs"),
-        "n_epochs": "1",
-        "n_epochs_decay": "1",
-        "val_interval": "1",
-        "amp": "true",
-        **overrides,
-    }
-    args = [sys.executable, *_bundle_args(["train.json"], settings)]
+    settings = _one_epoch(dataset_dir, models, work / "runs", n_epochs_decay="1", val_interval="1", amp="true")
+    args = [sys.executable, *_bundle_args(["train.json"], {**settings, **overrides})]
     checkpoint = models / "checkpoint.pt"
 
     # first run: SIGKILL as soon as the first checkpoint is complete (it is written by an atomic rename)
@@ -438,14 +384,9 @@ def bundle_training(dataset_dir: Path, work: Path, overrides: Mapping[str, str])
     return {"ok": ok, "lines": lines}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 4. inference
-
-
 def inference(models: Path, source: Path, work: Path, copies: int) -> dict[str, Any]:
-    """Seconds per volume of ``configs/inference.json``'s workflow, in process, over ``copies`` copies of one volume.
-
-    No network flag is given: the networks are rebuilt from the settings that training wrote beside the weights.
+    """Seconds per volume of ``configs/inference.json``'s workflow, in process, over ``copies`` copies of one volume;
+    the networks are rebuilt from the settings training wrote beside the weights.
 
     Args:
         models: folder of the trained models (``--ckpt_dir``).
@@ -454,7 +395,7 @@ def inference(models: Path, source: Path, work: Path, copies: int) -> dict[str, 
         copies: how many copies are synthesized; the first is a warm-up, the median of the others is reported.
 
     Returns:
-        ``{"seconds": median s per volume, "lines": Markdown}``.
+        ``{"seconds": median s per volume, "ok", "lines": Markdown}``.
     """
     from ignite.engine import Events
     from monai.bundle import ConfigParser
@@ -464,7 +405,7 @@ def inference(models: Path, source: Path, work: Path, copies: int) -> dict[str, 
     for i in range(copies):
         shutil.copy(source, inputs / f"volume{i}_PD.nii.gz")
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / f) for f in ("inference.json",)])
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
     parser.update(
         {"bundle_root": str(ROOT), "ckpt_dir": str(models), "input_dir": str(inputs), "output_dir": str(outputs)}
     )
@@ -493,38 +434,18 @@ def inference(models: Path, source: Path, work: Path, copies: int) -> dict[str, 
     return {"seconds": seconds, "ok": ok, "lines": lines}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 5. DistributedDataParallel
-
-
 def ddp(dataset_dir: Path, work: Path, overrides: Mapping[str, str]) -> dict[str, Any]:
-    """One epoch of ``configs/multi_gpu_train.json`` under ``torchrun``, world size 1.
+    """One epoch of ``configs/multi_gpu_train.json`` under ``torchrun``, world size 1; ``{"ok", "lines"}``.
 
     Args:
         dataset_dir: folder with ``datalist.json``.
         work: scratch folder.
         overrides: size settings.
-
-    Returns:
-        ``{"ok": bool, "lines": Markdown}``.
     """
     models = work / "ddp_models"
-    settings = {
-        "dataset_dir": str(dataset_dir),
-        "ckpt_dir": str(models),
-        "output_dir": str(work / "ddp_runs"),
-        "n_epochs": "1",
-        "n_epochs_decay": "0",
-        **overrides,
-    }
-    args = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=1",
-        *_bundle_args(["train.json", "multi_gpu_train.json"], settings),
-    ]
+    settings = {**_one_epoch(dataset_dir, models, work / "ddp_runs", n_epochs_decay="0"), **overrides}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    args = [*torchrun, *_bundle_args(["train.json", "multi_gpu_train.json"], settings)]
     log = work / "logs" / "ddp.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     rc, seconds = _run(args, log)
@@ -541,10 +462,6 @@ def ddp(dataset_dir: Path, work: Path, overrides: Mapping[str, str]) -> dict[str
     return {"ok": ok, "lines": lines}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 6. compiled training step
-
-
 def compiled(device: torch.device, preset: str, overrides: Mapping[str, Any], repeats: int) -> dict[str, Any]:
     """Eager, compiled and (CUDA) CUDA-graph DicycleGAN iterations, fp32 and AMP, batch 1 and 8.
 
@@ -558,7 +475,7 @@ def compiled(device: torch.device, preset: str, overrides: Mapping[str, Any], re
         ``{"seconds": {run: s}, "compile_s": {run: s}, "loss_difference": {run: relative}, "ok": bool, "lines": ...}``.
     """
     cuda = device.type == "cuda"
-    # on a CPU only the code path is exercised: inductor's C++ build of a whole step takes minutes on 2 cores
+    # on a CPU only the code path is exercised (inductor's C++ build takes minutes on 2 cores)
     backend = {} if cuda else {"compile_backend": "aot_eager"}
     variants = {"eager": {}, "compiled": {"compile": True}, **({"graphs": {"cuda_graphs": True}} if cuda else {})}
     cases = [(p, b) for p in ("fp32", "AMP") for b in (1, 8)] if cuda else [("fp32", 1)]
@@ -621,9 +538,6 @@ def compiled(device: torch.device, preset: str, overrides: Mapping[str, Any], re
     return {"seconds": seconds, "compile_s": compile_s, "loss_difference": difference, "ok": ok, "lines": lines}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def _phantom(work: Path, options: Mapping[str, Any]) -> Path:
     dataset = work / "phantom"
     args = [sys.executable, "-m", "scripts.make_demo_data", "--output_dir", str(dataset)]
@@ -656,6 +570,9 @@ def run_check(
     Returns:
         The figures of every section and ``"ok"``: every check ran and every correctness check held (speed and
         memory targets are reported, not enforced).
+
+    Raises:
+        ValueError: for an unknown ``size``.
     """
     device = _device()
     size = size or ("paper" if device.type == "cuda" else "tiny")
@@ -706,28 +623,14 @@ def run_check(
         dataset = Path(dataset_dir) if dataset_dir else _phantom(work, preset["phantom"])
         print(f"[gpu_check] {device} ({size} size), data in {dataset} ({time.perf_counter() - started:.0f} s)")
         training = preset["training_overrides"]
+        sized = (preset["iteration_preset"], preset["iteration_overrides"], preset["iteration_repeats"])
         section("offset_conv", "1. OffsetConv2d", lambda: offset_conv(device, preset["offset_inputs"]))
-        section(
-            "iterations",
-            "2. Training iterations",
-            lambda: iterations(
-                device, preset["iteration_preset"], preset["iteration_overrides"], preset["iteration_repeats"]
-            ),
-        )
+        section("iterations", "2. Training iterations", lambda: iterations(device, *sized))
         section("training", "3. Training through monai.bundle", lambda: bundle_training(dataset, work, training))
-        section(
-            "inference",
-            "4. Inference",
-            lambda: inference(work / "models", _source_volume(dataset), work, preset["inference_copies"]),
-        )
+        copies = preset["inference_copies"]
+        section("inference", "4. Inference", lambda: inference(work / "models", _source_volume(dataset), work, copies))
         section("ddp", "5. DistributedDataParallel", lambda: ddp(dataset, work, training))
-        section(
-            "compiled",
-            "6. Compiled training step",
-            lambda: compiled(
-                device, preset["iteration_preset"], preset["iteration_overrides"], preset["iteration_repeats"]
-            ),
-        )
+        section("compiled", "6. Compiled training step", lambda: compiled(device, *sized))
     finally:
         if not work_dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -738,14 +641,8 @@ def run_check(
 def main(
     output: str = "gpu_check.md", size: str | None = None, dataset_dir: str | None = None, work_dir: str | None = None
 ) -> None:
-    """Command line of :func:`run_check`: writes the report and exits non-zero when a correctness check failed.
-
-    Args:
-        output: Markdown report to write.
-        size: ``"paper"`` (default on CUDA) or ``"tiny"`` (default on CPU).
-        dataset_dir: a dataset folder with ``datalist.json`` (default: a phantom built into the work folder).
-        work_dir: scratch folder kept for inspection (default: a temporary folder, removed at the end).
-    """
+    """Command line of :func:`run_check` (same arguments; a given ``work_dir`` is kept): exits 1 when a correctness
+    check failed."""
     if not run_check(output, size, dataset_dir, work_dir)["ok"]:
         sys.exit(1)
 

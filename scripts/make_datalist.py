@@ -1,6 +1,5 @@
-"""Build, check and derive datalists for real data (IXI or your own folders).
-
-The format and its validation are in bundle/datalist.py, the builders in scripts/tooling/datasets.py.
+"""Build, check and derive datalists for real data (IXI or your own folders); the format is in bundle/datalist.py,
+the builders in scripts/tooling/datasets.py.
 
 Usage (from the repository root)::
 
@@ -35,28 +34,18 @@ from scripts.tooling import datasets
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _write_and_check(content: dict[str, Any], dataset_dir: str, output: str, overwrite: bool, validate: bool) -> str:
+def _write_and_check(content: dict[str, Any], dataset_dir: str, output: str, overwrite: bool, check: bool) -> str:
     """Write a datalist built by a ``make_*_datalist`` function, then optionally validate every file."""
     extra = {k: v for k, v in content.items() if k not in ("domains", *dl.TRAINING_KEYS, *dl.PAIRED_KEYS)}
-    path = datasets.write_datalist(
-        output,
-        dataset_dir,
-        content["domains"],
-        content["training_A"],
-        content["training_B"],
-        content["validation"],
-        content["test"],
-        extra=extra,
-        overwrite=overwrite,
-    )
+    lists = [content[k] for k in (*dl.TRAINING_KEYS, *dl.PAIRED_KEYS)]
+    path = datasets.write_datalist(output, dataset_dir, content["domains"], *lists, extra=extra, overwrite=overwrite)
     print(
         f"wrote {path}: {len(content['training_A'])} training A ({content['domains']['A']}), "
         f"{len(content['training_B'])} training B ({content['domains']['B']}), "
         f"{len(content['validation'])} validation pairs, {len(content['test'])} test pairs"
     )
-    if validate:
-        count = dl.validate_datalist(dataset_dir, path, progress=print)
-        print(f"all {count} volumes are readable 3-D volumes")
+    if check:
+        validate(dataset_dir, path)
     return str(path)
 
 
@@ -83,7 +72,7 @@ def ixi(
         n_train: training subjects (None: all subjects left after validation and test).
         n_test: test subjects.
         n_validation: validation subjects.
-        seed: seed of the split and of the independent shuffles of the two training lists.
+        seed: seed of the split and of the shuffles of the two training lists.
         mask_dir: optional folder of per-subject masks (file name starting with the subject, e.g. IXI012_mask.nii.gz).
         overwrite: replace an existing datalist.
         validate: read every volume afterwards and report unusable ones.
@@ -132,19 +121,8 @@ def folders(
     Returns:
         the path of the datalist.
     """
-    content = datasets.make_folder_datalist(
-        dataset_dir,
-        dir_a,
-        dir_b,
-        name_a,
-        name_b,
-        paired_dir_a,
-        paired_dir_b,
-        paired_mask_dir,
-        n_validation,
-        seed,
-        progress=print,
-    )
+    folders = (dir_a, dir_b, name_a, name_b, paired_dir_a, paired_dir_b, paired_mask_dir)
+    content = datasets.make_folder_datalist(dataset_dir, *folders, n_validation, seed, progress=print)
     return _write_and_check(content, dataset_dir, output, overwrite, validate)
 
 

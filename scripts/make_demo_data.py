@@ -4,10 +4,8 @@ Usage (from the repository root)::
 
     python -m scripts.make_demo_data --output_dir demo_data [--subjects 12] [--seed 0]
 
-Writes ``DIR/phantomNNN/*.nii.gz`` and three datalists: ``datalist.json`` (PD <-> T2), ``datalist_deformed_t2.json``
-(PD <-> T2 under a fixed domain-specific distortion) and ``datalist_mr_ct.json`` (T1 <-> CT with differing scanner
-beds). Prints the elapsed time and the peak memory. See ``scripts/tooling/phantom.py`` for the physics and the
-sources.
+Writes ``DIR/phantomNNN/*.nii.gz`` and three datalists (PD <-> T2, PD <-> distorted T2, T1 <-> CT), then prints the
+elapsed time and the peak memory. The physics and sources are in ``scripts/tooling/phantom.py``.
 """
 
 from __future__ import annotations
@@ -31,12 +29,8 @@ DEFAULT_OUTPUT_DIR = str(REPO / "demo_data")  # git-ignored
 
 
 class PeakMemory:
-    """Peak memory of this process and its worker processes together, sampled every 0.2 s.
-
-    On Linux it sums the proportional set size (``Pss`` of ``/proc/PID/smaps_rollup``), which splits pages shared
-    between processes (the forked head model, the libraries) among them instead of counting them once per
-    process as resident sizes do. Elsewhere it falls back to this process's peak resident size.
-    """
+    """Peak memory (MB) of this process and its workers together, sampled every ``interval_s``: the sum of their
+    ``Pss`` (``/proc/PID/smaps_rollup``) on Linux, else this process's peak resident size."""
 
     def __init__(self, interval_s: float = 0.2) -> None:
         self.interval_s = interval_s
@@ -72,15 +66,12 @@ class PeakMemory:
 
 
 def main(output_dir: str = DEFAULT_OUTPUT_DIR, **options: Any) -> None:
-    """Build the phantom dataset in ``output_dir`` (default ``demo_data/``, git-ignored), then print the elapsed time
-    and the peak memory.
+    """Build the phantom dataset in ``output_dir``, then print the elapsed time and the peak memory.
 
     Args:
         output_dir: dataset folder to write (default: ``demo_data/`` at the repository root).
-        options: the other arguments of :func:`scripts.tooling.phantom.write_phantom_dataset` (listed by ``--help``
-            with their defaults): subjects, seed (anatomy, noise, split, shuffles), validation and test pairs, grid
-            (``downsample``), MR noise and bias field, CT noise, anatomical variability, scanner beds, the T2
-            distortion, worker processes, and ``--force`` to rebuild a folder that holds the same dataset.
+        options: the other arguments of :func:`scripts.tooling.phantom.write_phantom_dataset` (``--help`` lists them
+            with their defaults), e.g. ``--force`` to rebuild a folder that holds the same dataset.
     """
     start = time.perf_counter()
     with PeakMemory() as memory:
@@ -91,8 +82,8 @@ def main(output_dir: str = DEFAULT_OUTPUT_DIR, **options: Any) -> None:
     )
 
 
-# fire reads this signature: every option of write_phantom_dataset, typed and with its default, on the command line
-# and in --help (with **options alone, fire would pass --help on as an option)
+# fire reads this signature: every option of write_phantom_dataset on the command line and in --help (with
+# **options alone, fire would pass --help on as an option)
 main.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     [inspect.signature(main).parameters["output_dir"]]
     + [

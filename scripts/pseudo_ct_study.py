@@ -5,24 +5,15 @@ Usage (from the repository root)::
     python -m scripts.pseudo_ct_study --output_dir study_pct                  # all variants, CPU budget
     python -m scripts.pseudo_ct_study --output_dir study_pct --publish_dir docs
 
-The Table 3 analogue (phantom T1 <-> CT, MR positioning pad against CT head holder) is trained with
-``configs/train.json`` at the studies' CPU preset (:data:`scripts.tooling.study.PRESETS`), with the same data and
-seed, once per variant:
+The Table 3 analogue (phantom T1 <-> CT, differing beds) is trained by ``configs/train.json`` at a preset of
+:data:`scripts.tooling.study.PRESETS`, with the same data and seed, once per variant (:data:`VARIANTS`): the paper's
+CycleGAN and DicycleGAN, the opt-in switches beyond the paper, and the misaligned-pairs mode (each training T1 paired
+with its subject's CT, distorted by a smooth field of its own) with its control of pairs that overlay.
 
-- the paper's CycleGAN (``configs/cyclegan.json``) and DicycleGAN (the defaults);
-- the opt-in switches beyond the paper, alone and combined (:data:`VARIANTS`);
-- the misaligned-pairs mode: each training T1 volume paired with the CT of the same subject, misregistered by a
-  smooth distortion of its own (:class:`bundle.transforms.DomainDistortion`, one seed per subject, 10 mm peak,
-  40 mm control points) on top of the differing beds; and, as its control, the same mode with pairs that overlay
-  (no distortion).
-
-Every run is evaluated on the held-out subjects by ``configs/evaluate.json`` (the undeformed pass, as inference
-serves it): MAE in HU and bone Dice for T1 -> CT, PSNR/SSIM both ways, and the residual displacement
-(:func:`bundle.registration.residual_displacement`). Writes ``OUTPUT_DIR/pseudo_ct.md`` (table, targets, command,
-timings), ``OUTPUT_DIR/figures/fig4_pseudo_ct.png`` and keeps each run under ``runs/``; finished runs are not
-retrained, so the command can be repeated. ``--publish_dir docs`` replaces the study's section of
-``docs/results.md`` (between its markers; a ``--budget`` other than 1 has a section and figure of its own) and copies
-the figure.
+Every run is evaluated on the held-out subjects by ``configs/evaluate.json`` (the undeformed pass that inference
+serves). Writes ``OUTPUT_DIR/pseudo_ct.md`` and ``figures/fig4_pseudo_ct.png``; finished runs are reused.
+``--publish_dir docs`` replaces the study's marked section of ``docs/results.md`` (another ``--budget`` or ``--tag``
+has its own) and copies the figure.
 """
 
 from __future__ import annotations
@@ -63,8 +54,8 @@ __all__ = ["VARIANTS", "Variant", "pairs_datalist", "study"]
 PAIRS_SPACING_MM = 40.0
 PAIRS_SEED_OFFSET = 1000  # distortion seed of a pair: this plus the subject's number (phantom007 -> 1007)
 SECTION = "pseudo-ct-study"  # marker of the section in results.md; "-3x" etc. for another --budget
-# the study's targets on the undeformed pass, T1 -> CT: (bone Dice at least, MAE at most, residual displacement at
-# most; None: no worse than the paper's DicycleGAN measured in the same study)
+# targets on the undeformed pass, T1 -> CT: (bone Dice at least, MAE at most, residual displacement at most; None: no
+# worse than the paper's DicycleGAN measured in the same study)
 TARGETS = {"unpaired": (0.70, 150.0, None), "misaligned pairs": (0.85, 100.0, 1.5)}
 
 
@@ -76,8 +67,7 @@ class Variant:
         key: run folder suffix and command-line name.
         label: what the tables call it.
         overrides: ``configs/train.json`` settings that differ from the paper's defaults.
-        pairs_mm: ``None`` for unpaired training; otherwise the peak misregistration (mm) of the training pairs
-            (0: pairs that overlay).
+        pairs_mm: None: unpaired training; else the peak misregistration (mm) of the training pairs (0: overlay).
         cyclegan: train as CycleGAN (``configs/cyclegan.json``).
     """
 
@@ -130,9 +120,6 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------- the pairs
-
-
 def _subject_number(subject: str) -> int:
     digits = re.findall(r"\d+", subject)
     if not digits:
@@ -141,11 +128,10 @@ def _subject_number(subject: str) -> int:
 
 
 def pairs_datalist(data_dir: Path, misregistration_mm: float, pixdim: Sequence[float]) -> tuple[str, float]:
-    """The mr_ct datalist plus ``training_pairs``: each training T1 with the CT of the same subject, misregistered.
+    """``datalist_mr_ct.json`` plus ``training_pairs``: each training T1 with the CT of the same subject, misregistered.
 
     The CT of a pair is distorted by a smooth field of its own (seed :data:`PAIRS_SEED_OFFSET` + the subject's
-    number, ``misregistration_mm`` peak, 40 mm control points; 0 mm: the CT as it is, overlaying the T1 apart from
-    the beds), written once under ``data_dir/pairs_CT_<mm>mm/``. The other lists are ``datalist_mr_ct.json``'s.
+    number, 40 mm control points; 0 mm: the CT as it is), written once under ``data_dir/pairs_CT_<mm>mm/``.
 
     Args:
         data_dir: the phantom folder (``scripts/make_demo_data.py``).
@@ -153,8 +139,11 @@ def pairs_datalist(data_dir: Path, misregistration_mm: float, pixdim: Sequence[f
         pixdim: the training grid (for the applied displacement's mean over the head mask).
 
     Returns:
-        The datalist's file name inside ``data_dir`` and the mean applied displacement (mm) over the pairs' head
-        masks.
+        The datalist's file name inside ``data_dir`` and the mean applied displacement (mm) over the head masks.
+
+    Raises:
+        FileNotFoundError: if a training T1 has no CT or head mask beside it.
+        ValueError: if a subject's name has no number.
     """
     name = f"datalist_mr_ct_pairs_{misregistration_mm:g}mm.json"
     record_path = data_dir / f"pairs_CT_{misregistration_mm:g}mm" / "applied.json"
@@ -190,21 +179,10 @@ def pairs_datalist(data_dir: Path, misregistration_mm: float, pixdim: Sequence[f
     mean_mm = statistics.fmean(applied) if applied else 0.0
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps({"mean_mm": mean_mm, "per_pair_mm": applied}), encoding="utf-8")
-    (data_dir / name).write_text(
-        json.dumps(
-            {
-                **content,
-                "training_pairs": pairs,
-                "pairs": {"misregistration_mm": misregistration_mm, "control_spacing_mm": PAIRS_SPACING_MM},
-            },
-            indent=4,
-        ),
-        encoding="utf-8",
-    )
+    recipe = {"misregistration_mm": misregistration_mm, "control_spacing_mm": PAIRS_SPACING_MM}
+    listing = {**content, "training_pairs": pairs, "pairs": recipe}
+    (data_dir / name).write_text(json.dumps(listing, indent=4), encoding="utf-8")
     return name, mean_mm
-
-
-# ---------------------------------------------------------------------------------------------------- reporting
 
 
 def study_table(rows: Mapping[str, Sequence[Mapping[str, Any]]], variants: Sequence[Variant]) -> str:
@@ -218,16 +196,8 @@ def study_table(rows: Mapping[str, Sequence[Mapping[str, Any]]], variants: Seque
     for variant in variants:
         a2b = [r for r in rows[variant.key] if r["direction"] == "A2B"]
         b2a = [r for r in rows[variant.key] if r["direction"] == "B2A"]
-        cells = [
-            column_cell(a2b, "MAE_HU", 1),
-            column_cell(a2b, "bone_dice", 3),
-            column_cell(a2b, "displacement_mm", 2),
-            column_cell(a2b, "PSNR", 2),
-            column_cell(a2b, "SSIM", 3),
-            column_cell(b2a, "displacement_mm", 2),
-            column_cell(b2a, "PSNR", 2),
-            column_cell(b2a, "SSIM", 3),
-        ]
+        columns = [("MAE_HU", 1), ("bone_dice", 3), ("displacement_mm", 2), ("PSNR", 2), ("SSIM", 3)]
+        cells = [column_cell(a2b, *c) for c in columns] + [column_cell(b2a, *c) for c in columns[2:]]
         lines.append(f"| {variant.label} | {variant.group} | " + " | ".join(cells) + f" | {len(a2b)} |")
     return "\n".join(lines)
 
@@ -279,25 +249,19 @@ def study_markdown(
     """The study's section of ``docs/results.md``."""
     training = ", ".join(f"{v.label} {records[v.key]['seconds'] / 60:.1f} min" for v in variants)
     n_test = len({row["subject"] for row in rows[variants[0].key]})
-    return "\n".join(
+    return "\n\n".join(
         [
             "## Pseudo-CT study"
             + (f" ({tag})" if tag else "")
             + (": which setting makes the aligned pass a CT?" if budget == 1 else f" at {budget}x the CPU budget"),
-            "",
             "The Table 3 analogue (phantom T1 <-> CT, MR positioning pad against CT head holder) trained once per "
             "variant with the same data, seed and budget, every variant evaluated on the undeformed pass that "
             f"inference serves (`configs/evaluate.json`: {n_test} held-out subjects, metrics inside the head mask). "
             "Produced by:",
-            "",
-            "```bash",
-            command,
-            "```",
-            "",
+            f"```bash\n{command}\n```",
             f"Budget: {budget_text}. Wall time: training {timings['training'] / 60:.1f} min ({training}), "
             f"evaluation and registration {timings['evaluation'] / 60:.1f} min, on "
             f"{platform.machine()} with {os.cpu_count()} CPU cores (runs may share the cores: then each takes longer).",
-            "",
             "Variants beyond the paper are opt-in switches of `configs/train.json` (README, *Beyond the paper*): "
             "`offsets: shared` (one displacement per location used by every tap of a deformable convolution, so the "
             "deformed pass is a warp of the aligned pass and the adversarial loss trains the aligned pass's "
@@ -306,24 +270,14 @@ def study_markdown(
             f"pairs: each training CT distorted by a smooth field of its own (10 mm peak, 40 mm control points; "
             f"{pairs_mean_mm:.2f} mm mean over the head) on top of the differing beds; the control trains on pairs "
             "that overlay.",
-            "",
             study_table(rows, variants),
-            "",
-            "Targets (T1 to CT, undeformed pass):",
-            "",
-            *target_lines(rows, variants),
-            "",
+            "\n".join(["Targets (T1 to CT, undeformed pass):", "", *target_lines(rows, variants)]),
             "What each alignment term rewards (`scripts/alignment_terms.py` on the same test subjects: the term "
             "between each T1 and the candidate; a term worth training prefers the true CT):",
-            "",
             terms_table,
-            "",
             f"![Pseudo-CT study]({figure})",
         ]
     )
-
-
-# ------------------------------------------------------------------------------------------------------ main
 
 
 def study(
@@ -342,21 +296,20 @@ def study(
     Args:
         output_dir: where the data, runs, metrics, figure and ``pseudo_ct.md`` go.
         variants: keys of :data:`VARIANTS` (comma-separated or a list).
-        dataset_dir: an existing phantom folder (``scripts/make_demo_data.py`` at the cpu preset) instead of
-            building ``OUTPUT_DIR/data``.
+        dataset_dir: an existing phantom folder (the cpu preset's) instead of building ``OUTPUT_DIR/data``.
         seed: seed of the data set and of every training run.
-        budget: train ``budget`` times the cpu preset's epochs.
+        budget: train ``budget`` times the preset's epochs.
         publish_dir: also put the section into ``PUBLISH_DIR/results.md`` and copy the figure there.
-        preset: the ``"cpu"`` budget, or ``"smoke"`` (tests only: says nothing about the method).
+        preset: ``"cpu"``, or ``"smoke"`` (tests only: says nothing about the method).
         concurrent: runs trained side by side, each in its own process (its output in ``runs/<run>/train.log``).
-        tag: a name of this study's own results section and figure (letters, digits, ``_``), so that publishing a
-            study of other variants keeps the sections published before.
+        tag: names a results section and figure of this study's own (letters, digits, ``_``), so that publishing
+            other variants keeps the sections published before.
 
     Returns:
         ``{"results": path of pseudo_ct.md, "rows": {variant: per-volume rows}}``.
 
     Raises:
-        ValueError: for an unknown variant or preset, or a budget below 1.
+        ValueError: for an unknown variant or preset, a bad tag, or a budget below 1.
     """
     keys = as_list(variants)
     unknown = [key for key in keys if key not in VARIANTS]
@@ -419,18 +372,9 @@ def study(
     cyclegan = next((run for run in runs if run.method == "Cycle"), None)  # its synthesis is candidate (c)
     synthesize = alignment_terms.trained_synthesis(trained.parsers[cyclegan.name]) if cyclegan else None
     terms_table = alignment_terms.table(alignment_terms.measure(data_dir, pixdim, synthesize))
+    figure_name = f"figures/fig4_pseudo_ct{suffix}.png"
     text = study_markdown(
-        command,
-        rows,
-        chosen,
-        records,
-        pairs_mean_mm,
-        f"figures/fig4_pseudo_ct{suffix}.png",
-        budget_text,
-        timings,
-        terms_table,
-        budget,
-        tag,
+        command, rows, chosen, records, pairs_mean_mm, figure_name, budget_text, timings, terms_table, budget, tag
     )
     results = output / "pseudo_ct.md"
     results.write_text(text + "\n", encoding="utf-8")

@@ -6,26 +6,18 @@ Usage (from the repository root)::
     python -m scripts.reproduce --output_dir study --preset paper     # the paper's settings (a GPU job)
     python -m scripts.reproduce --output_dir study --publish_dir docs # also copy results.md and figures to docs/
 
-Three experiments, each trained twice by ``configs/train.json`` with the same seed, data and budget: once as
-DicycleGAN and once as CycleGAN (``configs/cyclegan.json``: no offset convolutions, no alignment or deformed-cycle
-loss):
+Three experiments, each trained by ``configs/train.json`` with the same seed, data and budget as DicycleGAN and as
+CycleGAN (``configs/cyclegan.json``):
 
 - ``undeformed`` (Table 1): PD <-> T2 with undeformed T2;
-- ``deformed`` (Table 2): PD <-> T2 with one fixed smooth distortion applied to every T2 volume; the ground truths
-  are aligned with the source (the real T2 for PD -> T2, the distorted PD for T2 -> PD), as in the paper;
-- ``mr_ct`` (Table 3): T1 -> CT and back, MR positioning pad against CT head holder, metrics inside the head mask.
+- ``deformed`` (Table 2): PD <-> T2 with one fixed smooth distortion of every T2 volume; the ground truths are
+  aligned with the source (the real T2 for PD -> T2, the distorted PD for T2 -> PD), as in the paper;
+- ``mr_ct`` (Table 3): T1 <-> CT, MR positioning pad against CT head holder, metrics inside the head mask.
 
-Each run is evaluated on the held-out phantom subjects (``configs/evaluate.json``'s ``SupervisedEvaluator``: MSE,
-PSNR, SSIM inside the brain/head mask) and, as a direct measure of alignment, the residual displacement between
-each synthesis and its ground truth (:func:`bundle.registration.residual_displacement`). For the deformed experiment
-the same measurements of "the ground truth moved by the distortion" give the reference a synthesis that copied the
-distortion would score.
-
-Writes ``OUTPUT_DIR/results.md`` (tables in the paper's layout beside the paper's own figures, the headline, the
-command, budget and timings), ``OUTPUT_DIR/figures/`` (Fig. 4 analogue per experiment, training curves), and keeps
-the data set (``data/``), each run's models and TensorBoard logs (``runs/<experiment>_<method>/``) and per-volume
-CSVs (``metrics/``), as :mod:`scripts.tooling.study` lays a study out. Finished runs are not retrained and a run
-interrupted mid-way resumes from its checkpoint, so the command can simply be repeated.
+Each run is evaluated on the held-out subjects (``configs/evaluate.json``: MSE, PSNR, SSIM inside the mask, and the
+residual displacement to the ground truth); for ``deformed`` also the ground truth moved by the distortion.
+Writes ``OUTPUT_DIR/results.md`` and ``figures/`` and keeps ``data/``, ``runs/`` and ``metrics/`` as
+:mod:`scripts.tooling.study` lays a study out; finished runs are reused, so the command can be repeated.
 """
 
 from __future__ import annotations
@@ -109,12 +101,8 @@ CT_ONLY_METRICS = ("MAE_HU", "bone_dice")
 def distortion_reference(
     experiment: Experiment, dataset_dir: Path, pixdim: Sequence[float], csv_path: Path
 ) -> list[dict[str, Any]]:
-    """The scores of a synthesis that renders the target perfectly but copies the domain distortion.
-
-    For every test subject of the deformed experiment: PD -> T2 compares the distorted T2 with the real T2 (the
-    ground truth), T2 -> PD the undistorted PD with the distorted PD (the ground truth), on the evaluation's grid
-    (:func:`scripts.tooling.study.distorted_copies`).
-    """
+    """The scores of a synthesis that renders the target perfectly but copies the domain distortion (per test
+    subject and direction, :func:`scripts.tooling.study.distorted_copies`), read back from ``csv_path`` if there."""
     if csv_path.is_file():
         return read_csv(csv_path)
     start = time.perf_counter()
@@ -144,9 +132,6 @@ def distortion_reference(
     return read_csv(csv_path)
 
 
-# --------------------------------------------------------------------------------------------------- figures
-
-
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of a run's TensorBoard logs: ``{tag: [(step, value), ...]}``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -163,16 +148,15 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def training_curves(path: Path, runs: Mapping[tuple[str, str], Path]) -> Path:
     """Generator loss, its alignment term and validation PSNR against iterations, one panel row per experiment."""
     experiments = list(dict.fromkeys(key for key, _ in runs))
-    panels = CURVE_PANELS
     figure = Figure(figsize=(15, 3.2 * len(experiments)), dpi=90)
     FigureCanvasAgg(figure)
-    axes = figure.subplots(len(experiments), len(panels), squeeze=False)
+    axes = figure.subplots(len(experiments), len(CURVE_PANELS), squeeze=False)
     for row, key in zip(axes, experiments, strict=True):
         for method in METHODS:
             if (key, method) not in runs:
                 continue
             scalars = read_scalars(runs[key, method] / "logs")
-            for ax, (tag, label) in zip(row, panels, strict=True):
+            for ax, (tag, label) in zip(row, CURVE_PANELS, strict=True):
                 values = scalars.get(tag, [])
                 if values and (tag != "align" or method == "Dicycle"):
                     steps, ys = zip(*values, strict=True)
@@ -189,9 +173,6 @@ def training_curves(path: Path, runs: Mapping[tuple[str, str], Path]) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------------------------------- tables
-
-
 def group_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[Mapping[str, Any]]]]:
     """``{experiment label: {method: rows}}``, A -> B first, methods in table order."""
     order = {method: index for index, method in enumerate((*METHODS, REFERENCE_METHOD))}
@@ -206,10 +187,9 @@ def experiment_table(experiment: Experiment, rows: Sequence[Mapping[str, Any]]) 
     paper = PAPER_TABLES.get(experiment.key, {})
     has_ct = any(not math.isnan(float(r.get("MAE_HU", "nan"))) for r in rows)
     metrics = [m for m in TABLE_METRICS if has_ct or m[0] not in CT_ONLY_METRICS]
+    headers = " | ".join(header for _, header, _ in metrics)
     lines = [
-        "| Experiment | | "
-        + " | ".join(header for _, header, _ in metrics)
-        + " | n | Paper: MSE | Paper: PSNR | Paper: SSIM |",
+        f"| Experiment | | {headers} | n | Paper: MSE | Paper: PSNR | Paper: SSIM |",
         "| --- | --- | " + " | ".join("---:" for _ in metrics) + " | ---: | ---: | ---: | ---: |",
     ]
     for label, methods in group_rows(rows).items():
@@ -217,13 +197,8 @@ def experiment_table(experiment: Experiment, rows: Sequence[Mapping[str, Any]]) 
             cells = [mean_sd([float(r.get(name, "nan")) for r in group], decimals) for name, _, decimals in metrics]
             reference = paper.get((label, method), ("", "", "") if method == REFERENCE_METHOD else ("-", "-", "-"))
             name = f"*{method}*" if method == REFERENCE_METHOD else method
-            lines.append(
-                f"| {label if index == 0 else ''} | {name} | "
-                + " | ".join(cells)
-                + f" | {len(group)} | "
-                + " | ".join(reference)
-                + " |"
-            )
+            row = [label if index == 0 else "", name, *cells, str(len(group)), *reference]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -256,12 +231,7 @@ def headline(rows_by_experiment: Mapping[str, Sequence[Mapping[str, Any]]]) -> l
 
 
 def distortion_effect(rows_by_experiment: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
-    """How much the distortion itself adds to each method's displacement: Table 2 minus Table 1, per direction.
-
-    Without a domain distortion a synthesis is still displaced by whatever geometric error its generator makes (and by
-    the registration's own noise on an imperfect synthesis), so the displacement that the distortion causes is the
-    difference between the two experiments, to be compared with the distortion's own displacement.
-    """
+    """How much the distortion itself adds to each method's displacement: Table 2 minus Table 1, per direction."""
     if not {"undeformed", "deformed"} <= set(rows_by_experiment):
         return []
     undeformed, deformed = group_rows(rows_by_experiment["undeformed"]), group_rows(rows_by_experiment["deformed"])
@@ -276,9 +246,8 @@ def distortion_effect(rows_by_experiment: Mapping[str, Sequence[Mapping[str, Any
             parts.append(f"{name} {before:.2f} -> {after:.2f} mm ({after - before:+.2f} mm)")
         text = f"{label}: without -> with the T2 distortion, " + ", ".join(parts)
         if REFERENCE_METHOD in methods:
-            text += (
-                f"; the distortion itself displaces by {mean_of(methods[REFERENCE_METHOD], 'displacement_mm'):.2f} mm"
-            )
+            reference = mean_of(methods[REFERENCE_METHOD], "displacement_mm")
+            text += f"; the distortion itself displaces by {reference:.2f} mm"
         sentences.append(text + ".")
     return sentences
 
@@ -294,18 +263,12 @@ def results_markdown(
 ) -> str:
     """The text of ``results.md``; ``budget_overrides``: the epochs of a ``--budget`` run, stated with the budget."""
     lines = [
-        "# DicycleGAN against CycleGAN on the brain phantom",
-        "",
+        "# DicycleGAN against CycleGAN on the brain phantom\n",
         "The paper's experiments (Wang et al. 2018, Tables 1-3 and Fig. 4) repeated with this bundle on the MNI152 "
         "phantom (`scripts/tooling/phantom.py`): the same code trained as CycleGAN (`configs/cyclegan.json`) and as "
-        "DicycleGAN, with the same data, seed and budget, evaluated on held-out subjects.",
-        "",
-        "Produced by:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        "DicycleGAN, with the same data, seed and budget, evaluated on held-out subjects.\n",
+        "Produced by:\n",
+        f"```bash\n{command}\n```\n",
         f"Budget (`--preset {preset}`): {PRESETS[preset].description}"
         + (
             f"; here stretched by `--budget`: {budget_overrides['n_epochs']} constant + "
@@ -319,10 +282,8 @@ def results_markdown(
         + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
         + f", torch {torch.__version__}, {torch.get_num_threads()} threads. Wall time of the whole study "
         f"{timings['total'] / 60:.1f} min (data {timings['data']:.0f} s, training "
-        f"{timings['training'] / 60:.1f} min, evaluation and registration {timings['evaluation'] / 60:.1f} min).",
-        "",
-        "## Headline",
-        "",
+        f"{timings['training'] / 60:.1f} min, evaluation and registration {timings['evaluation'] / 60:.1f} min).\n",
+        "## Headline\n",
         *[f"- {sentence}" for sentence in headline(rows_by_experiment)],
         "",
     ]
@@ -332,8 +293,7 @@ def results_markdown(
             "What the distortion adds (residual displacement of Table 2 minus that of Table 1, same method, same "
             "budget): without a domain distortion a synthesis is still displaced by its generator's own geometric "
             "errors (and by the registration's noise on an imperfect synthesis), so this difference, not the Table 2 "
-            "figure alone, is the share of the distortion that a method copied.",
-            "",
+            "figure alone, is the share of the distortion that a method copied.\n",
             *[f"- {sentence}" for sentence in effect],
             "",
         ]
@@ -343,8 +303,7 @@ def results_markdown(
         "the 95th percentile of the displacement length over the mask. A synthesis aligned with its source scores "
         "near 0 mm; one that copies a domain's deformation scores about that deformation. The row *Distortion only* "
         "scores the ground truth moved by the applied T2 distortion: what a synthesis that renders the target "
-        "contrast perfectly but copies the distortion would score.",
-        "",
+        "contrast perfectly but copies the distortion would score.\n",
         "MSE, PSNR and SSIM as in the paper: on z-scored MR (CT: HU window [-1000, 2000] scaled to [-1, 1]), PSNR "
         "with the ground truth's maximum, SSIM by the paper's global formula, all inside the mask; mean (sample sd) "
         "over the n test volumes. For CT targets also the MAE in HU and the bone Dice: the overlap of the voxels "
@@ -352,47 +311,31 @@ def results_markdown(
         "air are both dark in MR, so this is the hard part of MR -> CT). The paper's columns are its own figures "
         "(IXI at 1.8 mm and the private abdominal "
         "data, full-size networks), beside ours for reference, not for a like-for-like comparison: our phantom, "
-        "width and budget differ.",
-        "",
+        "width and budget differ.\n",
     ]
     for key, rows in rows_by_experiment.items():
         experiment = EXPERIMENTS[key]
-        lines += [f"## {experiment.table} analogue: {experiment.title}", "", experiment_table(experiment, rows), ""]
+        lines += [f"## {experiment.table} analogue: {experiment.title}\n", experiment_table(experiment, rows) + "\n"]
         if key in PAPER_NOTES:
-            lines += [PAPER_NOTES[key], ""]
-        lines += [f"Metrics inside the {experiment.mask}. Training wall time: "]
-        lines[-1] += (
-            ", ".join(
-                f"{method} {records[key, method]['seconds'] / 60:.1f} min"
-                for method in METHODS
-                if (key, method) in records
-            )
-            + "."
-        )
+            lines += [PAPER_NOTES[key] + "\n"]
+        times = [f"{m} {records[key, m]['seconds'] / 60:.1f} min" for m in METHODS if (key, m) in records]
+        lines += [f"Metrics inside the {experiment.mask}. Training wall time: " + ", ".join(times) + "."]
         if key in figures:
-            lines += ["", f"![{experiment.table} analogue]({figures[key]})", ""]
+            lines += [f"\n![{experiment.table} analogue]({figures[key]})\n"]
     if "curves" in figures:
         lines += [
-            "## Training curves",
-            "",
+            "## Training curves\n",
             "Per run, from its TensorBoard logs (`runs/<experiment>_<method>/logs`): the generator objective of eq. 4 "
             "(CycleGAN's has no alignment or deformed-cycle term), DicycleGAN's alignment term 2 - NMI - NMI, and the "
-            "validation PSNR of A -> B on the paired validation subject.",
-            "",
-            f"![training curves]({figures['curves']})",
-            "",
+            "validation PSNR of A -> B on the paired validation subject.\n",
+            f"![training curves]({figures['curves']})\n",
         ]
     lines += [
-        "## Per-volume figures",
-        "",
+        "## Per-volume figures\n",
         "Every volume's row is in `metrics/<experiment>_<method>.csv` of the output folder; the models and "
-        "TensorBoard logs of each run in `runs/<experiment>_<method>/`.",
-        "",
+        "TensorBoard logs of each run in `runs/<experiment>_<method>/`.\n",
     ]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------------ main
 
 
 def main(
@@ -409,15 +352,12 @@ def main(
 
     Args:
         output_dir: where the data, runs, metrics, figures and ``results.md`` go.
-        preset: ``"cpu"`` (about an hour on 2 cores, reduced width and resolution) or ``"paper"`` (the paper's
-            settings; a GPU job).
+        preset: a preset of :data:`scripts.tooling.study.PRESETS` (``cpu``: about an hour on 2 cores; ``paper``).
         experiments: any of ``undeformed``, ``deformed``, ``mr_ct`` (comma-separated or a list).
         dataset_dir: an existing phantom folder to use instead of building ``OUTPUT_DIR/data``.
         seed: seed of the data set and of every training run.
-        publish_dir: also copy ``results.md`` and its figures there (``docs`` updates ``docs/results.md``; the other
-            studies' marked sections of it stay).
-        budget: train ``budget`` times the preset's epochs (both the constant and the decay stage), the same
-            schedule stretched: does a result change with longer training?
+        publish_dir: also copy ``results.md`` and its figures there (the other studies' marked sections stay).
+        budget: train ``budget`` times the preset's epochs (constant and decay stage alike).
         concurrent: runs trained side by side, each in its own process (its output in ``runs/<run>/train.log``).
 
     Returns:
@@ -450,9 +390,8 @@ def main(
         figure = comparison_figure(output / "figures" / f"fig4_{key}.png", EXPERIMENTS[key], parsers)
         figures[key] = figure.relative_to(output).as_posix()
     run_dirs = {(key, method): output / "runs" / f"{key}_{method}" for key in keys for method in METHODS}
-    figures["curves"] = (
-        training_curves(output / "figures" / "training_curves.png", run_dirs).relative_to(output).as_posix()
-    )
+    curves = training_curves(output / "figures" / "training_curves.png", run_dirs)
+    figures["curves"] = curves.relative_to(output).as_posix()
     # runs trained and metrics measured by an earlier call count with their own recorded wall times
     timings = {"data": data_s, "training": study.training_s}
     timings["evaluation"] = study.evaluation_s + time.perf_counter() - start

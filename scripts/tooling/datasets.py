@@ -1,8 +1,8 @@
 """Dataset builders for experiments: datalists from IXI, from a folder per domain, and distorted copies of domain B.
 
-Experiment tooling, not part of the shipped bundle (the model zoo export leaves ``scripts/`` out). The datalist
-format, loading and validation are in :mod:`bundle.datalist`; the builders here return a datalist's content with
-absolute paths and :func:`write_datalist` stores it relative to the dataset folder. CLI: ``scripts/make_datalist.py``.
+Not shipped in the zoo export. The datalist format is in :mod:`bundle.datalist`; the builders return a datalist's
+content with absolute paths and :func:`write_datalist` stores it relative to the dataset folder. CLI:
+``scripts/make_datalist.py``.
 """
 
 from __future__ import annotations
@@ -49,9 +49,6 @@ _IXI_NAME = re.compile(
 )
 
 
-# ----------------------------------------------------------------------------------------------------- writing
-
-
 def _relative(dataset_dir: Path, path: str | os.PathLike) -> str:
     """Path relative to ``dataset_dir`` with forward slashes (portable JSON); a path outside ``dataset_dir`` stays
     absolute, as :func:`~bundle.datalist.read_datalist` refuses relative paths that leave the dataset folder."""
@@ -90,18 +87,14 @@ def write_datalist(
 
     Raises:
         FileExistsError: if the file exists and ``overwrite`` is False.
+        ValueError: if the content is not a well-formed datalist.
     """
     dataset_dir = Path(dataset_dir).resolve()
     path = _resolve(dataset_dir, path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or pass overwrite=True (--overwrite).")
     content: dict[str, Any] = {"domains": {"A": domains["A"], "B": domains["B"]}}
-    for key, entries in (
-        ("training_A", training_a),
-        ("training_B", training_b),
-        ("validation", validation),
-        ("test", test),
-    ):
+    for key, entries in zip((*TRAINING_KEYS, *PAIRED_KEYS), (training_a, training_b, validation, test)):
         content[key] = [
             {name: _relative(dataset_dir, value) if name in PATH_KEYS else value for name, value in entry.items()}
             for entry in entries
@@ -118,10 +111,10 @@ def write_datalist(
 def split_subjects(
     subjects: Sequence[str], n_train: int | None, n_test: int, n_validation: int = 0, seed: int = 0
 ) -> dict[str, list[str]]:
-    """Seeded random split of subjects into training, validation and test.
+    """Seeded random split of subjects (sorted first) into training, validation and test.
 
     Args:
-        subjects: subject identifiers (order does not matter: they are sorted first).
+        subjects: subject identifiers.
         n_train: training subjects; None takes every subject not used for validation or test.
         n_test: test subjects.
         n_validation: validation subjects.
@@ -131,7 +124,7 @@ def split_subjects(
         ``{"training", "validation", "test", "unused"}`` lists of subjects, each sorted.
 
     Raises:
-        ValueError: if more subjects are requested than available.
+        ValueError: if a count is negative or more subjects are requested than available.
     """
     pool = sorted(set(subjects))
     n_fixed = n_test + n_validation
@@ -163,9 +156,6 @@ def _training_lists(
     )
 
 
-# --------------------------------------------------------------------------------------------------------- IXI
-
-
 class IXIName(NamedTuple):
     """Parts of an IXI file name such as ``IXI012-HH-1211-PD.nii.gz``."""
 
@@ -176,14 +166,7 @@ class IXIName(NamedTuple):
 
 
 def parse_ixi_name(name: str | os.PathLike) -> IXIName | None:
-    """Parse an IXI file name.
-
-    Args:
-        name: file name or path, e.g. ``IXI012-HH-1211-PD.nii.gz``.
-
-    Returns:
-        the :class:`IXIName`, or None if the name does not follow IXI's pattern.
-    """
+    """The :class:`IXIName` of a file name or path such as ``IXI012-HH-1211-PD.nii.gz``; None if not IXI's pattern."""
     match = _IXI_NAME.match(Path(name).name)
     if match is None:
         return None
@@ -199,15 +182,8 @@ class IXIInventory(NamedTuple):
 
 
 def find_ixi_volumes(root: str | os.PathLike, contrasts: Sequence[str] = ("PD", "T2")) -> IXIInventory:
-    """Find IXI volumes of the given contrasts under ``root`` (any depth, e.g. ``IXI-PD/`` and ``IXI-T2/``).
-
-    Args:
-        root: the folder to search.
-        contrasts: contrasts every usable subject needs.
-
-    Returns:
-        the :class:`IXIInventory`.
-    """
+    """The :class:`IXIInventory` of the IXI volumes under ``root`` (any depth, e.g. ``IXI-PD/`` and ``IXI-T2/``);
+    a complete subject has each of ``contrasts``."""
     found: dict[str, dict[str, list[Path]]] = {}
     for path in sorted(Path(root).rglob("IXI*.nii*")):
         parsed = parse_ixi_name(path.name)
@@ -250,9 +226,8 @@ def make_ixi_datalist(
     mask_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Build an IXI datalist: subjects paired by identifier, split as the paper (38 training, 28 test).
-
-    Training lists hold the training subjects' A and B volumes, each list shuffled on its own (unpaired).
+    """Build an IXI datalist: subjects paired by identifier, split as the paper (38 training, 28 test); the training
+    subjects' A and B lists are shuffled independently (unpaired).
 
     Args:
         dataset_dir: folder holding the IXI files (any depth); the datalist's paths are relative to it.
@@ -262,13 +237,12 @@ def make_ixi_datalist(
         n_test: test subjects.
         n_validation: validation subjects.
         seed: seed of the split and of the shuffles.
-        mask_dir: optional folder of masks (one per subject, name starting with the subject, e.g.
-            ``IXI012_brainmask.nii.gz``), absolute or relative to ``dataset_dir``.
-        progress: called with report lines (subjects found, missing contrasts, split).
+        mask_dir: optional folder of masks, one per subject whose name starts with it (``IXI012_mask.nii.gz``).
+        progress: called with report lines.
 
     Returns:
-        the datalist content (paths still absolute; pass it to :func:`write_datalist`), with a ``source`` key
-        recording the split and the subjects missing a contrast.
+        the datalist content (absolute paths, for :func:`write_datalist`), with a ``source`` key recording the split
+        and the subjects missing a contrast.
 
     Raises:
         ValueError: if there are duplicate files, missing masks, or fewer subjects than requested.
@@ -296,16 +270,12 @@ def make_ixi_datalist(
     )
 
     def pairs(subjects: list[str]) -> list[dict[str, str]]:
-        entries = []
-        for subject in subjects:
-            entry = {
-                "A": str(inventory.complete[subject][contrast_a]),
-                "B": str(inventory.complete[subject][contrast_b]),
-            }
-            if subject in masks:
-                entry["mask"] = str(masks[subject])
-            entries.append({**entry, "subject": subject})
-        return entries
+        return [
+            {"A": str(inventory.complete[s][contrast_a]), "B": str(inventory.complete[s][contrast_b])}
+            | ({"mask": str(masks[s])} if s in masks else {})
+            | {"subject": s}
+            for s in subjects
+        ]
 
     training_a, training_b = _training_lists(
         [str(inventory.complete[s][contrast_a]) for s in split["training"]],
@@ -328,9 +298,6 @@ def make_ixi_datalist(
     }
 
 
-# ------------------------------------------------------------------------------------------------ user folders
-
-
 def make_folder_datalist(
     dataset_dir: str | os.PathLike,
     dir_a: str | os.PathLike,
@@ -344,11 +311,9 @@ def make_folder_datalist(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Build a datalist from a folder per domain (unpaired) and, optionally, paired folders for evaluation.
-
-    Paired folders hold the same subjects under the same file names (extension aside): ``paired_dir_a/s01.nii.gz``
-    pairs with ``paired_dir_b/s01.nii.gz`` and ``paired_mask_dir/s01.nii.gz``. The first ``n_validation`` pairs
-    of a seeded shuffle go to validation, the rest to test.
+    """Build a datalist from a folder per domain (unpaired) and optional paired folders, which hold the same subjects
+    under the same file names (extension aside); ``n_validation`` pairs of a seeded shuffle go to validation, the
+    rest to test.
 
     Args:
         dataset_dir: the dataset folder; the other folders are absolute or relative to it.
@@ -364,7 +329,7 @@ def make_folder_datalist(
         progress: called with report lines.
 
     Returns:
-        the datalist content (absolute paths; pass it to :func:`write_datalist`).
+        the datalist content (absolute paths, for :func:`write_datalist`).
 
     Raises:
         ValueError: if a folder has no volumes or the paired folders do not match.
@@ -409,9 +374,6 @@ def make_folder_datalist(
         "test": sorted(shuffled[n_validation:], key=lambda e: e["subject"]),
         "source": {"dataset": "folders", "seed": seed},
     }
-
-
-# ------------------------------------------------------------------------------------------ distorted domain B
 
 
 def _read_volume(path: Path) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarray, Path], None]]:
@@ -462,17 +424,15 @@ def make_distorted_datalist(
 ) -> Path:
     """Derive the deformed-B experiment from a datalist: distort every domain-B volume with one fixed distortion.
 
-    Writes, under ``dataset_dir/folder``, the distorted copy of every domain-B volume (training and pairs), and for
-    each pair the domain-A volume and the mask distorted alike; then a datalist whose ``training_B`` and pairs'
-    ``B`` are the distorted volumes, with ``gt_A2B`` (undistorted B), ``gt_B2A`` (distorted A) and ``mask_B``
-    (distorted mask). The input volumes and datalist are never modified.
+    Writes under ``dataset_dir/folder`` the distorted copy of every domain-B volume and, for each pair, of its
+    A volume and mask; then a datalist whose ``training_B`` and pairs' ``B`` are distorted, with ``gt_A2B``
+    (undistorted B), ``gt_B2A`` (distorted A) and ``mask_B`` (distorted mask). The inputs are never modified.
 
     Args:
         dataset_dir: the dataset folder.
         datalist: the source datalist (undistorted), absolute or relative to ``dataset_dir``.
         output: the new datalist, absolute or relative to ``dataset_dir``.
-        folder: sub-folder of ``dataset_dir`` for the distorted volumes (default
-            ``distorted_<B>_<mm>mm_seed<seed>``).
+        folder: sub-folder for the distorted volumes (default ``distorted_<B>_<mm>mm_seed<seed>``).
         max_displacement_mm: see :class:`~bundle.transforms.DomainDistortion`.
         control_spacing_mm: see :class:`~bundle.transforms.DomainDistortion`.
         seed: seed of the distortion.
@@ -500,7 +460,7 @@ def make_distorted_datalist(
     targets: dict[str, Path] = {}
 
     def distorted(relative: str, mode: str) -> str:
-        """Distort one volume once; returns its new path relative to the dataset folder."""
+        """Distort one volume (once); its new path relative to the dataset folder."""
         if relative in targets:
             return _relative(root, targets[relative])
         source = _resolve(root, relative).resolve()

@@ -1,56 +1,38 @@
 """Multi-contrast brain phantom (PD-, T2-, T1-weighted MR and CT) built offline from the MNI152 2009a template.
 
-The phantom gives every demo and test a ground truth: all contrasts of a subject come from one anatomy, so they are
-exactly co-registered, while each subject has its own anatomy, pose, bias field and noise.
+All contrasts of a subject come from one anatomy (exactly co-registered); each subject has its own anatomy, pose,
+bias field and noise.
 
-Anatomy (template space, 1 mm, built once by :func:`build_head_model`):
-    * grey and white matter: the MNI ICBM152 2009a (non-linear symmetric) probability maps shipped with
-      ``nilearn`` (Fonov et al. 2011); CSF fills the rest of the skull-stripped template (ventricles, sulci)
-      and of the intracranial hull (the brain closed by 6 mm), plus a 1.5 mm subarachnoid layer;
-    * skull, muscle, scalp: shells at a signed distance from the hull: inner table, diploe, outer table
-      (6.5 mm in all, 4 mm over the temporal squama), temporalis and neck muscles, 4 mm subcutaneous fat,
-      2 mm skin; everything else is air. All class fractions are partial-volume (they sum to 1).
+Anatomy (template space, 1 mm, :func:`build_head_model`): grey and white matter are the MNI ICBM152 2009a
+probability maps shipped with ``nilearn`` (Fonov et al. 2011); CSF fills the rest of the intracranial hull (the
+brain closed by 6 mm) plus a 1.5 mm subarachnoid layer; skull (inner table, diploe, outer table: 6.5 mm, 4 mm over
+the temporal squama), temporalis and neck muscles, 4 mm fat and 2 mm skin are shells at a signed distance from the
+hull; the rest is air. Class fractions are partial-volume (they sum to 1).
 
-Contrast (physics, not hand-painted): each tissue's spin-echo signal is
-``S = PD (1 - exp(-TR/T1)) exp(-TE/T2)``; a voxel's signal is the fraction-weighted sum over its tissues. CT is the
-fraction-weighted sum of Hounsfield units (linear in attenuation). Sources:
+Contrast: a tissue's spin-echo signal is ``S = PD (1 - exp(-TR/T1)) exp(-TE/T2)``, a voxel's the fraction-weighted
+sum over its tissues; CT is the fraction-weighted sum of Hounsfield units. Values (:data:`TISSUES`,
+:data:`MR_SEQUENCES`): MR parameters at 1.5 T from BrainWeb's table (Collins et al. 1998; Kwan et al. 1999;
+http://mouldy.bic.mni.mcgill.ca/brainweb/tissue_mr_parameters.txt), cortical bone without signal; IXI's dual-echo
+turbo spin echo (Philips 1.5 T, Guy's Hospital, brain-development.org) for PD and T2, and a spin-echo T1 (IXI's T1
+is a 3-D gradient echo); CT numbers inside the ranges of Bushberg et al., The Essential Physics of Medical Imaging,
+3rd ed. 2012, and Kalender, Computed Tomography, 3rd ed. 2011. Orderings: T2 CSF > GM > WM, T1 WM > GM > CSF,
+PD CSF > GM > WM, CT bone > GM > WM > CSF > fat > air.
 
-    * MR tissue parameters at 1.5 T (PD relative to water, T1/T2 in ms): the BrainWeb simulator's table
-      (Collins et al. 1998; Kwan et al. 1999; http://mouldy.bic.mni.mcgill.ca/brainweb/tissue_mr_parameters.txt):
-      CSF 1.00/2569/329, GM 0.86/833/83, WM 0.77/500/70, fat 1.00/350/70, muscle and skin 1.00/900/47,
-      skull (cortical bone) 0 (no signal at these echo times).
-    * Sequences: IXI's dual-echo turbo spin echo on the Philips 1.5 T at Guy's Hospital, TR 8178 ms with
-      TE 8 ms (PD) and TE 100 ms (T2) (IXI scanner parameters, brain-development.org); IXI's T1 is a 3-D
-      gradient echo, so the T1 contrast here is a conventional spin-echo T1, TR 500 ms / TE 10 ms.
-    * CT numbers: typical values inside the ranges tabulated by standard texts (Bushberg et al., The Essential
-      Physics of Medical Imaging, 3rd ed. 2012; Kalender, Computed Tomography, 3rd ed. 2011): WM 28 (20-30),
-      GM 40 (35-45), CSF 8 (0-15), muscle 50, skin 40, fat -100, cortical bone 1400 (skull tables),
-      diploe 700 (cancellous bone), air -1000 HU.
+Subjects (:func:`simulate_subject`): a random pose and a smooth cubic B-spline deformation map the template into
+IXI geometry (axial, 256 x 256 x 130, 0.9375 x 0.9375 x 1.2 mm, RAS); a smooth multiplicative bias field shared by
+the MR contrasts, Rician MR noise at a given SNR, Gaussian CT noise. Optional scanner beds differ between MR (flat
+pad under the occiput) and CT (curved head holder on a foam gap), the domain-specific difference of the paper's
+Fig. 1; their materials are nominal, and they are never part of the head mask.
 
-These give the orderings of the literature: T2 CSF > GM > WM, T1 WM > GM > CSF, PD CSF > GM > WM,
-CT bone > GM > WM > CSF > fat > air; fat is bright on T1, bone dark on every MR contrast.
+Dataset (:func:`write_phantom_dataset`, CLI ``scripts/make_demo_data.py``): ``phantomNNN/phantomNNN_<kind>.nii.gz``
+(int16 MR and CT like IXI, uint8 masks) and three datalists (:mod:`bundle.datalist`). Not shipped in the zoo export.
 
-Subjects (:func:`simulate_subject`, output space): a random pose (rotation, head size, position) and a smooth cubic
-B-spline deformation (anatomical variability) map the template into IXI-like geometry (axial, 256 x 256 x 130,
-0.9375 x 0.9375 x 1.2 mm, RAS); one smooth multiplicative bias field per subject (receive-coil sensitivity, shared
-by all MR contrasts of the session) and Rician noise at a given SNR for MR, Gaussian noise for CT. Optional
-scanner-bed structures differ in shape and position between MR (flat positioning pad under the occiput) and CT
-(curved head holder on a foam gap), the domain-specific difference of the paper's Fig. 1; their material values
-are nominal (visible, plausible), not measurements, and they are never part of the head mask.
-
-Dataset (:func:`write_phantom_dataset`, CLI ``scripts/make_demo_data.py``): NIfTI volumes per subject
-(``phantomNNN/phantomNNN_<kind>.nii.gz``, int16 MR and CT like IXI, uint8 masks) and three datalists (PD <-> T2,
-PD <-> distorted T2 with the paper's ground truths, T1 <-> CT with differing beds); see :mod:`bundle.datalist`.
-The phantom is experiment tooling: the model zoo export does not ship it.
-
-Limitations: no face, orbits, sinuses or skull base (the head is a shell around the brain); no diploic marrow
-signal in MR; fat's J-coupling brightening in turbo spin echo T2 is not modelled.
+Limitations: no face, orbits, sinuses or skull base; no diploic marrow signal in MR; no J-coupling brightening of
+fat in turbo spin echo T2.
 
 References:
-    Fonov V, Evans AC, Botteron K, Almli CR, McKinstry RC, Collins DL. Unbiased average age-appropriate
-    atlases for pediatric studies. NeuroImage 54(1):313-327, 2011.
-    Collins DL, Zijdenbos AP, Kollokian V, Sled JG, Kabani NJ, Holmes CJ, Evans AC. Design and construction
-    of a realistic digital brain phantom. IEEE TMI 17(3):463-468, 1998.
+    Fonov V et al. Unbiased average age-appropriate atlases for pediatric studies. NeuroImage 54(1):313-327, 2011.
+    Collins DL et al. Design and construction of a realistic digital brain phantom. IEEE TMI 17(3):463-468, 1998.
     Kwan RK-S, Evans AC, Pike GB. MRI simulation-based evaluation of image-processing and classification
     methods. IEEE TMI 18(11):1085-1097, 1999.
     Gudbjartsson H, Patz S. The Rician distribution of noisy MRI data. MRM 34(6):910-914, 1995.
@@ -63,7 +45,7 @@ import json
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,14 +84,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TissueProperties:
-    """MR relaxation parameters at 1.5 T and CT number of one tissue.
-
-    Args:
-        pd: proton density relative to water.
-        t1_ms: longitudinal relaxation time (ms).
-        t2_ms: transverse relaxation time (ms).
-        ct_hu: CT number (Hounsfield units).
-    """
+    """MR parameters at 1.5 T (PD relative to water, T1 and T2 in ms) and CT number (HU) of one tissue."""
 
     pd: float
     t1_ms: float
@@ -119,12 +94,7 @@ class TissueProperties:
 
 @dataclass(frozen=True)
 class SpinEchoSequence:
-    """Spin-echo timing.
-
-    Args:
-        tr_ms: repetition time (ms).
-        te_ms: echo time (ms).
-    """
+    """Spin-echo timing: repetition time and echo time (ms)."""
 
     tr_ms: float
     te_ms: float
@@ -177,16 +147,13 @@ _BRAIN_CENTRE_MM = (0.0, -18.0, 15.0)  # MNI mm: centre of the pose changes (rot
 def spin_echo_signal(
     pd: np.ndarray | float, t1_ms: np.ndarray | float, t2_ms: np.ndarray | float, sequence: SpinEchoSequence
 ) -> np.ndarray:
-    """Spin-echo signal ``PD (1 - exp(-TR/T1)) exp(-TE/T2)`` (fully relaxed water = 1).
+    """Spin-echo signal ``PD (1 - exp(-TR/T1)) exp(-TE/T2)`` (fully relaxed water = 1), broadcast over the inputs.
 
     Args:
         pd: proton density relative to water.
         t1_ms: T1 (ms), positive.
         t2_ms: T2 (ms), positive.
         sequence: TR and TE.
-
-    Returns:
-        the signal, broadcast over the inputs.
     """
     t1_ms, t2_ms = np.asarray(t1_ms, dtype=np.float64), np.asarray(t2_ms, dtype=np.float64)
     return pd * (1.0 - np.exp(-sequence.tr_ms / t1_ms)) * np.exp(-sequence.te_ms / t2_ms)
@@ -211,9 +178,7 @@ def ixi_geometry(downsample: int = 1) -> tuple[tuple[int, int, int], np.ndarray]
 
 
 def load_mni152_probabilities() -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Load the MNI152 2009a T1 template and its grey/white-matter probability maps shipped with nilearn.
-
-    No download happens: these files are part of the nilearn package.
+    """Load the MNI152 2009a T1 template and its grey/white-matter probability maps shipped with nilearn (no download).
 
     Returns:
         ``({"t1": ..., "gm": ..., "wm": ...}, affine)``: float32 arrays in [0, 1] (197 x 233 x 189, 1 mm, RAS)
@@ -275,10 +240,8 @@ def _pad_template(array: np.ndarray) -> np.ndarray:
 
 
 def _signed_distance_to_hull(envelope: np.ndarray, closing_mm: float = 6.0) -> np.ndarray:
-    """Signed distance (mm, positive outside) to the intracranial hull: the brain envelope closed by a ball.
-
-    Computed on a 2 mm grid (the hull is smooth at that scale) and interpolated back to 1 mm.
-    """
+    """Signed distance (mm, positive outside) to the intracranial hull, the brain envelope closed by a ball; computed
+    on a 2 mm grid (the hull is smooth at that scale) and interpolated back to 1 mm."""
     shape = envelope.shape
     even = [n + n % 2 for n in shape]
     padded = np.zeros(even, dtype=np.float32)
@@ -308,9 +271,6 @@ def build_head_model(
         affine: their affine (required with ``probabilities``).
         keep_fractions: keep the tissue fractions in the model (0.4 GB more memory), for
             ``simulate_subject(..., return_fractions=True)``.
-
-    Returns:
-        the :class:`HeadModel`.
     """
     if probabilities is None:
         probabilities, affine = load_mni152_probabilities()
@@ -398,12 +358,9 @@ def _rotation(angles_rad: Sequence[float]) -> np.ndarray:
 def _bed_fractions(
     head: np.ndarray, world_xy: tuple[np.ndarray, np.ndarray], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Partial-volume fractions of the MR positioning pad and of the CT head holder in one axial plane.
-
-    The head is supine: posterior is -y. The MR pad is a flat 10 mm slab on which the occiput rests; the CT
-    holder is a 4 mm cylindrical cradle (radius 95 mm) below a 3-8 mm foam gap, shifted sideways. Both are
-    extruded along z and never overlap the head.
-    """
+    """Partial-volume fractions of the MR pad (a flat 10 mm slab under the occiput) and of the CT head holder (a 4 mm
+    cradle of radius 95 mm below a 3-8 mm foam gap, shifted sideways) in one axial plane, extruded along z, outside
+    the head. The head is supine: posterior is -y."""
     x, y = world_xy[0][:, None], world_xy[1][None, :]
     rows = np.flatnonzero((head >= 0.5).any(axis=(0, 2)))
     back = float(world_xy[1][rows.min()]) if rows.size else float(world_xy[1][0])  # occiput, lowest point
@@ -501,10 +458,8 @@ def simulate_subject(
     sampled = resample_volume(model.maps, coords).numpy()
     fractions = resample_volume(model.fractions, coords).numpy() if return_fractions else None
     del coords
-    names = HeadModel.MAP_NAMES
-    volumes = {name: sampled[i] for i, name in enumerate(names)}
+    volumes = {name: sampled[i] for i, name in enumerate(HeadModel.MAP_NAMES)}
     brain, head = volumes["brain"], volumes["head"]
-
     if scanner_bed:
         mr_pad, ct_holder = _bed_fractions(head, (world[0], world[1]), bed_rng)
 
@@ -516,6 +471,10 @@ def simulate_subject(
     brain_mask = brain >= 0.5
     out: dict[str, np.ndarray] = {}
     noise = np.empty(shape, dtype=np.float32)  # one buffer for every noise draw: large arrays are costly to fault in
+
+    def draw(sd: np.float32) -> np.ndarray:
+        return np.multiply(noise_rng.standard_normal(dtype=np.float32, out=noise), sd, out=noise)
+
     for contrast in ("PD", "T2", "T1"):
         pad = BED_MATERIALS["mr_pad"]
         signal = volumes[contrast]  # modified in place: the sampled maps are this function's own
@@ -524,21 +483,14 @@ def simulate_subject(
         signal *= gain
         sigma = np.float32(signal[brain_mask].mean() / snr) if brain_mask.any() else np.float32(MR_SCALE / snr)
         # Rician magnitude: |S + n_re + i n_im| with Gaussian n of sd sigma in each channel
-        noise_rng.standard_normal(dtype=np.float32, out=noise)
-        noise *= sigma
-        signal += noise
+        signal += draw(sigma)
         signal *= signal
-        noise_rng.standard_normal(dtype=np.float32, out=noise)
-        noise *= sigma
-        noise *= noise
-        signal += noise
+        signal += np.square(draw(sigma), out=noise)
         out[contrast] = np.sqrt(signal, out=signal)
     ct = volumes["CT"]
     if scanner_bed:
         ct += (np.float32(BED_MATERIALS["ct_holder"].ct_hu) - ct) * ct_holder
-    noise_rng.standard_normal(dtype=np.float32, out=noise)
-    noise *= np.float32(ct_noise_hu)
-    ct += noise
+    ct += draw(np.float32(ct_noise_hu))
     out["CT"] = np.clip(ct, *CT_HU_RANGE, out=ct)
     out["brain_mask"] = brain_mask.astype(np.uint8)
     out["head_mask"] = (head >= 0.5).astype(np.uint8)
@@ -547,24 +499,13 @@ def simulate_subject(
     return out
 
 
-# ------------------------------------------------------------------------------------------- demo dataset writer
-
 _STORED_DTYPES = {"PD": np.int16, "T2": np.int16, "T1": np.int16, "CT": np.int16}
 _WORKER: dict[str, object] = {}  # per-process state of write_phantom_dataset's workers
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype: np.dtype | type) -> Path:
-    """Save a volume as NIfTI-1 with scanner-coded qform/sform and mm units; integers are rounded and clipped.
-
-    Args:
-        array: the volume.
-        affine: 4 x 4 voxel-to-world (RAS mm) affine.
-        path: output file (``.nii.gz``).
-        dtype: stored dtype.
-
-    Returns:
-        the path written.
-    """
+    """Save ``array`` as NIfTI-1 (``.nii.gz``) with ``affine`` (RAS mm) as scanner-coded qform/sform and mm units, in
+    ``dtype`` (integers rounded and clipped); returns the path."""
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.integer) and not np.issubdtype(array.dtype, np.integer):
         info = np.iinfo(dtype)
@@ -581,26 +522,14 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, d
 
 
 def phantom_file(output_dir: str | os.PathLike, subject: str, kind: str) -> Path:
-    """Path of one phantom volume: ``output_dir/<subject>/<subject>_<kind>.nii.gz``.
-
-    Args:
-        output_dir: the dataset folder.
-        subject: e.g. ``"phantom001"``.
-        kind: ``PD``, ``T2``, ``T1``, ``CT``, ``brainmask``, ``headmask``, or a distorted kind such as
-            ``T2_distorted``.
-
-    Returns:
-        the path.
-    """
+    """Path of one phantom volume, ``output_dir/<subject>/<subject>_<kind>.nii.gz``; ``kind`` is ``PD``, ``T2``,
+    ``T1``, ``CT``, ``brainmask``, ``headmask`` or a distorted kind such as ``T2_distorted``."""
     return Path(output_dir) / subject / f"{subject}_{kind}.nii.gz"
 
 
 def _retain_freed_memory() -> None:
-    """Let glibc keep freed large arrays for reuse instead of returning them to the OS.
-
-    Every subject allocates a few GB of short-lived arrays; re-faulting those pages costs more than the arithmetic
-    on virtual machines (3x on the 2-core reference machine). Only worker processes call this; elsewhere a no-op.
-    """
+    """Let glibc keep freed large arrays for reuse instead of returning them to the OS (worker processes only;
+    a no-op without glibc): re-faulting pages costs more than the arithmetic on virtual machines."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -622,17 +551,8 @@ def _write_subject(index: int, subject: str, paired: bool) -> tuple[str, float]:
     start = time.perf_counter()
     model, distortion, config = _WORKER["model"], _WORKER["distortion"], _WORKER["config"]
     shape, affine = ixi_geometry(config["downsample"])
-    volumes = simulate_subject(
-        model,
-        (config["seed"], index),
-        shape,
-        affine,
-        snr=config["snr"],
-        bias_field=config["bias_field"],
-        ct_noise_hu=config["ct_noise_hu"],
-        anatomy_mm=config["anatomy_mm"],
-        scanner_bed=config["scanner_bed"],
-    )
+    options = {key: config[key] for key in ("snr", "bias_field", "ct_noise_hu", "anatomy_mm", "scanner_bed")}
+    volumes = simulate_subject(model, (config["seed"], index), shape, affine, **options)
     out = config["output_dir"]
     for kind, dtype in _STORED_DTYPES.items():
         save_nifti(volumes[kind], affine, phantom_file(out, subject, kind), dtype)
@@ -724,14 +644,11 @@ def write_phantom_dataset(
 ) -> dict[str, Any]:
     """Build the phantom dataset: every subject's volumes, the distorted ones, and three datalists.
 
-    Per subject ``phantomNNN`` (in ``output_dir/phantomNNN/``): ``PD``, ``T2``, ``T1``, ``CT``, ``brainmask``,
-    ``headmask`` and ``T2_distorted``; validation and test subjects also get ``PD_distorted`` and
-    ``brainmask_distorted``. Datalists (see :mod:`bundle.datalist`):
-
-    * ``datalist.json``: PD (A) <-> T2 (B), masks = brain masks;
-    * ``datalist_deformed_t2.json``: PD (A) <-> T2 distorted by :class:`~bundle.transforms.DomainDistortion`
-      (B); ground truth of PD -> T2 is the undistorted T2, of T2 -> PD the PD distorted the same way;
-    * ``datalist_mr_ct.json``: T1 (A) <-> CT (B), differing scanner beds, masks = head masks.
+    Per subject ``phantomNNN/``: ``PD``, ``T2``, ``T1``, ``CT``, ``brainmask``, ``headmask``, ``T2_distorted``, and
+    for validation and test subjects ``PD_distorted`` and ``brainmask_distorted``. Datalists: ``datalist.json``
+    (PD <-> T2, brain masks); ``datalist_deformed_t2.json`` (PD <-> T2 distorted by
+    :class:`~bundle.transforms.DomainDistortion`; ground truth of PD -> T2 the undistorted T2, of T2 -> PD the PD
+    distorted alike); ``datalist_mr_ct.json`` (T1 <-> CT, differing scanner beds, head masks).
 
     Args:
         output_dir: the dataset folder (created).
@@ -755,6 +672,9 @@ def write_phantom_dataset(
 
     Returns:
         ``{"output_dir", "datalists", "subjects", "split", "skipped"}``.
+
+    Raises:
+        ValueError: if no training subject is left after the validation and test subjects.
     """
     say = progress or (lambda _line: None)
     output_dir = Path(output_dir).resolve()
@@ -778,21 +698,16 @@ def write_phantom_dataset(
     }
     names = [f"phantom{i + 1:03d}" for i in range(subjects)]
     split = split_subjects(names, None, n_test, n_validation, seed)
-    datalist_names = ("datalist.json", "datalist_deformed_t2.json", "datalist_mr_ct.json")
+    datalists = [output_dir / n for n in ("datalist.json", "datalist_deformed_t2.json", "datalist_mr_ct.json")]
+    result = {"output_dir": output_dir, "datalists": datalists, "subjects": names, "split": split}
     record = output_dir / "phantom_parameters.json"
     parameters = {"generator": "scripts.tooling.phantom.write_phantom_dataset", "version": _PHANTOM_VERSION, **config}
     del parameters["output_dir"]
     if not force and record.is_file() and json.loads(record.read_text(encoding="utf-8")) == parameters:
         expected = [phantom_file(output_dir, s, k) for s in names for k in ("PD", "T2", "T1", "CT", "T2_distorted")]
-        if all(p.is_file() for p in expected) and all((output_dir / n).is_file() for n in datalist_names):
+        if all(p.is_file() for p in expected + datalists):
             say(f"{output_dir} already holds this phantom dataset (same parameters); use --force to rebuild")
-            return {
-                "output_dir": output_dir,
-                "datalists": [output_dir / n for n in datalist_names],
-                "subjects": names,
-                "split": split,
-                "skipped": True,
-            }
+            return {**result, "skipped": True}
 
     shape, _ = ixi_geometry(downsample)
     say(f"building the MNI152 head model (nilearn template, 1 mm) for {subjects} subjects of shape {shape}")
@@ -805,24 +720,21 @@ def write_phantom_dataset(
     paired = set(split["validation"]) | set(split["test"])
     jobs = [(i, name, name in paired) for i, name in enumerate(names)]
     workers = min(2, os.cpu_count() or 1) if workers is None else max(1, workers)
-    done = 0
+
+    def report(results: Iterable[tuple[str, float]]) -> None:
+        for done, (subject, seconds) in enumerate(results, 1):
+            say(f"[{done:3d}/{subjects}] {subject} written ({seconds:.1f} s)")
+
     if workers == 1:
         _init_worker(model, distortion, config, torch.get_num_threads(), pool=False)
-        results = (_write_subject(*job) for job in jobs)
-        for subject, seconds in results:
-            done += 1
-            say(f"[{done:3d}/{subjects}] {subject} written ({seconds:.1f} s)")
+        report(_write_subject(*job) for job in jobs)
     else:
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
         with ProcessPoolExecutor(
             workers, mp_context=context, initializer=_init_worker, initargs=(model, distortion, config, 1, True)
         ) as pool:
-            futures = [pool.submit(_write_subject, *job) for job in jobs]
-            for future in as_completed(futures):
-                subject, seconds = future.result()
-                done += 1
-                say(f"[{done:3d}/{subjects}] {subject} written ({seconds:.1f} s)")
-    datalists = _phantom_datalists(output_dir, split, config)
+            report(future.result() for future in as_completed([pool.submit(_write_subject, *job) for job in jobs]))
+    result["datalists"] = _phantom_datalists(output_dir, split, config)
     record.write_text(json.dumps(parameters, indent=2) + "\n", encoding="utf-8")
-    say(f"datalists: {', '.join(p.name for p in datalists)}")
-    return {"output_dir": output_dir, "datalists": datalists, "subjects": names, "split": split, "skipped": False}
+    say(f"datalists: {', '.join(p.name for p in result['datalists'])}")
+    return {**result, "skipped": False}

@@ -1,9 +1,4 @@
-"""What a study writes: the Fig. 4 panel of its runs, table cells, its command line and its results.md section.
-
-:func:`publish` puts a study's text and figures into ``docs/``: either its own marked section of ``results.md``
-(``<!-- name -->`` ... ``<!-- /name -->``) or, for the paper's reproduction, the whole file with the other studies'
-sections kept.
-"""
+"""What a study writes: the Fig. 4 panel of its runs, table cells, its command line and its results.md section."""
 
 from __future__ import annotations
 
@@ -42,9 +37,9 @@ def comparison_figure(
     labels: Mapping[str, str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """The paper's Fig. 4 for one experiment: per direction, the source, the ground truth and each method's
-    synthesis in one row, their absolute errors below, on the middle axial slice of the mask of the first test
-    subject; the ground truth's mask outline is drawn on every panel so a displacement shows against it.
+    """Write the paper's Fig. 4 for one experiment to ``path`` and return it: per direction, the source, the ground
+    truth and each method's synthesis in a row, their absolute errors below, on the middle axial slice of the first
+    test subject's mask, whose outline is drawn on every panel.
 
     Args:
         path: the PNG to write.
@@ -52,9 +47,6 @@ def comparison_figure(
         parsers: evaluation parsers (:class:`scripts.tooling.study.StudyRuns`) by method, in column order.
         labels: column titles by method (default: the method names, CycleGAN and DicycleGAN spelled out).
         title: the figure's title (default: the experiment's table and title).
-
-    Returns:
-        ``path``.
     """
     labels = {"Cycle": "CycleGAN", "Dicycle": "DicycleGAN", **(labels or {})}
     first = next(iter(parsers.values()))
@@ -71,8 +63,8 @@ def comparison_figure(
             evaluator = parser.get_parsed_content(f"{direction}#evaluator")
             parser.get_parsed_content(f"{direction}#loader")(evaluator)
             item = evaluator.data_loader.dataset[0]
-            predictions[method] = parser.get_parsed_content(f"{direction}#synthesis").synthesize(item["image"])
-            predictions[method] = predictions[method][0].cpu().numpy()
+            prediction = parser.get_parsed_content(f"{direction}#synthesis").synthesize(item["image"])
+            predictions[method] = prediction[0].cpu().numpy()
         source, target = item["image"], item["label"][0].numpy()
         mask = item["label"][-1].numpy() > 0 if item["masked"] else None
         z_extent = np.nonzero(mask.any(axis=(0, 1)))[0] if mask is not None else [0, target.shape[-1] - 1]
@@ -104,15 +96,9 @@ def comparison_figure(
                 if mask is not None:
                     ax.contour(axial(mask), levels=[0.5], colors="cyan", linewidths=0.7)
                 ax.set_title(textwrap.fill(label, 28), fontsize=10)  # long variant names wrap
-        axes[2 * index][0].text(
-            -0.08,
-            0.5,
-            item["experiment"],
-            transform=axes[2 * index][0].transAxes,
-            rotation=90,
-            va="center",
-            ha="right",
-            fontsize=11,
+        ax = axes[2 * index][0]
+        ax.text(
+            -0.08, 0.5, item["experiment"], transform=ax.transAxes, rotation=90, va="center", ha="right", fontsize=11
         )
     figure.suptitle(
         f"{title or f'{experiment.table} analogue, {experiment.title}'}: test subject {first_subject}, axial slice "
@@ -126,17 +112,13 @@ def comparison_figure(
 
 def mean_of(rows: Sequence[Mapping[str, Any]], metric: str) -> float:
     """Mean of a metric over rows, NaN (no value, a failed registration) left out; NaN when none is left."""
-    values = [float(r.get(metric, "nan")) for r in rows]
-    values = [v for v in values if not math.isnan(v)]
+    values = [v for v in (float(r.get(metric, "nan")) for r in rows) if not math.isnan(v)]
     return statistics.fmean(values) if values else float("nan")
 
 
 def column_cell(rows: Sequence[Mapping[str, Any]], metric: str, decimals: int) -> str:
     """``mean (sd)`` of a metric over rows, for a Markdown table."""
     return mean_sd([float(row.get(metric, "nan")) for row in rows], decimals)
-
-
-# ------------------------------------------------------------------------------------------------ publishing
 
 
 def command_line(module: str, flags: Mapping[str, Any]) -> str:
@@ -164,7 +146,7 @@ def publish_section(path: Path, section: str, text: str) -> None:
 
 
 def publish(publish_dir: str | os.PathLike, text: str, figures: Iterable[Path], section: str | None = None) -> Path:
-    """Put a study's text into ``PUBLISH_DIR/results.md`` and copy its ``figures`` to ``PUBLISH_DIR/figures``.
+    """Put a study's text into ``PUBLISH_DIR/results.md`` (returned) and its ``figures`` into ``PUBLISH_DIR/figures``.
 
     Args:
         publish_dir: e.g. ``docs``.
@@ -172,9 +154,6 @@ def publish(publish_dir: str | os.PathLike, text: str, figures: Iterable[Path], 
         figures: its figures.
         section: its marked section (:func:`publish_section`); None: the text replaces the file, the marked
             sections of the other studies kept after it.
-
-    Returns:
-        The published results file.
     """
     publish_dir = Path(publish_dir)
     (publish_dir / "figures").mkdir(parents=True, exist_ok=True)

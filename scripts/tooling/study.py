@@ -1,21 +1,18 @@
-"""What the studies share: presets, their runs trained and evaluated, the phantom, logging and the command runner.
+"""What the studies share: presets, runs trained and evaluated, the phantom, logging and the command runner.
 
-A study (``scripts/reproduce.py``, ``scripts/dose_response.py``, ``scripts/pseudo_ct_study.py``) names its runs
-(:class:`Run`), trains and evaluates them with :func:`train_and_evaluate` at a :class:`Preset`, then draws its
-figures and puts its text into ``docs/`` with :mod:`scripts.tooling.report`. A study folder, which a repeated command
-reads back instead of training or measuring again:
+A study folder, read back by a repeated command instead of training or measuring again:
 
 - ``data/``: the phantom (:func:`build_data`), unless ``--dataset_dir`` names one;
 - ``runs/<run>/``: ``models/`` (``checkpoint.pt`` resumes an interrupted run), ``logs/`` (TensorBoard) and
-  ``run.json`` (``{"command", "seconds", "resumed"}``, written once training has finished: such a run is not
-  retrained);
-- ``metrics/<run>.csv``: per-volume metrics, read back when newer than the run's ``run.json``, beside
-  ``<run>.json`` (``{"seconds"}`` spent measuring them);
+  ``run.json`` (written once training has finished: such a run is not retrained);
+- ``metrics/<run>.csv``: per-volume metrics, read back when newer than ``run.json``, beside ``<run>.json``
+  (``{"seconds"}`` spent measuring them);
 - ``figures/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -75,36 +72,31 @@ def log(message: str) -> None:
 def run_command(
     command: Sequence[str], log_file: Path | None = None, timeout: float | None = None, check: bool = True
 ) -> tuple[int, float]:
-    """Run a command from the repository root, with the repository on ``PYTHONPATH`` (for ``python -m`` children).
+    """Run a command from the repository root with the repository on ``PYTHONPATH``; return its code and wall time (s).
 
     Args:
         command: the program and its arguments.
         log_file: where its output goes; None: streamed here after a ``$ command`` line.
         timeout: seconds before it is killed (``subprocess.TimeoutExpired``).
         check: raise ``subprocess.CalledProcessError`` when it fails.
-
-    Returns:
-        Its return code and wall time (s).
     """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     if log_file is None:
         print("$ " + " ".join(command), flush=True)
-        done = subprocess.run(list(command), cwd=ROOT, env=env, check=check, timeout=timeout)
-    else:
-        with log_file.open("w", encoding="utf-8") as out:
-            done = subprocess.run(
-                list(command), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=check, timeout=timeout
-            )
+    with contextlib.nullcontext(None) if log_file is None else log_file.open("w", encoding="utf-8") as out:
+        stderr = None if out is None else subprocess.STDOUT
+        done = subprocess.run(list(command), cwd=ROOT, env=env, stdout=out, stderr=stderr, check=check, timeout=timeout)
     return done.returncode, time.perf_counter() - start
 
 
 def cli_flags(settings: Mapping[str, Any]) -> list[str]:
     """``--name value`` for each setting; lists as JSON, as ``monai.bundle`` and fire read them."""
-    flags = []
-    for name, value in settings.items():
-        flags += [f"--{name}", json.dumps(value) if isinstance(value, (list, tuple)) else str(value)]
-    return flags
+    return [
+        text
+        for name, value in settings.items()
+        for text in (f"--{name}", json.dumps(value) if isinstance(value, (list, tuple)) else str(value))
+    ]
 
 
 def as_list(value: str | float | Sequence[Any], cast: type = str) -> list[Any]:
@@ -116,9 +108,6 @@ def as_list(value: str | float | Sequence[Any], cast: type = str) -> list[Any]:
     return [cast(item) for item in value]
 
 
-# ----------------------------------------------------------------------------------------------- experiments
-
-
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """A pair of phantom domains to train and evaluate on.
@@ -128,8 +117,7 @@ class Experiment:
         table: the paper's table it reproduces.
         title: what it is.
         datalist: datalist file written by ``scripts/make_demo_data.py`` (or derived from one).
-        domain_a: ``"MR"`` or ``"CT"``.
-        domain_b: ``"MR"`` or ``"CT"``.
+        domain_a, domain_b: ``"MR"`` or ``"CT"``.
         mask: what the metrics are computed inside.
     """
 
@@ -230,9 +218,7 @@ PRESETS: dict[str, Preset] = {
 
 
 def select_preset(name: str, budget: int = 1) -> Preset:
-    """One of :data:`PRESETS` with its epochs (constant and decay) times ``budget``: the same schedule stretched.
-
-    A budget of 1 adds no override, so the preset's own commands (and their finished runs) stay as they are.
+    """One of :data:`PRESETS` with its epochs (constant and decay) times ``budget``; a budget of 1 adds no override.
 
     Raises:
         ValueError: for an unknown preset or a budget that is not a whole number >= 1.
@@ -263,27 +249,18 @@ def on_device(preset: Preset, device: str | None = None, time_limit_s: float | N
 
 
 def build_data(dataset_dir: Path, settings: Mapping[str, Any], seed: int) -> float:
-    """The phantom data set (``scripts/make_demo_data.py``; it returns at once if the folder already holds it).
-
-    Returns:
-        The wall time (s).
-    """
+    """Build the phantom data set (``scripts/make_demo_data.py``, at once when the folder holds it); return the
+    wall time (s)."""
     command = [sys.executable, "-m", "scripts.make_demo_data", "--output_dir", str(dataset_dir), "--seed", str(seed)]
     return run_command(command + cli_flags(settings))[1]
 
 
 def prepare_data(output: Path, preset: Preset, dataset_dir: str | None, seed: int) -> tuple[Path, float]:
-    """The study's phantom: ``dataset_dir`` when given, else ``OUTPUT/data``, built by :func:`build_data`.
-
-    Returns:
-        The folder and the seconds spent building it.
-    """
+    """The study's phantom folder (``dataset_dir`` when given, else ``OUTPUT/data`` built by :func:`build_data`) and
+    the seconds spent building it."""
     if dataset_dir:
         return Path(dataset_dir).resolve(), 0.0
     return output / "data", build_data(output / "data", preset.data, seed)
-
-
-# ------------------------------------------------------------------------------------ training and evaluation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,8 +272,7 @@ class Run:
         experiment: what it trains on.
         method: ``"Cycle"`` (``configs/cyclegan.json``) or ``"Dicycle"`` (the paper's DicycleGAN, or a variant).
         seed: training seed.
-        overrides: training settings on top of the preset's (the evaluation rebuilds the networks from the
-            settings training wrote beside them).
+        overrides: training settings on top of the preset's.
         evaluated_on: the test data (default: ``experiment``'s).
         metrics: name of its CSV under ``OUTPUT_DIR/metrics`` (default: ``name``).
     """
@@ -330,10 +306,8 @@ class StudyRuns:
 
 
 def train(run_dir: Path, run: Run, preset: Preset, dataset_dir: Path, log_file: Path | None = None) -> dict[str, Any]:
-    """Train one run with ``configs/train.json``, unless it has finished before.
-
-    A run interrupted after its first epoch resumes from ``models/checkpoint.pt``. ``run.json`` records the
-    command, the wall time and the iterations trained once training has finished.
+    """Train one run with ``configs/train.json`` unless it has finished (``run.json``), resuming from
+    ``models/checkpoint.pt``; return its record ``{"command", "seconds", "resumed", "iterations"}``.
 
     Args:
         run_dir: the run's folder.
@@ -341,9 +315,6 @@ def train(run_dir: Path, run: Run, preset: Preset, dataset_dir: Path, log_file: 
         preset: the budget (and device, time limit) of the run.
         dataset_dir: the phantom.
         log_file: where the training output goes (runs trained side by side); None: streamed here.
-
-    Returns:
-        The run record: ``{"command", "seconds", "resumed", "iterations"}``.
 
     Raises:
         subprocess.CalledProcessError: if training fails (its output is in ``log_file`` when given).
@@ -354,13 +325,10 @@ def train(run_dir: Path, run: Run, preset: Preset, dataset_dir: Path, log_file: 
         record = json.loads(record_path.read_text(encoding="utf-8"))
         return {"iterations": iterations(run_dir), **record}  # records written before iterations were kept
     files = ["configs/train.json", *preset.configs, *(["configs/cyclegan.json"] if run.method == "Cycle" else [])]
-    experiment = run.experiment
     settings = {
         "config_file": "[" + ",".join(f"'{name}'" for name in files) + "]",
         "dataset_dir": dataset_dir,
-        "datalist": experiment.datalist,
-        "domain_a": experiment.domain_a,
-        "domain_b": experiment.domain_b,
+        **_domains(run.experiment),
         "ckpt_dir": run_dir / "models",
         "output_dir": run_dir / "logs",
         "seed": run.seed,
@@ -383,6 +351,10 @@ def train(run_dir: Path, run: Run, preset: Preset, dataset_dir: Path, log_file: 
     return record
 
 
+def _domains(experiment: Experiment) -> dict[str, str]:
+    return {"datalist": experiment.datalist, "domain_a": experiment.domain_a, "domain_b": experiment.domain_b}
+
+
 def iterations(run_dir: Path) -> int | None:
     """Iterations a run has trained: its checkpoint's trainer state (None without a checkpoint)."""
     checkpoint = run_dir / "models" / "checkpoint.pt"
@@ -393,17 +365,14 @@ def iterations(run_dir: Path) -> int | None:
 
 
 def check_concurrent(concurrent: int) -> None:
-    """Refuse a number of runs trained at once that is not a whole number >= 1 (before a study builds anything)."""
+    """Raise ValueError unless ``concurrent`` (runs trained at once) is a whole number >= 1."""
     if not isinstance(concurrent, int) or concurrent < 1:
         raise ValueError(f"concurrent must be a whole number of runs trained at once (>= 1), got {concurrent!r}.")
 
 
 def train_all(output: Path, runs: Sequence[Run], preset: Preset, dataset_dir: Path, concurrent: int = 1) -> dict:
     """Train the runs, ``concurrent`` of them side by side (each in its own process, its output in
-    ``runs/<run>/train.log``): processes that each leave a launch-bound GPU mostly idle share it well.
-
-    Returns:
-        Each run's record by name.
+    ``runs/<run>/train.log``); return each run's record by name.
 
     Raises:
         ValueError: if ``concurrent`` is not a whole number >= 1.
@@ -433,16 +402,13 @@ def evaluation_parser(run: Run, preset: Preset, dataset_dir: Path, run_dir: Path
     files = ["configs/train.json", "configs/evaluate.json", *preset.configs]
     if run.method == "Cycle":
         files.append("configs/cyclegan.json")
-    experiment = run.evaluated_on or run.experiment
     parser = ConfigParser()
     parser.read_config([str(ROOT / name) for name in files])
     parser.update(
         {
             "bundle_root": str(ROOT),
             "dataset_dir": str(dataset_dir),
-            "datalist": experiment.datalist,
-            "domain_a": experiment.domain_a,
-            "domain_b": experiment.domain_b,
+            **_domains(run.evaluated_on or run.experiment),
             "ckpt_dir": str(run_dir / "models"),
             "output_dir": str(run_dir / "evaluation"),
             "save_figures": False,
@@ -454,8 +420,8 @@ def evaluation_parser(run: Run, preset: Preset, dataset_dir: Path, run_dir: Path
 
 
 def evaluate(parser: ConfigParser, csv_path: Path, trained_at: float) -> list[dict[str, Any]]:
-    """Per-volume metrics of one run (read back from ``csv_path`` when it is newer than the run's models); the
-    measuring time is kept beside the CSV (:func:`measured_seconds`)."""
+    """Per-volume metrics of one run (read back from ``csv_path`` when newer than ``trained_at``), the measuring time
+    kept beside the CSV."""
     if csv_path.is_file() and csv_path.stat().st_mtime > trained_at:
         log(f"metrics of {csv_path.stem} measured before: {csv_path}")
         return read_csv(csv_path)
@@ -480,18 +446,8 @@ def measured_seconds(metrics_dir: Path) -> float:
 def train_and_evaluate(
     output: Path, runs: Sequence[Run], preset: Preset, dataset_dir: Path, concurrent: int = 1
 ) -> StudyRuns:
-    """Train every run (:func:`train_all`), then evaluate each on its held-out subjects (``configs/evaluate.json``).
-
-    Args:
-        output: the study folder (``runs/`` and ``metrics/`` go under it).
-        runs: the study's runs.
-        preset: the budget of every run.
-        dataset_dir: the phantom.
-        concurrent: runs trained side by side.
-
-    Returns:
-        Records, evaluation parsers and per-volume rows by run name, and the training and evaluation times.
-    """
+    """Train every run (:func:`train_all`) under ``output/runs``, then evaluate each on its held-out subjects
+    (``configs/evaluate.json``) into ``output/metrics``."""
     records = train_all(output, runs, preset, dataset_dir, concurrent)
     start = time.perf_counter()
     (output / "metrics").mkdir(exist_ok=True)
@@ -510,17 +466,12 @@ def train_and_evaluate(
 def distorted_copies(
     dataset_dir: Path, datalist: str, pixdim: Sequence[float], **registration: Any
 ) -> Iterator[dict[str, Any]]:
-    """Each test subject's ground truth against its distorted copy, as the evaluation measures a synthesis: what a
-    synthesis scores that renders the target contrast perfectly but copies the domain distortion.
+    """Each test subject's ground truth against its distorted copy, measured as the evaluation measures a synthesis.
 
-    Per direction (:data:`DIRECTIONS`) and test entry of a distorted datalist, the distorted copy (``moving``) and
-    the ground truth (``fixed``) preprocessed onto the evaluation's grid, the mask (``region``), the residual
-    displacement between them (:func:`bundle.registration.residual_displacement` with ``registration``) and the
-    seconds it took.
-
-    Yields:
-        ``{"entry", "direction", "keys": (moved, truth, mask), "moving", "fixed", "region", "displacement",
-        "seconds"}``.
+    Yields, per direction (:data:`DIRECTIONS`) and test entry of a distorted datalist, ``{"entry", "direction",
+    "keys": (moved, truth, mask), "moving", "fixed", "region", "displacement", "seconds"}``: the distorted copy and
+    the ground truth on the evaluation's grid, the mask, the residual displacement
+    (:func:`bundle.registration.residual_displacement` with ``registration``) and the seconds it took.
     """
     preprocess = volume_preprocessing("image", "MR", pixdim)
     masks = mask_preprocessing("image", pixdim)
