@@ -1,9 +1,5 @@
-"""Training data of DicycleGAN: per-domain volume preprocessing, and per sample an independent random axial slice
-of each domain (:class:`UnpairedSliceDataset`; misaligned-pairs mode: :class:`PairedSliceDataset`).
-
-Samples are deterministic in ``(seed, sample id)`` and :class:`EpochSampler` gives epoch ``e`` the ids
-``e * N .. e * N + N - 1``: an epoch's data does not depend on resuming, loader workers or ranks.
-"""
+"""Training data of DicycleGAN: per-domain volume preprocessing and, per sample, a random axial slice of each
+domain; samples are deterministic in ``(seed, sample id)``, independent of resuming, loader workers and ranks."""
 
 from __future__ import annotations
 
@@ -38,12 +34,8 @@ def _name(image: Any, key: Hashable) -> str:
 
 
 def foreground_mask(image: torch.Tensor, kind: str) -> torch.Tensor:
-    """Boolean foreground (head) mask of an image in its own units (MR: arbitrary units, CT: HU).
-
-    Args:
-        image: the image.
-        kind: ``"MR"`` (above 10% of the 99th percentile) or ``"CT"`` (above -500 HU).
-    """
+    """Boolean foreground (head) mask of ``image`` in its own units: ``kind`` ``"MR"``: above 10% of the 99th
+    percentile; ``"CT"``: above -500 HU."""
     image = torch.as_tensor(image)
     if _check_kind(kind) == "CT":
         return image > CT_FOREGROUND_HU
@@ -79,9 +71,7 @@ class AxialForegroundSlicesd(MapTransform):
 
     Args:
         keys, allow_missing_keys: keys of the (channel-first) volumes, and whether to skip missing keys.
-        kind: ``"MR"`` or ``"CT"`` (see :func:`foreground_mask`).
-        min_ratio: fraction of the largest slice's foreground area a slice needs.
-        expected_channels: number of channels every volume must have.
+        kind, expected_channels: ``"MR"`` or ``"CT"`` (see :func:`foreground_mask`); channels every volume has.
 
     Raises:
         ValueError: if a volume is not 3-D, has another number of channels, or has no foreground.
@@ -101,16 +91,14 @@ class AxialForegroundSlicesd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            image = d[key]
+            image, src = d[key], _name(d[key], key)
             if image.ndim != 4:
-                raise ValueError(f"{_name(image, key)}: expected a 3-D volume, got shape {tuple(image.shape[1:])}.")
+                raise ValueError(f"{src}: expected a 3-D volume, got shape {tuple(image.shape[1:])}.")
             if image.shape[0] != self.expected_channels:
-                raise ValueError(
-                    f"{_name(image, key)}: has {image.shape[0]} channels, the networks expect {self.expected_channels}."
-                )
+                raise ValueError(f"{src}: has {image.shape[0]} channels, the networks expect {self.expected_channels}.")
             area = foreground_mask(image, self.kind).any(dim=0).sum(dim=(0, 1))  # per axial slice
             if int(area.max()) == 0:
-                raise ValueError(f"{_name(image, key)}: no foreground voxels (empty volume).")
+                raise ValueError(f"{src}: no foreground voxels (empty volume).")
             d[f"{key}_slices"] = torch.nonzero(area >= self.min_ratio * area.max()).flatten()
         return d
 
@@ -124,29 +112,25 @@ def volume_preprocessing(
     min_foreground_ratio: float = 0.25,
     in_channels: int = 1,
 ) -> Compose:
-    """Deterministic preprocessing of one domain's volumes: load (NIfTI, NRRD, MHA, DICOM), channel first, RAS,
-    bilinear resampling to ``pixdim``, then MR: :class:`ForegroundZScored`; CT: ``hu_window`` mapped to [-1, 1]
-    (clipped).
+    """Deterministic preprocessing of one domain's volumes: load (NIfTI, NRRD, MHA, DICOM), channel first, RAS, bilinear
+    resampling to ``pixdim``, then MR: :class:`ForegroundZScored`; CT: ``hu_window`` (HU) mapped to [-1, 1], clipped.
 
     Args:
-        keys: keys of the volumes of this domain.
-        kind: ``"MR"`` or ``"CT"``.
+        keys, kind: keys of the volumes of this domain, and its kind: ``"MR"`` or ``"CT"``.
         pixdim: voxel size in mm (paper: 1.8 mm isotropic for brain, 1.56 x 1.56 x 5 for abdomen).
-        hu_window: CT intensities (HU) mapped to -1 and 1.
-        slice_keys, min_foreground_ratio, in_channels: keys, ``min_ratio`` and ``expected_channels`` of
-            :class:`AxialForegroundSlicesd` (training only: the trainable slices).
+        slice_keys, min_foreground_ratio, in_channels: keys (training only), ``min_ratio`` and ``expected_channels``
+            of :class:`AxialForegroundSlicesd`.
     """
     kind = _check_kind(kind)
-    transforms: list = [mt.LoadImaged(keys, image_only=True), mt.EnsureChannelFirstd(keys)]
-    transforms.append(mt.Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
-    transforms.append(mt.Spacingd(keys, pixdim=pixdim, mode="bilinear"))
+    steps: list = [mt.LoadImaged(keys, image_only=True), mt.EnsureChannelFirstd(keys)]
+    steps.append(mt.Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    steps.append(mt.Spacingd(keys, pixdim=pixdim, mode="bilinear"))
     if slice_keys is not None:
-        transforms.append(AxialForegroundSlicesd(slice_keys, kind, min_foreground_ratio, in_channels))
+        steps.append(AxialForegroundSlicesd(slice_keys, kind, min_foreground_ratio, in_channels))
     if kind == "MR":
-        return Compose([*transforms, ForegroundZScored(keys)])
+        return Compose([*steps, ForegroundZScored(keys)])
     low, high = hu_window
-    scale = mt.ScaleIntensityRanged(keys, a_min=low, a_max=high, b_min=-1.0, b_max=1.0, clip=True)
-    return Compose([*transforms, scale])
+    return Compose([*steps, mt.ScaleIntensityRanged(keys, a_min=low, a_max=high, b_min=-1.0, b_max=1.0, clip=True)])
 
 
 def slice_augmentation(
@@ -158,18 +142,15 @@ def slice_augmentation(
     translate: float = 10.0,
 ) -> Compose:
     """Random augmentation of one axial slice: crop or pad to ``spatial_size``, flips, rotation, shear, translation
-    (paper: "aggressive flips, rotations, shearing and translations"). Padding and resampling repeat the border.
+    (the paper's "aggressive" augmentation); padding and resampling repeat the border.
 
     Args:
-        keys: keys of the slices (channel first, 2-D).
-        spatial_size: training size (paper: 128 x 128 brain, 192 x 192 abdomen).
+        keys, spatial_size: keys of the (C, X, Y) slices; training size (paper: 128 x 128 brain, 192 x 192 abdomen).
         prob: probability of each flip and of the affine augmentation.
         rotate_degrees, shear, translate: largest rotation (degrees), shear factor and translation (pixels).
     """
-    ranges = {"rotate_range": (np.deg2rad(rotate_degrees),), "shear_range": (shear, shear)}
-    affine = mt.RandAffined(
-        keys, prob=prob, translate_range=(translate, translate), mode="bilinear", padding_mode="border", **ranges
-    )
+    options = {"prob": prob, "rotate_range": (np.deg2rad(rotate_degrees),), "shear_range": (shear, shear)}
+    affine = mt.RandAffined(keys, translate_range=(translate,) * 2, mode="bilinear", padding_mode="border", **options)
     flips = [mt.RandFlipd(keys, prob=prob, spatial_axis=axis) for axis in (0, 1)]
     return Compose([mt.ResizeWithPadOrCropd(keys, spatial_size=spatial_size, mode="edge"), *flips, affine])
 
@@ -180,13 +161,11 @@ def _plain(slices: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 class UnpairedSliceDataset(Dataset):
-    """Unpaired samples ``{"A": slice of domain A, "B": slice of domain B}``: sample ``sample_id`` (any integer >= 0)
-    draws per domain, with a generator seeded by ``(seed, sample_id)``, a volume, a trainable slice and the
-    augmentation's random state.
+    """Unpaired samples ``{"A": slice of domain A, "B": slice of domain B}``: sample ``sample_id`` (integer >= 0) draws
+    per domain a volume, a trainable slice and the augmentation's random state with a ``(seed, sample_id)`` generator.
 
     Args:
-        volumes_a, volumes_b: preprocessed volumes of each domain (e.g. :func:`cached_volumes`), items
-            ``{"image": (C, X, Y, Z), "image_slices": indices}``.
+        volumes_a, volumes_b: preprocessed volumes of each domain, ``{"image": (C, X, Y, Z), "image_slices": indices}``.
         augmentation_a, augmentation_b: random transforms of a slice ``{"image": (C, X, Y)}`` of each domain.
         samples_per_epoch, seed: the dataset's length and the seed of the sampling.
 
@@ -214,41 +193,34 @@ class UnpairedSliceDataset(Dataset):
     def __len__(self) -> int:
         return self.samples_per_epoch
 
-    def _choose(self, rng: np.random.Generator, domain: str) -> tuple[int, int, int]:
-        """(volume index, axial slice index, augmentation seed) of one draw of ``domain``."""
-        volumes = self.domains[domain][0]
+    def _draw(self, rng: np.random.Generator, domain: str) -> tuple[torch.Tensor, int, int, int]:
+        """One augmented slice of ``domain``, its volume index, axial slice index and augmentation seed."""
+        volumes, augmentation = self.domains[domain]
         index = int(rng.integers(len(volumes)))
         slices = volumes[index]["image_slices"]
         z = int(slices[int(rng.integers(len(slices)))])
-        return index, z, int(rng.integers(2**31))
+        seed = int(rng.integers(2**31))
+        return self._slice(volumes[index], z, augmentation, seed), index, z, seed
 
     @staticmethod
     def _slice(volume: Mapping[str, Any], z: int, augmentation: Compose, seed: int) -> torch.Tensor:
-        image = torch.as_tensor(volume["image"])
-        image = image.as_tensor() if hasattr(image, "as_tensor") else image
+        image = torch.as_tensor(volume["image"]).as_subclass(torch.Tensor)  # no MetaTensor overhead per slice
         augmentation.set_random_state(seed=seed)
         return augmentation({"image": image[..., z]})["image"]
 
-    def _draw(self, rng: np.random.Generator, domain: str) -> torch.Tensor:
-        volumes, augmentation = self.domains[domain]
-        index, z, seed = self._choose(rng, domain)
-        return self._slice(volumes[index], z, augmentation, seed)
-
     def __getitem__(self, sample_id: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng((self.seed, int(sample_id)))
-        return _plain({domain: self._draw(rng, domain) for domain in "AB"})
+        return _plain({domain: self._draw(rng, domain)[0] for domain in "AB"})
 
 
 class PairedSliceDataset(UnpairedSliceDataset):
-    """Samples ``{"A": x_A, "B": x_B, "B_paired": y_B}`` of the misaligned-pairs mode: ``A`` (from the pairs) and
-    ``B`` drawn as by :class:`UnpairedSliceDataset`; ``B_paired``: the same slice of the pair's domain-B volume
-    (same voxel grid, no registration) with ``A``'s augmentation state (``augmentation_b`` must draw like
-    ``augmentation_a``, e.g. be the same transform).
+    """Samples ``{"A": x_A, "B": x_B, "B_paired": y_B}`` of the misaligned-pairs mode: ``A`` (from the pairs) and ``B``
+    drawn as by :class:`UnpairedSliceDataset`; ``B_paired``: the same slice of the pair's domain-B volume (same grid,
+    no registration) with ``A``'s augmentation state (``augmentation_b`` must draw like ``augmentation_a``).
 
     Args:
         pairs_a, pairs_b: preprocessed domain-A (with ``image_slices``) and domain-B volumes of the pairs, in order.
-        volumes_b: preprocessed domain-B volumes for the unpaired ``B`` draws.
-        augmentation_a, augmentation_b, samples_per_epoch, seed: as for :class:`UnpairedSliceDataset`.
+        volumes_b, augmentation_a, augmentation_b, samples_per_epoch, seed: as for :class:`UnpairedSliceDataset`.
 
     Raises:
         ValueError: as :class:`UnpairedSliceDataset`, or if the pair lists differ in length or a pair in shape.
@@ -279,11 +251,9 @@ class PairedSliceDataset(UnpairedSliceDataset):
 
     def __getitem__(self, sample_id: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng((self.seed, int(sample_id)))
-        (pairs_a, augmentation_a), augmentation_b = self.domains["A"], self.domains["B"][1]
-        index, z, seed = self._choose(rng, "A")
-        a = self._slice(pairs_a[index], z, augmentation_a, seed)
-        b = self._draw(rng, "B")
-        return _plain({"A": a, "B": b, "B_paired": self._slice(self.pairs_b[index], z, augmentation_b, seed)})
+        a, index, z, seed = self._draw(rng, "A")
+        b = self._draw(rng, "B")[0]
+        return _plain({"A": a, "B": b, "B_paired": self._slice(self.pairs_b[index], z, self.domains["B"][1], seed)})
 
 
 class EpochSampler(DistributedSampler):
@@ -291,8 +261,7 @@ class EpochSampler(DistributedSampler):
     call :meth:`set_epoch` every epoch).
 
     Args:
-        dataset: the dataset.
-        num_replicas, rank: number of ranks and this rank (default: from ``torch.distributed``, else 1 and 0).
+        dataset, num_replicas, rank: the dataset; ranks and this rank (default: from ``torch.distributed``, else 1, 0).
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
@@ -310,12 +279,9 @@ class EpochSampler(DistributedSampler):
 def cached_volumes(
     data: Sequence[Mapping[str, Any]], transform: Compose, num_workers: int = 0, progress: bool = True
 ) -> CacheDataset:
-    """All volumes of one domain preprocessed in a ``CacheDataset`` shared read-only by the loader workers.
-
-    Args:
-        data, transform: datalist entries ``{"image": path}`` and the domain's :func:`volume_preprocessing`.
-        num_workers, progress: threads building the cache, and whether to show a progress bar.
-    """
+    """All volumes of one domain (``data``: datalist entries ``{"image": path}``) preprocessed by ``transform`` (its
+    :func:`volume_preprocessing`) in a ``CacheDataset`` shared read-only by the loader workers, built by
+    ``num_workers`` threads, with a progress bar if ``progress``."""
     return CacheDataset(
         data, transform, cache_rate=1.0, num_workers=num_workers or None, progress=progress, copy_cache=False
     )

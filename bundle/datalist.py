@@ -1,21 +1,15 @@
-"""Datalists of the DicycleGAN bundle: format, loading and validation.
-
-A datalist is a JSON file inside (or beside) the dataset folder; every path in it is relative to that folder::
+"""Datalists of the DicycleGAN bundle: format, loading and validation. A datalist is a JSON file inside (or beside)
+the dataset folder; every relative path in it is relative to that folder::
 
     {"domains": {"A": "PD", "B": "T2"},
      "training_A": [{"image": "IXI002-Guys-0828-PD.nii.gz"}, ...], "training_B": [{"image": "...-T2.nii.gz"}, ...],
      "validation": [{"A": "...-PD.nii.gz", "B": "...-T2.nii.gz", "mask": "...", "subject": "IXI012"}, ...],
      "test": [...]}
 
-* ``domains`` names each domain's contrast; ``training_A`` and ``training_B`` are unpaired (shuffled on their own);
-  ``validation`` and ``test`` are paired (same subject); ``mask`` (optional) restricts metrics, in A's geometry.
-* Pairs whose A and B are not aligned (the paper's deformed-T2 experiment) also carry ``gt_A2B`` (a domain-B image
-  in A's geometry), ``gt_B2A`` (a domain-A image in B's geometry) and ``mask_B`` (the mask in B's geometry);
-  by default ``gt_A2B = B``, ``gt_B2A = A``, ``mask_B = mask`` (:func:`synthesis_pair`).
-* Optional top-level keys record provenance (``distortion``, ``source``).
-
-Builders (IXI, user folders, distorted copies) are experiment tooling: ``scripts/tooling/datasets.py``.
-"""
+``domains`` names each domain's contrast; ``training_A``, ``training_B`` are unpaired; ``validation``, ``test`` paired
+(same subject), with an optional ``mask`` (in A's geometry) restricting metrics. Misaligned pairs also carry ``gt_A2B``
+(a domain-B image in A's geometry), ``gt_B2A`` and ``mask_B`` (in B's geometry), by default ``B``, ``A``, ``mask``
+(:func:`synthesis_pair`). Optional top-level keys record provenance (``distortion``, ``source``)."""
 
 from __future__ import annotations
 
@@ -50,14 +44,13 @@ def volume_stem(path: str | os.PathLike) -> str:
 
 
 def _resolve(dataset_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """``path`` if absolute, else ``dataset_dir / path``."""
     path = Path(path)
     return path if path.is_absolute() else Path(dataset_dir) / path
 
 
 def read_datalist(dataset_dir: str | os.PathLike, datalist: str | os.PathLike = "datalist.json") -> dict[str, Any]:
-    """The parsed datalist JSON, as stored, its structure checked and every relative path inside ``dataset_dir``
-    once ``..`` is resolved (checked as written: symbolic links inside the folder work).
+    """The parsed datalist JSON, its structure checked and every relative path inside ``dataset_dir`` once ``..``
+    is resolved (symbolic links inside the folder work).
 
     Args:
         dataset_dir: the dataset folder.
@@ -65,8 +58,7 @@ def read_datalist(dataset_dir: str | os.PathLike, datalist: str | os.PathLike = 
 
     Raises:
         FileNotFoundError: if the JSON file does not exist.
-        ValueError: if it is not valid JSON, not a datalist, or a relative path leaves the dataset folder (every
-            problem listed at once).
+        ValueError: if it is not valid JSON, not a datalist, or a relative path leaves the dataset folder.
     """
     path = _resolve(dataset_dir, datalist)
     if not path.is_file():
@@ -75,8 +67,7 @@ def read_datalist(dataset_dir: str | os.PathLike, datalist: str | os.PathLike = 
         content = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"datalist {path} is not valid JSON: {error}.") from error
-    problems = _structure_problems(content)
-    if problems:
+    if problems := _structure_problems(content):
         raise ValueError(f"datalist {path} is malformed:\n" + "\n".join(f"  {p}" for p in problems))
     root = os.path.normpath(os.path.abspath(dataset_dir))
     outside = [
@@ -97,7 +88,6 @@ def read_datalist(dataset_dir: str | os.PathLike, datalist: str | os.PathLike = 
 
 
 def _structure_problems(content: Any) -> list[str]:
-    """Every structural problem of a parsed datalist."""
     if not isinstance(content, dict):
         return [f"expected a JSON object, got {type(content).__name__}"]
     problems = []
@@ -115,8 +105,7 @@ def _structure_problems(content: Any) -> list[str]:
             if not isinstance(entry, dict):
                 problems.append(f'"{key}"[{index}] must be an object, got {type(entry).__name__}')
                 continue
-            missing = [name for name in required if name not in entry]
-            if missing:
+            if missing := [name for name in required if name not in entry]:
                 problems.append(f'"{key}"[{index}] has no {" / ".join(repr(m) for m in missing)}')
             not_paths = [name for name in PATH_KEYS if name in entry and not isinstance(entry[name], str)]
             problems += [f'"{key}"[{index}]["{name}"] must be a path string' for name in not_paths]
@@ -148,11 +137,7 @@ def load_datalist(
 
 def synthesis_pair(entry: Mapping[str, Any], direction: str = "A2B") -> dict[str, Any]:
     """``{"source", "ground_truth", "mask"}`` of a paired ``entry`` for ``direction`` (``"A2B"`` or ``"B2A"``), all
-    in the source's geometry (``mask`` None where the entry has none).
-
-    Raises:
-        ValueError: for another direction.
-    """
+    in the source's geometry (``mask`` None where the entry has none); ValueError for another direction."""
     if direction == "A2B":
         return {"source": entry["A"], "ground_truth": entry.get("gt_A2B", entry["B"]), "mask": entry.get("mask")}
     if direction == "B2A":
@@ -174,8 +159,7 @@ def _read_array(path: Path | Sequence[str | os.PathLike]) -> tuple[np.ndarray, n
         image = SimpleITK.ReadImage(names)
         if image.GetNumberOfComponentsPerPixel() > 1:
             raise ValueError(f"has {image.GetNumberOfComponentsPerPixel()} components per voxel, not a scalar volume")
-        affine = np.eye(4)
-        dim = image.GetDimension()
+        affine, dim = np.eye(4), image.GetDimension()
         affine[:dim, :dim] = np.asarray(image.GetDirection()).reshape(dim, dim) * np.asarray(image.GetSpacing())
         affine[:dim, 3] = image.GetOrigin()
         return SimpleITK.GetArrayFromImage(image).T, affine  # a copy: ITK arrays are (z, y, x); a view would outlive it
@@ -194,11 +178,9 @@ def volume_problem(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str
 
 
 def screen_volume(path: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[str | None, np.ndarray | None]:
-    """``(problem, affine)``: :func:`volume_problem` and the voxel-to-world affine read on the way (None where the
-    file could not be read)."""
+    """``(problem, affine)``: :func:`volume_problem` and the voxel-to-world affine it read (None if not read)."""
     files = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
-    missing = [p for p in files if not p.exists()]
-    if missing:
+    if missing := [p for p in files if not p.exists()]:
         return "missing" if len(files) == 1 else f"missing slice files: {', '.join(map(str, missing[:3]))}", None
     if files[0].is_file() and files[0].stat().st_size == 0:
         return "empty file (0 bytes)", None
@@ -208,9 +190,7 @@ def screen_volume(path: str | os.PathLike | Sequence[str | os.PathLike]) -> tupl
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return f"unreadable, not an image ({message})", None
     # RGB24/RGBA32 NIfTI read as structured arrays (no arithmetic at all), complex numbers have no order
-    if data.dtype.fields is not None or not (
-        np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating) or data.dtype == bool
-    ):
+    if data.dtype.fields is not None or not any(np.issubdtype(data.dtype, t) for t in (np.integer, np.floating, bool)):
         fields = list(data.dtype.names or ())
         kind = f"{len(fields)} components per voxel ({', '.join(fields)}: colour)" if fields else f"type {data.dtype}"
         return f"has voxels of {kind}: unsupported, expected a scalar (grey-value) volume", affine
@@ -239,8 +219,7 @@ def _array_problem(data: np.ndarray, affine: np.ndarray) -> str | None:
         return f"is empty: every voxel is {np.asarray(low).item():g}"
     if not np.isfinite(affine).all():
         return "has a non-finite voxel-to-world affine (NaN or infinite in its header): its geometry is undefined"
-    matrix = affine[:3, :3]
-    norms = np.linalg.norm(matrix, axis=0)
+    matrix, norms = affine[:3, :3], np.linalg.norm(affine[:3, :3], axis=0)
     if (norms == 0).any() or abs(np.linalg.det(matrix)) <= 1e-6 * float(np.prod(norms)):
         rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in matrix)
         return (
@@ -259,40 +238,15 @@ def _lines(problems: Mapping[str, str]) -> str:
 
 def _raise_for(problems: Mapping[str, str], what: str) -> None:
     """Raise one error listing every problem: FileNotFoundError if all files are missing, else ValueError."""
-    if not problems:
-        return
     message = f"{what}: {_count(len(problems), 'unusable file')}:\n{_lines(problems)}"
-    if all(problem == "missing" for problem in problems.values()):
-        raise FileNotFoundError(message)
-    raise ValueError(message)
+    if problems:
+        raise (FileNotFoundError if all(p == "missing" for p in problems.values()) else ValueError)(message)
 
 
 def check_volume(path: str | os.PathLike) -> None:
     """Raise FileNotFoundError if ``path`` does not exist, ValueError naming any other :func:`volume_problem`."""
     problem = volume_problem(path)
     _raise_for({str(path): problem} if problem else {}, f"volume {path}")
-
-
-def _list_problems(dataset_dir: str | os.PathLike, content: Mapping[str, Any], keys: Sequence[str]) -> dict[str, str]:
-    """Empty training lists (training would fail on them later) and volumes listed more than once in one list (they
-    would weigh more than the others); keyed by the list's name."""
-    problems = {}
-    for key in keys:
-        if key in TRAINING_KEYS and not content[key]:
-            problems[f'"{key}"'] = f"the training list of domain {key[-1]} is empty: nothing to train on"
-        # masks may be shared by several entries; the volumes themselves may not
-        for name in ("image", "A", "B"):
-            where: dict[str, list[int]] = {}
-            for index, entry in enumerate(content[key]):
-                if name in entry:
-                    where.setdefault(str(_resolve(dataset_dir, entry[name])), []).append(index)
-            for path, indices in where.items():
-                if len(indices) > 1:
-                    field = f'["{name}"]' if key in PAIRED_KEYS else ""
-                    problems[f'"{key}"{field}: {path}'] = (
-                        f"listed {len(indices)} times (entries {', '.join(map(str, indices))}); list each volume once"
-                    )
-    return problems
 
 
 def validate_datalist(
@@ -313,18 +267,30 @@ def validate_datalist(
 
     Raises:
         FileNotFoundError: if the datalist is missing, or if every unusable volume is missing.
-        ValueError: if the datalist is malformed, a training list is empty, a list names a volume more than once,
-            or a volume is unusable (:func:`volume_problem`); every problem is listed with its path.
+        ValueError: if the datalist is malformed, lists a volume twice or an unusable one, or a training list is empty.
         KeyError: if one of ``keys`` is not a list of the datalist.
     """
     content = read_datalist(dataset_dir, datalist)
     keys = [k for k in (*TRAINING_KEYS, *PAIRED_KEYS) if k in content] if keys is None else list(keys)
-    unknown = [k for k in keys if k not in content]
-    if unknown:
+    if unknown := [k for k in keys if k not in content]:
         raise KeyError(f"datalist {_resolve(dataset_dir, datalist)} has no {unknown} list.")
     entries = [entry for key in keys for entry in content[key]]
     paths = dict.fromkeys(str(_resolve(dataset_dir, e[name])) for e in entries for name in PATH_KEYS if name in e)
-    in_lists = _list_problems(dataset_dir, content, keys)
+    in_lists = {}  # empty training lists; volumes listed twice in one list (they would weigh more)
+    for key in keys:
+        if key in TRAINING_KEYS and not content[key]:
+            in_lists[f'"{key}"'] = f"the training list of domain {key[-1]} is empty: nothing to train on"
+        for name in ("image", "A", "B"):  # masks may be shared by several entries; the volumes themselves may not
+            where: dict[str, list[int]] = {}
+            for index, entry in enumerate(content[key]):
+                if name in entry:
+                    where.setdefault(str(_resolve(dataset_dir, entry[name])), []).append(index)
+            for path, indices in where.items():
+                if len(indices) > 1:
+                    field = f'["{name}"]' if key in PAIRED_KEYS else ""
+                    in_lists[f'"{key}"{field}: {path}'] = (
+                        f"listed {len(indices)} times (entries {', '.join(map(str, indices))}); list each volume once"
+                    )
     problems: dict[str, str] = {}
     for index, path in enumerate(paths, 1):
         if problem := volume_problem(path):

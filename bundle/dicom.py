@@ -1,15 +1,6 @@
-"""A synthesized volume written as a DICOM series: one single-frame CT or MR image per slice.
-
-- :func:`write_dicom_series`: CT Image Storage in HU or MR Image Storage; from a DICOM source series its patient,
-  study, frame of reference and slice geometry, otherwise new ones and the geometry of the affine (RAS -> LPS);
-- :func:`save_dicom_series` (what inference calls): the same, atomically, replacing nothing unless asked;
-- :func:`series_description` and :func:`model_version` name the synthesis and the model in SeriesDescription.
-
-Example, ``pseudo_ct`` a (1, X, Y, Z) MetaTensor in HU on the grid of the MR series it was synthesized from::
-
-    description = series_description("CT", "CT", "DicycleGAN", "0.4.2")
-    save_dicom_series(pseudo_ct, "out/s01_CT", source_files=mr_files, modality="CT", series_description=description)
-"""
+"""A synthesized volume written as a DICOM series, one single-frame CT or MR image per slice: :func:`write_dicom_series`
+(atomically: :func:`save_dicom_series`), e.g. ``save_dicom_series(pseudo_ct, "out/s01_CT", source_files=mr_files,
+modality="CT", series_description=series_description("CT", "CT", "DicycleGAN", "0.4.2"))``."""
 
 from __future__ import annotations
 
@@ -39,13 +30,11 @@ _SOP_CLASS = {"CT": CT_IMAGE_STORAGE, "MR": MR_IMAGE_STORAGE}
 
 # carried over from a DICOM source: Patient, Patient Study, General Study, Frame of Reference, and the series-level
 # attributes that describe the patient rather than the acquisition
-_PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
-_STUDY_KEYWORDS = tuple(
-    "StudyInstanceUID StudyDate StudyTime ReferringPhysicianName StudyID AccessionNumber StudyDescription PatientAge "
-    "PatientSize PatientWeight".split()
-)
-_FRAME_KEYWORDS = ("FrameOfReferenceUID", "PositionReferenceIndicator")
-_SERIES_KEYWORDS = ("PatientPosition", "BodyPartExamined", "Laterality")
+_CARRIED_KEYWORDS = (
+    "PatientName PatientID IssuerOfPatientID PatientBirthDate PatientSex StudyInstanceUID StudyDate StudyTime "
+    "ReferringPhysicianName StudyID AccessionNumber StudyDescription PatientAge PatientSize PatientWeight "
+    "FrameOfReferenceUID PositionReferenceIndicator PatientPosition BodyPartExamined Laterality"
+).split()
 _TYPE_2 = tuple(
     "PatientName PatientID PatientBirthDate PatientSex StudyDate StudyTime ReferringPhysicianName StudyID "
     "AccessionNumber PositionReferenceIndicator".split()
@@ -60,7 +49,7 @@ def model_version(metadata_file: str | os.PathLike | None = None) -> str:
     """The bundle's version (e.g. ``"0.4.2"``), from its ``configs/metadata.json``.
 
     Args:
-        metadata_file: default the one beside this package (whatever ``bundle_root`` says).
+        metadata_file: default the one beside this package.
 
     Raises:
         FileNotFoundError: if the file does not exist.
@@ -75,8 +64,7 @@ def model_version(metadata_file: str | os.PathLike | None = None) -> str:
 
 
 def series_description(target_kind: str, target_name: str, method: str, version: str) -> str:
-    """SeriesDescription of a synthesized series, e.g. ``"pseudo-CT (DicycleGAN, 0.4.2)"`` or
-    ``"synthetic T2 (DicycleGAN, 0.4.2)"``, cut to 64 characters (a DICOM LO value).
+    """SeriesDescription of a synthesis, e.g. ``"pseudo-CT (DicycleGAN, 0.4.2)"``, cut to 64 characters (DICOM LO).
 
     Args:
         target_kind: ``"CT"`` or ``"MR"``.
@@ -88,8 +76,8 @@ def series_description(target_kind: str, target_name: str, method: str, version:
     return f"{what} ({method}, {version})"[:64]
 
 
-def _read_source(files: Sequence[str | os.PathLike]) -> list[Any]:
-    """The headers (no pixel data) of a source series' slice files; raises naming an unreadable one."""
+def _match_source(files: Sequence[str | os.PathLike], lps: np.ndarray, shape: tuple[int, int, int], name: str) -> list:
+    """Each output slice's source header (no pixels); raises naming an unreadable slice or one off the volume's grid."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -103,20 +91,6 @@ def _read_source(files: Sequence[str | os.PathLike]) -> list[Any]:
         if missing:
             raise ValueError(f"source slice {f} has no {', '.join(missing)}: its geometry cannot be carried over.")
         headers.append(header)
-    return headers
-
-
-def _lps_affine(affine: np.ndarray, space: str) -> np.ndarray:
-    """The voxel-to-world affine in DICOM's patient coordinates (LPS)."""
-    if space.upper() == "RAS":
-        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    if space.upper() == "LPS":
-        return affine
-    raise ValueError(f"affine space must be 'RAS' or 'LPS', got {space!r}.")
-
-
-def _match_source(headers: list[Any], lps: np.ndarray, shape: tuple[int, int, int], name: str) -> list[Any]:
-    """The source slice of each output slice ``k``; raises if the volume is not on the source series' grid."""
     nx, ny, nz = shape
     if len(headers) != nz:
         raise ValueError(f"{name}: the volume has {nz} slices but its source series has {len(headers)} files.")
@@ -147,27 +121,6 @@ def _ds(values: Sequence[float]) -> list[Any]:
     return [DS(float(v), auto_format=True) for v in values]
 
 
-def _pixels(volume: np.ndarray, modality: str, name: str) -> tuple[np.ndarray, float, float]:
-    """Unsigned 16-bit stored values and the RescaleSlope, RescaleIntercept that give ``volume`` back.
-
-    CT: HU rounded to integers, intercept -1024 (or the minimum, if lower). MR (arbitrary units): the range spread
-    over 0..65535.
-    """
-    if not np.isfinite(volume).all():
-        raise ValueError(f"{name}: the volume has non-finite values; it cannot be written as DICOM.")
-    low, high = float(volume.min()), float(volume.max())
-    if modality == "CT":
-        intercept = float(min(-1024.0, np.floor(low)))
-        stored = np.rint(volume) - intercept
-        if stored.max() > 65535:
-            raise ValueError(f"{name}: HU range {low:.0f}..{high:.0f} does not fit in 16 bits.")
-        return stored.astype(np.uint16), 1.0, intercept
-    slope = (high - low) / 65535.0 if high > low else 1.0
-    slope = float(f"{slope:.6g}") * (1 + 1e-6)  # as DS keeps it, a hair larger so the top value still fits
-    stored = np.clip(np.rint((volume - low) / slope), 0, 65535)
-    return stored.astype(np.uint16), slope, low
-
-
 def write_dicom_series(
     volume: np.ndarray | torch.Tensor,
     affine: np.ndarray | torch.Tensor,
@@ -182,14 +135,10 @@ def write_dicom_series(
     software_version: str = "",
     name: str | None = None,
 ) -> list[Path]:
-    """Write ``volume`` as a new DICOM series into a new ``folder``, one single-frame image per slice; returns the
-    files written, in slice order.
-
-    Slice ``k`` is ``volume[..., k]``, its columns along the first axis, its rows along the second. The series gets
-    new Series and SOP Instance UIDs, ImageType ``DERIVED\\SECONDARY`` and ``series_description``. With
-    ``source_files`` the patient, study and frame of reference attributes are carried over and each slice gets its
-    source slice's ImagePositionPatient, ImageOrientationPatient, PixelSpacing and SliceThickness exactly and
-    references it (SourceImageSequence); without, a new study and frame of reference, the geometry from ``affine``.
+    """Write ``volume`` as a new DICOM series (ImageType ``DERIVED\\SECONDARY``) into a new ``folder``; returns the
+    files, in slice order. Slice ``k`` is ``volume[..., k]``, columns along the first axis. With ``source_files`` the
+    patient, study and frame of reference are carried over and each slice gets its source slice's geometry exactly and
+    references it (SourceImageSequence); without, new ones, the geometry from ``affine``.
 
     Args:
         volume: the synthesized volume, (X, Y, Z) or (1, X, Y, Z); HU for CT.
@@ -206,9 +155,8 @@ def write_dicom_series(
         name: how error messages name the series (default: ``folder``).
 
     Raises:
-        ValueError: for a modality other than CT or MR, a volume not on the grid of its source series (the message
-            names the slice), an unreadable source slice, non-finite values, or patient attributes that contradict
-            the source's.
+        ValueError: for another modality or affine space, an unreadable source slice or one off the volume's grid
+            (naming it), non-finite values, or patient attributes that contradict the source's.
         FileExistsError: if ``folder`` exists.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -223,16 +171,29 @@ def write_dicom_series(
     array = array[0] if array.ndim == 4 and array.shape[0] == 1 else array
     if array.ndim != 3:
         raise ValueError(f"{name}: expected a volume (X, Y, Z) or (1, X, Y, Z), got shape {array.shape}.")
-    matrix = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
-    lps = _lps_affine(matrix, affine_space)
-    stored, slope, intercept = _pixels(array, modality, name)
+    lps = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    if affine_space.upper() not in ("RAS", "LPS"):
+        raise ValueError(f"affine space must be 'RAS' or 'LPS', got {affine_space!r}.")
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps if affine_space.upper() == "RAS" else lps  # DICOM's patient space
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name}: the volume has non-finite values; it cannot be written as DICOM.")
     low, high = float(array.min()), float(array.max())
+    # unsigned 16-bit stored values: CT integer HU, intercept -1024 (or the minimum, if lower); MR over 0..65535
+    if modality == "CT":
+        slope, intercept = 1.0, float(min(-1024.0, np.floor(low)))
+        stored = np.rint(array) - intercept
+        if stored.max() > 65535:
+            raise ValueError(f"{name}: HU range {low:.0f}..{high:.0f} does not fit in 16 bits.")
+    else:
+        slope = (high - low) / 65535.0 if high > low else 1.0
+        slope, intercept = float(f"{slope:.6g}") * (1 + 1e-6), low  # as DS keeps it, a hair larger: the top fits
+        stored = np.clip(np.rint((array - low) / slope), 0, 65535)
+    stored = stored.astype(np.uint16)
     nx, ny, nz = array.shape
-
+    date, time = datetime.datetime.now().strftime("%Y%m%d %H%M%S.%f").split()
     common = Dataset()
-    sources: list[Any] | None = None
-    if source_files:
-        sources = _match_source(_read_source(source_files), lps, (nx, ny, nz), name)
+    sources = _match_source(source_files, lps, (nx, ny, nz), name) if source_files else None
+    if sources is not None:
         first = sources[0]
         for keyword, given in (("PatientID", patient_id), ("PatientName", patient_name)):
             if given and str(first.get(keyword, "")) != given:
@@ -242,40 +203,34 @@ def write_dicom_series(
                 )
         if "SpecificCharacterSet" in first:
             common.SpecificCharacterSet = first.SpecificCharacterSet
-        for keyword in (*_PATIENT_KEYWORDS, *_STUDY_KEYWORDS, *_FRAME_KEYWORDS, *_SERIES_KEYWORDS):
+        for keyword in _CARRIED_KEYWORDS:
             if keyword in first:
                 common[keyword] = first[keyword]
         number = first.get("SeriesNumber")
         default_number = 1000 + (int(number) if number not in (None, "") else 0)
     else:
-        now = datetime.datetime.now()
         if not (patient_id + patient_name).isascii():
             common.SpecificCharacterSet = "ISO_IR 192"  # UTF-8
         common.PatientName, common.PatientID = patient_name, patient_id
         common.StudyInstanceUID, common.FrameOfReferenceUID = generate_uid(), generate_uid()
-        common.StudyDate, common.StudyTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+        common.StudyDate, common.StudyTime = date, time[:6]
         default_number = 1000
     for keyword in (*_TYPE_2, "PatientPosition", "Laterality", "Manufacturer", "AcquisitionNumber"):
         if keyword not in common:  # type 2: present, possibly empty
             setattr(common, keyword, "")
-
-    now = datetime.datetime.now()
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
     common.SOPClassUID, common.Modality, common.SeriesInstanceUID = _SOP_CLASS[modality], modality, generate_uid()
     common.SeriesNumber = series_number if series_number is not None else default_number
-    common.SeriesDescription = series_description
     common.SeriesDate, common.SeriesTime = date, time
     common.ContentDate, common.ContentTime = date, time
     common.InstanceCreationDate, common.InstanceCreationTime = date, time
-    common.SoftwareVersions = software_version
+    common.SeriesDescription, common.SoftwareVersions = series_description, software_version
     common.DerivationDescription = f"{series_description}: synthesized from the source images, not acquired"[:1024]
     common.BurnedInAnnotation, common.SamplesPerPixel, common.PhotometricInterpretation = "NO", 1, "MONOCHROME2"
     common.Rows, common.Columns = ny, nx
     common.BitsAllocated, common.BitsStored, common.HighBit, common.PixelRepresentation = 16, 16, 15, 0
     common.RescaleIntercept, common.RescaleSlope = _ds([intercept, slope])
     if modality == "CT":
-        common.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-        common.RescaleType, common.KVP = "HU", ""
+        common.ImageType, common.RescaleType, common.KVP = ["DERIVED", "SECONDARY", "AXIAL"], "HU", ""
         common.WindowCenter, common.WindowWidth = _ds([40.0, 400.0])  # soft tissue
     else:
         common.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
@@ -283,7 +238,6 @@ def write_dicom_series(
         common.ScanningSequence, common.SequenceVariant = "RM", "NONE"  # research mode: not an acquisition
         common.ScanOptions, common.MRAcquisitionType = "", ""
         common.RepetitionTime, common.EchoTime, common.EchoTrainLength = "", "", ""
-
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     axes = lps[:3, :3] / spacing
     folder.mkdir(parents=False, exist_ok=False)
@@ -310,38 +264,21 @@ def write_dicom_series(
         ds.file_meta = meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = folder / f"IM{k + 1:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        written.append(path)
+        written.append(folder / f"IM{k + 1:04d}.dcm")
+        ds.save_as(written[-1], enforce_file_format=True)
     return written
 
 
-def _alive(host: str, pid: int) -> bool:
-    """Whether the process ``pid`` of this host still runs (a process of another host is taken as running)."""
-    if host != socket.gethostname():
-        return True
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (where that cannot be told: assume it does)."""
     try:
-        os.kill(pid, 0)
+        if os.name == "posix":
+            os.kill(pid, 0)  # signal 0: nothing is sent, only the existence is checked
     except ProcessLookupError:
         return False
     except OSError:  # e.g. PermissionError: it exists
         pass
     return True
-
-
-def _remove_stale(target: Path) -> None:
-    """Remove the temporary folders of ``target`` that a run of this host which no longer runs left behind."""
-    for prefix in (_PARTIAL, _REPLACED):
-        for stale in target.parent.glob(f".{target.name}{prefix}*"):
-            host_pid = stale.name[len(f".{target.name}{prefix}") :].rpartition("-")[0]  # <host>-<pid>
-            host, _, pid_text = host_pid.rpartition("-")
-            try:
-                pid = int(pid_text)
-            except ValueError:
-                continue
-            if stale.is_dir() and not _alive(host, pid):
-                logger.info(f"removing {stale}: the temporary folder of an earlier run that did not finish")
-                shutil.rmtree(stale, ignore_errors=True)
 
 
 def _temporary(target: Path, prefix: str) -> Path:
@@ -355,12 +292,9 @@ def save_dicom_series(
     overwrite: bool = False,
     **kwargs: Any,
 ) -> list[Path]:
-    """Write ``image`` as the DICOM series folder ``target``, atomically, replacing nothing unless ``overwrite``;
-    returns the files written (under ``target``), in slice order.
-
-    :func:`write_dicom_series` writes into ``.<name>.partial-<host>-<pid>-<random>`` beside ``target``, renamed to
-    ``target`` when complete (removed on an error). Temporary folders of ``target`` left by runs of this host that
-    no longer run are removed first.
+    """Write ``image`` as the DICOM series folder ``target`` atomically (:func:`write_dicom_series` into a hidden
+    ``.<name>.partial-<host>-<pid>-<random>`` beside it, then renamed), replacing nothing unless ``overwrite``; returns
+    the files written, in slice order.
 
     Args:
         image: the volume, (1, X, Y, Z) or (X, Y, Z); a MONAI ``MetaTensor`` carries its affine and space.
@@ -384,7 +318,16 @@ def save_dicom_series(
             raise FileExistsError(f"{target} appeared during the run; it is not replaced")
         if target.is_dir() and any(p.is_dir() for p in target.iterdir()):
             raise FileExistsError(f"{target} holds sub-folders, so it is not a series folder; it is not replaced")
-    _remove_stale(target)
+    for prefix in (_PARTIAL, _REPLACED):  # the temporary folders of target left by runs that no longer run
+        for stale in target.parent.glob(f".{target.name}{prefix}*"):
+            host, _, pid = stale.name[len(f".{target.name}{prefix}") :].rpartition("-")[0].rpartition("-")
+            try:  # a process of another host is taken as running
+                alive = host != socket.gethostname() or _running(int(pid))
+            except ValueError:
+                continue
+            if stale.is_dir() and not alive:
+                logger.info(f"removing {stale}: the temporary folder of an earlier run that did not finish")
+                shutil.rmtree(stale, ignore_errors=True)
     temporary = _temporary(target, _PARTIAL)
     try:
         write_dicom_series(image, affine, temporary, **{"name": str(target), **kwargs})
@@ -407,6 +350,5 @@ def save_dicom_series(
                     raise FileExistsError(f"{target} appeared during the run; it is not replaced") from None
                 raise
     finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(temporary, ignore_errors=True)  # left only by an error
     return sorted(target.iterdir())

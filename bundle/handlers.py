@@ -32,26 +32,22 @@ def atomic_save(state: Any, save_dir: str | os.PathLike, filename: str) -> Path:
     DiskSaver(save_dir, atomic=True, create_dir=True, require_empty=False)(state, filename)
     path = Path(save_dir) / filename
     if path.exists():
-        umask = os.umask(0)
-        os.umask(umask)
+        os.umask(umask := os.umask(0))  # read the umask: there is no getter
         path.chmod(0o666 & ~umask)
     return path
 
 
 class PaperSchedule:
-    """Learning-rate schedule and early stop of Wang et al. (2018), on top of CycleGAN's linear decay.
-
-    Epoch ``k`` (from 1) of the decay runs at ``1 - k / (n_epochs_decay + 1)`` of the base rate; ``patience``
-    epochs without improvement of the mean total generator loss start it early, ``patience_decay`` such epochs in it
-    (or its end) stop training. A resumed finished run ends at ``Events.STARTED`` without ``COMPLETED``; attach it
-    after the checkpoint loader. Publishes ``engine.state.metrics["lr_<name>"]`` and ``["epoch_g_loss"]``.
+    """Learning-rate schedule and early stop of Wang et al. (2018), on top of CycleGAN's linear decay: epoch ``k``
+    (from 1) of the decay runs at ``1 - k / (n_epochs_decay + 1)`` of the base rate; ``patience`` epochs without
+    improvement of the mean total generator loss start it early, ``patience_decay`` such epochs in it (or its end)
+    stop training. A resumed finished run ends at ``Events.STARTED`` without ``COMPLETED``; attach it after the
+    checkpoint loader. Publishes ``engine.state.metrics["lr_<name>"]`` and ``["epoch_g_loss"]``.
 
     Args:
         optimizers: a mapping name -> optimizer (metrics ``lr_<name>``) or a sequence (``lr_0``, ``lr_1``, ...).
-        n_epochs: epochs at the base learning rate (paper: 100; >= 0, else a ValueError).
-        n_epochs_decay: epochs of linear decay (paper: 100; >= 0, else a ValueError).
-        patience: stale epochs that end the constant stage early (paper: 10; 0 disables).
-        patience_decay: stale epochs that stop training during the decay (paper: 20; 0 disables).
+        n_epochs, n_epochs_decay: epochs at the base rate and of linear decay (paper: 100 each; >= 0, else ValueError).
+        patience, patience_decay: the stale epochs above (paper: 10 and 20; 0 disables).
         loss_key: key of the generator's total loss in ``engine.state.output[0]["losses"]``.
     """
 
@@ -67,20 +63,17 @@ class PaperSchedule:
         if n_epochs < 0 or n_epochs_decay < 0:
             raise ValueError(f"n_epochs and n_epochs_decay must be >= 0, got {n_epochs} and {n_epochs_decay}.")
         named = optimizers if isinstance(optimizers, Mapping) else {str(i): opt for i, opt in enumerate(optimizers)}
-        self.lr_names = [f"lr_{name}" for name in named]
-        self.optimizers = list(named.values())
+        self.lr_names, self.optimizers = [f"lr_{name}" for name in named], list(named.values())
         self.base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.optimizers]
         self.n_epochs, self.n_epochs_decay = n_epochs, n_epochs_decay
         self.patience, self.patience_decay, self.loss_key = patience, patience_decay, loss_key
         self.decay_start = n_epochs  # epochs completed before the decay begins
         self.best_loss, self.stale_epochs = float("inf"), 0
         self.stopped, self.stopped_epoch = "", 0  # why and when the early-stop rule ended training
-        self._loss_sum: torch.Tensor | None = None
-        self._loss_count = 0
+        self._loss_sum, self._loss_count = None, 0  # the epoch's summed loss (a tensor) and number of iterations
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
-        """Register with ``engine``."""
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
@@ -120,7 +113,9 @@ class PaperSchedule:
     def epoch_completed(self, engine: Engine) -> None:
         if self._loss_count == 0:
             return
-        epoch, epoch_loss = engine.state.epoch, self._epoch_loss()
+        count = self._loss_sum.new_tensor(self._loss_count, dtype=torch.float)
+        total = idist.all_reduce(torch.stack([self._loss_sum.float(), count]))  # over all ranks (identity if none)
+        epoch, epoch_loss = engine.state.epoch, float(total[0]) / float(total[1])
         engine.state.metrics["epoch_g_loss"] = epoch_loss
         if epoch_loss < self.best_loss:
             self.best_loss, self.stale_epochs = epoch_loss, 0
@@ -137,12 +132,6 @@ class PaperSchedule:
         if epoch >= self.decay_start + self.n_epochs_decay:
             engine.terminate()
 
-    def _epoch_loss(self) -> float:
-        """Mean loss of the epoch over the samples of every distributed rank."""
-        total = torch.stack([self._loss_sum.float(), self._loss_sum.new_tensor(self._loss_count, dtype=torch.float)])
-        total = idist.all_reduce(total)  # the identity without torch.distributed
-        return float(total[0]) / float(total[1])
-
     def state_dict(self) -> dict[str, float | int | str]:
         # -1: the decay starts after n_epochs as configured, so a resumed run may change n_epochs
         early_start = self.decay_start if self.decay_start < self.n_epochs else -1
@@ -152,8 +141,7 @@ class PaperSchedule:
     def load_state_dict(self, state_dict: Mapping[str, float | int | str]) -> None:
         early_start = int(state_dict["early_decay_start"])
         self.decay_start = early_start if early_start >= 0 else self.n_epochs
-        self.best_loss = float(state_dict["best_loss"])
-        self.stale_epochs = int(state_dict["stale_epochs"])
+        self.best_loss, self.stale_epochs = float(state_dict["best_loss"]), int(state_dict["stale_epochs"])
         self.stopped = str(state_dict.get("stopped", ""))  # older checkpoints have no stop decision
         self.stopped_epoch = int(state_dict.get("stopped_epoch", 0))
 
@@ -165,16 +153,13 @@ class TimeBudget:
     def __init__(self, limit_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         if not limit_s > 0:
             raise ValueError(f"time_limit_s must be a positive number of seconds, got {limit_s}.")
-        self.limit_s, self.clock, self._start = float(limit_s), clock, 0.0
-        self.logger = logging.getLogger(__name__)
+        self.limit_s, self.clock, self._start, self.logger = float(limit_s), clock, 0.0, logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
-        """Register with ``engine``."""
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def started(self, engine: Engine) -> None:
-        """Start the clock."""
         self._start = self.clock()
 
     def __call__(self, engine: Engine) -> None:
@@ -206,11 +191,9 @@ class AtomicCheckpointer:
     ) -> None:
         self.save_dir, self.models, self.checkpoint = Path(save_dir), dict(models), dict(checkpoint)
         self.checkpoint_filename, self.save_interval, self.engine_key = checkpoint_filename, save_interval, engine_key
-        self._saved_iteration = -1
-        self.logger = logging.getLogger(__name__)
+        self._saved_iteration, self.logger = -1, logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
-        """Register with ``engine``."""
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self)
         engine.add_event_handler(Events.COMPLETED, self)
 
@@ -245,7 +228,6 @@ class BestModelSaver:
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
-        """Register with the evaluator."""
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
@@ -301,7 +283,6 @@ class TensorBoardImageGrid:
         self.writer, self.interval, self.tag_prefix = summary_writer, interval, tag_prefix
 
     def attach(self, engine: Engine) -> None:
-        """Register with ``engine``."""
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
 
     def __call__(self, engine: Engine) -> None:

@@ -1,9 +1,5 @@
-"""Inference: volumes in, synthesized volumes out, on the input's grid and in the target domain's intensity units.
-
-:class:`Synthesis` is the one synthesis path of inference, validation, evaluation, the demo and the benchmarks;
-:class:`DenormalizeIntensityd` maps its outputs to HU (CT) or to the training set's typical foreground mean and
-standard deviation (MR), recorded at training time by :func:`write_intensity_reference`.
-"""
+"""Inference: :class:`Synthesis` (shared by inference, validation, evaluation, demo and benchmarks) gives volumes on
+the input's grid, in HU or the MR training set's foreground scale (:class:`DenormalizeIntensityd`)."""
 
 from __future__ import annotations
 
@@ -22,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from bundle.inputs import InferenceInputs, find_inputs, raise_for_failures
-from bundle.settings import _write_json, as_bool, autocast
+from bundle.settings import as_bool, autocast, write_json
 from monai.config import KeysCollection
 from monai.inferers import SliceInferer
 from monai.transforms import Compose, Invertd, MapTransform
@@ -50,21 +46,16 @@ class AxialSliceInferer(SliceInferer):
         self.amp, self.compile = as_bool(amp, "amp"), as_bool(compile, "compile")
         self._compiled: tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None = None
 
-    def _network(self, network: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        """``network``, or its compiled module (kept for later volumes) when :attr:`compile`."""
-        if not self.compile:
-            return network
-        if self._compiled is None or self._compiled[0] is not network:
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """Synthesize a batch of volumes (N, C, X, Y, Z) with ``network``'s plain (aligned) call; returns float32."""
+        if self.compile and (self._compiled is None or self._compiled[0] is not network):
             from bundle.compilation import load_inductor
 
             load_inductor()
-            self._compiled = (network, torch.compile(network))
-        return self._compiled[1]
-
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Any:
-        """Synthesize a batch of volumes (N, C, X, Y, Z) with ``network``'s plain (aligned) call; returns float32."""
+            self._compiled = (network, torch.compile(network))  # kept for later volumes
+        network = self._compiled[1] if self.compile and self._compiled is not None else network
         with autocast(self.amp, inputs.device):
-            return super().__call__(inputs.float(), self._network(network), *args, **kwargs).float()
+            return super().__call__(inputs.float(), network, *args, **kwargs).float()
 
 
 class Synthesis:
@@ -80,8 +71,7 @@ class Synthesis:
         hu_window: the CT window of the preprocessing.
         sw_batch_size: axial slices per forward pass.
         amp: bfloat16 autocast (:func:`bundle.settings.autocast`).
-        compile: ``torch.compile`` the aligned pass (opt-in); RuntimeError where inductor has no toolchain
-            (:func:`bundle.compilation.compile_problem`).
+        compile: ``torch.compile`` the aligned pass (opt-in); RuntimeError where inductor has no toolchain.
     """
 
     def __init__(
@@ -110,8 +100,7 @@ class Synthesis:
 
     @torch.no_grad()
     def synthesize(self, image: torch.Tensor) -> torch.Tensor:
-        """The aligned pass over a preprocessed volume (C, X, Y, Z) or batch (N, C, X, Y, Z), on the network's scale:
-        a float32 tensor of the input's shape, on the network's device."""
+        """Aligned pass over a preprocessed (C, X, Y, Z) or (N, C, X, Y, Z): float32, the network's scale and device."""
         batched = image.ndim == 5
         x = torch.as_tensor(image).to(next(self.network.parameters()).device)
         was_training = self.network.training
@@ -135,10 +124,8 @@ def write_intensity_reference(
     hu_window: Sequence[float] = (-1000.0, 2000.0),
 ) -> dict[str, dict[str, Any]]:
     """Record (atomically, rank 0 only) and return each domain's intensity scale, for :class:`DenormalizeIntensityd`,
-    e.g. ``{"A": {"kind": "MR", "mean": 412.0, "std": 130.5, "volumes": 8}, "B": {"kind": "CT", "hu_window": ...}}``.
-
-    MR: the median over the domain's training volumes of the foreground mean and std recorded by
-    :class:`~bundle.data.ForegroundZScored`; CT: the HU window.
+    e.g. ``{"A": {"kind": "MR", "mean": 412.0, "std": 130.5, "volumes": 8}, "B": {"kind": "CT", "hu_window": ...}}``:
+    MR the median over the volumes of :class:`~bundle.data.ForegroundZScored`'s foreground mean and std; CT the window.
 
     Args:
         path: the JSON file (usually ``models/intensity_reference.json``).
@@ -158,15 +145,14 @@ def write_intensity_reference(
         stats = [(v["image"].meta["zscore_mean"], v["image"].meta["zscore_std"]) for v in volumes]
         mean, std = np.median(np.asarray(stats, dtype=float), axis=0)
         reference[domain] = {"kind": "MR", "mean": float(mean), "std": float(std), "volumes": len(stats)}
-    _write_json(Path(path), reference)
+    write_json(Path(path), reference)
     return reference
 
 
 def _brief_excepthook(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:
     """Print an uncaught error's innermost cause alone; the traceback goes to the log at DEBUG level."""
     if issubclass(kind, KeyboardInterrupt):
-        sys.__excepthook__(kind, error, trace)
-        return
+        return sys.__excepthook__(kind, error, trace)
     root = error
     while root.__cause__ is not None:  # MONAI's config parser wraps errors in "Failed to evaluate" layers
         root = root.__cause__
@@ -296,11 +282,8 @@ def check_model_folder(
     if missing or unexpected or shapes:
         counts = ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of another shape"))
         parts = [f"{len(keys)} {what}" for keys, what in counts if keys]
-        example = (
-            f"{shapes[0]} is {list(state[shapes[0]].shape)}, the network's {list(expected[shapes[0]].shape)}"
-            if shapes
-            else (missing or unexpected)[0]
-        )
+        k = (shapes or missing or unexpected)[0]
+        example = f"{k} is {list(state[k].shape)}, the network's {list(expected[k].shape)}" if shapes else k
         raise ValueError(
             f"model file {model_file} does not fit the network built from settings.json (tensors: "
             f"{', '.join(parts)}; e.g. {example}): the weights and settings.json come from different trainings."
@@ -310,10 +293,8 @@ def check_model_folder(
 
 
 class DenormalizeIntensityd(MapTransform):
-    """Map synthesized intensities from the network's scale to the target domain's units.
-
-    CT: [-1, 1] to the HU window. MR: ``z * std + mean`` with the reference of :func:`write_intensity_reference`;
-    without that file MR outputs stay z-scored (with a warning).
+    """Map synthesized intensities from the network's scale to the target domain's units: CT [-1, 1] to the HU
+    window; MR ``z * std + mean`` (:func:`write_intensity_reference`), or z-scored with a warning without that file.
 
     Args:
         keys: keys of the synthesized images.

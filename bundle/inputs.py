@@ -1,9 +1,5 @@
-"""Inference inputs: what to synthesize, where each output goes, and what could not be done.
-
-:func:`prepare_output_dir` checks the output folder before any work; :func:`find_inputs` finds, screens and plans
-the outputs of the volumes; :class:`TolerantDataset` and :class:`TolerantEvaluator` record a failure of one volume
-and go on with the next; :func:`raise_for_failures` lists every failure once the good volumes are written.
-"""
+"""Inference inputs: what to synthesize, where each output goes, and what could not be done (a failure of one
+volume is recorded, the run goes on with the next, and :func:`raise_for_failures` lists every failure at the end)."""
 
 from __future__ import annotations
 
@@ -45,9 +41,8 @@ def _reason(error: BaseException) -> str:
 @dataclass
 class InferenceInputs:
     """The inputs of an inference run: ``good``: entries ``{"image": path (or the slice files of a DICOM series),
-    "source": what the user gave, "output": the file to write}``; ``failures``: source -> problem (screening and
-    run); ``existing``: source -> its output, already there and left as it is (``skip_existing``), counted as done.
-    """
+    "source": what the user gave, "output": the file to write}``; ``failures``: source -> problem (screening and run);
+    ``existing``: source -> its output, already there and left as it is (``skip_existing``), counted as done."""
 
     good: list[dict[str, Any]] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
@@ -91,16 +86,15 @@ def _series_entries(folder: Path, name: str) -> tuple[list[dict[str, Any]], list
         files = list(series[0].files)
         return [{"image": str(folder), SOURCE_KEY: str(folder), "stem": name, DICOM_FILES_KEY: files}], files
     # outputs named by series number; series sharing a number (or without one) by their rank among them
-    counts, seen = Counter(s.number for s in series), Counter()
-    entries, used = [], []
+    counts, seen, entries = Counter(s.number for s in series), Counter(), []
     for s in series:
         seen[s.number] += 1
         tag = f"s{s.number if s.number is not None else 'x'}" + (f"-{seen[s.number]}" if counts[s.number] > 1 else "")
-        source = f"{folder} [series {s.uid}{f', {s.description}' if s.description else ''}]"
-        files = list(s.files)
-        entries.append({"image": files, SOURCE_KEY: source, "stem": f"{name}_{tag}", DICOM_FILES_KEY: list(s.files)})
-        used += s.files
-    return entries, used
+        src = f"{folder} [series {s.uid}{f', {s.description}' if s.description else ''}]"
+        entries.append(
+            {"image": list(s.files), SOURCE_KEY: src, "stem": f"{name}_{tag}", DICOM_FILES_KEY: list(s.files)}
+        )
+    return entries, [f for s in series for f in s.files]
 
 
 def find_inputs(
@@ -122,15 +116,13 @@ def find_inputs(
     several: ``<folder>_s<series number>_...``); an input of this run is never replaced.
 
     Args:
-        input_dir: folder of volumes (image files, DICOM series found by content in it and its sub-folders; a
-            sub-folder that is ``output_dir`` is not scanned).
+        input_dir: folder of image files and DICOM series (by content), in it and its sub-folders but ``output_dir``.
         input_file: one volume or one DICOM series folder.
         datalist, dataset_dir: datalist JSON and the folder its paths are relative to (default: the JSON's folder).
         datalist_key, datalist_field: the list, and the path of each entry (``image`` where an entry has none).
         output_dir: where the outputs go; without it no output is planned (screening only).
         output_postfix, output_ext: appended to each input's name (e.g. the target contrast ``"T2"``), extension.
-        overwrite: replace existing outputs (never inputs).
-        skip_existing: leave existing outputs as they are and count their inputs as done.
+        overwrite, skip_existing: replace existing outputs (never inputs), or keep them and count their inputs as done.
         pixdim: the voxel size the model was trained at (mm); inputs with voxels much thicker get a warning.
 
     Raises:
@@ -206,15 +198,14 @@ def find_inputs(
                 problem = f"its output {target} would also be the output of {planned[target]}; rename one of them"
             else:
                 remove_stale_partials(target)  # left by an interrupted run writing this very output
-                if target.exists() and skip_existing:
-                    logger.info(f"{source}: output {target} exists, left as it is (--skip_existing true)")
-                    inputs.existing[str(source)] = str(target)
-                    planned[target] = source
-                    continue
-                if target.exists() and not overwrite:
+                if target.exists() and not (overwrite or skip_existing):
                     problem = f"output {target} exists and is not replaced; pass --overwrite true to replace it"
                 else:
                     planned[target] = source
+                    if target.exists() and skip_existing:
+                        logger.info(f"{source}: output {target} exists, left as it is (--skip_existing true)")
+                        inputs.existing[str(source)] = str(target)
+                        continue
                     entry[OUTPUT_KEY] = str(target)
         if problem:
             inputs.record(source, problem)
@@ -228,11 +219,10 @@ def _warn_if_thick(source: str, affine: np.ndarray, pixdim: Sequence[float]) -> 
     spacing = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
     trained = float(max(pixdim))
     if spacing.max() > 2.0 * trained:
-        sizes = " x ".join(f"{v:.3g}" for v in spacing)
         logger.warning(
-            f"{source}: voxels of {sizes} mm, up to {spacing.max() / trained:.1f} times thicker than the trained "
-            f"spacing of {' x '.join(f'{float(v):.3g}' for v in pixdim)} mm: the synthesis is resampled between "
-            "distant slices and may be blurred or show stair steps."
+            f"{source}: voxels of {' x '.join(f'{v:.3g}' for v in spacing)} mm, up to {spacing.max() / trained:.1f} "
+            f"times thicker than the trained spacing of {' x '.join(f'{float(v):.3g}' for v in pixdim)} mm: the "
+            "synthesis is resampled between distant slices and may be blurred or show stair steps."
         )
 
 
@@ -266,35 +256,25 @@ class TolerantDataset(Dataset):
             return {SOURCE_KEY: str(entry.get(SOURCE_KEY, entry.get("image"))), FAILURE_KEY: _reason(error)}
 
 
-class _RecordingTransform:
-    """Apply ``transform``; on an error, record it against the item's source and return the item unchanged."""
-
-    def __init__(self, transform: Callable, inputs: InferenceInputs, stage: str) -> None:
-        self.transform, self.inputs, self.stage = transform, inputs, stage
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> Any:
-        try:
-            return self.transform(data)
-        except Exception as error:
-            self.inputs.record(str(data.get(SOURCE_KEY, "?")), f"{self.stage} failed: {_reason(error)}")
-            return dict(data)
-
-
 class TolerantEvaluator(SupervisedEvaluator):
-    """``SupervisedEvaluator`` that records a failure of one volume in ``inputs`` against its ``"source"`` and goes
-    on with the next: preprocessing (:class:`TolerantDataset`), network pass, postprocessing (inversion, saving).
-    Volumes go one per batch.
+    """``SupervisedEvaluator`` (one volume per batch) that records a failure of a volume in ``inputs`` against its
+    ``"source"`` and goes on: preprocessing (:class:`TolerantDataset`), network pass, postprocessing (invert, save).
 
     Args:
-        inputs: the :class:`InferenceInputs` of the run.
-        args, postprocessing, kwargs: see ``SupervisedEvaluator``.
+        inputs, args, postprocessing, kwargs: the :class:`InferenceInputs` of the run; see ``SupervisedEvaluator``.
     """
 
     def __init__(self, *args: Any, inputs: InferenceInputs, postprocessing: Callable | None = None, **kwargs: Any):
-        self.inputs = inputs
-        if postprocessing is not None:
-            postprocessing = _RecordingTransform(postprocessing, inputs, "inverting or saving")
-        super().__init__(*args, postprocessing=postprocessing, **kwargs)
+        self.inputs, self._postprocessing = inputs, postprocessing
+        super().__init__(*args, postprocessing=None if postprocessing is None else self._postprocess, **kwargs)
+
+    def _postprocess(self, data: Mapping[Hashable, Any]) -> Any:
+        """Apply the postprocessing; on an error, record it against the item's source and return the item unchanged."""
+        try:
+            return self._postprocessing(data)
+        except Exception as error:
+            self.inputs.record(str(data.get(SOURCE_KEY, "?")), f"inverting or saving failed: {_reason(error)}")
+            return dict(data)
 
     def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict:
         sources = batchdata.get(SOURCE_KEY, ["?"])

@@ -1,12 +1,6 @@
-"""Volume metrics of the paper (Wang et al. 2018) on normalised intensities, optionally inside a mask.
-
-``PSNR`` (:func:`volume_psnr`), ``MSE`` (:class:`VolumeErrorMetric`), ``SSIM`` (:func:`global_ssim`),
-``SSIM_windowed`` (:func:`windowed_ssim`); for CT targets ``MAE_HU`` and ``bone_dice`` (:func:`bone_dice`); optionally
-``displacement`` (:class:`ResidualDisplacementMetric`). Each is a MONAI ``CumulativeIterationMetric`` for
-``IgniteMetricHandler`` (:func:`metric_handlers`: one direction of ``configs/evaluate.json``). With ``masked=True``
-the ground truth ``y`` carries the mask as its last channel (:class:`bundle.pairing.PairedVolumesd` appends it) and
-only the voxels inside it count.
-"""
+"""Volume metrics of the paper (Wang et al. 2018) on normalised intensities, optionally inside a mask, as MONAI
+``CumulativeIterationMetric`` for ``IgniteMetricHandler`` (:func:`metric_handlers`). With ``masked=True`` the ground
+truth ``y`` carries the mask as its last channel (:class:`bundle.pairing.PairedVolumesd`): only voxels inside count."""
 
 from __future__ import annotations
 
@@ -21,10 +15,9 @@ from monai.metrics import CumulativeIterationMetric, compute_dice
 from monai.metrics.regression import compute_ssim_and_cs
 from monai.utils import MetricReduction
 
-__all__ = ["BONE_THRESHOLD_HU", "BoneDiceMetric", "GlobalSSIMMetric", "ResidualDisplacementMetric"]
-__all__ += ["VolumeErrorMetric", "VolumePSNRMetric", "VolumeSSIMMetric", "VoxelCountMetric", "bone_dice"]
-__all__ += ["global_ssim", "metric_functions", "metric_handlers", "volume_metrics", "volume_psnr", "voxel_size"]
-__all__ += ["windowed_ssim"]
+__all__ = ["BONE_THRESHOLD_HU", "BoneDiceMetric", "GlobalSSIMMetric", "ResidualDisplacementMetric", "bone_dice"]
+__all__ += ["VolumeErrorMetric", "VolumePSNRMetric", "VolumeSSIMMetric", "VoxelCountMetric", "global_ssim"]
+__all__ += ["metric_functions", "metric_handlers", "volume_metrics", "volume_psnr", "voxel_size", "windowed_ssim"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +42,7 @@ def volume_psnr(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     """The paper's PSNR per batch item, ``10 log10(max(target)^2 / MSE)``: a tensor (N,) in dB.
 
     Args:
-        prediction: synthesized volumes (N, C, *spatial).
-        target: ground truth of the same shape.
+        prediction, target: synthesized volumes (N, C, *spatial) and ground truth of the same shape.
         mask: optional mask broadcastable to ``target``; only voxels where it is non-zero count.
     """
     pairs = _pairs(prediction, target, mask)
@@ -64,11 +56,9 @@ def global_ssim(
     (s_p^2 + s_t^2 + c2))`` over all voxels (no window), ``c = (k L)^2`` with ``L`` the target's intensity range.
 
     Args:
-        prediction: synthesized volumes (N, C, *spatial).
-        target: ground truth of the same shape.
+        prediction, target: synthesized volumes (N, C, *spatial) and ground truth of the same shape.
         mask: optional mask; only voxels where it is non-zero count.
-        k1: SSIM constant for the means.
-        k2: SSIM constant for the (co)variances.
+        k1, k2: SSIM constants for the means and the (co)variances.
     """
     values = []
     for p, t in _pairs(prediction, target, mask):
@@ -84,15 +74,11 @@ def global_ssim(
 def windowed_ssim(
     prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, kernel_size: int = 7
 ) -> torch.Tensor:
-    """MONAI's windowed (Gaussian, sigma 1.5) SSIM per batch item, a tensor (N,), averaged over the map or a mask.
-
-    The data range is the target's range inside the mask. The map covers the valid window positions only, so a mask
-    counts its voxels at least ``kernel_size // 2`` from the border (NaN for an item with none; its windows still see
-    the voxels beyond the mask).
+    """MONAI's windowed (Gaussian, sigma 1.5) SSIM per batch item (N,), the mean over the map or the mask's voxels at
+    least ``kernel_size // 2`` from the border (NaN if none); data range: the target's range inside the mask.
 
     Args:
-        prediction: synthesized volumes (N, C, *spatial) with 2 or 3 spatial dimensions.
-        target: ground truth of the same shape.
+        prediction, target: synthesized volumes (N, C, *spatial), 2 or 3 spatial dimensions, and the ground truth.
         mask: optional mask broadcastable to ``target``.
         kernel_size: window size.
 
@@ -123,12 +109,10 @@ def bone_dice(
     threshold_hu: float = BONE_THRESHOLD_HU,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dice overlap of bone (above ``threshold_hu``) in synthesized and true CT per batch item, a tensor (N,); NaN
-    where the ground truth has no bone.
+    """Dice overlap of bone (above ``threshold_hu``) in synthesized and true CT per item (N,); NaN without true bone.
 
     Args:
-        prediction: synthesized CT (N, C, *spatial) on the network's scale (the HU window mapped to [-1, 1]).
-        target: true CT of the same shape and scale.
+        prediction, target: synthesized and true CT (N, C, *spatial) on the network's scale (HU window -> [-1, 1]).
         hu_window: the HU window that [-1, 1] stands for.
         threshold_hu: bone threshold in HU.
         mask: optional mask; only voxels where it is non-zero count.
@@ -143,8 +127,7 @@ def bone_dice(
 
 
 def voxel_size(volume: torch.Tensor) -> tuple[float, float, float]:
-    """Voxel size (mm) of a channel-first volume (a tensor with an ``affine``): the lengths of the affine's three
-    columns, 1 mm when it has none."""
+    """Voxel size (mm) of a channel-first volume: the lengths of its ``affine``'s columns, 1 mm without one."""
     affine = getattr(volume, "affine", None)
     if affine is None:
         return (1.0, 1.0, 1.0)
@@ -214,10 +197,8 @@ class GlobalSSIMMetric(_VolumeMetric):
 
 
 class VolumeErrorMetric(_VolumeMetric):
-    """Mean squared (``power=2``) or absolute (``power=1``) error per volume, inside the mask, times ``scale**power``
-    (``scale``: the intensity unit of one network unit; 1500 gives the MAE in HU of CT scaled from the window
-    [-1000, 2000]). ``kwargs``: ``masked``, ``reduction``.
-    """
+    """Mean squared (``power=2``) or absolute (``power=1``) error per volume inside the mask, times ``scale**power``
+    (``scale``: intensity per network unit; 1500: HU from [-1000, 2000]); ``kwargs``: ``masked``, ``reduction``."""
 
     def __init__(self, power: int = 2, scale: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -250,14 +231,11 @@ class BoneDiceMetric(_VolumeMetric):
 
 
 class ResidualDisplacementMetric(_VolumeMetric):
-    """Mean and 95th percentile (mm) of the B-spline displacement that registers each synthesis onto its ground
-    truth (:func:`bundle.registration.residual_displacement`) over the mask; NaN where a registration fails (one
-    failure must not end the evaluation). ``y``'s affine gives the voxel size.
-    """
+    """Mean and 95th percentile (mm) over the mask of the B-spline displacement registering each synthesis onto its
+    ground truth (:func:`bundle.registration.residual_displacement`, voxel size from ``y``'s affine); NaN on failure."""
 
     def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        # SimpleITK is loaded only where a registration runs, not by every ``import bundle``
-        from bundle.registration import residual_displacement
+        from bundle.registration import residual_displacement  # loads SimpleITK: not on every ``import bundle``
 
         rows = []
         for index in range(y.shape[0]):
@@ -274,21 +252,16 @@ class ResidualDisplacementMetric(_VolumeMetric):
 def metric_functions(
     target_kind: str = "MR", hu_window: Sequence[float] = (-1000.0, 2000.0), residual_displacement: bool = False
 ) -> dict[str, CumulativeIterationMetric]:
-    """The masked metrics of one direction, name (a CSV column; ``displacement`` two) -> metric, PSNR (the key
-    metric) first.
+    """The masked metrics of one direction, name (a CSV column; ``displacement``: two) -> metric, PSNR first.
 
     Args:
         target_kind: ``"MR"`` or ``"CT"``; CT adds ``MAE_HU`` and ``bone_dice``.
         hu_window: the HU window the CT intensities were scaled from (``[-1, 1]`` -> window).
         residual_displacement: add ``displacement`` (:class:`ResidualDisplacementMetric`).
     """
-    metrics = {
-        "PSNR": VolumePSNRMetric(masked=True),
-        "MSE": VolumeErrorMetric(power=2, masked=True),
-        "SSIM": GlobalSSIMMetric(masked=True),
-        "SSIM_windowed": VolumeSSIMMetric(masked=True),
-        "voxels": VoxelCountMetric(masked=True),
-    }
+    metrics = {"PSNR": VolumePSNRMetric(masked=True), "MSE": VolumeErrorMetric(power=2, masked=True)}
+    metrics |= {"SSIM": GlobalSSIMMetric(masked=True), "SSIM_windowed": VolumeSSIMMetric(masked=True)}
+    metrics["voxels"] = VoxelCountMetric(masked=True)
     if target_kind == "CT":
         low, high = (float(v) for v in hu_window)
         metrics["MAE_HU"] = VolumeErrorMetric(power=1, scale=(high - low) / 2.0, masked=True)
@@ -321,11 +294,9 @@ def volume_metrics(
     for MR targets (``bone_dice`` also without bone in the mask), ``SSIM_windowed`` for a volume thinner than 7 voxels.
 
     Args:
-        prediction: synthesized volume, channel first (C, X, Y, Z), on the network's scale.
-        target: ground truth of the same shape.
+        prediction, target: synthesized volume (C, X, Y, Z) on the network's scale and ground truth of that shape.
         mask: optional mask of the same spatial shape; only its non-zero voxels count.
-        target_kind: ``"MR"`` or ``"CT"``; CT adds ``MAE_HU`` and ``bone_dice``.
-        hu_window: the HU window the CT intensities were scaled from.
+        target_kind, hu_window: as for :func:`metric_functions`.
 
     Raises:
         ValueError: if the shapes differ or the mask is empty.

@@ -14,7 +14,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from bundle.dicom import save_dicom_series
+from bundle.dicom import _running, save_dicom_series
 from bundle.settings import as_bool
 from monai.config import KeysCollection
 from monai.data import NibabelWriter
@@ -28,17 +28,8 @@ logger = logging.getLogger(__name__)
 OUTPUT_KEY = "output"  # the planned output path of an item (bundle.inputs.find_inputs)
 DICOM_FILES_KEY = "dicom_files"  # the slice files of a DICOM series input, for a DICOM output of its study
 
-
 # an output being written: ".<name>.<pid>-<random>.partial<ext>" (older runs: ".<name>.<32 hex>.partial<ext>")
 _PARTIAL = r"\.{name}\.(?:(?P<pid>\d+)-[0-9a-f]{{8}}|[0-9a-f]{{32}})\.partial{ext}"
-
-
-def _partial_name(target: Path, ext: str) -> Path:
-    """Hidden temporary name of ``target`` naming this process: a later run tells a killed run's file from one
-    being written."""
-    return target.with_name(
-        f".{target.name[: len(target.name) - len(ext)]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{ext}"
-    )
 
 
 def _output_ext(target: Path) -> str:
@@ -47,8 +38,8 @@ def _output_ext(target: Path) -> str:
 
 
 def remove_stale_partials(target: Path) -> None:
-    """Remove the partial files of ``target`` (:func:`_partial_name`) whose process no longer exists on this machine
-    (SIGKILL, power loss while saving), and those of the older naming without a process id."""
+    """Remove the partial files of ``target`` whose process no longer exists on this machine (a killed run's), and
+    those of the older naming without a process id."""
     ext = _output_ext(target)
     if not ext or not target.parent.is_dir():  # DICOM folders are written and renamed by bundle.dicom
         return
@@ -64,22 +55,9 @@ def remove_stale_partials(target: Path) -> None:
             logger.warning(f"could not remove the stale partial output {path}: {error.strerror}")
 
 
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (where that cannot be told: assume it does)."""
-    try:
-        if os.name == "posix":
-            os.kill(pid, 0)  # signal 0: nothing is sent, only the existence is checked
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        pass
-    return True
-
-
 class _GeometryNiftiWriter(NibabelWriter):
-    """MONAI's ``NibabelWriter`` keeping the input's NIfTI geometry codes and shape: sform = the affine with the
-    input's ``sform_code``; qform = the affine with its ``qform_code`` where a qform can hold it (no shear), else
-    code 0 with a warning; a 4-D input with one time point gives a 4-D output with one time point."""
+    """MONAI's ``NibabelWriter`` keeping the input's NIfTI codes and shape: the sform with its ``sform_code``, the qform
+    with its ``qform_code`` unless sheared (then code 0, with a warning); a 4-D input of one time point stays 4-D."""
 
     def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options: Any) -> None:
         self._source_header = dict(meta_dict or {})  # for write
@@ -109,9 +87,8 @@ class _GeometryNiftiWriter(NibabelWriter):
 
 
 class SaveSynthesisd(MapTransform):
-    """Save ``keys`` to the path in ``data["output"]`` (:func:`bundle.inputs.find_inputs`), never replacing a file
-    unless ``overwrite``: written to a hidden temporary file, then hard-linked to its name (which fails if a file
-    appeared meanwhile). With ``output_format="dicom"`` the path is a folder and the volume a DICOM series in it
+    """Save ``keys`` to the path in ``data["output"]``, never replacing a file unless ``overwrite`` (a hidden temporary
+    file, then hard-linked to its name). With ``output_format="dicom"``, a DICOM series folder
     (:func:`bundle.dicom.save_dicom_series`), in the study of its source series (``data["dicom_files"]``) if any.
 
     Args:
@@ -119,8 +96,7 @@ class SaveSynthesisd(MapTransform):
         output_dtype: data type of the saved image file.
         overwrite: replace an existing output.
         output_format: ``"nifti"`` (an image file named by the output path's extension) or ``"dicom"``.
-        dicom: :func:`bundle.dicom.write_dicom_series`'s ``modality``, ``series_description`` and patient
-            attributes, for ``"dicom"``.
+        dicom: :func:`bundle.dicom.write_dicom_series`'s ``modality``, ``series_description``, patient attributes.
 
     Raises:
         ValueError: for another ``output_format``.
@@ -152,7 +128,8 @@ class SaveSynthesisd(MapTransform):
                 logger.info(f"wrote {target}")
                 continue
             ext = _output_ext(target) or target.suffix
-            written = _partial_name(target, ext)
+            stem = target.name[: len(target.name) - len(ext)]
+            written = target.with_name(f".{stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{ext}")
             writer = _GeometryNiftiWriter if ext in (".nii", ".nii.gz") else None  # the input's geometry, shape
             options = {"resample": False, "separate_folder": False, "print_log": False}
             saver = SaveImage(output_ext=ext, output_dtype=self.output_dtype, writer=writer, **options)

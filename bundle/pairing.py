@@ -1,9 +1,4 @@
-"""Case pairing of the paired evaluation: which source, ground truth and mask each synthesis is measured on.
-
-:func:`paired_cases` gives one item per paired entry and direction (:func:`bundle.datalist.synthesis_pair`);
-:func:`paired_loader` preprocesses each item's source, ground truth and mask onto one grid and appends the mask to
-the ground truth as its last channel (:class:`PairedVolumesd`, read by :func:`bundle.metrics.metric_handlers`).
-"""
+"""Case pairing of the paired evaluation: which source, ground truth and mask each synthesis is measured on."""
 
 from __future__ import annotations
 
@@ -23,11 +18,7 @@ DIRECTIONS = ("A2B", "B2A")
 
 
 def parse_directions(direction: str) -> list[str]:
-    """The synthesis directions of ``direction`` (``"A2B"``, ``"B2A"`` or ``"both"``) as a list.
-
-    Raises:
-        ValueError: for any other value.
-    """
+    """The synthesis directions of ``direction`` (``"A2B"``, ``"B2A"`` or ``"both"``) as a list; else ValueError."""
     if direction in (*DIRECTIONS, "both"):
         return list(DIRECTIONS) if direction == "both" else [direction]
     raise ValueError(f'direction must be "A2B", "B2A" or "both", got {direction!r}.')
@@ -39,10 +30,9 @@ def paired_cases(
     key: str = "test",
     directions: Sequence[str] = DIRECTIONS,
 ) -> list[dict[str, Any]]:
-    """The evaluation items of a paired list, one per entry and direction, direction by direction:
-    ``{"image": source, "label": ground truth, "mask", "subject", "direction", "experiment", "source_name",
-    "target_name"}`` (absolute paths; ``mask`` only where the entry has one; ``subject``: the entry's, else the stem
-    of its ``A``; names: the datalist's ``domains``).
+    """The items of a paired list (:func:`bundle.datalist.synthesis_pair`) by direction, then entry: ``{"image":
+    source, "label": ground truth, "mask", "subject", "direction", "experiment", "source_name", "target_name"}``
+    (absolute paths; ``mask`` if the entry has one; ``subject``: the entry's or its ``A``'s stem; names: ``domains``).
 
     Args:
         dataset_dir, datalist: as for :func:`bundle.datalist.load_datalist`.
@@ -56,15 +46,13 @@ def paired_cases(
     entries = load_datalist(dataset_dir, datalist, key)
     if not entries:
         raise ValueError(f"the {key!r} list of datalist {datalist} (in {dataset_dir}) is empty: nothing to evaluate.")
-    unpaired = [index for index, entry in enumerate(entries) if not {"A", "B"} <= set(entry)]
-    if unpaired:
+    if unpaired := [index for index, entry in enumerate(entries) if not {"A", "B"} <= set(entry)]:
         raise ValueError(
             f'the {key!r} list of datalist {datalist} is not paired: entries {unpaired[:5]} have no "A" and "B" '
             '(evaluate a paired list such as "test" or "validation"; training lists are unpaired).'
         )
     subjects = [str(entry.get("subject") or volume_stem(entry["A"])) for entry in entries]
-    repeated = sorted({s for s in subjects if subjects.count(s) > 1})
-    if repeated:
+    if repeated := sorted({s for s in subjects if subjects.count(s) > 1}):
         raise ValueError(
             f"the {key!r} list of datalist {datalist} names subjects {repeated} more than once; give each entry a "
             'distinct "subject" (it keys the CSV rows and the figures).'
@@ -85,8 +73,8 @@ def paired_cases(
 def mask_preprocessing(
     keys: str | Sequence[str] = "image", pixdim: Sequence[float] = (1.8, 1.8, 1.8), allow_missing_keys: bool = False
 ) -> Compose:
-    """Geometry of :func:`bundle.data.volume_preprocessing` for masks (load, channel first, RAS, nearest
-    resampling to ``pixdim`` mm); values are kept (non-zero voxels are inside)."""
+    """Geometry of :func:`bundle.data.volume_preprocessing` for masks (load, channel first, RAS, nearest resampling to
+    ``pixdim`` mm); values are kept (non-zero voxels are inside)."""
     kw = {"allow_missing_keys": allow_missing_keys}
     load = [LoadImaged(keys, image_only=True, **kw), EnsureChannelFirstd(keys, **kw)]
     orient = Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True)
@@ -101,16 +89,13 @@ def check_same_grid(
     what: str = "ground truth",
     atol_mm: float = 1e-3,
 ) -> None:
-    """Raise unless two preprocessed channel-first volumes have the same shape and affine (within ``atol_mm``).
+    """Raise ValueError (naming both files, their grids and what to do) unless two preprocessed channel-first
+    volumes have the same shape and affine (within ``atol_mm``).
 
     Args:
-        reference: the preprocessed source (a MetaTensor carries its affine).
-        other: the preprocessed ground truth or mask.
+        reference, other: the preprocessed source (a MetaTensor carries its affine) and ground truth or mask.
         reference_file, other_file, what: the files and what ``other`` is, for the message.
         atol_mm: tolerance on the affines' entries.
-
-    Raises:
-        ValueError: naming both files, their grids and what to do.
     """
     shapes = tuple(reference.shape[1:]), tuple(other.shape[1:])
     affines = [torch.as_tensor(getattr(v, "affine", torch.eye(4)), dtype=torch.float64) for v in (reference, other)]
@@ -133,12 +118,9 @@ def check_same_grid(
 
 
 class PairedVolumesd(MapTransform):
-    """Check that the preprocessed ``label`` and ``mask`` lie on the ``image``'s grid, append the mask (all voxels
-    where the item has none) to ``label`` as its last channel (read by :mod:`bundle.metrics`) and set ``masked``.
-
-    Raises:
-        ValueError: naming both files (:func:`check_same_grid`).
-    """
+    """Check that the preprocessed ``label`` and ``mask`` lie on the ``image``'s grid (else ValueError, see
+    :func:`check_same_grid`), append the mask (all voxels where the item has none) to ``label`` as its last channel
+    (read by :mod:`bundle.metrics`) and set ``masked``."""
 
     def __init__(self) -> None:
         super().__init__(("label", "mask"), allow_missing_keys=True)

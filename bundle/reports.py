@@ -1,16 +1,5 @@
-"""What the paired evaluation writes: a CSV row per volume, the paper's mean (sd) tables, and a figure per case.
-
-- ``metrics_<method>.csv`` (:class:`VolumeMetricsSaver`): one row per volume and direction (:data:`CSV_COLUMNS`);
-- ``summary.md`` (:func:`write_summary`): mean (sd) per direction and method in the layout of the paper's tables,
-  from every ``metrics_*.csv`` of the folder (so a CycleGAN and a DicycleGAN run give one table);
-- ``figures/<subject>_<direction>_<method>.png`` (:class:`CaseFigures`): source, ground truth, synthesis and
-  absolute error on one axial slice.
-
-``configs/evaluate.json`` attaches the saver and the figures to each direction's ``SupervisedEvaluator``::
-
-    python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']" \\
-        --dataset_dir demo_data --output_dir eval
-"""
+"""What the paired evaluation (``configs/evaluate.json``) writes: ``metrics_<method>.csv`` (:class:`VolumeMetricsSaver`
+per volume), ``summary.md`` (:func:`write_summary`) and ``figures/`` (:class:`CaseFigures`)."""
 
 from __future__ import annotations
 
@@ -47,8 +36,7 @@ CSV_COLUMNS += ("source", "ground_truth", "mask")
 
 class VolumeMetricsSaver(MetricsSaver):
     """MONAI's ``MetricsSaver`` writing ``metrics_<method>.csv`` (:data:`CSV_COLUMNS`, single process): one row per
-    volume with every metric and the case's labels, for every evaluator it is attached to (one per direction; the
-    file is rewritten with all rows so far after each).
+    volume, rewritten with all rows so far after each evaluator it is attached to (one per direction).
 
     Args:
         save_dir: the output folder.
@@ -107,7 +95,6 @@ class CaseFigures:
 
 
 def _safe(text: str) -> str:
-    """A file-name-safe version of a label."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
 
 
@@ -126,27 +113,22 @@ def case_figure(
     title: str = "",
     names: tuple[str, str] = ("source", "target"),
 ) -> Path:
-    """Save source, ground truth, synthesis and absolute error on one axial slice as the PNG ``path`` (returned).
-
-    The slice is the middle of the mask's axial extent (or of the volume); anterior up on the preprocessed (RAS)
-    grid, ground truth and synthesis on one grey scale, the mask's outline in yellow.
+    """Save source, ground truth, synthesis and absolute error on the middle axial slice of the mask (or volume) as
+    the PNG ``path`` (returned): anterior up, ground truth and synthesis on one grey scale, the mask outlined yellow.
 
     Args:
         path: the PNG to write (folders are created).
-        source: preprocessed source (X, Y, Z).
-        ground_truth: preprocessed ground truth (X, Y, Z).
-        prediction: synthesized volume (X, Y, Z).
+        source, ground_truth, prediction: preprocessed source, ground truth and the synthesis (X, Y, Z).
         mask: optional mask (X, Y, Z).
         title: the figure's title.
         names: names of the source and target domains.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    z = source.shape[-1] // 2
     if mask is not None and mask.any():
         z_extent = np.nonzero(mask.any(axis=(0, 1)))[0]
         z = int((z_extent[0] + z_extent[-1]) // 2)
-    else:
-        z = source.shape[-1] // 2
 
     def axial(volume: np.ndarray) -> np.ndarray:
         return np.rot90(np.asarray(volume, dtype=np.float32)[..., z])  # rows: anterior at the top
@@ -174,9 +156,7 @@ def case_figure(
 
 
 def _format_cell(value: Any) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.8g}"
-    return str(value)
+    return ("" if math.isnan(value) else f"{value:.8g}") if isinstance(value, float) else str(value)
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
@@ -209,16 +189,13 @@ def mean_sd(values: Sequence[float], decimals: int) -> str:
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "-"
-    mean = statistics.fmean(values)
     sd = f"{statistics.stdev(values):.{decimals}f}" if len(values) > 1 else "-"
-    return f"{mean:.{decimals}f} ({sd})"
+    return f"{statistics.fmean(values):.{decimals}f} ({sd})"
 
 
 def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Synthesis results") -> str:
-    """Markdown in the paper's table layout (Tables 1-3): a block of rows per experiment, one per method, mean (sd).
-
-    Experiments A -> B first, methods alphabetically (``Cycle`` before ``Dicycle``); the optional columns
-    (:data:`OPTIONAL_METRICS`) appear where some row has a value.
+    """Markdown in the paper's table layout (Tables 1-3): a block of rows per experiment, one per method, mean (sd);
+    experiments A -> B first, methods alphabetically, :data:`OPTIONAL_METRICS` only where some row has a value.
 
     Args:
         rows: per-volume rows of one or several runs (:func:`read_csv`).
@@ -268,7 +245,6 @@ def write_summary(output_dir: str | os.PathLike) -> Path:
 
 
 def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, method: str) -> dict[str, Path]:
-    """Write rows (:data:`CSV_COLUMNS`) as ``output_dir/metrics_<method>.csv``, then :func:`write_summary`; returns
-    ``{"csv": path, "summary": path}``."""
+    """Write ``output_dir/metrics_<method>.csv`` and :func:`write_summary`; returns the paths ``{"csv", "summary"}``."""
     csv_path = write_csv(rows, Path(output_dir) / f"metrics_{_safe(method)}.csv")
     return {"csv": csv_path, "summary": write_summary(output_dir)}

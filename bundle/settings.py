@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 __all__ = ["INFERENCE_CONFIG", "PAPER_SETTINGS_ID", "SETTINGS_FILE", "SETTINGS_KEYS", "as_bool", "autocast"]
-__all__ += ["out_activation", "paper_settings", "read_settings", "resolve_settings", "write_settings"]
+__all__ += ["out_activation", "paper_settings", "read_settings", "resolve_settings", "write_json", "write_settings"]
 
 SETTINGS_FILE = "settings.json"
 # what settings.json holds besides the output activation: the settings that rebuild and feed the networks
@@ -65,7 +65,7 @@ def out_activation(kind: str) -> str | None:
     return None if kind == "MR" else "tanh"
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` atomically, on rank 0 only when distributed."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:
@@ -91,7 +91,7 @@ def write_settings(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any]) -> 
     written = {key: _plain(value) for key, value in settings.items()}
     written["deformable"] = as_bool(written["deformable"], "deformable")
     written["out_activation"] = {"A": out_activation(written["domain_a"]), "B": out_activation(written["domain_b"])}
-    _write_json(Path(ckpt_dir) / SETTINGS_FILE, written)
+    write_json(Path(ckpt_dir) / SETTINGS_FILE, written)
     return written
 
 

@@ -1,12 +1,8 @@
-"""Domain-specific distortion: one fixed, smooth, invertible non-linear warp of every volume of a domain (the
-paper's deformed-T2 experiment; the ground truth of a distorted source is the other contrast distorted alike).
-
-A volume ``I`` becomes ``I'(x) = I(x + u(x))`` (pull-back), ``u`` a uniform cubic B-spline free-form deformation in
-mm, in the volume's anatomical frame (voxel axes relabelled to R, A, S by ``io_orientation``, origin at the centre
-of the field of view: apply it before ``Spacingd`` or ``CropForegroundd``), seeded, scaled to a largest
-displacement of ``max_displacement_mm``, with every control-point displacement below ``spacing / 2.48`` (Choi & Lee
-2000), so the Jacobian determinant is positive everywhere and the warp invertible.
-"""
+"""Domain-specific distortion (the paper's deformed-T2 experiment): every volume ``I`` of a domain becomes
+``I'(x) = I(x + u(x))``, ``u`` a seeded uniform cubic B-spline free-form deformation in mm along the volume's voxel
+axes relabelled to R, A, S (``io_orientation``; origin at the field-of-view centre: apply it before ``Spacingd`` or
+``CropForegroundd``), with largest displacement ``max_displacement_mm`` and every control point below
+``spacing / 2.48`` (Choi & Lee 2000), so the Jacobian determinant is positive everywhere and the warp invertible."""
 
 from __future__ import annotations
 
@@ -46,8 +42,7 @@ class BSplineField:
     point ``m`` of an axis of ``n`` sits at ``(m - (n - 1) / 2) * spacing`` mm; zero two spacings beyond the lattice.
 
     Args:
-        coefficients: array ``(components, n0, n1, n2)``.
-        spacing_mm: control-point spacing in mm, one value or one per axis.
+        coefficients, spacing_mm: array ``(components, n0, n1, n2)``; control-point spacing (mm), one or one per axis.
 
     Raises:
         ValueError: if ``coefficients`` is not 4-D or a spacing is not positive.
@@ -57,18 +52,13 @@ class BSplineField:
         coefficients = np.asarray(coefficients, dtype=np.float64)
         if coefficients.ndim != 4:
             raise ValueError(f"coefficients must be (components, n0, n1, n2), got shape {coefficients.shape}.")
-        self.coefficients = coefficients
-        self.spacing_mm = np.asarray(ensure_tuple_rep(spacing_mm, 3), dtype=np.float64)
+        self.coefficients, self.spacing_mm = coefficients, np.asarray(ensure_tuple_rep(spacing_mm, 3), dtype=np.float64)
         if np.any(self.spacing_mm <= 0):
             raise ValueError(f"spacing_mm must be positive, got {spacing_mm}.")
 
     def basis_matrix(self, positions_mm: np.ndarray, axis: int, derivative: bool = False) -> np.ndarray:
-        """float64 basis matrix ``B`` ``(len(positions), n_axis)`` of one axis: ``field = sum_m B[i, m] c[m]``.
-
-        Args:
-            positions_mm, axis: coordinates (mm) along lattice ``axis`` (0, 1 or 2).
-            derivative: the d/dx of the basis (per mm) instead.
-        """
+        """float64 basis matrix ``B`` ``(len(positions_mm), n_axis)`` of lattice ``axis`` (0, 1 or 2) at coordinates
+        ``positions_mm`` (mm): ``field = sum_m B[i, m] c[m]``; with ``derivative``, that of d/dx (per mm)."""
         n = self.coefficients.shape[1 + axis]
         t = np.asarray(positions_mm, dtype=np.float64)[:, None] / self.spacing_mm[axis] - (np.arange(n) - (n - 1) / 2)
         return cubic_bspline_derivative(t) / self.spacing_mm[axis] if derivative else cubic_bspline(t)
@@ -83,10 +73,8 @@ class BSplineField:
         """The field on the grid ``axes_mm[0] x axes_mm[1] x axes_mm[2]``: ``(components, *map(len, axes_mm))``.
 
         Args:
-            axes_mm: for each output axis, the coordinates (mm) along the lattice axis ``axis_order[k]``.
-            derivative_axis: lattice axis to differentiate along (per mm), or None for the field itself.
-            axis_order: lattice axis evaluated along each output axis, to follow a permuted voxel order.
-            dtype: output dtype.
+            axes_mm, axis_order: per output axis ``k``, coordinates (mm) along lattice axis ``axis_order[k]``.
+            derivative_axis, dtype: lattice axis to differentiate along (per mm), or None for the field; output dtype.
         """
         bases = [
             self.basis_matrix(positions, lattice_axis, derivative=lattice_axis == derivative_axis)
@@ -109,10 +97,8 @@ def resample_volume(
     """Sample a volume at fractional voxel coordinates (pull-back); returns float32 ``(C, *out_shape)``.
 
     Args:
-        volume: channel-first ``(C, X, Y, Z)``.
-        voxel_coordinates: ``(3, *out_shape)`` in index space (0 = first voxel).
-        mode: ``"bilinear"`` (trilinear) or ``"nearest"``.
-        padding_mode: ``"border"``, ``"zeros"`` or ``"reflection"`` outside the volume.
+        volume, voxel_coordinates: channel-first ``(C, X, Y, Z)``; ``(3, *out_shape)`` in index space (0: first voxel).
+        mode, padding_mode: ``"bilinear"`` (trilinear) or ``"nearest"``; ``"border"``, ``"zeros"`` or ``"reflection"``.
     """
     values = torch.as_tensor(volume, dtype=torch.float32).as_subclass(torch.Tensor)
     coords = torch.as_tensor(voxel_coordinates, dtype=torch.float32)
@@ -131,13 +117,9 @@ class DomainDistortion(Transform):
     ``Randomizable`` on purpose, so ``CacheDataset`` caches it and no random state changes it.
 
     Args:
-        max_displacement_mm: largest displacement length of the field, in mm.
-        control_spacing_mm: B-spline control-point spacing in mm; the injectivity bound limits
-            ``max_displacement_mm`` to about ``0.28 x control_spacing_mm``.
-        support_mm: edge of the cube (centred on the field of view) covered by control points.
-        seed: seed of the control-point displacements.
-        mode: interpolation, ``"bilinear"`` for images, ``"nearest"`` for label maps and masks.
-        padding_mode: ``"border"`` (repeats the edge), ``"zeros"`` or ``"reflection"``.
+        max_displacement_mm, control_spacing_mm: largest displacement (mm), at most ~0.28 x control-point spacing (mm).
+        support_mm, seed: edge of the cube (centred on the field of view) covered by control points; their seed.
+        mode, padding_mode: ``"bilinear"``, or ``"nearest"`` for masks; ``"border"``, ``"zeros"`` or ``"reflection"``.
 
     Raises:
         ValueError: if a parameter is out of range or the field would violate the injectivity bound.
@@ -162,10 +144,9 @@ class DomainDistortion(Transform):
         self.support_mm, self.seed, self.mode, self.padding_mode = float(support_mm), int(seed), mode, padding_mode
         n = 2 * int(np.ceil(0.5 * support_mm / control_spacing_mm)) + 1
         coefficients = np.random.default_rng(seed).uniform(-1.0, 1.0, (3, n, n, n))
-        unit = BSplineField(coefficients, control_spacing_mm)
-        half = (n - 1) / 2.0 * unit.spacing_mm[0]
+        half = (n - 1) / 2.0 * self.control_spacing_mm
         axis = np.linspace(-half, half, 8 * (n - 1) + 1)  # the whole support at 1/8 of the spacing
-        u = unit.on_grid([axis, axis, axis], dtype=np.float64)
+        u = BSplineField(coefficients, control_spacing_mm).on_grid([axis, axis, axis], dtype=np.float64)
         peak = float(np.sqrt((u**2).sum(axis=0)).max())  # largest displacement length
         scale = self.max_displacement_mm / peak if peak > 0 else 0.0
         self.field = BSplineField(coefficients * scale, control_spacing_mm)
@@ -190,27 +171,18 @@ class DomainDistortion(Transform):
         return axes_mm, frame_axis, sign / spacing
 
     def displacement_voxels(self, shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
-        """float32 ``(3, X, Y, Z)`` displacement in voxels along the volume's own axes: voxel ``i`` of the
-        distorted volume samples the input at ``i + d[:, i]``.
-
-        Args:
-            shape, affine: spatial shape ``(X, Y, Z)`` and 4 x 4 voxel-to-world affine of the volume.
-        """
+        """float32 ``(3, X, Y, Z)`` displacement ``d`` in voxels along the axes of a volume of spatial ``shape``
+        ``(X, Y, Z)`` and 4 x 4 voxel-to-world ``affine``: voxel ``i`` of the output samples ``i + d[:, i]``."""
         axes_mm, frame_axis, mm_to_voxels = self._frame(shape, affine)
         u = self.field.on_grid(axes_mm, axis_order=frame_axis)
         if frame_axis != [0, 1, 2]:
             u = u[frame_axis]  # component of each voxel axis
-        for d in range(3):
-            u[d] *= np.float32(mm_to_voxels[d])
+        u *= mm_to_voxels.astype(np.float32)[:, None, None, None]
         return u
 
     def jacobian_determinant(self, shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
-        """float64 ``(X, Y, Z)`` analytic Jacobian determinant of ``x -> x + u(x)`` at the voxel centres (positive
-        everywhere for an invertible distortion).
-
-        Args:
-            shape, affine: as for :meth:`displacement_voxels`.
-        """
+        """float64 ``(X, Y, Z)`` analytic Jacobian determinant of ``x -> x + u(x)`` at the voxel centres of a volume
+        (``shape``, ``affine``: as for :meth:`displacement_voxels`): positive for an invertible distortion."""
         axes_mm, frame_axis, _ = self._frame(shape, affine)
         jac = np.empty((3, 3, *shape))
         for k in range(3):  # d u / d (frame axis k)
@@ -229,8 +201,7 @@ class DomainDistortion(Transform):
         bilinear interpolation, the input dtype after nearest-neighbour interpolation.
 
         Args:
-            img: the volume; a ``MetaTensor`` carries its own affine.
-            affine: voxel-to-world affine; required when ``img`` is not a ``MetaTensor``.
+            img, affine: the volume and its voxel-to-world affine (required unless ``img`` is a ``MetaTensor``).
             mode, padding_mode: override ``self.mode`` and ``self.padding_mode`` for this call.
 
         Raises:
@@ -261,10 +232,9 @@ class DomainDistortiond(MapTransform):
     ``MetaTensor`` values; masks with ``mode="nearest"``).
 
     Args:
-        keys: keys of the volumes to distort.
+        keys, allow_missing_keys: keys of the volumes to distort, and whether to skip missing keys.
         max_displacement_mm, control_spacing_mm, support_mm, seed: see :class:`DomainDistortion`.
         mode, padding_mode: interpolation and padding, one value or one per key.
-        allow_missing_keys: do not raise if a key is missing.
     """
 
     backend = DomainDistortion.backend

@@ -90,18 +90,14 @@ class DicomSeriesReader(ITKReader):
         return len(names) > 1 and not any(n.lower().endswith(IMAGE_SUFFIXES) for n in names)
 
     def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs: Any) -> Any:
-        """Read the files as one series."""
         import itk
 
         return itk.imread([str(f) for f in data], **{**self.kwargs, **kwargs})
 
 
 def with_dicom_series_reader(transform: Compose) -> Compose:
-    """Register :class:`DicomSeriesReader` in every ``LoadImaged`` of ``transform`` (in place) and return it.
-
-    Without ``itk`` (MONAI's ``ITKReader`` cannot be built) nothing is registered: a DICOM series then fails as that
-    one input's problem.
-    """
+    """Register :class:`DicomSeriesReader` in every ``LoadImaged`` of ``transform`` (in place) and return it; without
+    ``itk`` nothing is registered (a DICOM series then fails as that one input's problem)."""
     if not optional_import("itk")[1]:
         return transform
     for t in transform.flatten().transforms:

@@ -67,7 +67,7 @@ def median_seconds(steps: dict[str, Callable[[], object]], repeats: int, warmup:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _step(
+def backward_step(
     forward: Callable[[], torch.Tensor], leaves: Iterable[torch.Tensor], grad: torch.Tensor | None = None
 ) -> Callable[[], None]:
     """A step that clears the gradients of ``leaves``, then back-propagates ``grad`` (default: the mean square)."""
@@ -82,11 +82,11 @@ def _step(
     return step
 
 
-def _forward_backward(module: torch.nn.Module, x: torch.Tensor, **kwargs) -> Callable[[], None]:
-    return _step(lambda: module(x, **kwargs), module.parameters())
+def forward_backward(module: torch.nn.Module, x: torch.Tensor, **kwargs) -> Callable[[], None]:
+    return backward_step(lambda: module(x, **kwargs), module.parameters())
 
 
-def _env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """This environment with the repository root first on ``PYTHONPATH``, for child processes."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
 
@@ -101,7 +101,7 @@ def _header(title: str) -> None:
     )
 
 
-def _verdict(met: bool) -> str:
+def verdict_text(met: bool) -> str:
     return "met" if met else "MISSED"
 
 
@@ -140,11 +140,11 @@ def offset_conv(repeats: int = 10, backend: str = "torch") -> list[dict]:
         grad_columns = torch.randn(1, channels, 9 * size, size)
         grad_out = torch.randn(1, channels, size * size)
         steps = {
-            "plain": _step(lambda: F.conv2d(x, layer.weight, layer.bias, padding=1), layer.parameters()),
-            "deformed": _forward_backward(layer, x, deform=True),
-            "offset_conv": _forward_backward(layer.offset_conv, x),
-            "sampling": _step(lambda: grid_sample_all_threads(sampled, grid), (sampled, grid), grad_columns),
-            "contraction": _step(lambda: contract_columns(weight, columns, None), (weight, columns), grad_out),
+            "plain": backward_step(lambda: F.conv2d(x, layer.weight, layer.bias, padding=1), layer.parameters()),
+            "deformed": forward_backward(layer, x, deform=True),
+            "offset_conv": forward_backward(layer.offset_conv, x),
+            "sampling": backward_step(lambda: grid_sample_all_threads(sampled, grid), (sampled, grid), grad_columns),
+            "contraction": backward_step(lambda: contract_columns(weight, columns, None), (weight, columns), grad_out),
         }
         ms = {name: 1e3 * seconds for name, seconds in median_seconds(steps, repeats).items()}
         kernels = ms["offset_conv"] + ms["sampling"] + ms["contraction"]
@@ -195,10 +195,10 @@ def generator(repeats: int = 5, size: int = 128, ngf: int = 64, n_blocks: int = 
         (net(x, deform=True).square().mean() + net(x, deform=False).square().mean()).backward()
 
     steps = {
-        "undeformed": _forward_backward(net, x, deform=False),
-        "deformed": _forward_backward(net, x, deform=True),
+        "undeformed": forward_backward(net, x, deform=False),
+        "deformed": forward_backward(net, x, deform=True),
         "both_separate": both_separate,
-        "both_batched": _step(lambda: net._run(torch.cat((x, x)), 1), net.parameters()),  # what forward_both does
+        "both_batched": backward_step(lambda: net._run(torch.cat((x, x)), 1), net.parameters()),  # as forward_both
     }
     timed = median_seconds(steps, repeats)
     labels = ("undeformed G(x)", "deformed G_T(x)", "both passes, two batches of 1", "both passes, one batch of 2")
@@ -326,7 +326,7 @@ def iteration(
             f"{'CycleGAN':>10} | {timed['CycleGAN']:11.3f} | {slices / timed['CycleGAN']:8.2f} | {1.0:10.2f} | "
             f"{flop['CycleGAN'] / 1e9:7.2f} |"
         )
-        verdict = _verdict(ratio <= TARGET_MODE_RATIO)
+        verdict = verdict_text(ratio <= TARGET_MODE_RATIO)
         print(
             f"{'DicycleGAN':>10} | {timed['DicycleGAN']:11.3f} | {slices / timed['DicycleGAN']:8.2f} | {ratio:10.2f} | "
             f"{flop['DicycleGAN'] / 1e9:7.2f} | <= {TARGET_MODE_RATIO:.1f}x CycleGAN: {verdict}"
@@ -432,9 +432,9 @@ def compiled(
             if name == "paper":
                 print(
                     f"targets: compiled >= {TARGET_COMPILE_SPEEDUP}x faster than eager: {row['speedup']:.2f}x, "
-                    f"{_verdict(row['speedup'] >= TARGET_COMPILE_SPEEDUP)}; compiled DicycleGAN <= "
+                    f"{verdict_text(row['speedup'] >= TARGET_COMPILE_SPEEDUP)}; compiled DicycleGAN <= "
                     f"{TARGET_COMPILED_MODE_RATIO}x eager CycleGAN: {row['compiled_vs_cyclegan']:.2f}x, "
-                    f"{_verdict(row['compiled_vs_cyclegan'] <= TARGET_COMPILED_MODE_RATIO)}",
+                    f"{verdict_text(row['compiled_vs_cyclegan'] <= TARGET_COMPILED_MODE_RATIO)}",
                     flush=True,
                 )
     return results
@@ -490,14 +490,6 @@ def _status_mb(field: str) -> float:
         return float("nan")
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident set size of this process image: ``VmHWM`` on Linux, else ``ru_maxrss`` (bytes on macOS)."""
-    peak = _status_mb("VmHWM")
-    if peak == peak:  # not NaN
-        return peak
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024**2 if sys.platform == "darwin" else 1024)
-
-
 def memory_probe(
     preset: str = "paper", mode: str = "DicycleGAN", iterations: int = 2, overrides: dict[str, Any] | None = None
 ) -> dict[str, float]:
@@ -507,7 +499,10 @@ def memory_probe(
     built = _status_mb("VmRSS")
     for _ in range(iterations):
         run()
-    result = {"baseline_mb": baseline, "built_mb": built, "peak_mb": _peak_rss_mb()}
+    peak = _status_mb("VmHWM")
+    if peak != peak:  # NaN: no /proc; ru_maxrss is in bytes on macOS, KB elsewhere
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024**2 if sys.platform == "darwin" else 1024)
+    result = {"baseline_mb": baseline, "built_mb": built, "peak_mb": peak}
     if run.device.type == "cuda":
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(run.device) / 1024**2
     print(json.dumps(result))
@@ -534,29 +529,21 @@ def memory(preset: str = "paper", iterations: int = 2, overrides: dict[str, Any]
         command = [sys.executable, str(Path(__file__).resolve()), "memory_probe", preset, mode, str(iterations)]
         if overrides:
             command += ["--overrides", repr(overrides)]
-        done = subprocess.run(command, env=_env(), capture_output=True, text=True, check=False)
+        done = subprocess.run(command, env=child_env(), capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"memory probe of {mode} failed:\n{done.stderr[-3000:]}")
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     _header(f"Peak memory, {PRESET_LABELS[preset]}, {iterations} iterations, fresh process per mode (peak RSS)")
     cuda = any("cuda_peak_mb" in r for r in results.values())
-    print(
-        f"{'mode':>10} | {'after imports MB':>16} | {'built MB':>8} | {'peak RSS MB':>11} | "
-        + ("CUDA peak MB | " if cuda else "")
-        + "target"
-    )
+    cuda_header = "CUDA peak MB | " if cuda else ""
+    print(f"{'mode':>10} | {'after imports MB':>16} | {'built MB':>8} | {'peak RSS MB':>11} | {cuda_header}target")
     for mode in ("CycleGAN", "DicycleGAN"):
         r = results[mode]
-        check = (
-            f"< {TARGET_PEAK_MB:.0f} MB: {_verdict(r['peak_mb'] < TARGET_PEAK_MB)}"
-            if preset == "paper"
-            else "(paper size only)"
-        )
+        met = verdict_text(r["peak_mb"] < TARGET_PEAK_MB)
+        check = f"< {TARGET_PEAK_MB:.0f} MB: {met}" if preset == "paper" else "(paper size only)"
         cuda_column = f"{r['cuda_peak_mb']:12.0f} | " if cuda else ""
-        print(
-            f"{mode:>10} | {r['baseline_mb']:16.0f} | {r['built_mb']:8.0f} | {r['peak_mb']:11.0f} | "
-            f"{cuda_column}{check}"
-        )
+        row = f"{mode:>10} | {r['baseline_mb']:16.0f} | {r['built_mb']:8.0f} | {r['peak_mb']:11.0f} | "
+        print(f"{row}{cuda_column}{check}")
     return results
 
 
@@ -763,17 +750,17 @@ def run_all(
     for name, modes in timed.items():
         ratio = modes["DicycleGAN"] / modes["CycleGAN"]
         label = f"DicycleGAN <= 2.0x CycleGAN iteration, {name}"
-        print(f"{label:>46} | {ratio:7.2f}x | {_verdict(ratio <= TARGET_MODE_RATIO)}")
+        print(f"{label:>46} | {ratio:7.2f}x | {verdict_text(ratio <= TARGET_MODE_RATIO)}")
     for name, modes in timed.items():
         for mode in MODES:
             # loader samples/s over iteration samples/s (batch 1 in both presets' configs)
             speedup = rates[name]["samples_per_s"] * modes[mode]
             label = f"loader >= 5x {mode} iteration, {name}"
-            print(f"{label:>46} | {speedup:7.1f}x | {_verdict(speedup >= TARGET_LOADER_SPEEDUP)}")
+            print(f"{label:>46} | {speedup:7.1f}x | {verdict_text(speedup >= TARGET_LOADER_SPEEDUP)}")
     for mode in MODES:
         mb = peak[mode]["peak_mb"]
         label = f"peak memory < 4 GB, paper size, {mode}"
-        print(f"{label:>46} | {mb / 1024:6.2f}GB | {_verdict(mb < TARGET_PEAK_MB)}")
+        print(f"{label:>46} | {mb / 1024:6.2f}GB | {verdict_text(mb < TARGET_PEAK_MB)}")
     print(f"\n(all benchmarks: {time.perf_counter() - start:.0f} s)")
 
 

@@ -19,12 +19,11 @@ Usage (from the repository root)::
 - ``large_files.yml``: the model files with their md5 and a URL placeholder (``--base_url`` fills it): upload the
   files, put the URLs in, and drop ``models/*.pt|ts`` from the zoo pull request.
 
-The checks (``verify``, run at the end of ``export``) run on a temporary copy, in an interpreter whose
-``PYTHONPATH`` is that copy only, what the zoo's ``ci/verify_bundle.py`` runs: required files, ``large_files.yml``
-hashes, version in the changelog, ``verify_metadata`` (schema copy in ``tests/data``), ``verify_net_in_out`` and
-``ckpt_export`` from ``configs/inference.json`` alone, loading ``models/model.ts``; and on top, that the shipped
-TorchScript files equal ``DicycleGenerator``'s undeformed pass (1e-5, CPU, two slice sizes) and carry this
-bundle's metadata.
+The checks (``verify``, also the end of ``export``) run on a temporary copy, with that copy alone on ``PYTHONPATH``:
+what the zoo's ``ci/verify_bundle.py`` runs (required files, ``large_files.yml`` hashes, version in the changelog,
+``verify_metadata``, ``verify_net_in_out`` and ``ckpt_export`` from ``configs/inference.json``, loading
+``models/model.ts``), and that the shipped TorchScript files equal ``DicycleGenerator``'s undeformed pass (1e-5,
+CPU, two slice sizes) and carry this bundle's metadata.
 """
 
 from __future__ import annotations
@@ -119,22 +118,16 @@ def _file_hash(path: str | os.PathLike, hash_type: str = "md5") -> str:
 
 def _set_config_id(config: dict, config_id: str, value: Any) -> bool:
     """Set ``config_id`` (MONAI's ``a#b#0`` syntax) in a raw config when its parent exists; True when it was set."""
-    *parents, last = config_id.split("#")
     node: Any = config
-    for key in parents:
-        if isinstance(node, dict) and key in node:
-            node = node[key]
-        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
-            node = node[int(key)]
-        else:
+    for key in config_id.split("#"):
+        index: str | int = key
+        if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            index = int(key)
+        elif not (isinstance(node, dict) and key in node):
             return False
-    if isinstance(node, dict) and last in node:
-        node[last] = value
-        return True
-    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-        node[int(last)] = value
-        return True
-    return False
+        parent, node = node, node[index]
+    parent[index] = value
+    return True
 
 
 @contextmanager
@@ -221,8 +214,7 @@ def _parsed_network(config_files: list[str], meta_file: Path, net_id: str, bundl
 
 
 def _check_checkpoint_fits(checkpoint: Path, config_files: list[str], meta_file: Path, net_id: str, root: Path) -> None:
-    """The checkpoint loads strictly into ``net_id`` of the config (a ``DicycleGenerator``, whose plain call and
-    TorchScript compilation are the undeformed pass)."""
+    """The checkpoint loads strictly into ``net_id`` of the config."""
     state = _load_state_dict(checkpoint)
     network = _parsed_network(config_files, meta_file, net_id, root)
     try:
@@ -425,8 +417,7 @@ def verify_bundle(bundle_dir: str, schema: str | None = None, previous_version: 
 
     Args:
         bundle_dir: the exported bundle folder.
-        schema: local copy of the metadata schema (default: ``tests/data/<file named in metadata.json>``, else a
-            download).
+        schema: local metadata schema copy (default: ``tests/data/<file named in metadata.json>``, else a download).
         previous_version: the published version the bundle's version must be newer than.
 
     Returns:
@@ -510,7 +501,7 @@ def _check(root: Path, schema: str | None, previous_version: str | None) -> None
     print(f"  ok version {version} in the changelog", flush=True)
 
     import torch
-    from monai.bundle import ConfigParser, ckpt_export, download_large_files, verify_metadata, verify_net_in_out
+    from monai.bundle import ckpt_export, download_large_files, verify_metadata, verify_net_in_out
 
     sys.path.insert(0, str(root))  # as the zoo's CI does, for the custom code
     download_large_files(bundle_path=str(root))  # the zoo's first step: keeps the files whose hash matches
@@ -546,11 +537,7 @@ def _check(root: Path, schema: str | None, previous_version: str | None) -> None
         if json.loads(extra["metadata.json"] or "{}").get("version") != version:
             raise BundleExportError(f"{shipped}: was not exported with this bundle's metadata (version {version}).")
 
-        parser = ConfigParser()
-        parser.read_config(inference)
-        parser.read_meta(str(meta_file))
-        parser["bundle_root"] = str(root)
-        reference = parser.get_parsed_content(net_id).cpu().eval()
+        reference = _parsed_network(inference, meta_file, net_id, root).cpu().eval()
         if not isinstance(reference, DicycleGenerator):
             raise BundleExportError(
                 f"configs/inference.json: {net_id} does not build a DicycleGenerator from its arguments."

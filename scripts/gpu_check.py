@@ -7,20 +7,17 @@ Usage (from the repository root)::
 
 Sections, on CUDA when available, else CPU:
 
-1. ``OffsetConv2d``: the pure-PyTorch path against torchvision's ``deform_conv2d`` (values and gradients equal to
-   1e-4 of the output's scale), both timed against the plain convolution;
-2. training iterations of CycleGAN and DicycleGAN, fp32 and AMP (bfloat16), through ``DicycleGANTrainer._iteration``
-   (median time, peak GPU memory, ratios, all losses finite);
-3. a 2-epoch ``python -m monai.bundle run`` with ``--amp true``, killed after its first checkpoint, resumed to the
-   end, then resumed again (a finished run must touch nothing);
+1. ``OffsetConv2d``: pure PyTorch against torchvision's ``deform_conv2d`` (values and gradients to 1e-4 of the
+   output's scale), both timed against the plain convolution;
+2. CycleGAN and DicycleGAN training iterations, fp32 and AMP (bfloat16): median time, peak GPU memory, finite losses;
+3. a 2-epoch ``monai.bundle run`` with ``--amp true``, killed after its first checkpoint, resumed, resumed again
+   (a finished run must touch nothing);
 4. inference of an IXI-sized volume (256 x 256 x 130) through ``configs/inference.json``: seconds per volume;
 5. DistributedDataParallel through ``configs/multi_gpu_train.json`` under ``torchrun``, world size 1;
-6. the compiled step (``--compile true``) and, on CUDA, CUDA graphs (``--cuda_graphs true``) against eager: fp32
-   and AMP, batch 1 and 8, compile time apart, first-iteration losses against eager's. On a CPU only the code path
-   runs: fp32, batch 1, the ``aot_eager`` backend, no CUDA graphs.
+6. ``--compile true`` and, on CUDA, ``--cuda_graphs true`` against eager (fp32 and AMP, batch 1 and 8; on a CPU
+   fp32, batch 1, ``aot_eager``, no CUDA graphs): compile time, first-iteration losses against eager's.
 
-``--size tiny`` shrinks every network, image and epoch (about a minute on 2 CPU cores); ``tests/test_gpu_check.py``
-runs it that way, so the script cannot rot between GPU sessions.
+``--size tiny`` (about a minute on 2 CPU cores) is what ``tests/test_gpu_check.py`` runs.
 """
 
 from __future__ import annotations
@@ -49,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from bundle.deform_conv import torchvision_deform_conv2d_problem
 from bundle.networks import OffsetConv2d
-from scripts.benchmark import Iteration, _env, _forward_backward, _step, _verdict, median_seconds
+from scripts.benchmark import Iteration, backward_step, child_env, forward_backward, median_seconds, verdict_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,10 +93,6 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def _device() -> torch.device:
-    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-
-
 def _synchronized(step: Callable[[], object], device: torch.device) -> Callable[[], None]:
     """``step`` followed by a device synchronisation, so wall time measures the kernels and not their launch."""
 
@@ -130,17 +123,12 @@ def _tf32_disabled() -> Iterator[None]:
 
 
 def _values_and_gradients(layer: OffsetConv2d, x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Deformed output of a copy of ``layer`` in ``dtype`` and the gradients of a loss on it (input, weight,
-    offset-convolution weight)."""
+    """Deformed output of a ``dtype`` copy of ``layer``, and its loss's gradients: input, weight, offset-conv weight."""
     layer = copy.deepcopy(layer).to(dtype)
     x = x.detach().to(dtype).requires_grad_(True)
     out = layer(x, deform=True)
     out.square().mean().backward()
     return [out.detach(), x.grad, layer.weight.grad, layer.offset_conv.weight.grad]
-
-
-def _max_relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
 
 
 def offset_conv(device: torch.device, inputs: tuple[tuple[int, int], ...], repeats: int = 20) -> dict[str, Any]:
@@ -174,12 +162,14 @@ def offset_conv(device: torch.device, inputs: tuple[tuple[int, int], ...], repea
         for dtype in (torch.float32, torch.float64) if "torchvision" in contenders else ():
             with _tf32_disabled():
                 outputs = [_values_and_gradients(layer, x, dtype) for layer in contenders.values()]
-            differences[dtype] = [_max_relative_difference(a, b) for a, b in zip(*outputs, strict=True)]
+            differences[dtype] = [
+                float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(*outputs, strict=True)
+            ]
         if differences:
             equal &= max(differences[torch.float32]) <= EQUALITY_TOLERANCE
 
-        plain = _step(lambda: F.conv2d(x, reference.weight, reference.bias, padding=1), reference.parameters())
-        deformed = {name: _forward_backward(layer, x, deform=True) for name, layer in contenders.items()}
+        plain = backward_step(lambda: F.conv2d(x, reference.weight, reference.bias, padding=1), reference.parameters())
+        deformed = {name: forward_backward(layer, x, deform=True) for name, layer in contenders.items()}
         steps = {name: _synchronized(step, device) for name, step in {"plain": plain, **deformed}.items()}
         ms = {name: 1e3 * seconds for name, seconds in median_seconds(steps, repeats).items()}
         rows.append(
@@ -210,7 +200,7 @@ def offset_conv(device: torch.device, inputs: tuple[tuple[int, int], ...], repea
         "",
         f"Forward + backward, batch 1, 3x3, median of {repeats}. Equality target: max |difference| <= "
         f"{EQUALITY_TOLERANCE:g} of the reference's largest magnitude: "
-        + (_verdict(equal) if problem is None else "not checked (torchvision does not run)"),
+        + (verdict_text(equal) if problem is None else "not checked (torchvision does not run)"),
     ]
     return {"torchvision": problem, "ok": equal, "rows": rows, "lines": lines}
 
@@ -266,24 +256,17 @@ def iterations(device: torch.device, preset: str, overrides: Mapping[str, Any], 
         f"All losses of a step of every run finite: {finite}.",
         "",
         f"- DicycleGAN / CycleGAN: fp32 {mode_ratio['fp32']:.2f}x, AMP {mode_ratio['AMP']:.2f}x "
-        f"(target <= {TARGET_MODE_RATIO}x: {_verdict(max(mode_ratio.values()) <= TARGET_MODE_RATIO)})",
+        f"(target <= {TARGET_MODE_RATIO}x: {verdict_text(max(mode_ratio.values()) <= TARGET_MODE_RATIO)})",
         f"- AMP speed-up of DicycleGAN: {amp_speedup:.2f}x (target >= {TARGET_AMP_SPEEDUP}x: "
-        f"{_verdict(amp_speedup >= TARGET_AMP_SPEEDUP)})",
+        f"{verdict_text(amp_speedup >= TARGET_AMP_SPEEDUP)})",
         f"- peak GPU memory: {peak:.2f} GB (target < {TARGET_TRAIN_MEMORY_GB} GB: "
-        + (_verdict(peak < TARGET_TRAIN_MEMORY_GB) if peak_gb else "not measured on CPU")
+        + (verdict_text(peak < TARGET_TRAIN_MEMORY_GB) if peak_gb else "not measured on CPU")
         + ")",
         f"- DicycleGAN at batch 8 (not the paper's batch 1): fp32 {larger_seconds['fp32']:.3f} s, AMP "
         f"{larger_seconds['AMP']:.3f} s per iteration, AMP speed-up {larger_speedup:.2f}x",
     ]
-    return {
-        "seconds": seconds,
-        "peak_gb": peak_gb,
-        "ok": finite,
-        "mode_ratio": mode_ratio,
-        "amp_speedup": amp_speedup,
-        "amp_speedup_batch8": larger_speedup,
-        "lines": lines,
-    }
+    ratios = {"mode_ratio": mode_ratio, "amp_speedup": amp_speedup, "amp_speedup_batch8": larger_speedup}
+    return {"seconds": seconds, "peak_gb": peak_gb, "ok": finite, **ratios, "lines": lines}
 
 
 def _bundle_args(config_files: list[str], overrides: Mapping[str, str]) -> list[str]:
@@ -298,7 +281,9 @@ def _bundle_args(config_files: list[str], overrides: Mapping[str, str]) -> list[
 def _run(args: list[str], log: Path, timeout: float = 600) -> tuple[int, float]:
     start = time.perf_counter()
     with log.open("w", encoding="utf-8") as out:
-        completed = subprocess.run(args, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+        completed = subprocess.run(
+            args, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT, timeout=timeout
+        )
     return completed.returncode, time.perf_counter() - start
 
 
@@ -349,7 +334,7 @@ def bundle_training(dataset_dir: Path, work: Path, overrides: Mapping[str, str])
     # first run: SIGKILL as soon as the first checkpoint is complete (it is written by an atomic rename)
     start = time.perf_counter()
     with (logs / "train_interrupted.log").open("w", encoding="utf-8") as out:
-        process = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(args, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT)
         while process.poll() is None and not checkpoint.exists():
             time.sleep(0.2)
         if process.poll() is None:
@@ -376,7 +361,7 @@ def bundle_training(dataset_dir: Path, work: Path, overrides: Mapping[str, str])
             ],
         ),
         "",
-        f"Files in the model folder unchanged by the last resume: {unchanged}. Verdict: {_verdict(ok)}",
+        f"Files in the model folder unchanged by the last resume: {unchanged}. Verdict: {verdict_text(ok)}",
     ]
     if not ok:
         for name in ("train_interrupted", "train_resumed", "train_resumed_again"):
@@ -429,7 +414,7 @@ def inference(models: Path, source: Path, work: Path, copies: int) -> dict[str, 
         f"warm-up. Outputs written: {len(written)} of {copies}.",
         "",
         f"- seconds per volume (median after warm-up): {seconds:.2f} s (target < {TARGET_INFERENCE_S} s for an "
-        f"IXI-sized volume: {_verdict(seconds < TARGET_INFERENCE_S and ok)})",
+        f"IXI-sized volume: {verdict_text(seconds < TARGET_INFERENCE_S and ok)})",
     ]
     return {"seconds": seconds, "ok": ok, "lines": lines}
 
@@ -455,7 +440,7 @@ def ddp(dataset_dir: Path, work: Path, overrides: Mapping[str, str]) -> dict[str
         "## 5. DistributedDataParallel (`configs/multi_gpu_train.json`, torchrun, world size 1)",
         "",
         f"Backend {backend}: return code {rc}, {seconds:.1f} s, models/model.pt written: "
-        f"{(models / 'model.pt').is_file()}. Verdict: {_verdict(ok)}",
+        f"{(models / 'model.pt').is_file()}. Verdict: {verdict_text(ok)}",
     ]
     if not ok:
         lines += ["", "```", _tail(log), "```"]
@@ -508,15 +493,8 @@ def compiled(device: torch.device, preset: str, overrides: Mapping[str, Any], re
             )
             finite = all(bool(torch.isfinite(value)) for value in first_losses[name].values())
             ok &= finite and difference[key] <= COMPILED_LOSS_TOLERANCE[precision]
-            rows.append(
-                [
-                    key,
-                    timed[name],
-                    timed["eager"] / timed[name],
-                    compile_s[key] if name != "eager" else "-",
-                    difference[key] if name != "eager" else "-",
-                ]
-            )
+            compared = [compile_s[key], difference[key]] if name != "eager" else ["-", "-"]
+            rows.append([key, timed[name], timed["eager"] / timed[name], *compared])
     lines = [
         f"## 6. Compiled training step (DicycleGAN, {runs['eager'].description.split(', batch')[0]})",
         "",
@@ -525,7 +503,7 @@ def compiled(device: torch.device, preset: str, overrides: Mapping[str, Any], re
         f"Median of {repeats}, round-robin within each precision and batch, after 2 warm-up iterations; compile s: the "
         "first iteration minus a timed one. Loss difference: the first iteration's losses against eager's from the "
         f"same weights and batch (tolerance {COMPILED_LOSS_TOLERANCE['fp32']} fp32, {COMPILED_LOSS_TOLERANCE['AMP']} "
-        f"AMP): {_verdict(ok)}."
+        f"AMP): {verdict_text(ok)}."
         + ("" if cuda else " On this CPU: the aot_eager backend (the code path only), no CUDA graphs."),
     ]
     if cuda:
@@ -533,7 +511,7 @@ def compiled(device: torch.device, preset: str, overrides: Mapping[str, Any], re
         lines += [
             "",
             f"- CUDA graphs speed-up, fp32 batch 1: {speedup:.2f}x (target >= {TARGET_GRAPHS_SPEEDUP}x: "
-            f"{_verdict(speedup >= TARGET_GRAPHS_SPEEDUP)})",
+            f"{verdict_text(speedup >= TARGET_GRAPHS_SPEEDUP)})",
         ]
     return {"seconds": seconds, "compile_s": compile_s, "loss_difference": difference, "ok": ok, "lines": lines}
 
@@ -574,14 +552,13 @@ def run_check(
     Raises:
         ValueError: for an unknown ``size``.
     """
-    device = _device()
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     size = size or ("paper" if device.type == "cuda" else "tiny")
     if size not in SIZES:
         raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}.")
     preset = SIZES[size]
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="dicyclegan_gpu_check_"))
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "logs").mkdir(exist_ok=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: dict[str, Any] = {}
     keys = ("offset_conv", "iterations", "training", "inference", "ddp", "compiled")
@@ -591,7 +568,7 @@ def run_check(
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'n/a'})"
         problem = torchvision_deform_conv2d_problem(device.type)
         results["ok"] = all(results.get(key, {}).get("ok", False) for key in keys)
-        status = _verdict(results["ok"]) if all(key in results for key in keys) else "incomplete"
+        status = verdict_text(results["ok"]) if all(key in results for key in keys) else "incomplete"
         header = [
             f"# GPU check: {name}",
             "",
@@ -641,8 +618,7 @@ def run_check(
 def main(
     output: str = "gpu_check.md", size: str | None = None, dataset_dir: str | None = None, work_dir: str | None = None
 ) -> None:
-    """Command line of :func:`run_check` (same arguments; a given ``work_dir`` is kept): exits 1 when a correctness
-    check failed."""
+    """Command line of :func:`run_check` (a given ``work_dir`` is kept); exits 1 when a correctness check failed."""
     if not run_check(output, size, dataset_dir, work_dir)["ok"]:
         sys.exit(1)
 
