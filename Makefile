@@ -34,7 +34,7 @@ demo: venv
 	$(PY) -m scripts.demo
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: venv
 	$(VENV)/bin/ruff check .
