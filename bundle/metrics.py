@@ -232,7 +232,18 @@ class BoneDiceMetric(_VolumeMetric):
 
 class ResidualDisplacementMetric(_VolumeMetric):
     """Mean and 95th percentile (mm) over the mask of the B-spline displacement registering each synthesis onto its
-    ground truth (:func:`bundle.registration.residual_displacement`, voxel size from ``y``'s affine); NaN on failure."""
+    ground truth (:func:`bundle.registration.residual_displacement`, voxel size from ``y``'s affine); NaN on failure.
+
+    Args:
+        masked, reduction: as for the other volume metrics.
+        iterations: L-BFGS-B iterations per pyramid level of the registration.
+    """
+
+    def __init__(
+        self, masked: bool = False, reduction: MetricReduction | str = MetricReduction.MEAN, iterations: int = 20
+    ) -> None:
+        super().__init__(masked, reduction)
+        self.iterations = int(iterations)
 
     def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         from bundle.registration import residual_displacement  # loads SimpleITK: not on every ``import bundle``
@@ -241,7 +252,9 @@ class ResidualDisplacementMetric(_VolumeMetric):
         for index in range(y.shape[0]):
             region = None if mask is None else mask[index, 0]
             try:
-                result = residual_displacement(y_pred[index, 0], y[index, 0], voxel_size(y), region)
+                result = residual_displacement(
+                    y_pred[index, 0], y[index, 0], voxel_size(y), region, iterations=self.iterations
+                )
                 rows.append([result["mean_mm"], result["p95_mm"]])
             except (RuntimeError, ValueError) as error:
                 logger.warning(f"no residual displacement: {error}")
@@ -250,7 +263,10 @@ class ResidualDisplacementMetric(_VolumeMetric):
 
 
 def metric_functions(
-    target_kind: str = "MR", hu_window: Sequence[float] = (-1000.0, 2000.0), residual_displacement: bool = False
+    target_kind: str = "MR",
+    hu_window: Sequence[float] = (-1000.0, 2000.0),
+    residual_displacement: bool = False,
+    registration_iterations: int = 20,
 ) -> dict[str, CumulativeIterationMetric]:
     """The masked metrics of one direction, name (a CSV column; ``displacement``: two) -> metric, PSNR first.
 
@@ -258,6 +274,7 @@ def metric_functions(
         target_kind: ``"MR"`` or ``"CT"``; CT adds ``MAE_HU`` and ``bone_dice``.
         hu_window: the HU window the CT intensities were scaled from (``[-1, 1]`` -> window).
         residual_displacement: add ``displacement`` (:class:`ResidualDisplacementMetric`).
+        registration_iterations: its registration's iterations per pyramid level.
     """
     metrics = {"PSNR": VolumePSNRMetric(masked=True), "MSE": VolumeErrorMetric(power=2, masked=True)}
     metrics |= {"SSIM": GlobalSSIMMetric(masked=True), "SSIM_windowed": VolumeSSIMMetric(masked=True)}
@@ -267,18 +284,23 @@ def metric_functions(
         metrics["MAE_HU"] = VolumeErrorMetric(power=1, scale=(high - low) / 2.0, masked=True)
         metrics["bone_dice"] = BoneDiceMetric(hu_window, masked=True)
     if residual_displacement:
-        metrics["displacement"] = ResidualDisplacementMetric(masked=True)
+        metrics["displacement"] = ResidualDisplacementMetric(masked=True, iterations=registration_iterations)
     return metrics
 
 
 def metric_handlers(
-    target_kind: str = "MR", hu_window: Sequence[float] = (-1000.0, 2000.0), residual_displacement: bool = False
+    target_kind: str = "MR",
+    hu_window: Sequence[float] = (-1000.0, 2000.0),
+    residual_displacement: bool = False,
+    registration_iterations: int = 20,
 ) -> dict[str, IgniteMetricHandler]:
     """:func:`metric_functions` (same arguments) as ``IgniteMetricHandler`` on the engine's ``pred`` and ``label``,
     keeping per-volume details for :class:`bundle.reports.VolumeMetricsSaver`: a direction's ``key_val_metric``."""
     return {
         name: IgniteMetricHandler(metric_fn=metric, output_transform=from_engine(["pred", "label"]), save_details=True)
-        for name, metric in metric_functions(target_kind, hu_window, residual_displacement).items()
+        for name, metric in metric_functions(
+            target_kind, hu_window, residual_displacement, registration_iterations
+        ).items()
     }
 
 

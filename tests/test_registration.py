@@ -116,3 +116,32 @@ def test_recovers_a_large_distortion_of_a_phantom_volume() -> None:
     applied_mean_mm = 11.129  # the distortion's analytic field on the mask (dose_response.applied_means)
     result = residual_displacement(moving, fixed, (2.4, 2.4, 2.4), mask)
     assert result["mean_mm"] == pytest.approx(applied_mean_mm, rel=0.05)
+
+
+def test_the_evaluation_metric_registers_with_its_iterations(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bundle.registration
+    from bundle.metrics import metric_functions
+    from monai.data import MetaTensor
+
+    calls = []
+
+    def fake(moving, fixed, spacing, mask, **kwargs) -> dict:
+        calls.append((tuple(moving.shape), list(spacing), kwargs))
+        return {"mean_mm": 1.5, "p95_mm": 2.5, "max_mm": 3.0}
+
+    monkeypatch.setattr(bundle.registration, "residual_displacement", fake)
+    metric = metric_functions("MR", residual_displacement=True, registration_iterations=3)["displacement"]
+    image, mask = _head()
+    affine = torch.diag(torch.tensor([*SPACING, 1.0]))
+    y = MetaTensor(torch.stack([torch.from_numpy(image), torch.from_numpy(mask).float()])[None], affine=affine)
+    value = metric(y_pred=torch.from_numpy(image)[None, None], y=y)
+    assert calls == [(SHAPE, list(SPACING), {"iterations": 3})]
+    assert value.tolist() == [[1.5, 2.5]]
+
+
+def test_the_smoke_preset_evaluates_with_fewer_registration_iterations(tmp_path: Path) -> None:
+    from scripts.tooling.study import EXPERIMENTS, PRESETS, Run, evaluation_parser
+
+    for name, expected in (("smoke", 5), ("cpu", 20)):
+        parser = evaluation_parser(Run("x", EXPERIMENTS["undeformed"]), PRESETS[name], tmp_path, tmp_path / "run")
+        assert parser.get_parsed_content("registration_iterations") == expected

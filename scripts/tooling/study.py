@@ -152,12 +152,14 @@ class Preset:
         overrides: settings on top of them.
         data: ``scripts/make_demo_data.py`` settings.
         description: what it is, for the results.
+        evaluation: settings of ``configs/evaluate.json`` for the study's evaluations.
     """
 
     configs: tuple[str, ...]
     overrides: Mapping[str, Any]
     data: Mapping[str, Any]
     description: str
+    evaluation: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def value(self, name: str) -> Any:
         """A setting of ``configs/train.json`` under this preset (its files, then its overrides)."""
@@ -196,7 +198,8 @@ PRESETS: dict[str, Preset] = {
         },
         {"subjects": 4, "n_validation": 1, "n_test": 1, "downsample": 4, "distortion_mm": 10.0},
         "smoke test of the pipeline (tests use it; says nothing about the method): width 4, one residual block, "
-        "4.8 mm voxels, 2 epochs of 4 slice pairs",
+        "4.8 mm voxels, 2 epochs of 4 slice pairs, 5 registration iterations per level",
+        {"registration_iterations": 5},
     ),
     "gpu": Preset(
         (),
@@ -414,6 +417,7 @@ def evaluation_parser(run: Run, preset: Preset, dataset_dir: Path, run_dir: Path
             "save_figures": False,
             "residual_displacement": True,
             **{name: value for name, value in preset.overrides.items() if name in parser.get("", {})},
+            **preset.evaluation,
         }
     )
     return parser
