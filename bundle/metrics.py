@@ -236,14 +236,17 @@ class ResidualDisplacementMetric(_VolumeMetric):
 
     Args:
         masked, reduction: as for the other volume metrics.
-        iterations: L-BFGS-B iterations per pyramid level of the registration.
+        iterations: L-BFGS-B iterations per pyramid level of the registration (None: its default).
     """
 
     def __init__(
-        self, masked: bool = False, reduction: MetricReduction | str = MetricReduction.MEAN, iterations: int = 20
+        self,
+        masked: bool = False,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        iterations: int | None = None,
     ) -> None:
         super().__init__(masked, reduction)
-        self.iterations = int(iterations)
+        self.registration = {} if iterations is None else {"iterations": int(iterations)}
 
     def _value(self, y_pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         from bundle.registration import residual_displacement  # loads SimpleITK: not on every ``import bundle``
@@ -253,7 +256,7 @@ class ResidualDisplacementMetric(_VolumeMetric):
             region = None if mask is None else mask[index, 0]
             try:
                 result = residual_displacement(
-                    y_pred[index, 0], y[index, 0], voxel_size(y), region, iterations=self.iterations
+                    y_pred[index, 0], y[index, 0], voxel_size(y), region, **self.registration
                 )
                 rows.append([result["mean_mm"], result["p95_mm"]])
             except (RuntimeError, ValueError) as error:
@@ -266,7 +269,7 @@ def metric_functions(
     target_kind: str = "MR",
     hu_window: Sequence[float] = (-1000.0, 2000.0),
     residual_displacement: bool = False,
-    registration_iterations: int = 20,
+    registration_iterations: int | None = None,
 ) -> dict[str, CumulativeIterationMetric]:
     """The masked metrics of one direction, name (a CSV column; ``displacement``: two) -> metric, PSNR first.
 
@@ -274,7 +277,7 @@ def metric_functions(
         target_kind: ``"MR"`` or ``"CT"``; CT adds ``MAE_HU`` and ``bone_dice``.
         hu_window: the HU window the CT intensities were scaled from (``[-1, 1]`` -> window).
         residual_displacement: add ``displacement`` (:class:`ResidualDisplacementMetric`).
-        registration_iterations: its registration's iterations per pyramid level.
+        registration_iterations: its registration's iterations per pyramid level (None: the registration's default).
     """
     metrics = {"PSNR": VolumePSNRMetric(masked=True), "MSE": VolumeErrorMetric(power=2, masked=True)}
     metrics |= {"SSIM": GlobalSSIMMetric(masked=True), "SSIM_windowed": VolumeSSIMMetric(masked=True)}
@@ -292,7 +295,7 @@ def metric_handlers(
     target_kind: str = "MR",
     hu_window: Sequence[float] = (-1000.0, 2000.0),
     residual_displacement: bool = False,
-    registration_iterations: int = 20,
+    registration_iterations: int | None = None,
 ) -> dict[str, IgniteMetricHandler]:
     """:func:`metric_functions` (same arguments) as ``IgniteMetricHandler`` on the engine's ``pred`` and ``label``,
     keeping per-volume details for :class:`bundle.reports.VolumeMetricsSaver`: a direction's ``key_val_metric``."""

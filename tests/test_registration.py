@@ -142,6 +142,6 @@ def test_the_evaluation_metric_registers_with_its_iterations(monkeypatch: pytest
 def test_the_smoke_preset_evaluates_with_fewer_registration_iterations(tmp_path: Path) -> None:
     from scripts.tooling.study import EXPERIMENTS, PRESETS, Run, evaluation_parser
 
-    for name, expected in (("smoke", 5), ("cpu", 20)):
+    for name, expected in (("smoke", 5), ("cpu", None)):
         parser = evaluation_parser(Run("x", EXPERIMENTS["undeformed"]), PRESETS[name], tmp_path, tmp_path / "run")
         assert parser.get_parsed_content("registration_iterations") == expected
