@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from bundle.deform_conv import conv2d_im2col, deform_conv2d_torch, torchvision_deform_conv2d_problem
+from monai.networks.blocks import Warp
 from monai.networks.layers.factories import Act
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-__all__ = ["DicycleGenerator", "OffsetConv2d", "ResnetBlock", "patch_discriminator"]
+__all__ = ["DicycleGenerator", "DisplacementField", "OffsetConv2d", "ResnetBlock", "patch_discriminator"]
 
 _BACKENDS = ("auto", "torch", "torchvision")
 _OFFSET_MODES = ("per_tap", "shared")
+_GENERATOR_OFFSETS = (*_OFFSET_MODES, "field")
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +206,10 @@ class DicycleGenerator(nn.Module):
             1 -> 1 channels, ``ngf=64``, 9 blocks).
         out_activation: None (linear, for z-scored MR), a name known to MONAI's ``Act`` factory such as ``"tanh"``
             (for range-scaled CT), or an ``nn.Module``.
-        backend, offsets: of the offset convolutions, see :class:`OffsetConv2d`.
+        backend: of the offset convolutions, see :class:`OffsetConv2d`.
+        offsets: ``"per_tap"`` (paper) or ``"shared"``, see :class:`OffsetConv2d`; or ``"field"`` (beyond the
+            paper, the journal version's direction): plain convolutions, and the deformed pass is the undeformed
+            output warped by one smooth displacement field (:class:`DisplacementField`, zero at initialisation).
     """
 
     def __init__(
@@ -220,19 +226,20 @@ class DicycleGenerator(nn.Module):
         super().__init__()
         if n_blocks < 1:
             raise ValueError(f"n_blocks must be at least 1, got {n_blocks}.")
-        if offsets not in _OFFSET_MODES:
-            raise ValueError(f"offsets must be one of {_OFFSET_MODES}, got {offsets!r}.")
+        if offsets not in _GENERATOR_OFFSETS:
+            raise ValueError(f"offsets must be one of {_GENERATOR_OFFSETS}, got {offsets!r}.")
         self.deformable, self.offsets = deformable, offsets
+        convolutions_deform = deformable and offsets != "field"
 
         def conv(c_in: int, c_out: int, kernel_size: int, **kwargs) -> nn.Module:
-            if deformable:
+            if convolutions_deform:
                 return OffsetConv2d(c_in, c_out, kernel_size, backend=backend, offsets=offsets, **kwargs)
             return nn.Conv2d(c_in, c_out, kernel_size, **kwargs)
 
         layers = [nn.ReflectionPad2d(3), conv(in_channels, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(inplace=True)]
         for c_in in (ngf, 2 * ngf):  # down-sampling
             layers += [conv(c_in, 2 * c_in, 3, stride=2, padding=1), nn.InstanceNorm2d(2 * c_in), nn.ReLU(inplace=True)]
-        layers.append(ResnetBlock(4 * ngf, deformable=deformable, backend=backend, offsets=offsets))
+        layers.append(ResnetBlock(4 * ngf, deformable=convolutions_deform, backend=backend, offsets=offsets))
         layers += [ResnetBlock(4 * ngf) for _ in range(n_blocks - 1)]
         for c_in in (4 * ngf, 2 * ngf):  # up-sampling
             up = nn.ConvTranspose2d(c_in, c_in // 2, 3, stride=2, padding=1, output_padding=1)
@@ -247,9 +254,13 @@ class DicycleGenerator(nn.Module):
                 nn.init.normal_(module.weight, 0.0, 0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        self.field = DisplacementField(in_channels) if deformable and offsets == "field" else None
 
     def offset_parameters(self) -> list[nn.Parameter]:
-        """The parameters theta_T of the offset convolutions (empty when not deformable)."""
+        """The parameters theta_T of the deformation: the offset convolutions', or the displacement field's (empty
+        when not deformable)."""
+        if self.field is not None:
+            return list(self.field.parameters())
         return [p for m in self.modules() if isinstance(m, OffsetConv2d) for p in m.offset_conv.parameters()]
 
     def _run(self, x: torch.Tensor, num_deformed: int) -> torch.Tensor:
@@ -257,10 +268,17 @@ class DicycleGenerator(nn.Module):
             raise ValueError(f"DicycleGenerator expects 2-D slices of shape (N, C, H, W), got shape {tuple(x.shape)}.")
         h, w = x.shape[-2:]
         pad_h, pad_w = -h % 4, -w % 4
+        padded = x
         # a trace always pads (by 0 if need be): no shape-dependent branch, so traced/ONNX graphs take other sizes
         if torch.jit.is_tracing() or pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        return self.model(x, num_deformed)[..., :h, :w]
+            padded = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        if self.field is None:
+            return self.model(padded, num_deformed)[..., :h, :w]
+        out = self.model(padded, 0)[..., :h, :w]
+        if num_deformed:
+            deformed = self.field.warp(out[:num_deformed], self.field(x[:num_deformed]))
+            out = torch.cat((deformed, out[num_deformed:]), dim=0)
+        return out
 
     def forward(self, x: torch.Tensor, deform: bool = False) -> torch.Tensor:
         """Undeformed output G(x), aligned with ``x`` (N, C_in, H, W), or with ``deform=True`` the deformed G_T(x)
@@ -278,6 +296,9 @@ class DicycleGenerator(nn.Module):
         if not self.deformable:
             out = self._run(x, 0)
             return out, out
+        if self.field is not None:  # one undeformed pass, then its warp
+            aligned = self._run(x, 0)
+            return self.field.warp(aligned, self.field(x)), aligned
         n = x.shape[0]
         out = self.forward_mixed(torch.cat((x, x), dim=0), n)
         return out[:n], out[n:]
@@ -287,6 +308,51 @@ class DicycleGenerator(nn.Module):
         from bundle.scripting import aligned_pass  # imports this module
 
         return aligned_pass(self.model)
+
+
+class DisplacementField(nn.Module):
+    """One smooth displacement field per image (beyond the paper; the journal DiCyc's global deformation, here a
+    bicubic interpolation of control points rather than a thin-plate spline): a strided CNN (kernel 4, stride 2,
+    LeakyReLU(0.2)) reads the image, its features are averaged onto ``control_points`` x ``control_points`` cells,
+    and a 1 x 1 convolution (zero-initialised: no displacement at first) gives each control point a displacement of
+    at most ``max_displacement`` pixels (tanh), interpolated bicubically over the image.
+
+    Args:
+        in_channels: channels of the image read.
+        channels: width of the first layer (doubled by each of the others).
+        num_layers: strided layers.
+        control_points: control points per side.
+        max_displacement: bound on each component of a control point's displacement (pixels).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: int = 16,
+        num_layers: int = 3,
+        control_points: int = 8,
+        max_displacement: float = 8.0,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            c_in, c_out = (in_channels if i == 0 else channels * 2 ** (i - 1)), channels * 2**i
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+        layers.append(nn.AdaptiveAvgPool2d(control_points))
+        self.encoder = nn.Sequential(*layers)
+        self.head = nn.Conv2d(channels * 2 ** (num_layers - 1), 2, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.max_displacement = float(max_displacement)
+        with warnings.catch_warnings():  # MONAI warns on every construction that it uses torch's grid_sample
+            warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample")
+            self.warp = Warp(mode="bilinear", padding_mode="border")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Displacements (N, 2, H, W) in pixels along H and W for images ``x`` (N, C, H, W): ``warp(y, field)`` samples
+        ``y`` at ``p + field(p)``."""
+        control = self.max_displacement * torch.tanh(self.head(self.encoder(x)))
+        return F.interpolate(control, size=x.shape[-2:], mode="bicubic", align_corners=True)
 
 
 def patch_discriminator(

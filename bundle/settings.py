@@ -25,7 +25,10 @@ __all__ += ["out_activation", "paper_settings", "read_settings", "resolve_settin
 SETTINGS_FILE = "settings.json"
 # what settings.json holds besides the output activation: the settings that rebuild and feed the networks
 SETTINGS_KEYS = tuple("domain_a domain_b name_a name_b in_channels out_channels ngf n_blocks deformable".split())
-SETTINGS_KEYS += ("pixdim", "spatial_size", "hu_window")
+SETTINGS_KEYS += ("pixdim", "spatial_size", "hu_window", "offsets")
+# settings added after weights were first written, with the value every earlier model's networks load into
+# (shared offsets load into per-tap offset convolutions)
+_ADDED_KEYS = {"offsets": "per_tap"}
 _BOOLEAN_KEYS = ("deformable",)
 INFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "inference.json"
 PAPER_SETTINGS_ID = "paper_settings"
@@ -147,6 +150,8 @@ def resolve_settings(
             ``defaults``) that lacks a key of :data:`SETTINGS_KEYS` not given explicitly.
     """
     stored = read_settings(ckpt_dir)
+    if stored is not None:
+        stored = {**_ADDED_KEYS, **stored}
     base = stored if stored is not None else dict(paper_settings() if defaults is None else defaults)
     # no default may stand in for a trained value: e.g. 1.8 mm for the 2.4 mm trained on gives silently wrong outputs
     missing = [key for key in SETTINGS_KEYS if key not in base and given.get(key) is None]

@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import platform
 import statistics
 import time
@@ -53,6 +52,7 @@ from scripts.tooling.study import (
     as_list,
     check_concurrent,
     distorted_copies,
+    hardware,
     log,
     on_device,
     prepare_data,
@@ -767,15 +767,6 @@ def study(
     for method, direction in sorted(fits):
         print(f"{labels[direction]}: {_copies(fits, within_seeds, method, direction)} of the distortion")
     return {"results": str(results), "fits": fits, "within_seeds": within_seeds, "rows": rows, "runs": runs}
-
-
-def hardware(device: torch.device | str, concurrent: int = 1) -> str:
-    """Where the runs trained, for the results: the GPU's name on CUDA, else the CPU architecture and cores."""
-    device = torch.device(device)
-    side_by_side = f", {concurrent} runs at a time" if concurrent > 1 else ""
-    if device.type == "cuda":
-        return f"one {torch.cuda.get_device_name(device)} with {os.cpu_count()} CPU cores{side_by_side}"
-    return f"{platform.machine()} with {os.cpu_count()} CPU cores{side_by_side}"
 
 
 def results_markdown(

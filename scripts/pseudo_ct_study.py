@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import platform
 import re
 import statistics
 import time
@@ -34,6 +32,7 @@ import nibabel as nib
 import numpy as np
 from bundle.datalist import read_datalist
 from bundle.pairing import mask_preprocessing
+from bundle.settings import as_bool
 from bundle.transforms import DomainDistortion
 from scripts import alignment_terms
 from scripts.dose_response import applied_displacement
@@ -43,9 +42,12 @@ from scripts.tooling.study import (
     Run,
     as_list,
     check_concurrent,
+    hardware,
     log,
+    on_device,
     prepare_data,
     select_preset,
+    train_all,
     train_and_evaluate,
 )
 
@@ -98,6 +100,14 @@ VARIANTS: dict[str, Variant] = {
             "+ shared offsets + MIND-SSC alignment",
             {"offsets": "shared", "alignment": "mind_ssc"},
         ),
+        Variant("Cycle_d4", "CycleGAN + 142 px discriminator", {"d_layers": 4}, cyclegan=True),
+        Variant("Dicycle_field", "+ displacement field", {"offsets": "field"}),
+        Variant("Dicycle_field_d4", "+ displacement field + 142 px discriminator", {"offsets": "field", "d_layers": 4}),
+        Variant(
+            "Dicycle_field_mind",
+            "+ displacement field + MIND-SSC alignment",
+            {"offsets": "field", "alignment": "mind_ssc"},
+        ),
         Variant(
             "Dicycle_misaligned_pairs",
             "+ shared offsets + misaligned pairs",
@@ -108,6 +118,12 @@ VARIANTS: dict[str, Variant] = {
             "Dicycle_misaligned_pairs_mind",
             "+ shared offsets + misaligned pairs + MIND-SSC alignment",
             {"offsets": "shared", "lambda_paired": 10.0, "alignment": "mind_ssc"},
+            pairs_mm=10.0,
+        ),
+        Variant(
+            "Dicycle_misaligned_pairs_field",
+            "+ displacement field + misaligned pairs",
+            {"offsets": "field", "lambda_paired": 10.0},
             pairs_mm=10.0,
         ),
         Variant(
@@ -247,7 +263,12 @@ def study_markdown(
     tag: str | None = None,
 ) -> str:
     """The study's section of ``docs/results.md``."""
-    training = ", ".join(f"{v.label} {records[v.key]['seconds'] / 60:.1f} min" for v in variants)
+    training = ", ".join(
+        f"{v.label} {records[v.key]['seconds'] / 60:.1f} min, {records[v.key].get('iterations')} iterations"
+        for v in variants
+    )
+    # records of runs trained before the machine was kept: unknown
+    machines = sorted({records[v.key].get("trained_on", "an unrecorded machine") for v in variants})
     n_test = len({row["subject"] for row in rows[variants[0].key]})
     return "\n\n".join(
         [
@@ -259,14 +280,17 @@ def study_markdown(
             f"inference serves (`configs/evaluate.json`: {n_test} held-out subjects, metrics inside the head mask). "
             "Produced by:",
             f"```bash\n{command}\n```",
-            f"Budget: {budget_text}. Wall time: training {timings['training'] / 60:.1f} min ({training}), "
-            f"evaluation and registration {timings['evaluation'] / 60:.1f} min, on "
-            f"{platform.machine()} with {os.cpu_count()} CPU cores (runs may share the cores: then each takes longer).",
+            f"Budget: {budget_text}. Wall time: training {timings['training'] / 60:.1f} min ({training}) on "
+            f"{' and '.join(machines)} (runs may share it: then each takes longer); evaluation and registration "
+            f"{timings['evaluation'] / 60:.1f} min on {hardware('cpu')}.",
             "Variants beyond the paper are opt-in switches of `configs/train.json` (README, *Beyond the paper*): "
             "`offsets: shared` (one displacement per location used by every tap of a deformable convolution, so the "
             "deformed pass is a warp of the aligned pass and the adversarial loss trains the aligned pass's "
             "content), `lambda_gan_aligned` (the discriminators also judge the aligned pass) and `lambda_paired` "
-            "with a `training_pairs` list (L1 between the deformed output and the same subject's CT). Misaligned "
+            "with a `training_pairs` list (L1 between the deformed output and the same subject's CT), `offsets: "
+            "field` (plain convolutions; the deformed pass is the aligned output warped by one smooth displacement "
+            "field of 8 x 8 control points, bicubic) and `d_layers: 4` (a PatchGAN of 142 px receptive field instead "
+            "of 70 px). Misaligned "
             f"pairs: each training CT distorted by a smooth field of its own (10 mm peak, 40 mm control points; "
             f"{pairs_mean_mm:.2f} mm mean over the head) on top of the differing beds; the control trains on pairs "
             "that overlay.",
@@ -290,6 +314,9 @@ def study(
     preset: str = "cpu",
     concurrent: int = 1,
     tag: str | None = None,
+    device: str | None = None,
+    time_limit_s: float | None = None,
+    evaluate: bool = True,
 ) -> dict[str, Any]:
     """Train every variant on the phantom's T1 <-> CT, evaluate the undeformed pass, write ``pseudo_ct.md``.
 
@@ -304,9 +331,15 @@ def study(
         concurrent: runs trained side by side, each in its own process (its output in ``runs/<run>/train.log``).
         tag: names a results section and figure of this study's own (letters, digits, ``_``), so that publishing
             other variants keeps the sections published before.
+        device: where the runs train and are evaluated (e.g. ``"cuda"``; None: the config's, CUDA when present).
+        time_limit_s: each run stops after this many seconds of training, saving its models (None: its epochs);
+            ``run.json`` records the iterations trained.
+        evaluate: False: train the runs and stop (e.g. on a GPU machine without the registration's SimpleITK); the
+            same command without it later evaluates the trained runs and writes the results.
 
     Returns:
-        ``{"results": path of pseudo_ct.md, "rows": {variant: per-volume rows}}``.
+        ``{"results": path of pseudo_ct.md, "rows": {variant: per-volume rows}}`` (with ``evaluate=False``:
+        ``{"results": None, "records": {run: run.json}}``).
 
     Raises:
         ValueError: for an unknown variant or preset, a bad tag, or a budget below 1.
@@ -317,7 +350,7 @@ def study(
         raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}.")
     if preset not in ("cpu", "smoke"):
         raise ValueError(f"preset must be 'cpu' or 'smoke', got {preset!r}.")
-    settings = select_preset(preset, budget)
+    settings = on_device(select_preset(preset, budget), device, time_limit_s)
     check_concurrent(concurrent)
     chosen = [VARIANTS[key] for key in keys]
     if tag is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(tag)):
@@ -339,6 +372,10 @@ def study(
         method = "Cycle" if variant.cyclegan else "Dicycle"
         # evaluated on the unpaired test lists of datalist_mr_ct.json, whatever the training datalist
         runs.append(Run(f"mr_ct_{variant.key}", training, method, seed, variant.overrides, experiment, variant.key))
+    if not as_bool(evaluate, "evaluate"):
+        records = train_all(output, runs, settings, data_dir, concurrent)
+        log(f"trained {len(records)} runs in {output / 'runs'}; not evaluated (--evaluate false)")
+        return {"results": None, "records": records}
     trained = train_and_evaluate(output, runs, settings, data_dir, concurrent)
     rows = {run.metrics: [{**row, "method": run.metrics} for row in trained.rows[run.name]] for run in runs}
     start = time.perf_counter()
@@ -364,6 +401,8 @@ def study(
             "budget": budget if budget != 1 else None,
             "concurrent": concurrent if concurrent != 1 else None,
             "tag": tag,
+            "device": device,
+            "time_limit_s": time_limit_s,
         },
     )
     budget_text = f"`reproduce.py --preset {preset}` ({settings.description})" + (
@@ -386,4 +425,4 @@ def study(
 
 
 if __name__ == "__main__":
-    fire.Fire(study, serialize=lambda result: result["results"])
+    fire.Fire(study, serialize=lambda result: result["results"] or "trained, not evaluated")

@@ -173,3 +173,31 @@ def test_a_contradicting_ngf_on_the_command_line_fails_in_one_line(trained, tmp_
     assert result.returncode != 0
     assert f"ValueError: ngf: the weights in {trained['models']} were trained with 4, not 8" in result.stderr
     assert "size mismatch" not in result.stderr
+
+
+def test_the_deformation_mode_travels_with_the_weights(tmp_path):
+    """A model trained with ``offsets: field`` has a field head in model.pt: inference rebuilds that generator
+    from settings.json (strict load) and serves the same undeformed pass."""
+    torch.manual_seed(4)
+    trained = DicycleGenerator(ngf=4, n_blocks=2, offsets="field")
+    with torch.no_grad():
+        trained.field.head.weight.normal_(0, 0.5)
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    write_settings(tmp_path, {**resolve_settings(tmp_path / "none"), "ngf": 4, "n_blocks": 2, "offsets": "field"})
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "ckpt_dir": str(tmp_path), "device": "$torch.device('cpu')"})
+    network = parser.get_parsed_content("network")
+    network.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert network.offsets == "field"
+    x = torch.randn(1, 1, 24, 20)
+    torch.testing.assert_close(network(x), trained(x), rtol=0, atol=0)
+
+
+def test_settings_written_before_the_deformation_mode_was_kept_read_as_per_tap(tmp_path):
+    """Weights of earlier versions (per-tap or shared offsets) load into per-tap offset convolutions."""
+    write_settings(tmp_path, {**resolve_settings(tmp_path / "none"), "ngf": 16})
+    stored = json.loads((tmp_path / "settings.json").read_text(encoding="utf-8"))
+    del stored["offsets"]
+    (tmp_path / "settings.json").write_text(json.dumps(stored), encoding="utf-8")
+    assert resolve_settings(tmp_path)["offsets"] == "per_tap"

@@ -4,7 +4,8 @@ reproducing the paper's objective exactly.
 - shared offsets: one displacement per location for all taps of an :class:`~bundle.networks.OffsetConv2d`;
 - an adversarial term on the undeformed (aligned) pass, and the aligned fakes shown to the discriminators;
 - local NMI alignment (NMI per patch, averaged);
-- misaligned pairs: an L1 term between the deformed output and a paired target, and the paired slice dataset.
+- misaligned pairs: an L1 term between the deformed output and a paired target, and the paired slice dataset;
+- a smooth displacement field as the deformed pass (``offsets: field``), and a larger-context discriminator.
 """
 
 from __future__ import annotations
@@ -142,6 +143,78 @@ def test_a_shared_offset_checkpoint_loads_into_the_default_network_with_the_same
     torch.testing.assert_close(default(x), shared(x), rtol=0, atol=0)
     torch.testing.assert_close(default(x, deform=True), shared(x, deform=True), rtol=0, atol=1e-10)
     assert (shared(x, deform=True) - shared(x)).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ displacement field
+
+
+def _field_generator(seed: int) -> DicycleGenerator:
+    torch.manual_seed(seed)
+    return DicycleGenerator(ngf=4, n_blocks=1, offsets="field").double()
+
+
+def test_field_generator_has_plain_convolutions_and_the_field_as_its_offset_parameters():
+    generator = _field_generator(0)
+    assert not any(isinstance(m, OffsetConv2d) for m in generator.modules())
+    assert generator.offset_parameters() == list(generator.field.parameters())
+    x = torch.randn(1, 1, 16, 20, dtype=torch.float64)
+    undeformed = torch.autograd.grad(generator(x).sum(), generator.offset_parameters(), allow_unused=True)
+    assert all(g is None for g in undeformed)  # the served pass does not depend on the field
+    deformed = torch.autograd.grad(generator(x, deform=True).sum(), generator.offset_parameters(), allow_unused=True)
+    assert deformed[-1] is not None and deformed[-1].abs().sum() > 0  # the deformed pass trains the field's head
+
+
+@pytest.mark.parametrize("axis, pixels", [(-1, 2), (-2, 1), (-1, -3)])
+def test_a_constant_field_shifts_the_undeformed_output_by_whole_pixels(axis, pixels):
+    """Zero at initialisation (the deformed pass is the undeformed one); with the head's bias set to a constant
+    displacement d, the deformed output at p is the undeformed output at p + d (away from the border)."""
+    generator = _field_generator(1)
+    x = torch.randn(2, 1, 20, 24, dtype=torch.float64)
+    aligned = generator(x)
+    torch.testing.assert_close(generator(x, deform=True), aligned, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        bias = torch.zeros(2, dtype=torch.float64)
+        bias[axis] = np.arctanh(pixels / generator.field.max_displacement)
+        generator.field.head.bias.copy_(bias)
+    deformed = generator(x, deform=True)
+    n = aligned.shape[axis]
+    expected = aligned.narrow(axis, max(pixels, 0), n - abs(pixels))
+    torch.testing.assert_close(deformed.narrow(axis, max(-pixels, 0), n - abs(pixels)), expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("size", [(24, 32), (18, 29)])
+def test_field_passes_agree_in_one_batch_and_separately(size):
+    generator = _field_generator(2)
+    with torch.no_grad():
+        for p in generator.offset_parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 1, *size, dtype=torch.float64)
+    deformed, aligned = generator.forward_both(x)
+    torch.testing.assert_close(aligned, generator(x), rtol=0, atol=0)
+    torch.testing.assert_close(deformed, generator(x, deform=True), rtol=0, atol=1e-12)
+    mixed = generator.forward_mixed(x, 1)
+    torch.testing.assert_close(mixed, torch.cat((deformed[:1], aligned[1:])), rtol=0, atol=1e-12)
+    assert (deformed - aligned).abs().max() > 1e-3
+
+
+def test_field_is_a_bicubic_interpolation_of_bounded_control_points():
+    """Smooth by construction: the field is the bicubic (align_corners) interpolation of 8 x 8 control points, each
+    displaced by at most max_displacement pixels."""
+    generator = _field_generator(3)
+    with torch.no_grad():
+        generator.field.head.weight.normal_(0, 5.0)
+    x = torch.randn(1, 1, 64, 64, dtype=torch.float64)
+    field = generator.field(x)
+    control = field[..., ::9, ::9]  # pixels 0, 9, ..., 63: where the control points lie
+    assert control.shape[-2:] == (8, 8)
+    assert 1.0 < control.abs().max() <= generator.field.max_displacement
+    rebuilt = F.interpolate(control, size=(64, 64), mode="bicubic", align_corners=True)
+    torch.testing.assert_close(rebuilt, field, rtol=0, atol=1e-9)
+
+
+def test_unknown_offsets_mode_is_named():
+    with pytest.raises(ValueError, match=r"offsets must be one of .*'field'.*got 'global'"):
+        DicycleGenerator(ngf=4, n_blocks=1, offsets="global")
 
 
 # ------------------------------------------------------------------------------------------ loss terms
@@ -489,3 +562,9 @@ def test_train_json_defaults_are_the_paper_and_each_switch_reaches_its_component
     assert variant.get_parsed_content("train#trainer#prepare_batch") is prepare_paired_batch
     budgets = [h for h in variant.get_parsed_content("train#handlers") if isinstance(h, TimeBudget)]
     assert [b.limit_s for b in budgets] == [60.0]
+    assert len(paper.get_parsed_content("d_a")) == len(paper.get_parsed_content("d_b")) == 5  # 70 x 70 PatchGAN
+
+    field = _train_config(tmp_path / "field", offsets="field", d_layers=4)
+    assert field.get_parsed_content("g_ab").field is not None and field.get_parsed_content("g_ba").field is not None
+    assert field.get_parsed_content("model_settings")["offsets"] == "field"  # travels into settings.json
+    assert len(field.get_parsed_content("d_a")) == len(field.get_parsed_content("d_b")) == 6  # one layer more

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,6 @@ from bundle.data import volume_preprocessing
 from bundle.datalist import load_datalist
 from bundle.metrics import voxel_size
 from bundle.pairing import mask_preprocessing
-from bundle.registration import residual_displacement
 from bundle.reports import read_csv
 from monai.bundle import ConfigParser
 
@@ -310,7 +310,7 @@ class StudyRuns:
 
 def train(run_dir: Path, run: Run, preset: Preset, dataset_dir: Path, log_file: Path | None = None) -> dict[str, Any]:
     """Train one run with ``configs/train.json`` unless it has finished (``run.json``), resuming from
-    ``models/checkpoint.pt``; return its record ``{"command", "seconds", "resumed", "iterations"}``.
+    ``models/checkpoint.pt``; return its record ``{"command", "seconds", "resumed", "iterations", "trained_on"}``.
 
     Args:
         run_dir: the run's folder.
@@ -349,6 +349,7 @@ def train(run_dir: Path, run: Run, preset: Preset, dataset_dir: Path, log_file: 
         log_file.parent.mkdir(parents=True, exist_ok=True)
     _, seconds = run_command(command, log_file=log_file)
     record = {"command": " ".join(command), "seconds": seconds, "resumed": resumed, "iterations": iterations(run_dir)}
+    record["trained_on"] = hardware(preset.value("device"))
     record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     log(f"{run.name}: trained {record['iterations']} iterations in {seconds:.0f} s")
     return record
@@ -365,6 +366,15 @@ def iterations(run_dir: Path) -> int | None:
         return None
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     return int(state["trainer"]["iteration"])
+
+
+def hardware(device: torch.device | str, concurrent: int = 1) -> str:
+    """Where runs train, for the results: the GPU's name on CUDA, else the CPU architecture and cores."""
+    device = torch.device(device)
+    side_by_side = f", {concurrent} runs at a time" if concurrent > 1 else ""
+    if device.type == "cuda":
+        return f"one {torch.cuda.get_device_name(device)} with {os.cpu_count()} CPU cores{side_by_side}"
+    return f"{platform.machine()} with {os.cpu_count()} CPU cores{side_by_side}"
 
 
 def check_concurrent(concurrent: int) -> None:
@@ -477,6 +487,8 @@ def distorted_copies(
     the ground truth on the evaluation's grid, the mask, the residual displacement
     (:func:`bundle.registration.residual_displacement` with ``registration``) and the seconds it took.
     """
+    from bundle.registration import residual_displacement  # SimpleITK: not needed where runs only train
+
     preprocess = volume_preprocessing("image", "MR", pixdim)
     masks = mask_preprocessing("image", pixdim)
     for direction, moved, truth, mask in DIRECTIONS:
