@@ -68,15 +68,14 @@ def test_study_end_to_end_at_a_tiny_size(phantom: Path, tmp_path: Path) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "results.md").write_text("# Results\n", encoding="utf-8")
-    result = pseudo_ct_study.study(
-        output_dir=str(tmp_path / "study"),
-        variants=",".join(variants),
-        dataset_dir=str(phantom),
-        preset="smoke",
-        publish_dir=str(docs),
-        concurrent=2,  # the two runs side by side (each in its own process)
-    )
     output = tmp_path / "study"
+    options = {"output_dir": str(output), "variants": ",".join(variants), "dataset_dir": str(phantom)}
+    # trained only (as on a GPU machine without SimpleITK), then evaluated by the same command without the flag
+    trained = pseudo_ct_study.study(**options, preset="smoke", concurrent=2, evaluate="false")
+    assert trained["results"] is None and sorted(trained["records"]) == [f"mr_ct_{v}" for v in sorted(variants)]
+    assert all(trained["records"][f"mr_ct_{v}"]["trained_on"].endswith("CPU cores") for v in variants)
+    assert not (output / "metrics").exists() and not (output / "pseudo_ct.md").exists()
+    result = pseudo_ct_study.study(**options, preset="smoke", publish_dir=str(docs), concurrent=2)
     commands = {
         v: json.loads((output / "runs" / f"mr_ct_{v}" / "run.json").read_text(encoding="utf-8"))["command"]
         for v in variants

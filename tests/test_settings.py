@@ -192,6 +192,12 @@ def test_the_deformation_mode_travels_with_the_weights(tmp_path):
     assert network.offsets == "field"
     x = torch.randn(1, 1, 24, 20)
     torch.testing.assert_close(network(x), trained(x), rtol=0, atol=0)
+    evaluation = ConfigParser()  # evaluate.json, an overlay on train.json (whose offsets default is per_tap)
+    evaluation.read_config(_configs("evaluate.json"))
+    evaluation.update({"bundle_root": str(BUNDLE_ROOT), "ckpt_dir": str(tmp_path), "device": "$torch.device('cpu')"})
+    evaluated = evaluation.get_parsed_content("g_ab")
+    evaluated.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    torch.testing.assert_close(evaluated(x), trained(x), rtol=0, atol=0)
 
 
 def test_settings_written_before_the_deformation_mode_was_kept_read_as_per_tap(tmp_path):
