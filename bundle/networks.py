@@ -356,10 +356,25 @@ class DisplacementField(nn.Module):
 
 
 def patch_discriminator(
-    in_channels: int = 1, channels: int = 64, num_layers_d: int = 3, norm: str | tuple = "INSTANCE"
+    in_channels: int = 1,
+    channels: int = 64,
+    num_layers_d: int = 3,
+    norm: str | tuple = "INSTANCE",
+    input_size: Sequence[int] | None = None,
 ) -> PatchDiscriminator:
     """The 70x70 PatchGAN discriminator of CycleGAN as MONAI's ``PatchDiscriminator`` (kernel 4, strides 2, 2, 2,
     1, 1, LeakyReLU(0.2)) judging ``in_channels`` images, widths ``channels`` (64-128-256-512-1), ``num_layers_d``
-    normalised layers (3: 70x70 receptive field) normalised by ``norm``; it returns its features, the logits last."""
+    normalised layers (3: 70x70 receptive field) normalised by ``norm``; it returns its features, the logits last.
+
+    Raises:
+        ValueError: if ``input_size`` (the training crops, pixels) is below ``3 * 2**num_layers_d``: the last
+            normalised layer would see a single pixel.
+    """
+    smallest = 3 * 2**num_layers_d
+    if input_size is not None and min(int(v) for v in input_size) < smallest:
+        raise ValueError(
+            f"a PatchGAN of {num_layers_d} layers (d_layers) needs training crops of at least {smallest} px, got "
+            f"spatial_size {list(input_size)}: use fewer layers or larger crops."
+        )
     # spatial_dims, channels, in_channels, out_channels, num_layers_d, kernel_size
     return PatchDiscriminator(2, channels, in_channels, 1, num_layers_d, 4, norm=norm, bias=True, padding=1)

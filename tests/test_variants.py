@@ -212,6 +212,15 @@ def test_field_is_a_bicubic_interpolation_of_bounded_control_points():
     torch.testing.assert_close(rebuilt, field, rtol=0, atol=1e-9)
 
 
+def test_a_patchgan_too_deep_for_its_crops_is_refused_naming_the_sizes():
+    """4 layers on 32 px crops used to fail inside instance norm (one pixel left), mid-training."""
+    assert len(patch_discriminator(channels=2, num_layers_d=4, input_size=[48, 48])) == 6
+    with pytest.raises(
+        ValueError, match=r"4 layers \(d_layers\) needs training crops of at least 48 px, got spatial_size \[32, 32\]"
+    ):
+        patch_discriminator(channels=2, num_layers_d=4, input_size=[32, 32])
+
+
 def test_unknown_offsets_mode_is_named():
     with pytest.raises(ValueError, match=r"offsets must be one of .*'field'.*got 'global'"):
         DicycleGenerator(ngf=4, n_blocks=1, offsets="global")
@@ -519,7 +528,7 @@ def _train_config(tmp_path, **overrides) -> ConfigParser:
             "device": "$torch.device('cpu')",
             "ngf": 2,
             "n_blocks": 1,
-            "spatial_size": [16, 16],
+            "spatial_size": [24, 24],  # the smallest crops of a 70 px PatchGAN
             "samples_per_epoch": 2,
             "cache_workers": 0,
             "num_workers": 0,
@@ -558,13 +567,13 @@ def test_train_json_defaults_are_the_paper_and_each_switch_reaches_its_component
     assert variant.get_parsed_content("g_ab").offsets == variant.get_parsed_content("g_ba").offsets == "shared"
     dataset = variant.get_parsed_content("train#training_dataset")
     assert isinstance(dataset, PairedSliceDataset)
-    assert sorted(dataset[0]) == ["A", "B", "B_paired"] and dataset[0]["B_paired"].shape == (1, 16, 16)
+    assert sorted(dataset[0]) == ["A", "B", "B_paired"] and dataset[0]["B_paired"].shape == (1, 24, 24)
     assert variant.get_parsed_content("train#trainer#prepare_batch") is prepare_paired_batch
     budgets = [h for h in variant.get_parsed_content("train#handlers") if isinstance(h, TimeBudget)]
     assert [b.limit_s for b in budgets] == [60.0]
     assert len(paper.get_parsed_content("d_a")) == len(paper.get_parsed_content("d_b")) == 5  # 70 x 70 PatchGAN
 
-    field = _train_config(tmp_path / "field", offsets="field", d_layers=4)
+    field = _train_config(tmp_path / "field", offsets="field", d_layers=4, spatial_size=[48, 48])
     assert field.get_parsed_content("g_ab").field is not None and field.get_parsed_content("g_ba").field is not None
     assert field.get_parsed_content("model_settings")["offsets"] == "field"  # travels into settings.json
     assert len(field.get_parsed_content("d_a")) == len(field.get_parsed_content("d_b")) == 6  # one layer more
