@@ -261,8 +261,10 @@ def study_markdown(
     terms_table: str,
     budget: int = 1,
     tag: str | None = None,
+    evaluated_on: str | None = None,
 ) -> str:
-    """The study's section of ``docs/results.md``."""
+    """The study's section of ``docs/results.md`` (``evaluated_on``: the machine of the evaluation, default this
+    one's CPU)."""
     training = ", ".join(
         f"{v.label} {records[v.key]['seconds'] / 60:.1f} min, {records[v.key].get('iterations')} iterations"
         for v in variants
@@ -282,7 +284,7 @@ def study_markdown(
             f"```bash\n{command}\n```",
             f"Budget: {budget_text}. Wall time: training {timings['training'] / 60:.1f} min ({training}) on "
             f"{' and '.join(machines)} (runs may share it: then each takes longer); evaluation and registration "
-            f"{timings['evaluation'] / 60:.1f} min on {hardware('cpu')}.",
+            f"{timings['evaluation'] / 60:.1f} min on {evaluated_on or hardware('cpu')}.",
             "Variants beyond the paper are opt-in switches of `configs/train.json` (README, *Beyond the paper*): "
             "`offsets: shared` (one displacement per location used by every tap of a deformable convolution, so the "
             "deformed pass is a warp of the aligned pass and the adversarial loss trains the aligned pass's "
@@ -413,7 +415,18 @@ def study(
     terms_table = alignment_terms.table(alignment_terms.measure(data_dir, pixdim, synthesize))
     figure_name = f"figures/fig4_pseudo_ct{suffix}.png"
     text = study_markdown(
-        command, rows, chosen, records, pairs_mean_mm, figure_name, budget_text, timings, terms_table, budget, tag
+        command,
+        rows,
+        chosen,
+        records,
+        pairs_mean_mm,
+        figure_name,
+        budget_text,
+        timings,
+        terms_table,
+        budget,
+        tag,
+        hardware(settings.value("device")),
     )
     results = output / "pseudo_ct.md"
     results.write_text(text + "\n", encoding="utf-8")
